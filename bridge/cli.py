@@ -1,0 +1,132 @@
+"""`maglev-bridge`: plan, apply, run, status. Every command prints what it did or would do."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+
+from bridge.catalog.consul_format import CatalogFormatError
+from bridge.catalog.file import load_catalog
+from bridge.config import Config, ConfigError, load_config
+from bridge.dataplane.kernel import ApplyError, open_kernel
+from bridge.desired import compute_desired
+from bridge.model import Snapshot
+from bridge.reconcile import backend_pass, director_pass
+from bridge.render import desired_json, desired_text, dumps, outcome_text, status_json, status_text
+from bridge.status import fingerprints, read_status
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    if getattr(args, "role", None):
+        config = replace(config, role=args.role)
+    if getattr(args, "catalog", None):
+        config = replace(config, catalog_file=args.catalog)
+    return config
+
+
+def _snapshot(config: Config) -> Snapshot:
+    if not config.catalog_file:
+        raise ConfigError("catalog_file: no catalog given (use --catalog FILE or set catalog_file)")
+    return load_catalog(config.catalog_file)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    config = _config(args)
+    snapshot = _snapshot(config)
+    local = config.local_address
+    if local is None:
+        try:
+            with open_kernel(config) as kernel:
+                local = kernel.default_local_address()
+        except ApplyError:
+            local = "0.0.0.0"
+    desired = compute_desired(snapshot, config, local)
+    print(dumps(desired_json(desired)) if args.format == "json" else desired_text(desired))
+    return EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    config = _config(args)
+    snapshot = _snapshot(config)
+    if config.role == "backend":
+        outcome = backend_pass(snapshot, config, dry_run=args.dry_run)
+    else:
+        with open_kernel(config) as kernel:
+            outcome = director_pass(snapshot, config, kernel, dry_run=args.dry_run)
+    print(outcome_text(outcome))
+    return EXIT_FAILED if outcome.failed else EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    data = read_status(config)
+    print(dumps(data) if args.format == "json" else status_text(data))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bridge.agent import run_agent
+
+    return run_agent(_config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maglev-bridge", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, catalog: bool = True, role: bool = True) -> None:
+        p.add_argument("--config", help="YAML configuration file (see maglev-bridge.example.yaml)")
+        if catalog:
+            p.add_argument("--catalog", help="catalog JSON file: service name -> Consul health entries")
+        if role:
+            p.add_argument("--role", choices=("director", "backend"), help="override the configured role")
+
+    p = sub.add_parser("plan", help="print the desired state; change nothing")
+    common(p, role=False)
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("apply", help="make the kernel match the catalog once")
+    common(p)
+    p.add_argument("--dry-run", action="store_true", help="print the operations, in order, without running them")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("run", help="the long-running agent")
+    common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="what the agent owns in the kernel now")
+    common(p, catalog=False, role=False)
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+    except (ConfigError, CatalogFormatError) as exc:
+        print(f"maglev-bridge: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ApplyError as exc:
+        print(f"maglev-bridge: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

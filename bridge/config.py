@@ -1,0 +1,228 @@
+"""Agent configuration: one YAML file, validated in full at start so a typo stops the agent with one
+clear message instead of surfacing as a half-configured kernel later."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+KNOWN_FLAGS = ("mh-port", "mh-fallback")
+Role = Literal["director", "backend"]
+DataplaneMode = Literal["kernel", "shadow"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the key."""
+
+
+@dataclass(frozen=True)
+class TunnelMapping:
+    """Maps backend addresses onto tunnel addresses, keeping host bits, so every director derives the
+    same real-server address (ip_vs_mh hashes it) without coordination."""
+
+    backend: ipaddress.IPv4Network
+    tunnel: ipaddress.IPv4Network
+
+    def translate(self, address: ipaddress.IPv4Address) -> ipaddress.IPv4Address | None:
+        if address not in self.backend:
+            return None
+        host_bits = int(address) - int(self.backend.network_address)
+        return ipaddress.IPv4Address(int(self.tunnel.network_address) + host_bits)
+
+
+@dataclass(frozen=True)
+class ConsulConfig:
+    address: str = "http://127.0.0.1:8500"
+    datacenter: str | None = None
+    token_file: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_server_name: str | None = None
+    stale: bool = False
+    wait: str = "30s"
+    service_name: str = "maglev-bridge"
+
+
+@dataclass(frozen=True)
+class Config:
+    role: Role = "director"
+    dataplane: DataplaneMode = "kernel"
+    vip_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    tunnel_map: tuple[TunnelMapping, ...] = ()
+    local_address: str | None = None
+    fou_port: int = 5555
+    tag_prefix: str = "maglev"
+    drain_timeout: float = 60.0
+    resync_interval: float = 30.0
+    default_flags: tuple[str, ...] = KNOWN_FLAGS
+    warning_serves: bool = True
+    route_protocol: int = 245
+    link_prefix: str = "mgl"
+    node_name: str = field(default_factory=socket.gethostname)
+    catalog_file: str | None = None
+    state_file: str = "/run/maglev-bridge/state.json"
+    http_bind: str = "127.0.0.1:9119"
+    rack: str | None = None
+    consul: ConsulConfig | None = None
+
+    def is_vip_allowed(self, address: ipaddress.IPv4Address) -> bool:
+        return any(address in net for net in self.vip_cidrs)
+
+    def tunnel_address(self, backend: ipaddress.IPv4Address) -> ipaddress.IPv4Address | None:
+        for mapping in self.tunnel_map:
+            translated = mapping.translate(backend)
+            if translated is not None:
+                return translated
+        return None
+
+
+def _network(key: str, value: object) -> ipaddress.IPv4Network:
+    try:
+        net = ipaddress.ip_network(str(value), strict=True)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {value!r} is not a network in CIDR form ({exc})") from None
+    if not isinstance(net, ipaddress.IPv4Network):
+        raise ConfigError(f"{key}: {value!r}: only IPv4 is supported")
+    return net
+
+
+def _list(key: str, value: object) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _tunnel_map(value: object) -> tuple[TunnelMapping, ...]:
+    mappings = []
+    for i, item in enumerate(_list("tunnel_map", value)):
+        key = f"tunnel_map[{i}]"
+        if not isinstance(item, Mapping) or set(item) != {"backend", "tunnel"}:
+            raise ConfigError(f"{key}: expected {{backend: <cidr>, tunnel: <cidr>}}, got {item!r}")
+        backend = _network(f"{key}.backend", item["backend"])
+        tunnel = _network(f"{key}.tunnel", item["tunnel"])
+        if backend.prefixlen != tunnel.prefixlen:
+            raise ConfigError(
+                f"{key}: backend /{backend.prefixlen} and tunnel /{tunnel.prefixlen} must have equal prefix lengths"
+            )
+        mappings.append(TunnelMapping(backend, tunnel))
+    return tuple(mappings)
+
+
+def _flags(value: object) -> tuple[str, ...]:
+    flags = tuple(str(f) for f in _list("default_flags", value))
+    unknown = [f for f in flags if f not in KNOWN_FLAGS]
+    if unknown:
+        raise ConfigError(f"default_flags: unknown flag(s) {unknown}; expected some of {list(KNOWN_FLAGS)}")
+    return flags
+
+
+def _number(key: str, value: object, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ConfigError(f"{key}: expected a number from {low:g} to {high:g}, got {value!r}")
+    return float(value)
+
+
+def _integer(key: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{key}: expected an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+    return str(value)
+
+
+def _string(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _bool(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _consul(value: object) -> ConsulConfig:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"consul: expected a mapping, got {value!r}")
+    known = {f.name for f in fields(ConsulConfig)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"consul.{unknown[0]}: unknown key; known keys are {sorted(known)}")
+    for key, item in value.items():
+        if key == "stale":
+            _bool("consul.stale", item)
+        elif item is not None:
+            _string(f"consul.{key}", item)
+    return ConsulConfig(**dict(value))
+
+
+_PARSERS: dict[str, Any] = {
+    "role": lambda v: _choice("role", v, ("director", "backend")),
+    "dataplane": lambda v: _choice("dataplane", v, ("kernel", "shadow")),
+    "vip_cidrs": lambda v: tuple(_network(f"vip_cidrs[{i}]", n) for i, n in enumerate(_list("vip_cidrs", v))),
+    "tunnel_map": _tunnel_map,
+    "local_address": lambda v: str(ipaddress.IPv4Address(_string("local_address", v))),
+    "fou_port": lambda v: _integer("fou_port", v, 1, 65535),
+    "tag_prefix": lambda v: _string("tag_prefix", v),
+    "drain_timeout": lambda v: _number("drain_timeout", v, 0, 86400),
+    "resync_interval": lambda v: _number("resync_interval", v, 1, 86400),
+    "default_flags": _flags,
+    "warning_serves": lambda v: _bool("warning_serves", v),
+    "route_protocol": lambda v: _integer("route_protocol", v, 5, 254),
+    "link_prefix": lambda v: _string("link_prefix", v),
+    "node_name": lambda v: _string("node_name", v),
+    "catalog_file": lambda v: _string("catalog_file", v),
+    "state_file": lambda v: _string("state_file", v),
+    "http_bind": lambda v: _string("http_bind", v),
+    "rack": lambda v: _string("rack", v),
+    "consul": _consul,
+}
+
+
+def parse_config(raw: object) -> Config:
+    """Validate a decoded YAML document; every error names the key at fault."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"configuration: expected a mapping of keys, got {type(raw).__name__}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        parser = _PARSERS.get(str(key))
+        if parser is None:
+            raise ConfigError(f"{key}: unknown key; known keys are {sorted(_PARSERS)}")
+        try:
+            values[str(key)] = parser(value)
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    link_prefix = values.get("link_prefix", "mgl")
+    if len(link_prefix) > 7:
+        raise ConfigError(f"link_prefix: {link_prefix!r} is too long; at most 7 characters (links are <prefix><8 hex>)")
+    return Config(**values)
+
+
+def load_config(path: str | Path | None) -> Config:
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(raw)

@@ -1,0 +1,159 @@
+"""The backend role: make this node accept FOU-encapsulated traffic for the VIPs its instances claim and
+answer the clients directly (DSR).
+
+Replaces the seed's hand configuration: a fou receive port for ipip, `tunl0` up, reverse-path filtering
+relaxed only where the tunnel needs it, each claimed VIP as a /32 on `lo` (labelled, so the agent knows
+its own), and ARP settings that stop this node from answering ARP for a VIP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from bridge.config import Config
+from bridge.dataplane.fou import IPPROTO_IPIP, Fou
+
+TUNNEL_LINK = "tunl0"
+SYSCTL_ROOT = Path("/proc/sys")
+
+
+@dataclass(frozen=True)
+class BackendLive:
+    vips: tuple[str, ...]
+    fou_ports: Mapping[int, int]
+    """port -> ipproto of the kernel's fou receivers."""
+    tunnel_up: bool | None
+    """None when tunl0 does not exist (the ipip module is not loaded)."""
+    sysctls: Mapping[str, int]
+    """net/ipv4/conf/<if>/{rp_filter,arp_ignore,arp_announce}, keyed "<if>/<key>"."""
+
+
+@dataclass(frozen=True)
+class BackendOp:
+    kind: str
+    target: str
+    value: int = 0
+
+    def describe(self) -> str:
+        if self.kind == "sysctl":
+            return f"set net.ipv4.conf.{self.target.replace('/', '.')} = {self.value}"
+        return f"{self.kind} {self.target}"
+
+
+def vip_label(config: Config) -> str:
+    return f"lo:{config.link_prefix}"
+
+
+def _conf(interface: str, key: str) -> str:
+    """Keyed as a path below net/ipv4/conf: interface names may contain dots (eth0.100)."""
+    return f"{interface}/{key}"
+
+
+def _sysctl_ops(sysctls: Mapping[str, int]) -> list[BackendOp]:
+    """rp_filter off on tunl0; since the kernel uses max(all, interface), lowering `all` first raises
+    every other interface to the old `all` value, so their effective filtering does not change."""
+    ops: list[BackendOp] = []
+    if sysctls.get(_conf(TUNNEL_LINK, "rp_filter"), 0) != 0:
+        ops.append(BackendOp("sysctl", _conf(TUNNEL_LINK, "rp_filter"), 0))
+    all_rp = sysctls.get(_conf("all", "rp_filter"), 0)
+    if all_rp:
+        for name, value in sorted(sysctls.items()):
+            interface, _, key = name.rpartition("/")
+            if key != "rp_filter" or interface in ("all", TUNNEL_LINK) or value >= all_rp:
+                continue
+            ops.append(BackendOp("sysctl", name, all_rp))
+        ops.append(BackendOp("sysctl", _conf("all", "rp_filter"), 0))
+    for key, wanted in (("arp_ignore", 1), ("arp_announce", 2)):
+        if sysctls.get(_conf("all", key), 0) < wanted:
+            ops.append(BackendOp("sysctl", _conf("all", key), wanted))
+    return ops
+
+
+def plan_backend(vips: Iterable[str], live: BackendLive, fou_port: int) -> list[BackendOp]:
+    """Pure: what to change so this node receives its VIPs through FOU."""
+    ops: list[BackendOp] = []
+    if fou_port not in live.fou_ports:
+        ops.append(BackendOp("add fou port", str(fou_port)))
+    elif live.fou_ports[fou_port] != IPPROTO_IPIP:
+        other = live.fou_ports[fou_port]
+        ops.append(BackendOp("conflict", f"fou port {fou_port} exists for ipproto {other}, not ipip"))
+    if live.tunnel_up is None:
+        ops.append(BackendOp("conflict", f"{TUNNEL_LINK} is missing: load the ipip module (modprobe ipip)"))
+    elif not live.tunnel_up:
+        ops.append(BackendOp("link up", TUNNEL_LINK))
+    ops.extend(_sysctl_ops(live.sysctls))
+    wanted = set(vips)
+    ops.extend(BackendOp("add vip", vip) for vip in sorted(wanted - set(live.vips), key=ipaddress.IPv4Address))
+    ops.extend(BackendOp("delete vip", vip) for vip in sorted(set(live.vips) - wanted, key=ipaddress.IPv4Address))
+    return ops
+
+
+class BackendKernel:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ipr = IPRoute()
+
+    def close(self) -> None:
+        self.ipr.close()
+
+    def _lo(self) -> int:
+        return int(self.ipr.link_lookup(ifname="lo")[0])
+
+    def read(self) -> BackendLive:
+        label = vip_label(self.config)
+        vips = tuple(
+            sorted(
+                (str(a.get_attr("IFA_ADDRESS")) for a in self.ipr.get_addr(family=socket.AF_INET, index=self._lo())
+                 if a.get_attr("IFA_LABEL") == label and a["prefixlen"] == 32),
+                key=ipaddress.IPv4Address,
+            )
+        )
+        with Fou() as fou:
+            ports = {p.port: p.ipproto for p in fou.ports()}
+        tunnel = self.ipr.link_lookup(ifname=TUNNEL_LINK)
+        up = bool(self.ipr.get_links(tunnel[0])[0]["flags"] & 1) if tunnel else None
+        return BackendLive(vips, ports, up, dict(_read_sysctls()))
+
+    def apply(self, ops: Iterable[BackendOp]) -> Iterator[tuple[BackendOp, str | None]]:
+        for op in ops:
+            try:
+                self._apply_one(op)
+            except (NetlinkError, OSError, RuntimeError) as exc:
+                yield op, str(exc)
+            else:
+                yield op, None
+
+    def _apply_one(self, op: BackendOp) -> None:
+        if op.kind == "add fou port":
+            with Fou() as fou:
+                fou.add(int(op.target))
+        elif op.kind == "link up":
+            self.ipr.link("set", index=self.ipr.link_lookup(ifname=op.target)[0], state="up")
+        elif op.kind == "sysctl":
+            (SYSCTL_ROOT / "net/ipv4/conf" / op.target).write_text(f"{op.value}\n")
+        elif op.kind in ("add vip", "delete vip"):
+            self.ipr.addr(
+                "add" if op.kind == "add vip" else "del",
+                index=self._lo(), address=op.target, prefixlen=32, label=vip_label(self.config),
+            )
+        else:
+            raise RuntimeError(op.target)
+
+
+def _read_sysctls() -> Iterator[tuple[str, int]]:
+    conf = SYSCTL_ROOT / "net/ipv4/conf"
+    for interface in sorted(p.name for p in conf.iterdir()):
+        if interface == "default":
+            continue
+        for key in ("rp_filter", "arp_ignore", "arp_announce"):
+            try:
+                yield _conf(interface, key), int((conf / interface / key).read_text())
+            except (OSError, ValueError):
+                continue

@@ -1,0 +1,112 @@
+"""Kernel operations: the plan's vocabulary. Each one is a single netlink request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from bridge.model import Protocol, Tunnel
+
+VsKey = tuple[str, int, Protocol]
+
+
+def vs_label(key: VsKey) -> str:
+    return f"{key[0]}:{key[1]}/{key[2]}"
+
+
+@dataclass(frozen=True)
+class _ServiceSpec:
+    verb: ClassVar[str]
+    key: VsKey
+    scheduler: str
+    flags: tuple[str, ...]
+
+    def describe(self) -> str:
+        flags = ",".join(self.flags) or "-"
+        return f"{self.verb} service {vs_label(self.key)} scheduler {self.scheduler} flags {flags}"
+
+
+class AddService(_ServiceSpec):
+    verb = "add"
+
+
+class SetService(_ServiceSpec):
+    verb = "set"
+
+
+@dataclass(frozen=True)
+class DelService:
+    key: VsKey
+
+    def describe(self) -> str:
+        return f"delete service {vs_label(self.key)}"
+
+
+@dataclass(frozen=True)
+class _DestWeight:
+    verb: ClassVar[str]
+    key: VsKey
+    address: str
+    port: int
+    weight: int
+
+    def describe(self) -> str:
+        return f"{self.verb} real server {self.address}:{self.port} weight {self.weight} in {vs_label(self.key)}"
+
+
+class AddDest(_DestWeight):
+    verb = "add"
+
+
+class SetDest(_DestWeight):
+    verb = "set"
+
+
+@dataclass(frozen=True)
+class DelDest:
+    key: VsKey
+    address: str
+    port: int
+
+    def describe(self) -> str:
+        return f"delete real server {self.address}:{self.port} in {vs_label(self.key)}"
+
+
+@dataclass(frozen=True)
+class AddLink:
+    tunnel: Tunnel
+
+    def describe(self) -> str:
+        t = self.tunnel
+        return f"add link {t.name} ipip {t.local} -> {t.remote} encap fou dport {t.fou_port}"
+
+
+@dataclass(frozen=True)
+class DelLink:
+    name: str
+
+    def describe(self) -> str:
+        return f"delete link {self.name}"
+
+
+@dataclass(frozen=True)
+class _RouteSpec:
+    verb: ClassVar[str]
+    dst: str
+    table: str
+    dev: str
+
+    def describe(self) -> str:
+        kind = "local " if self.table == "local" else ""
+        return f"{self.verb} route {kind}{self.dst}/32 dev {self.dev} table {self.table}"
+
+
+class AddRoute(_RouteSpec):
+    verb = "add"
+
+
+class DelRoute(_RouteSpec):
+    verb = "delete"
+
+
+Op = AddService | SetService | DelService | AddDest | SetDest | DelDest | AddLink | DelLink | AddRoute | DelRoute

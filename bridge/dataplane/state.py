@@ -1,0 +1,58 @@
+"""What the kernel holds now, restricted to what the agent owns, as plain data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bridge.model import Protocol
+
+
+@dataclass(frozen=True)
+class LiveRealServer:
+    address: str
+    port: int
+    weight: int
+    active_conns: int = 0
+    inactive_conns: int = 0
+
+
+@dataclass(frozen=True)
+class LiveService:
+    vip: str
+    port: int
+    protocol: Protocol
+    scheduler: str
+    flags: tuple[str, ...]
+    real_servers: tuple[LiveRealServer, ...] = ()
+    """Kernel list order, head first: the order ip_vs_mh fills its table in."""
+
+    @property
+    def key(self) -> tuple[str, int, Protocol]:
+        return (self.vip, self.port, self.protocol)
+
+
+@dataclass(frozen=True)
+class LiveLink:
+    name: str
+    kind: str
+    remote: str | None
+    local: str | None
+    encap_type: int
+    encap_dport: int
+    up: bool
+
+
+@dataclass(frozen=True)
+class LiveRoute:
+    """An agent-owned route: a VIP's local route (table local) or a tunnel address route (main)."""
+
+    dst: str
+    table: str
+    dev: str
+
+
+@dataclass(frozen=True)
+class LiveState:
+    services: tuple[LiveService, ...] = ()
+    links: tuple[LiveLink, ...] = ()
+    routes: tuple[LiveRoute, ...] = ()

@@ -1,0 +1,97 @@
+"""Plain data that flows through the pipeline: catalog snapshot -> desired state -> kernel operations.
+
+Everything here is immutable and ordered so that two directors that hold equal inputs hold equal
+values: the determinism the product promises starts with the data having no hidden order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Health = Literal["passing", "warning", "critical"]
+Protocol = Literal["tcp", "udp"]
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One service instance as the catalog reports it, health already folded over all its checks."""
+
+    service: str
+    instance_id: str
+    node: str
+    address: str
+    port: int
+    tags: tuple[str, ...]
+    health: Health
+    create_index: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the core needs from a catalog, in a stable order."""
+
+    instances: tuple[Instance, ...]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A claim that was refused, with enough context that an operator can fix the tag."""
+
+    service: str
+    instance: str
+    tag: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RealServer:
+    """One backend node behind one virtual service.
+
+    `weight` is what the kernel should report now; `last_weight` is the last non-zero weight the kernel
+    must remember for it (ip_vs_mh builds its table from that), which is why a critical real server is
+    added with its tagged weight and then set to 0.  `order_key` fixes its place in the kernel's list.
+    """
+
+    address: str
+    port: int
+    weight: int
+    last_weight: int
+    backend: str
+    node: str
+    order_key: int
+
+
+@dataclass(frozen=True)
+class VirtualService:
+    vip: str
+    port: int
+    protocol: Protocol
+    scheduler: str
+    flags: tuple[str, ...]
+    service: str
+    real_servers: tuple[RealServer, ...] = field(default=())
+    """Kernel list order, head first (descending `order_key`)."""
+
+    @property
+    def key(self) -> tuple[str, int, Protocol]:
+        return (self.vip, self.port, self.protocol)
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """An ipip link with FOU encapsulation towards one backend, plus the route to its tunnel address."""
+
+    name: str
+    remote: str
+    local: str
+    tunnel_address: str
+    fou_port: int
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    virtual_services: tuple[VirtualService, ...]
+    tunnels: tuple[Tunnel, ...]
+    vip_routes: tuple[str, ...]
+    rejected: tuple[Rejection, ...]

@@ -1,0 +1,133 @@
+"""Text and JSON views of plans, passes and live state. `plan --format json` is a stable interface for
+scripts; its shape is documented in the README and must only grow, never change."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from bridge.dataplane.state import LiveState
+from bridge.model import DesiredState, Rejection
+from bridge.reconcile import PassOutcome
+
+
+def desired_json(desired: DesiredState) -> dict[str, Any]:
+    return {
+        "virtual_services": [
+            {
+                "vip": vs.vip,
+                "port": vs.port,
+                "protocol": vs.protocol,
+                "scheduler": vs.scheduler,
+                "flags": list(vs.flags),
+                "service": vs.service,
+                "real_servers": [
+                    {"address": rs.address, "port": rs.port, "weight": rs.weight, "backend": rs.backend,
+                     "node": rs.node, "last_weight": rs.last_weight}
+                    for rs in vs.real_servers
+                ],
+            }
+            for vs in desired.virtual_services
+        ],
+        "tunnels": [asdict(t) for t in desired.tunnels],
+        "vip_routes": list(desired.vip_routes),
+        "rejected": [asdict(r) for r in desired.rejected],
+    }
+
+
+def rejections_text(rejected: Sequence[Rejection] | Sequence[dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in rejected:
+        d = asdict(r) if isinstance(r, Rejection) else r
+        lines.append(f"  REJECTED service {d['service']} instance {d['instance']} tag {d['tag']!r}: {d['reason']}")
+    return lines
+
+
+def desired_text(desired: DesiredState) -> str:
+    lines = []
+    for vs in desired.virtual_services:
+        lines.append(f"{vs.vip}:{vs.port}/{vs.protocol}  service {vs.service}  scheduler {vs.scheduler}"
+                     f"  flags {','.join(vs.flags) or '-'}")
+        for rs in vs.real_servers:
+            note = "" if rs.weight == rs.last_weight else f" (remembers {rs.last_weight})"
+            lines.append(f"  -> {rs.address}:{rs.port}  weight {rs.weight}{note}  backend {rs.backend} ({rs.node})")
+    for t in desired.tunnels:
+        lines.append(f"tunnel {t.name}: {t.local} -> {t.remote} fou:{t.fou_port}, route {t.tunnel_address}/32")
+    if desired.rejected:
+        lines.append(f"{len(desired.rejected)} rejected claim(s):")
+        lines.extend(rejections_text(desired.rejected))
+    if not desired.virtual_services:
+        lines.append("no virtual services")
+    return "\n".join(lines)
+
+
+def outcome_text(outcome: PassOutcome) -> str:
+    lines = []
+    verb = "applied" if outcome.applied else "would run"
+    if not outcome.steps:
+        lines.append(f"{outcome.role}: nothing to change")
+    else:
+        lines.append(f"{outcome.role}: {verb} {len(outcome.steps)} operation(s):")
+        for i, step in enumerate(outcome.steps, 1):
+            status = f"FAILED: {step.error}" if step.error else ("ok" if outcome.applied else "")
+            lines.append(f"  {i:3d}. {step.description}  {status}".rstrip())
+    lines.extend(f"  draining {d}" for d in outcome.draining)
+    lines.extend(rejections_text(outcome.rejected))
+    return "\n".join(lines)
+
+
+def status_json(live: LiveState, report: dict[str, Any], fingerprints: dict[str, str]) -> dict[str, Any]:
+    return {
+        "virtual_services": [
+            {
+                "vip": s.vip, "port": s.port, "protocol": s.protocol, "scheduler": s.scheduler,
+                "flags": list(s.flags), "fingerprint": fingerprints.get(f"{s.vip}:{s.port}/{s.protocol}"),
+                "real_servers": [asdict(rs) for rs in s.real_servers],
+            }
+            for s in live.services
+        ],
+        "tunnels": [asdict(link) for link in live.links],
+        "routes": [asdict(r) for r in live.routes],
+        "last_pass": report,
+    }
+
+
+def status_text(data: dict[str, Any]) -> str:
+    lines = [f"{'VIRTUAL SERVICE':<26} {'SCHED':<6} {'FLAGS':<20} {'TABLE':<10} REAL SERVERS (kernel list order)"]
+    for s in data["virtual_services"]:
+        label = f"{s['vip']}:{s['port']}/{s['protocol']}"
+        flags = ",".join(s["flags"]) or "-"
+        lines.append(f"{label:<26} {s['scheduler']:<6} {flags:<20} {s['fingerprint'] or '-':<10} "
+                     f"{len(s['real_servers'])}")
+        for rs in s["real_servers"]:
+            lines.append(f"    -> {rs['address'] + ':' + str(rs['port']):<22} weight {rs['weight']:<6} "
+                         f"active {rs['active_conns']:<6} inactive {rs['inactive_conns']}")
+    if not data["virtual_services"]:
+        lines.append("(no virtual services owned by this agent)")
+    lines.append("")
+    lines.append(f"{'TUNNEL':<12} {'LOCAL':<16} {'REMOTE':<16} {'FOU':<6} UP")
+    for link in data["tunnels"]:
+        lines.append(f"{link['name']:<12} {link['local'] or '-':<16} {link['remote'] or '-':<16} "
+                     f"{link['encap_dport']:<6} {'yes' if link['up'] else 'no'}")
+    lines.append("")
+    lines.append(f"{'ROUTE':<18} {'TABLE':<6} DEV")
+    for r in data["routes"]:
+        lines.append(f"{r['dst'] + '/32':<18} {r['table']:<6} {r['dev']}")
+    report = data.get("last_pass") or {}
+    if report:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report.get("at", 0)))
+        failed = [o for o in report.get("operations", []) if o.get("error")]
+        lines.append("")
+        lines.append(f"last pass ({report.get('role')}) at {when}: {len(report.get('operations', []))} operation(s),"
+                     f" {len(failed)} failed")
+        lines.extend(f"  FAILED {o['description']}: {o['error']}" for o in failed)
+        lines.extend(f"  draining {d}" for d in report.get("draining", []))
+        lines.extend(rejections_text(report.get("rejected", [])))
+    return "\n".join(lines)
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False)
