@@ -15,8 +15,7 @@ from bridge.dataplane.kernel import ApplyError, open_kernel
 from bridge.desired import compute_desired
 from bridge.model import Snapshot
 from bridge.reconcile import backend_pass, director_pass
-from bridge.render import desired_json, desired_text, dumps, outcome_text, status_json, status_text
-from bridge.status import fingerprints, read_status
+from bridge.render import desired_json, desired_text, dumps, outcome_text, status_text
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -66,6 +65,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from bridge.status import read_status
+
     config = _config(args)
     data = read_status(config)
     print(dumps(data) if args.format == "json" else status_text(data))

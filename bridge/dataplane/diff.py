@@ -216,7 +216,9 @@ def _tunnel_matches(tunnel: Tunnel, live: LiveState) -> bool:
     )
 
 
-def _used_tunnels(desired: DesiredState, live: LiveState, kept_services: set[VsKey]) -> tuple[Tunnel, ...]:
+def _used_tunnels(
+    desired: DesiredState, live: LiveState, kept_services: set[VsKey], deleted: set[tuple[VsKey, str]]
+) -> tuple[Tunnel, ...]:
     """Tunnels of the desired state plus those still carrying draining real servers."""
     by_address = {t.tunnel_address: t for t in desired.tunnels}
     known_links = {link.name: link for link in live.links}
@@ -225,7 +227,7 @@ def _used_tunnels(desired: DesiredState, live: LiveState, kept_services: set[VsK
         if svc.key not in kept_services:
             continue
         for rs in svc.real_servers:
-            if rs.address in by_address:
+            if rs.address in by_address or (svc.key, rs.address) in deleted:
                 continue
             for route in live.routes:
                 link = known_links.get(route.dev)
@@ -240,7 +242,8 @@ def plan(desired: DesiredState, live: LiveState, memory: Memory, now: float, dra
     first, dests, last, vips = _plan_services(desired.virtual_services, live.services, memory, drains)
     deleted_services = {op.key for op in last if isinstance(op, DelService)}
     kept_services = {s.key for s in live.services} - deleted_services
-    tunnels = _used_tunnels(desired, live, kept_services)
+    deleted = {(op.key, op.address) for op in dests if isinstance(op, DelDest)}
+    tunnels = _used_tunnels(desired, live, kept_services, deleted)
 
     link_ops: list[Op] = []
     for tunnel in tunnels:

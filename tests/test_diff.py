@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import replace
+
+from bridge.catalog.consul_format import snapshot_from_services
+from bridge.config import Config, TunnelMapping
+from bridge.dataplane.diff import Memory, plan, remember
+from bridge.dataplane.ops import AddDest, AddLink, AddRoute, AddService, DelDest, DelLink, DelRoute, DelService, SetDest
+from bridge.desired import compute_desired
+from tests.catalog_builder import catalog, health_entry
+from tests.fake_kernel import FakeKernel
+
+CONFIG = Config(
+    vip_cidrs=(ipaddress.IPv4Network("198.51.100.0/24"),),
+    tunnel_map=(TunnelMapping(ipaddress.IPv4Network("192.0.2.0/24"), ipaddress.IPv4Network("203.0.113.0/24")),),
+    drain_timeout=30,
+)
+VIP = "maglev.vip=198.51.100.10:80"
+KEY = ("198.51.100.10", 80, "tcp")
+
+
+def entry(n, *, status="passing", weight=1, index=None, vip=VIP):
+    return health_entry("web", f"b{n}", f"192.0.2.{n}", 80, [vip, f"maglev.weight={weight}"], status=status,
+                        create_index=index if index is not None else n)
+
+
+class Director:
+    """The planner and a fake kernel, with the memory the agent keeps in its state file."""
+
+    def __init__(self):
+        self.kernel = FakeKernel()
+        self.memory = Memory()
+        self.last_ops = ()
+
+    def sync(self, entries, now=0.0):
+        desired = compute_desired(snapshot_from_services(catalog(*entries)), CONFIG, "192.0.2.1")
+        p = plan(desired, self.kernel.read(), self.memory, now, CONFIG.drain_timeout)
+        self.kernel.apply(p.ops)
+        last = dict(self.memory.last_weights)
+        for op in p.ops:
+            last = remember(last, op)
+        self.memory = Memory(p.drain_deadlines, last)
+        self.last_ops = p.ops
+        return p
+
+
+def order(director):
+    return [r.address for r in director.kernel.services[KEY].real_servers]
+
+
+def test_first_apply_builds_everything_in_order_and_second_is_a_no_op():
+    d = Director()
+    p = d.sync([entry(11), entry(12), entry(13)])
+    kinds = [type(op) for op in p.ops]
+    assert kinds == [AddLink] * 3 + [AddRoute] * 4 + [AddService] + [AddDest] * 3
+    assert order(d) == ["203.0.113.13", "203.0.113.12", "203.0.113.11"]
+    assert d.sync([entry(11), entry(12), entry(13)]).ops == ()
+
+
+def test_one_instance_going_critical_is_one_operation():
+    d = Director()
+    d.sync([entry(11), entry(12)])
+    p = d.sync([entry(11, status="critical"), entry(12)])
+    assert p.ops == (SetDest(KEY, "203.0.113.11", 80, 0),)
+    assert d.sync([entry(11), entry(12)]).ops == (SetDest(KEY, "203.0.113.11", 80, 1),)
+
+
+def test_new_newest_backend_is_one_add_at_the_head_plus_its_tunnel():
+    d = Director()
+    d.sync([entry(11), entry(12)])
+    p = d.sync([entry(11), entry(12), entry(13)])
+    assert [op for op in p.ops if isinstance(op, AddDest | SetDest | DelDest)] == [AddDest(KEY, "203.0.113.13", 80, 1)]
+    assert order(d)[0] == "203.0.113.13"
+
+
+def test_critical_backend_is_added_with_its_tagged_weight_then_set_to_zero():
+    d = Director()
+    p = d.sync([entry(11, status="critical", weight=5)])
+    assert [op for op in p.ops if isinstance(op, AddDest | SetDest)] == [
+        AddDest(KEY, "203.0.113.11", 80, 5), SetDest(KEY, "203.0.113.11", 80, 0)]
+
+
+def test_backend_inserted_in_the_middle_re_adds_only_those_in_front_of_it():
+    d = Director()
+    d.sync([entry(11, index=10), entry(12, index=30), entry(13, index=40)])
+    p = d.sync([entry(11, index=10), entry(12, index=30), entry(13, index=40), entry(14, index=20)])
+    dest_ops = [op for op in p.ops if isinstance(op, AddDest | DelDest)]
+    assert dest_ops == [
+        DelDest(KEY, "203.0.113.13", 80), DelDest(KEY, "203.0.113.12", 80),
+        AddDest(KEY, "203.0.113.14", 80, 1), AddDest(KEY, "203.0.113.12", 80, 1), AddDest(KEY, "203.0.113.13", 80, 1),
+    ]
+    assert order(d) == ["203.0.113.13", "203.0.113.12", "203.0.113.14", "203.0.113.11"]
+
+
+def test_deregistered_backend_drains_at_weight_zero_then_is_deleted_at_its_deadline():
+    d = Director()
+    d.sync([entry(11), entry(12)], now=0)
+    p = d.sync([entry(12)], now=100)
+    assert p.ops == (SetDest(KEY, "203.0.113.11", 80, 0),)
+    assert d.sync([entry(12)], now=129).ops == ()
+    p = d.sync([entry(12)], now=130)
+    assert p.ops == (DelDest(KEY, "203.0.113.11", 80), DelRoute("203.0.113.11", "main", "mglc000020b"),
+                     DelLink("mglc000020b"))
+    assert d.sync([entry(12)], now=131).ops == ()
+    assert d.memory.drain_deadlines == {}
+
+
+def test_backend_returning_during_drain_is_restored_in_place():
+    d = Director()
+    d.sync([entry(11), entry(12)], now=0)
+    d.sync([entry(12)], now=10)
+    assert d.sync([entry(11), entry(12)], now=20).ops == (SetDest(KEY, "203.0.113.11", 80, 1),)
+    assert d.memory.drain_deadlines == {}
+
+
+def test_virtual_service_losing_its_last_claim_is_drained_before_deletion():
+    d = Director()
+    d.sync([entry(11)], now=0)
+    p = d.sync([], now=1)
+    assert p.ops == (SetDest(KEY, "203.0.113.11", 80, 0),)
+    p = d.sync([], now=31)
+    assert p.ops == (DelService(KEY), DelRoute("198.51.100.10", "local", "lo"),
+                     DelRoute("203.0.113.11", "main", "mglc000020b"), DelLink("mglc000020b"))
+    assert d.kernel.read().services == ()
+
+
+def test_tagged_weight_zero_after_serving_needs_a_fresh_add_to_forget_its_slots():
+    d = Director()
+    d.sync([entry(11, index=1), entry(12, index=2)])
+    p = d.sync([entry(11, index=1, weight=0), entry(12, index=2)])
+    dest_ops = [op for op in p.ops if isinstance(op, AddDest | DelDest | SetDest)]
+    assert dest_ops == [DelDest(KEY, "203.0.113.11", 80), DelDest(KEY, "203.0.113.12", 80),
+                        AddDest(KEY, "203.0.113.11", 80, 0), AddDest(KEY, "203.0.113.12", 80, 1)]
+
+
+def _random_history(rng):
+    """A catalog history over 8 backends: adds, removals, re-registrations, weight changes, flaps."""
+    state = {}
+    index = 100
+    history = []
+    for _ in range(40):
+        n = rng.randrange(11, 19)
+        action = rng.choice(["add", "remove", "flap", "weight", "reregister"])
+        if action in ("add", "reregister") or n not in state:
+            index += 1
+            state[n] = {"index": index, "status": "passing", "weight": rng.choice([1, 1, 2, 3])}
+        elif action == "remove":
+            del state[n]
+        elif action == "flap":
+            state[n] = {**state[n], "status": rng.choice(["passing", "critical", "warning"])}
+        else:
+            state[n] = {**state[n], "weight": rng.choice([0, 1, 2, 5])}
+        history.append([entry(k, status=v["status"], weight=v["weight"], index=v["index"])
+                        for k, v in sorted(state.items())])
+    return history
+
+
+def test_directors_with_different_histories_converge_to_identical_lists_and_remembered_weights():
+    for seed in range(30):
+        history = _random_history(random.Random(seed))
+        final = history[-1]
+        watcher, restarted, late = Director(), Director(), Director()
+        for t, entries in enumerate(history):
+            watcher.sync(entries, now=t)
+            if t % 3 == 0:
+                restarted.sync(entries, now=t)
+            if t == len(history) // 2:
+                restarted = replace_kernel_keep_memory(restarted)
+        end = len(history) + CONFIG.drain_timeout + 1
+        for d in (watcher, restarted, late):
+            d.sync(final, now=end)
+            d.sync(final, now=end + 1)
+        assert watcher.kernel.table_state() == late.kernel.table_state(), seed
+        assert restarted.kernel.table_state() == late.kernel.table_state(), seed
+        assert watcher.sync(final, now=end + 2).ops == ()
+
+
+def replace_kernel_keep_memory(director):
+    """An agent restart: the kernel and the state file survive, the process does not."""
+    fresh = Director()
+    fresh.kernel = director.kernel
+    fresh.memory = replace(director.memory)
+    return fresh
