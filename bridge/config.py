@@ -7,6 +7,7 @@ import ipaddress
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,11 +30,11 @@ class TunnelMapping:
     backend: ipaddress.IPv4Network
     tunnel: ipaddress.IPv4Network
 
-    def translate(self, address: ipaddress.IPv4Address) -> ipaddress.IPv4Address | None:
-        if address not in self.backend:
+    def translate(self, address: int) -> int | None:
+        mask = int(self.backend.netmask)
+        if address & mask != int(self.backend.network_address):
             return None
-        host_bits = int(address) - int(self.backend.network_address)
-        return ipaddress.IPv4Address(int(self.tunnel.network_address) + host_bits)
+        return int(self.tunnel.network_address) | (address & ~mask & 0xFFFFFFFF)
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,14 @@ class Config:
     rack: str | None = None
     consul: ConsulConfig | None = None
 
-    def is_vip_allowed(self, address: ipaddress.IPv4Address) -> bool:
-        return any(address in net for net in self.vip_cidrs)
+    @cached_property
+    def _vip_masks(self) -> tuple[tuple[int, int], ...]:
+        return tuple((int(net.netmask), int(net.network_address)) for net in self.vip_cidrs)
 
-    def tunnel_address(self, backend: ipaddress.IPv4Address) -> ipaddress.IPv4Address | None:
+    def is_vip_allowed(self, address: int) -> bool:
+        return any(address & mask == network for mask, network in self._vip_masks)
+
+    def tunnel_address(self, backend: int) -> int | None:
         for mapping in self.tunnel_map:
             translated = mapping.translate(backend)
             if translated is not None:

@@ -7,22 +7,23 @@ when the real-server lists, their order and their remembered weights are equal e
 
 from __future__ import annotations
 
-import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
+from bridge.addr import ipv4_int, ipv4_text
 from bridge.config import Config
+from bridge.gcpause import gc_paused
 from bridge.model import DesiredState, Instance, RealServer, Rejection, Snapshot, Tunnel, VirtualService
-from bridge.tags import Claim, InstanceClaim, parse_instance
+from bridge.tags import Claim, InstanceClaim, TagParser
 
 INT32_MAX = 2**31 - 1
 VsKey = tuple[str, int, str]
 
 
-@dataclass(frozen=True)
-class _Backed:
-    """An accepted instance claim with its backend's tunnel address resolved."""
+class _Backed(NamedTuple):
+    """An accepted instance claim with its backend's tunnel address resolved (one per instance, hence
+    a NamedTuple: cheap to make)."""
 
     claim: InstanceClaim
     tunnel_address: str
@@ -30,17 +31,20 @@ class _Backed:
 
 def link_name(config: Config, backend: str) -> str:
     """Deterministic and reversible, so a restarted agent recognises its own links."""
-    return f"{config.link_prefix}{int(ipaddress.IPv4Address(backend)):08x}"
+    return f"{config.link_prefix}{ipv4_int(backend):08x}"
 
 
 def _serves(instance: Instance, config: Config) -> bool:
     return instance.health == "passing" or (instance.health == "warning" and config.warning_serves)
 
 
-def _resolve_backend(claim: InstanceClaim, config: Config) -> _Backed | Rejection:
+def _resolve_backend(claim: InstanceClaim, config: Config, tunnels: dict[str, str | None]) -> _Backed | Rejection:
     instance = claim.instance
+    known = tunnels.get(instance.address)
+    if known is not None:
+        return _Backed(claim, known)
     try:
-        backend = ipaddress.IPv4Address(instance.address)
+        backend = ipv4_int(instance.address)
     except ValueError:
         return Rejection(
             instance.service, instance.instance_id, claim.claims[0].tag,
@@ -51,9 +55,10 @@ def _resolve_backend(claim: InstanceClaim, config: Config) -> _Backed | Rejectio
         mapped = ", ".join(str(m.backend) for m in config.tunnel_map) or "none configured"
         return Rejection(
             instance.service, instance.instance_id, claim.claims[0].tag,
-            f"backend {backend} is outside every tunnel_map backend prefix ({mapped})",
+            f"backend {instance.address} is outside every tunnel_map backend prefix ({mapped})",
         )
-    return _Backed(claim, str(tunnel))
+    tunnels[instance.address] = ipv4_text(tunnel)
+    return _Backed(claim, ipv4_text(tunnel))
 
 
 def _first_claim(backed: Iterable[_Backed]) -> _Backed:
@@ -91,9 +96,12 @@ def _real_servers(backed: list[_Backed], port: int, config: Config) -> tuple[Rea
         by_address[b.tunnel_address].append(b)
     servers = []
     for address, group in by_address.items():
-        tagged = sum(b.claim.weight for b in group)
-        serving = sum(b.claim.weight for b in group if _serves(b.claim.instance, config))
-        first = _first_claim(group).claim.instance
+        tagged = serving = 0
+        for b in group:
+            tagged += b.claim.weight
+            if _serves(b.claim.instance, config):
+                serving += b.claim.weight
+        first = group[0].claim.instance if len(group) == 1 else _first_claim(group).claim.instance
         servers.append(
             RealServer(
                 address=address,
@@ -105,7 +113,7 @@ def _real_servers(backed: list[_Backed], port: int, config: Config) -> tuple[Rea
                 order_key=first.create_index,
             )
         )
-    servers.sort(key=lambda r: (r.order_key, int(ipaddress.IPv4Address(r.address))), reverse=True)
+    servers.sort(key=lambda r: (r.order_key, int(ipv4_int(r.address))), reverse=True)
     return tuple(servers)
 
 
@@ -123,13 +131,20 @@ def _virtual_service(key: VsKey, service: str, backed: list[_Backed], config: Co
 
 
 def compute_desired(snapshot: Snapshot, config: Config, local_address: str) -> DesiredState:
+    with gc_paused():
+        return _compute(snapshot, config, local_address)
+
+
+def _compute(snapshot: Snapshot, config: Config, local_address: str) -> DesiredState:
     rejected: list[Rejection] = []
     by_key: dict[VsKey, dict[str, list[_Backed]]] = defaultdict(lambda: defaultdict(list))
+    parser = TagParser(config)
+    tunnels: dict[str, str | None] = {}
     for instance in snapshot.instances:
-        parsed = parse_instance(instance, config)
+        parsed = parser.parse(instance)
         if parsed is None:
             continue
-        resolved = parsed if isinstance(parsed, Rejection) else _resolve_backend(parsed, config)
+        resolved = parsed if isinstance(parsed, Rejection) else _resolve_backend(parsed, config, tunnels)
         if isinstance(resolved, Rejection):
             rejected.append(resolved)
             continue
@@ -140,13 +155,13 @@ def compute_desired(snapshot: Snapshot, config: Config, local_address: str) -> D
     services = tuple(
         _virtual_service(key, service, backed, config)
         for key, (service, backed) in sorted(
-            winners.items(), key=lambda kv: (ipaddress.IPv4Address(kv[0][0]), kv[0][1], kv[0][2])
+            winners.items(), key=lambda kv: (ipv4_int(kv[0][0]), kv[0][1], kv[0][2])
         )
     )
     return DesiredState(
         virtual_services=services,
         tunnels=tunnels_for(services, config, local_address),
-        vip_routes=tuple(sorted({vs.vip for vs in services}, key=ipaddress.IPv4Address)),
+        vip_routes=tuple(sorted({vs.vip for vs in services}, key=ipv4_int)),
         rejected=tuple(sorted(rejected, key=lambda r: (r.service, r.instance, r.tag))),
     )
 
@@ -162,7 +177,7 @@ def tunnels_for(services: Iterable[VirtualService], config: Config, local_addres
             tunnel_address=tunnel_address,
             fou_port=config.fou_port,
         )
-        for backend, tunnel_address in sorted(backends.items(), key=lambda kv: ipaddress.IPv4Address(kv[0]))
+        for backend, tunnel_address in sorted(backends.items(), key=lambda kv: ipv4_int(kv[0]))
     )
 
 
@@ -170,11 +185,12 @@ def claims_of_node(snapshot: Snapshot, config: Config, node: str) -> tuple[Claim
     """The VIPs that the backend role must accept locally: every valid claim of this node's instances,
     critical ones included, so their established connections keep working while they drain."""
     found: dict[VsKey, Claim] = {}
+    parser = TagParser(config)
     for instance in snapshot.instances:
         if instance.node != node:
             continue
-        parsed = parse_instance(instance, config)
+        parsed = parser.parse(instance)
         if isinstance(parsed, InstanceClaim):
             for claim in parsed.claims:
                 found.setdefault(claim.key, claim)
-    return tuple(found[k] for k in sorted(found, key=lambda k: (ipaddress.IPv4Address(k[0]), k[1], k[2])))
+    return tuple(found[k] for k in sorted(found, key=lambda k: (ipv4_int(k[0]), k[1], k[2])))

@@ -130,4 +130,6 @@ def status_text(data: dict[str, Any]) -> str:
 
 
 def dumps(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=False)
+    """Compact (one line) when large: json's indenting encoder is pure Python and dominates a big plan."""
+    text = json.dumps(data)
+    return text if len(text) > 1_000_000 else json.dumps(data, indent=2)

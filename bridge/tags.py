@@ -10,9 +10,10 @@ applying part of what an operator wrote would be a guess.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from bridge.addr import ipv4_int
 from bridge.config import KNOWN_FLAGS, Config
 from bridge.model import Instance, Protocol, Rejection
 
@@ -31,9 +32,9 @@ class Claim:
         return (self.vip, self.port, self.protocol)
 
 
-@dataclass(frozen=True)
-class InstanceClaim:
-    """What one instance asks for, once its tags have been understood."""
+class InstanceClaim(NamedTuple):
+    """What one instance asks for, once its tags have been understood. A NamedTuple rather than a frozen
+    dataclass: one is made per instance, and a 100,000-instance catalog must plan in about a second."""
 
     instance: Instance
     claims: tuple[Claim, ...]
@@ -63,19 +64,19 @@ def parse_vip(tag: str, value: str, default_port: int, config: Config) -> Claim:
         raise TagError(tag, "IPv6 VIPs are not supported yet; expected <ipv4>[:<port>][/tcp|/udp]")
     host, colon, port_text = rest.partition(":")
     try:
-        address = ipaddress.IPv4Address(host)
+        address = ipv4_int(host)
     except ValueError:
         raise TagError(tag, f"{host!r} is not an IPv4 address; expected <ipv4>[:<port>][/tcp|/udp]") from None
     if not config.is_vip_allowed(address):
         allowed = ", ".join(str(n) for n in config.vip_cidrs) or "none configured"
-        raise TagError(tag, f"VIP {address} is outside vip_cidrs ({allowed})")
+        raise TagError(tag, f"VIP {host} is outside vip_cidrs ({allowed})")
     if colon:
         port = _port(tag, port_text)
     elif 1 <= default_port <= 65535:
         port = default_port
     else:
         raise TagError(tag, f"no port in the tag and the instance's port {default_port} is not usable")
-    return Claim(str(address), port, protocol, tag)
+    return Claim(host, port, protocol, tag)
 
 
 def parse_weight(tag: str, value: str) -> int:
@@ -92,48 +93,77 @@ def parse_flags(tag: str, value: str) -> tuple[str, ...]:
     return tuple(sorted(set(flags)))
 
 
-def _parse(instance: Instance, config: Config) -> InstanceClaim | None:
-    prefix = config.tag_prefix + "."
-    claims: list[Claim] = []
-    weight: int | None = None
-    flags: tuple[str, ...] | None = None
-    for tag in instance.tags:
-        if not tag.startswith(prefix):
-            continue
-        key, eq, value = tag[len(prefix) :].partition("=")
-        if not eq:
-            raise TagError(tag, f"expected {prefix}{key}=<value>")
-        if key == "vip":
-            claims.append(parse_vip(tag, value, instance.port, config))
-        elif key == "weight":
-            if weight is not None:
-                raise TagError(tag, "weight is given more than once")
-            weight = parse_weight(tag, value)
-        elif key == "flags":
-            if flags is not None:
-                raise TagError(tag, "flags are given more than once")
-            flags = parse_flags(tag, value)
-        else:
-            raise TagError(tag, f"unknown key {key!r}; expected {prefix}vip, {prefix}weight or {prefix}flags")
-    if not claims:
-        return None
-    unique = tuple(
-        sorted({c.key: c for c in claims}.values(), key=lambda c: (ipaddress.IPv4Address(c.vip), c.port, c.protocol))
-    )
-    return InstanceClaim(
-        instance=instance,
-        claims=unique,
-        weight=1 if weight is None else weight,
-        flags=tuple(sorted(config.default_flags)) if flags is None else flags,
-    )
+class TagParser:
+    """Parses instances against one configuration, remembering each VIP tag it has understood: a large
+    catalog repeats the same VIP tag on every instance behind it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.prefix = config.tag_prefix + "."
+        self.default_flags = tuple(sorted(config.default_flags))
+        self._vips: dict[tuple[str, int], Claim | TagError] = {}
+        self._tag_sets: dict[tuple[tuple[str, ...], int], tuple[tuple[Claim, ...], int, tuple[str, ...]] | None] = {}
+
+    def _vip(self, tag: str, value: str, default_port: int) -> Claim:
+        known = self._vips.get((tag, default_port))
+        if known is None:
+            try:
+                known = parse_vip(tag, value, default_port, self.config)
+            except TagError as err:
+                known = err
+            self._vips[(tag, default_port)] = known
+        if isinstance(known, TagError):
+            raise known
+        return known
+
+    def _parse(self, instance: Instance) -> InstanceClaim | None:
+        key = (instance.tags, instance.port)
+        if key not in self._tag_sets:
+            self._tag_sets[key] = self._parse_tags(instance.tags, instance.port)
+        parsed = self._tag_sets[key]
+        if parsed is None:
+            return None
+        return InstanceClaim(instance, *parsed)
+
+    def _parse_tags(self, tags: tuple[str, ...], port: int) -> tuple[tuple[Claim, ...], int, tuple[str, ...]] | None:
+        """Claims, weight and flags of one tag set; raises TagError (not cached: rejections are rare)."""
+        prefix = self.prefix
+        claims: list[Claim] = []
+        weight: int | None = None
+        flags: tuple[str, ...] | None = None
+        for tag in tags:
+            if not tag.startswith(prefix):
+                continue
+            key, eq, value = tag[len(prefix) :].partition("=")
+            if not eq:
+                raise TagError(tag, f"expected {prefix}{key}=<value>")
+            if key == "vip":
+                claims.append(self._vip(tag, value, port))
+            elif key == "weight":
+                if weight is not None:
+                    raise TagError(tag, "weight is given more than once")
+                weight = parse_weight(tag, value)
+            elif key == "flags":
+                if flags is not None:
+                    raise TagError(tag, "flags are given more than once")
+                flags = parse_flags(tag, value)
+            else:
+                raise TagError(tag, f"unknown key {key!r}; expected {prefix}vip, {prefix}weight or {prefix}flags")
+        if not claims:
+            return None
+        if len(claims) > 1:
+            claims = sorted({c.key: c for c in claims}.values(), key=lambda c: (ipv4_int(c.vip), c.port, c.protocol))
+        return (tuple(claims), 1 if weight is None else weight, self.default_flags if flags is None else flags)
+
+    def parse(self, instance: Instance) -> InstanceClaim | Rejection | None:
+        """An instance's claim, a rejection naming the tag at fault, or None when the instance is not ours."""
+        try:
+            return self._parse(instance)
+        except TagError as err:
+            if not any(t.startswith(self.prefix + "vip") for t in instance.tags):
+                return None
+            return Rejection(instance.service, instance.instance_id, err.tag, err.reason)
 
 
 def parse_instance(instance: Instance, config: Config) -> InstanceClaim | Rejection | None:
-    """An instance's claim, a rejection naming the tag at fault, or None when the instance is not ours."""
-    try:
-        return _parse(instance, config)
-    except TagError as err:
-        has_vip = any(t.startswith(config.tag_prefix + ".vip") for t in instance.tags)
-        if not has_vip:
-            return None
-        return Rejection(instance.service, instance.instance_id, err.tag, err.reason)
+    return TagParser(config).parse(instance)

@@ -8,10 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from bridge.catalog.consul_format import CatalogFormatError, snapshot_from_services
+from bridge.gcpause import gc_paused
 from bridge.model import Snapshot
 
 
 def load_catalog(path: str | Path) -> Snapshot:
+    with gc_paused():
+        return _load(path)
+
+
+def _load(path: str | Path) -> Snapshot:
     try:
         raw: Any = json.loads(Path(path).read_bytes())
     except OSError as exc:

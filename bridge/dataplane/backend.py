@@ -8,7 +8,6 @@ its own), and ARP settings that stop this node from answering ARP for a VIP.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from bridge.addr import ipv4_int
 from bridge.config import Config
 from bridge.dataplane.fou import IPPROTO_IPIP, Fou
 
@@ -90,8 +90,8 @@ def plan_backend(vips: Iterable[str], live: BackendLive, fou_port: int) -> list[
         ops.append(BackendOp("link up", TUNNEL_LINK))
     ops.extend(_sysctl_ops(live.sysctls))
     wanted = set(vips)
-    ops.extend(BackendOp("add vip", vip) for vip in sorted(wanted - set(live.vips), key=ipaddress.IPv4Address))
-    ops.extend(BackendOp("delete vip", vip) for vip in sorted(set(live.vips) - wanted, key=ipaddress.IPv4Address))
+    ops.extend(BackendOp("add vip", vip) for vip in sorted(wanted - set(live.vips), key=ipv4_int))
+    ops.extend(BackendOp("delete vip", vip) for vip in sorted(set(live.vips) - wanted, key=ipv4_int))
     return ops
 
 
@@ -112,7 +112,7 @@ class BackendKernel:
             sorted(
                 (str(a.get_attr("IFA_ADDRESS")) for a in self.ipr.get_addr(family=socket.AF_INET, index=self._lo())
                  if a.get_attr("IFA_LABEL") == label and a["prefixlen"] == 32),
-                key=ipaddress.IPv4Address,
+                key=ipv4_int,
             )
         )
         with Fou() as fou:

@@ -7,7 +7,6 @@ route protocol number.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import socket
 from collections.abc import Iterable, Iterator
@@ -18,6 +17,7 @@ from typing import Any
 from pyroute2 import IPVS, IPRoute, IPVSDest, IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
 
+from bridge.addr import ipv4_int
 from bridge.config import Config
 from bridge.dataplane.ops import (
     AddDest,
@@ -95,7 +95,7 @@ class Kernel:
 
     def _owned_vip(self, address: str) -> bool:
         try:
-            return self.config.is_vip_allowed(ipaddress.IPv4Address(address))
+            return self.config.is_vip_allowed(ipv4_int(address))
         except ValueError:
             return False
 
