@@ -1,84 +1,85 @@
-"""The long-running agent: a reconcile loop driven by catalog changes, drain deadlines and a periodic
-full re-sync, all scheduled with APScheduler on a single worker so passes never overlap.
+"""The long-running agent: one reconcile worker fed by catalog changes, drain deadlines and a periodic
+full re-sync (the timers are APScheduler jobs).
 
-A pass that cannot read the catalog changes nothing (fail static); shutting down leaves the kernel as it
-is, so restarting or upgrading the agent never disturbs a connection.
+Requests coalesce: however many changes arrive during a pass, exactly one more pass follows, so no
+change is lost and passes never overlap. A pass without a trustworthy catalog changes nothing (fail
+static); shutting down leaves the kernel as it is, so restarting or upgrading the agent never disturbs
+a connection.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import FrameType
+from typing import Any
 
-from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.schedulers.background import BackgroundScheduler
 
-from bridge.catalog.consul_format import CatalogFormatError
-from bridge.catalog.file import load_catalog
+from bridge.catalog.source import CatalogSource, CatalogUnavailable, FileSource
 from bridge.config import Config, ConfigError
 from bridge.dataplane.kernel import ApplyError, open_kernel
 from bridge.model import Snapshot
 from bridge.reconcile import PassOutcome, backend_pass, director_pass
-from bridge.store import load_state
+from bridge.store import Stored, load_state, save_state
 
 log = logging.getLogger("maglev-bridge")
-FILE_CHECK_INTERVAL = 1.0
-
-
-@dataclass(frozen=True)
-class FileStamp:
-    mtime_ns: int
-    size: int
-    inode: int
-
-
-def _stamp(path: str) -> FileStamp | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 class Agent:
-    def __init__(self, config: Config) -> None:
-        if not config.catalog_file:
-            raise ConfigError("catalog_file: the agent needs a catalog source (catalog_file, or --catalog)")
+    def __init__(self, config: Config, source: CatalogSource) -> None:
         self.config = config
-        self.catalog_file = config.catalog_file
-        self.scheduler = BlockingScheduler(
-            executors={"default": ThreadPoolExecutor(1)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
-        )
-        self._lock = threading.Lock()
-        self._seen: FileStamp | None = None
+        self.source = source
+        self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
+        self._wanted = threading.Event()
+        self._reasons: list[str] = []
+        self._reasons_lock = threading.Lock()
+        self._stopping = threading.Event()
         self.synced = False
+        self.last_error: str | None = None
+        self.last_pass_at: float | None = None
+        self.passes = 0
 
-    def snapshot(self) -> Snapshot:
-        return load_catalog(self.catalog_file)
+    # ---- requests --------------------------------------------------------------------------------
+
+    def request(self, reason: str) -> None:
+        with self._reasons_lock:
+            self._reasons.append(reason)
+        self._wanted.set()
+
+    def _take_reasons(self) -> str:
+        with self._reasons_lock:
+            reasons, self._reasons = self._reasons, []
+        return ", ".join(dict.fromkeys(reasons)) or "request"
+
+    # ---- passes ----------------------------------------------------------------------------------
 
     def sync(self, reason: str) -> PassOutcome | None:
-        with self._lock:
-            try:
-                snapshot = self.snapshot()
-            except CatalogFormatError as exc:
-                log.error("catalog unreadable, keeping the kernel as it is: %s", exc)
-                return None
-            try:
-                outcome = self._pass(snapshot)
-            except (ApplyError, OSError) as exc:
-                log.error("pass failed (%s), will retry: %s", reason, exc)
-                return None
-            self.synced = True
-            self._log(reason, outcome)
-            self._schedule_drain()
-            return outcome
+        try:
+            snapshot = self.source.snapshot()
+        except CatalogUnavailable as exc:
+            self.last_error = f"catalog unavailable: {exc}"
+            log.warning("%s: catalog unavailable, keeping the kernel as it is: %s", reason, exc)
+            return None
+        try:
+            outcome = self._pass(snapshot)
+        except (ApplyError, OSError) as exc:
+            self.last_error = f"pass failed: {exc}"
+            log.error("%s: pass failed, will retry: %s", reason, exc)
+            return None
+        if not outcome.applied:
+            stored = load_state(self.config.state_file)
+            save_state(self.config.state_file, Stored(stored.memory, outcome.report(time.time())))
+        self.synced = True
+        self.last_error = None
+        self.last_pass_at = time.time()
+        self.passes += 1
+        self._log(reason, outcome)
+        self._schedule_drain()
+        return outcome
 
     def _pass(self, snapshot: Snapshot) -> PassOutcome:
         dry_run = self.config.dataplane == "shadow"
@@ -88,49 +89,89 @@ class Agent:
             return director_pass(snapshot, self.config, kernel, dry_run=dry_run)
 
     def _log(self, reason: str, outcome: PassOutcome) -> None:
-        verb = "applied" if outcome.applied else "shadow: would run"
-        if outcome.steps:
-            log.info("%s: %s %d operation(s)", reason, verb, len(outcome.steps))
+        if not outcome.steps:
+            log.debug("%s: nothing to change", reason)
+            return
+        verb = "applied" if outcome.applied else "shadow mode, would run"
+        log.info("%s: %s %d operation(s)", reason, verb, len(outcome.steps))
+        for note in outcome.notes:
+            log.info("  note: %s", note)
         for step in outcome.steps:
             if step.error:
                 log.error("  FAILED %s: %s", step.description, step.error)
             else:
                 log.info("  %s", step.description)
-        for rejection in outcome.rejected:
-            log.debug("rejected %s/%s %r: %s", rejection.service, rejection.instance, rejection.tag, rejection.reason)
 
     def _schedule_drain(self) -> None:
-        deadlines = [d for d in load_state(self.config.state_file).memory.drain_deadlines.values() if d > time.time()]
-        if not deadlines:
-            return
-        when = datetime.fromtimestamp(min(deadlines)) + timedelta(milliseconds=50)
-        self.scheduler.add_job(self.sync, "date", run_date=when, args=["drain deadline"], id="drain",
-                               replace_existing=True)
+        now = time.time()
+        deadlines = [d for d in load_state(self.config.state_file).memory.drain_deadlines.values() if d > now]
+        if deadlines:
+            when = datetime.fromtimestamp(min(deadlines)) + timedelta(milliseconds=50)
+            self.scheduler.add_job(self.request, "date", run_date=when, args=["drain deadline"], id="drain",
+                                   replace_existing=True)
 
-    def check_file(self) -> None:
-        stamp = _stamp(self.catalog_file)
-        if stamp != self._seen:
-            self._seen = stamp
-            self.sync("catalog changed")
+    def state(self) -> dict[str, Any]:
+        """For /health and status: ready only after the first complete pass."""
+        return {
+            "ready": self.synced and self.last_error is None,
+            "synced": self.synced,
+            "role": self.config.role,
+            "dataplane": self.config.dataplane,
+            "passes": self.passes,
+            "last_pass_at": self.last_pass_at,
+            "last_error": self.last_error,
+            "catalog": self.source.state(),
+        }
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def work(self) -> None:
+        """The reconcile worker: one pass per wake-up, until stopped."""
+        while not self._stopping.is_set():
+            self._wanted.wait()
+            self._wanted.clear()
+            if self._stopping.is_set():
+                break
+            self.sync(self._take_reasons())
+
+    def start(self) -> None:
+        self.scheduler.add_job(self.request, "interval", seconds=self.config.resync_interval, args=["resync"],
+                               id="resync")
+        self.scheduler.start()
+        self.source.start(self.request)
+        self.request("start")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wanted.set()
+        self.source.stop()
+        self.scheduler.shutdown(wait=False)
 
     def run(self) -> int:
-        self._seen = _stamp(self.catalog_file)
-        self.sync("start")
-        self.scheduler.add_job(self.check_file, "interval", seconds=FILE_CHECK_INTERVAL, id="watch")
-        self.scheduler.add_job(self.sync, "interval", seconds=self.config.resync_interval, args=["resync"],
-                               id="resync")
+        from bridge.http import serve
+
+        server = serve(self)
+        self.start()
 
         def stop(signum: int, _frame: FrameType | None) -> None:
             log.info("signal %d: stopping; the kernel state stays as it is", signum)
-            self.scheduler.shutdown(wait=False)
+            self.stop()
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        log.info("agent started: role %s, dataplane %s, catalog %s", self.config.role, self.config.dataplane,
-                 self.catalog_file)
-        self.scheduler.start()
+        log.info("agent started: role %s, dataplane %s, http %s", self.config.role, self.config.dataplane,
+                 self.config.http_bind)
+        self.work()
+        server.shutdown()
+        log.info("stopped")
         return 0
 
 
+def source_for(config: Config) -> CatalogSource:
+    if config.catalog_file:
+        return FileSource(config.catalog_file)
+    raise ConfigError("catalog_file: the agent needs a catalog source (catalog_file or --catalog)")
+
+
 def run_agent(config: Config) -> int:
-    return Agent(config).run()
+    return Agent(config, source_for(config)).run()

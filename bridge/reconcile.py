@@ -14,7 +14,8 @@ from typing import Any
 from bridge.config import Config
 from bridge.dataplane.backend import BackendKernel, plan_backend
 from bridge.dataplane.diff import Memory, plan, remember
-from bridge.dataplane.kernel import Kernel
+from bridge.dataplane.kernel import ApplyError, Kernel
+from bridge.dataplane.state import LiveState
 from bridge.desired import claims_of_node, compute_desired
 from bridge.model import DesiredState, Rejection, Snapshot
 from bridge.store import Stored, load_state, save_state
@@ -34,6 +35,7 @@ class PassOutcome:
     rejected: tuple[Rejection, ...] = ()
     draining: tuple[str, ...] = ()
     desired: DesiredState | None = field(default=None, compare=False)
+    notes: tuple[str, ...] = ()
 
     @property
     def failed(self) -> tuple[StepResult, ...]:
@@ -47,6 +49,7 @@ class PassOutcome:
             "operations": [asdict(s) for s in self.steps],
             "rejected": [asdict(r) for r in self.rejected],
             "draining": list(self.draining),
+            "notes": list(self.notes),
         }
 
 
@@ -63,11 +66,18 @@ def director_pass(snapshot: Snapshot, config: Config, kernel: Kernel, *, dry_run
     now = time.time() if now is None else now
     desired = desired_for(snapshot, config, kernel)
     stored = load_state(config.state_file)
-    live = kernel.read()
+    notes: tuple[str, ...] = ()
+    try:
+        live = kernel.read()
+    except ApplyError as exc:
+        if not dry_run:
+            raise
+        live = LiveState((), kernel.read_links(), kernel.read_routes())
+        notes = (f"planned against an empty IPVS table: {exc}",)
     result = plan(desired, live, stored.memory, now, config.drain_timeout)
     if dry_run:
         steps = tuple(StepResult(op.describe(), None) for op in result.ops)
-        return PassOutcome("director", False, steps, desired.rejected, result.draining, desired)
+        return PassOutcome("director", False, steps, desired.rejected, result.draining, desired, notes)
     last_weights = dict(stored.memory.last_weights)
     steps_list = []
     for outcome in kernel.apply(result.ops):

@@ -75,6 +75,7 @@ def outcome_text(outcome: PassOutcome) -> str:
             status = f"FAILED: {step.error}" if step.error else ("ok" if outcome.applied else "")
             lines.append(f"  {i:3d}. {step.description}  {status}".rstrip())
     lines.extend(f"  draining {d}" for d in outcome.draining)
+    lines.extend(f"  note: {n}" for n in outcome.notes)
     lines.extend(rejections_text(outcome.rejected))
     return "\n".join(lines)
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from bridge.config import Config
 from bridge.dataplane.diff import dest_id
-from bridge.dataplane.kernel import open_kernel
-from bridge.dataplane.state import LiveService
+from bridge.dataplane.kernel import ApplyError, open_kernel
+from bridge.dataplane.state import LiveService, LiveState
 from bridge.maglev import Dest, build_table, fingerprint
 from bridge.render import status_json
 from bridge.store import load_state
@@ -41,5 +41,12 @@ def service_fingerprints(services: tuple[LiveService, ...], last_weights: dict[s
 def read_status(config: Config) -> dict[str, Any]:
     stored = load_state(config.state_file)
     with open_kernel(config) as kernel:
-        live = kernel.read()
-    return status_json(live, stored.report, service_fingerprints(live.services, dict(stored.memory.last_weights)))
+        try:
+            live = kernel.read()
+            kernel_note = None
+        except ApplyError as exc:
+            live = LiveState((), kernel.read_links(), kernel.read_routes())
+            kernel_note = str(exc)
+    data = status_json(live, stored.report, service_fingerprints(live.services, dict(stored.memory.last_weights)))
+    data["kernel_note"] = kernel_note
+    return data

@@ -88,7 +88,10 @@ class Kernel:
     @property
     def ipvs(self) -> IPVS:
         if self._ipvs is None:
-            self._ipvs = IPVS()
+            try:
+                self._ipvs = IPVS()
+            except (NetlinkError, OSError) as exc:
+                raise ApplyError(f"IPVS is not available in this kernel (modprobe ip_vs ip_vs_mh): {exc}") from None
         return self._ipvs
 
     # ---- reading -------------------------------------------------------------------------------
