@@ -112,15 +112,17 @@ class Agent:
 
     def state(self) -> dict[str, Any]:
         """For /health and status: ready only after the first complete pass."""
+        catalog = self.source.state()
         return {
-            "ready": self.synced and self.last_error is None,
+            "ready": self.synced,
+            "degraded": self.last_error is not None or not catalog.get("ok", True),
             "synced": self.synced,
             "role": self.config.role,
             "dataplane": self.config.dataplane,
             "passes": self.passes,
             "last_pass_at": self.last_pass_at,
             "last_error": self.last_error,
-            "catalog": self.source.state(),
+            "catalog": catalog,
         }
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -151,6 +153,12 @@ class Agent:
         from bridge.http import serve
 
         server = serve(self)
+        announcer = None
+        if self.config.consul is not None:
+            from bridge.announce import Announcer
+
+            announcer = Announcer(self.config)
+            announcer.start()
         self.start()
 
         def stop(signum: int, _frame: FrameType | None) -> None:
@@ -162,6 +170,8 @@ class Agent:
         log.info("agent started: role %s, dataplane %s, http %s", self.config.role, self.config.dataplane,
                  self.config.http_bind)
         self.work()
+        if announcer is not None:
+            announcer.stop()
         server.shutdown()
         log.info("stopped")
         return 0
@@ -170,7 +180,11 @@ class Agent:
 def source_for(config: Config) -> CatalogSource:
     if config.catalog_file:
         return FileSource(config.catalog_file)
-    raise ConfigError("catalog_file: the agent needs a catalog source (catalog_file or --catalog)")
+    if config.consul is not None:
+        from bridge.catalog.consul import ConsulSource
+
+        return ConsulSource(config)
+    raise ConfigError("catalog_file: the agent needs a catalog source (a consul section, catalog_file or --catalog)")
 
 
 def run_agent(config: Config) -> int:
