@@ -1,0 +1,206 @@
+"""Smoke tests: real Consul and Nomad agents start, answer, and are wired together."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import dns.resolver
+import pytest
+
+from .consul_agent import ConsulAgent
+from .nomad_cluster import DEFAULT_CLIENTS, NomadCluster
+
+pytest_plugins = ["tests.real.fixtures"]
+
+
+def eventually(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2) -> Any:
+    """Retry ``check`` until it returns something truthy without raising; that value."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+            last = value
+        except Exception as e:  # retried until the deadline
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"not true after {timeout}s: last result {last!r}")
+
+
+def resolver(agent: ConsulAgent) -> dns.resolver.Resolver:
+    r = dns.resolver.Resolver(configure=False)
+    r.nameservers = ["127.0.0.1"]
+    r.port = agent.dns_port
+    r.lifetime = 2.0
+    return r
+
+
+# -- Consul ----------------------------------------------------------------------------
+
+
+@pytest.mark.consul
+def test_consul_leader_and_service_dns(consul_agent: ConsulAgent) -> None:
+    assert consul_agent.api("/v1/status/leader") == f"127.0.0.1:{consul_agent.server_port}"
+    consul_agent.register_service(
+        {"Name": "web", "ID": "web-1", "Address": "127.0.0.2", "Port": 8080, "Tags": ["maglev"]}
+    )
+    r = resolver(consul_agent)
+    a = eventually(lambda: r.resolve("web.service.consul", "A"))
+    assert [rr.address for rr in a] == ["127.0.0.2"]
+    srv = r.resolve("maglev.web.service.consul", "SRV")
+    assert [rr.port for rr in srv] == [8080]
+
+
+@pytest.mark.consul
+def test_consul_dev_restart_keeps_ports(consul_agent: ConsulAgent) -> None:
+    http, dns_port = consul_agent.http_addr, consul_agent.dns_port
+    consul_agent.stop()
+    with pytest.raises(urllib.error.URLError):
+        consul_agent.api("/v1/status/leader")
+    consul_agent.restart()
+    assert (consul_agent.http_addr, consul_agent.dns_port) == (http, dns_port)
+    assert consul_agent.api("/v1/status/leader")
+
+
+@pytest.mark.consul
+def test_consul_persistent_restart_keeps_data(consul_agent_persistent: ConsulAgent) -> None:
+    agent = consul_agent_persistent
+    agent.kv_put("maglev/probe", "42")
+    agent.register_service({"Name": "db", "ID": "db-1", "Address": "127.0.0.3", "Port": 5432})
+    eventually(lambda: agent.api("/v1/catalog/service/db"))
+    agent.restart(down_for=0.5)
+    assert agent.kv_get("maglev/probe") == b"42"
+    assert [s["ServiceAddress"] for s in agent.api("/v1/catalog/service/db")] == ["127.0.0.3"]
+    agent.reset()
+    assert agent.kv_get("maglev/probe") is None
+
+
+# -- Nomad -----------------------------------------------------------------------------
+
+
+def _node_details(cluster: NomadCluster) -> dict[str, dict[str, Any]]:
+    return {n["Name"]: cluster.api(f"/v1/node/{n['ID']}") for n in cluster.nodes()}
+
+
+def _check_topology(cluster: NomadCluster) -> None:
+    members = cluster.api("/v1/agent/members")["Members"]
+    assert [(m["Name"].split(".")[0], m["Status"]) for m in members] == [("nomad-server", "alive")]
+    nodes = _node_details(cluster)
+    assert "nomad-server" not in nodes  # the server is not a client
+    assert sorted(nodes) == sorted(c.name for c in DEFAULT_CLIENTS)
+    for spec in DEFAULT_CLIENTS:
+        node = nodes[spec.name]
+        assert node["Status"] == "ready"
+        assert node["NodeClass"] == spec.node_class
+        assert node["Meta"]["rack"] == spec.rack
+        assert node["Drivers"]["raw_exec"]["Healthy"]
+        assert set(node["Drivers"]) == {"raw_exec"}
+    racks = [n["Meta"]["rack"] for n in nodes.values()]
+    assert sorted(racks) == ["rack-a", "rack-a", "rack-b", "rack-c"]
+    assert sum(n["NodeClass"] == "lb" for n in nodes.values()) == 2
+
+
+@pytest.mark.nomad
+def test_nomad_cluster_topology(nomad_cluster: NomadCluster) -> None:
+    _check_topology(nomad_cluster)
+    consul = nomad_cluster.consul
+    # Nomad registered itself in Consul, one Consul client agent per Nomad client.
+    services = consul.api("/v1/catalog/services")
+    assert {"nomad", "nomad-client"} <= set(services)
+    consul_nodes = {n["Node"] for n in consul.api("/v1/catalog/nodes")}
+    assert {c.name for c in DEFAULT_CLIENTS} <= consul_nodes
+
+
+RAW_EXEC_JOB: dict[str, Any] = {
+    "Job": {
+        "ID": "smoke-web",
+        "Name": "smoke-web",
+        "Type": "service",
+        "Datacenters": ["dc1"],
+        "Constraints": [{"LTarget": "${node.class}", "RTarget": "lb", "Operand": "="}],
+        "TaskGroups": [
+            {
+                "Name": "web",
+                "Count": 2,
+                "Constraints": [{"Operand": "distinct_hosts", "RTarget": "true"}],
+                "Networks": [{"DynamicPorts": [{"Label": "http"}]}],
+                "Services": [
+                    {
+                        "Name": "smoke-web",
+                        "PortLabel": "http",
+                        "Provider": "consul",
+                        "Tags": ["rack-${meta.rack}"],
+                        "Checks": [{"Type": "http", "Path": "/", "Interval": 1_000_000_000, "Timeout": 1_000_000_000}],
+                    }
+                ],
+                "Tasks": [
+                    {
+                        "Name": "srv",
+                        "Driver": "raw_exec",
+                        "Config": {
+                            "command": "/bin/sh",
+                            "args": [
+                                "-c",
+                                'exec "$PYTHON" -m http.server "$NOMAD_PORT_http" --bind 127.0.0.1',
+                            ],
+                        },
+                        "Env": {"PYTHON": "python3"},
+                        "Resources": {"CPU": 50, "MemoryMB": 64},
+                    }
+                ],
+            }
+        ],
+    }
+}
+
+
+@pytest.mark.nomad
+def test_nomad_raw_exec_service_reaches_consul_dns(nomad_cluster: NomadCluster) -> None:
+    consul = nomad_cluster.consul
+    nomad_cluster.api("/v1/jobs", method="POST", body=RAW_EXEC_JOB)
+    try:
+        healthy = eventually(
+            lambda: (h := consul.api("/v1/health/service/smoke-web?passing=true")) and len(h) == 2 and h,
+            timeout=60,
+        )
+        assert {e["Node"]["Node"] for e in healthy} == {"nomad-c1", "nomad-c3"}  # the lb class
+        assert sorted(t for e in healthy for t in e["Service"]["Tags"]) == ["rack-rack-a", "rack-rack-b"]
+        srv = resolver(consul).resolve("smoke-web.service.consul", "SRV")
+        ports = sorted(rr.port for rr in srv)
+        assert ports == sorted(e["Service"]["Port"] for e in healthy)
+        for port in ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+                assert resp.status == 200
+    finally:
+        nomad_cluster.api("/v1/job/smoke-web?purge=true", method="DELETE")
+    eventually(lambda: not consul.api("/v1/health/service/smoke-web"), timeout=30)
+
+
+@pytest.mark.nomad
+def test_nomad_cluster_mutual_tls(consul_agent: ConsulAgent, nomad_binary: str) -> None:
+    with NomadCluster(nomad_binary, consul_agent, tls=True) as cluster:
+        assert cluster.api_url.startswith("https://")
+        _check_topology(cluster)
+        # Without a client certificate the API refuses the handshake.
+        no_cert = ssl.create_default_context(cafile=str(cluster.env()["NOMAD_CACERT"]))
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"{cluster.api_url}/v1/nodes", timeout=5, context=no_cert).read()
+        # The nomad CLI works with the env the cluster hands out.
+        out = subprocess.run(
+            [nomad_binary, "node", "status", "-json"],
+            env={**os.environ, **cluster.env()},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert all(name in out for name in ("nomad-c1", "nomad-c2", "nomad-c3", "nomad-c4"))
