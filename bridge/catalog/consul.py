@@ -10,6 +10,7 @@ service, following Consul's documented rules for blocking queries.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -99,10 +100,38 @@ class TokenBucket:
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
+class ConsulAnswerError(RuntimeError):
+    """Consul answered with an error (no leader, overloaded, ...): never taken for an empty catalog."""
+
+
+def blocking_get(client: consul.Consul, path: str, index: int, wait: str) -> tuple[int, Any]:
+    """One blocking query, checking what py-consul's callbacks do not expose: a 403, or an answer that
+    ACLs filtered, must not look like services having gone away."""
+    params: list[tuple[str, Any]] = []
+    if client.dc:
+        params.append(("dc", client.dc))
+    if index:
+        params += [("index", index), ("wait", wait)]
+    if client.consistency == "stale":
+        params.append(("stale", "1"))
+
+    def parse(response: Any) -> tuple[int, Any]:
+        if response.code == 403:
+            raise ConsulAccessError(f"{path}: 403 {str(response.body).strip()}")
+        if response.code >= 400:
+            raise ConsulAnswerError(f"{path}: {response.code} {str(response.body).strip()[:200]}")
+        if str(response.headers.get("X-Consul-Results-Filtered-By-ACLs", "")).lower() == "true":
+            raise ConsulAccessError(f"{path}: results were filtered by ACLs")
+        return int(response.headers.get("X-Consul-Index", 0)), json.loads(response.body)
+
+    result: tuple[int, Any] = client.http.get(parse, path, params=params, headers=client.prepare_headers())
+    return result
+
+
 def _describe_error(exc: Exception) -> str:
-    if isinstance(exc, consul.ACLPermissionDenied | ConsulAccessError):
-        return (f"Consul refused the request (ACL): the token needs service:read and node:read on the watched "
-                f"services: {exc}")
+    if isinstance(exc, ConsulAccessError):
+        return (f"Consul ACL: the token must be able to read every service and node (service_prefix \"\" and "
+                f"node_prefix \"\" read): {exc}")
     if isinstance(exc, requests.ConnectionError):
         return f"Consul unreachable: {exc.__class__.__name__}"
     return f"{exc.__class__.__name__}: {exc}"
@@ -171,7 +200,7 @@ class ConsulSource:
     def start(self, on_change: OnChange) -> None:
         self._on_change = on_change
         client = self._client_factory()
-        watch = Watch("services", lambda index, wait: client.catalog.services(index=index or None, wait=wait),
+        watch = Watch("services", lambda index, wait: blocking_get(client, "/v1/catalog/services", index, wait),
                       self._on_services, self._on_error, self.consul_config.wait, self._stop)
         watch.thread.start()
 
@@ -188,7 +217,7 @@ class ConsulSource:
             for name in removed:
                 self._watches.pop(name).halt.set()
                 self._entries.pop(name, None)
-                self._errors.pop(name, None)
+                self._errors.pop(f"health:{name}", None)
             for name in sorted(added):
                 self._watches[name] = self._service_watch(name)
                 self._watches[name].thread.start()
@@ -199,12 +228,11 @@ class ConsulSource:
         client = self._client_factory()
 
         def fetch(index: int, wait: str) -> tuple[Any, Any]:
-            answer: tuple[Any, Any] = client.health.service(name, index=index or None, wait=wait)
-            return answer
+            return blocking_get(client, f"/v1/health/service/{name}", index, wait)
 
         def on_result(entries: list[dict[str, Any]]) -> None:
             with self._lock:
-                self._errors.pop(name, None)
+                self._errors.pop(f"health:{name}", None)
                 if name not in self._watches:
                     return
                 if self._entries.get(name) == entries:

@@ -1,0 +1,128 @@
+"""The Consul catalog source against a real Consul agent."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+
+import pytest
+
+from bridge.catalog.consul import ConsulSource
+from bridge.catalog.source import CatalogUnavailable
+from bridge.config import Config, ConsulConfig
+from tests.consul.helpers import deregister, eventually, register, set_health
+from tests.real.consul_agent import ConsulAgent
+
+pytestmark = pytest.mark.consul
+VIP = "maglev.vip=198.51.100.10:80"
+
+
+def source_for(consul: ConsulAgent, **consul_options) -> ConsulSource:
+    config = Config(vip_cidrs=(ipaddress.IPv4Network("198.51.100.0/24"),),
+                    consul=ConsulConfig(address=f"http://{consul.http_addr}", wait="2s", **consul_options))
+    return ConsulSource(config)
+
+
+class Changes:
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.event = threading.Event()
+
+    def __call__(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self.event.set()
+
+
+def instances(source):
+    return {(i.service, i.node, i.health) for i in source.snapshot().instances}
+
+
+def test_only_tagged_services_are_watched_and_health_changes_arrive(consul_agent):
+    register(consul_agent, "web", "b1", "192.0.2.11", 80, [VIP])
+    register(consul_agent, "web", "b2", "192.0.2.12", 80, [VIP])
+    register(consul_agent, "mail", "b1", "192.0.2.11", 25, ["smtp"])
+    source, changes = source_for(consul_agent), Changes()
+    source.start(changes)
+    try:
+        eventually(lambda: instances(source) == {("web", "b1", "passing"), ("web", "b2", "passing")})
+        assert source.state()["tagged_services"] == 1
+        set_health(consul_agent, "web", "b2", "192.0.2.12", "critical")
+        eventually(lambda: ("web", "b2", "critical") in instances(source))
+        assert any(r == "consul: web changed" for r in changes.reasons)
+        deregister(consul_agent, "web", "b1")
+        eventually(lambda: instances(source) == {("web", "b2", "critical")})
+        register(consul_agent, "db", "b3", "192.0.2.13", 5432, ["maglev.vip=198.51.100.11"])
+        eventually(lambda: ("db", "b3", "passing") in instances(source))
+    finally:
+        source.stop()
+
+
+def test_a_health_change_costs_one_notification_not_a_storm(consul_agent):
+    for n in range(5):
+        register(consul_agent, f"svc{n}", "b1", "192.0.2.11", 80, [f"maglev.vip=198.51.100.{10 + n}:80"])
+    source, changes = source_for(consul_agent), Changes()
+    source.start(changes)
+    try:
+        eventually(lambda: len(source.snapshot().instances) == 5)
+        eventually(lambda: source.state()["ok"])
+        before = len(changes.reasons)
+        set_health(consul_agent, "svc3", "b1", "192.0.2.11", "critical")
+        eventually(lambda: len(changes.reasons) > before)
+        threading.Event().wait(1.0)
+        assert changes.reasons[before:] == ["consul: svc3 changed"]
+    finally:
+        source.stop()
+
+
+def test_consul_going_away_keeps_the_last_catalog_and_resumes_when_it_returns(consul_agent_persistent):
+    consul = consul_agent_persistent
+    register(consul, "web", "b1", "192.0.2.11", 80, [VIP])
+    source, changes = source_for(consul), Changes()
+    source.start(changes)
+    try:
+        eventually(lambda: instances(source) == {("web", "b1", "passing")})
+        consul.stop()
+        eventually(lambda: not source.state()["ok"])
+        assert "unreachable" in str(source.state()["errors"])
+        assert instances(source) == {("web", "b1", "passing")}, "an outage must never empty the catalog"
+        consul.start()
+        set_health(consul, "web", "b1", "192.0.2.11", "critical")
+        eventually(lambda: instances(source) == {("web", "b1", "critical")}, timeout=40)
+        eventually(lambda: source.state()["ok"], timeout=40)
+    finally:
+        source.stop()
+
+
+def test_before_the_first_complete_answer_there_is_no_catalog_at_all(consul_agent):
+    consul_agent.stop()
+    source = source_for(consul_agent)
+    source.start(lambda reason: None)
+    try:
+        with pytest.raises(CatalogUnavailable):
+            source.snapshot()
+    finally:
+        source.stop()
+
+
+def test_token_without_read_permission_is_one_clear_error_and_no_empty_catalog(consul_binary, tmp_path):
+    acl = {"acl": {"enabled": True, "default_policy": "allow", "tokens": {"initial_management": "root-token"}}}
+    with ConsulAgent(consul_binary, extra_config=acl) as consul:
+        import consul as pyconsul
+        root = pyconsul.Consul(host="127.0.0.1", port=consul.http_port, token="root-token")
+        register(consul, "web", "b1", "192.0.2.11", 80, [VIP])
+        rules = {"service_prefix": {"": {"policy": "deny"}}, "node_prefix": {"": {"policy": "deny"}}}
+        policy = root.acl.policy.create("deny-catalog", rules=rules)
+        weak = root.acl.token.create(description="no catalog read", policies_id=[policy["ID"]])["SecretID"]
+        token_file = tmp_path / "token"
+        token_file.write_text(weak + "\n")
+        source = source_for(consul, token_file=str(token_file))
+        source.start(lambda reason: None)
+        try:
+            state = eventually(lambda: source.state()["errors"] and source.state())
+            message = state["errors"]["services"]
+            assert "Consul ACL" in message and "filtered by ACLs" in message
+            assert weak not in str(state), "the token must never be printed"
+            with pytest.raises(CatalogUnavailable):
+                source.snapshot()
+        finally:
+            source.stop()
