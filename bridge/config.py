@@ -52,6 +52,21 @@ class ConsulConfig:
 
 
 @dataclass(frozen=True)
+class NomadConfig:
+    address: str = "http://127.0.0.1:4646"
+    region: str | None = None
+    namespace: str | None = None
+    token_file: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_server_name: str | None = None
+    jobs_dir: str = "jobs"
+    keep_interval: float = 60.0
+    """Seconds between re-plans of the management jobs by `run` (0 disables keeping)."""
+
+
+@dataclass(frozen=True)
 class Config:
     role: Role = "director"
     dataplane: DataplaneMode = "kernel"
@@ -72,6 +87,7 @@ class Config:
     http_bind: str = "127.0.0.1:9119"
     rack: str | None = None
     consul: ConsulConfig | None = None
+    nomad: NomadConfig | None = None
 
     @cached_property
     def _vip_masks(self) -> tuple[tuple[int, int], ...]:
@@ -158,19 +174,23 @@ def _bool(key: str, value: object) -> bool:
     return value
 
 
-def _consul(value: object) -> ConsulConfig:
+def _section(name: str, cls: Any, value: object) -> Any:
+    """A nested section: known keys only; strings, except the booleans and numbers the class declares."""
     if not isinstance(value, Mapping):
-        raise ConfigError(f"consul: expected a mapping, got {value!r}")
-    known = {f.name for f in fields(ConsulConfig)}
-    unknown = sorted(set(value) - known)
+        raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+    types = {f.name: f.type for f in fields(cls)}
+    unknown = sorted(set(value) - set(types))
     if unknown:
-        raise ConfigError(f"consul.{unknown[0]}: unknown key; known keys are {sorted(known)}")
+        raise ConfigError(f"{name}.{unknown[0]}: unknown key; known keys are {sorted(types)}")
+    parsed: dict[str, Any] = {}
     for key, item in value.items():
-        if key == "stale":
-            _bool("consul.stale", item)
+        if types[key] == "bool":
+            parsed[key] = _bool(f"{name}.{key}", item)
+        elif types[key] == "float":
+            parsed[key] = _number(f"{name}.{key}", item, 0, 86400)
         elif item is not None:
-            _string(f"consul.{key}", item)
-    return ConsulConfig(**dict(value))
+            parsed[key] = _string(f"{name}.{key}", item)
+    return cls(**parsed)
 
 
 _PARSERS: dict[str, Any] = {
@@ -192,7 +212,8 @@ _PARSERS: dict[str, Any] = {
     "state_file": lambda v: _string("state_file", v),
     "http_bind": lambda v: _string("http_bind", v),
     "rack": lambda v: _string("rack", v),
-    "consul": _consul,
+    "consul": lambda v: _section("consul", ConsulConfig, v),
+    "nomad": lambda v: _section("nomad", NomadConfig, v),
 }
 
 

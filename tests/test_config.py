@@ -15,7 +15,7 @@ def test_example_configuration_file_is_valid_and_documents_every_key():
     text = (ROOT / "maglev-bridge.example.yaml").read_text()
     from bridge.config import _PARSERS
     missing = [key for key in _PARSERS if f"{key}:" not in text]
-    assert missing == [] or missing == ["consul"]
+    assert missing == []
 
 
 @pytest.mark.parametrize(
