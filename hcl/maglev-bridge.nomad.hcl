@@ -1,0 +1,155 @@
+# The maglev-bridge agent as a Nomad system job: one director on every client of the director node class
+# and, optionally, one backend agent on every client of the class that hosts the balanced services.
+#
+#   maglev-bridge jobs deploy --agent-config agent.yaml --agent-var-file agent.vars.hcl --only maglev-bridge
+#
+# (or `nomad job run -var-file=... -var config="$(cat agent.yaml)" hcl/maglev-bridge.nomad.hcl`). The agents
+# run with raw_exec: they program the host's IPVS, routes and FOU sockets, which no isolating driver allows.
+
+variable "config" {
+  type        = string
+  description = <<-EOT
+    The agents' YAML configuration (keys as in maglev-bridge.example.yaml). The job appends http_bind,
+    state_file, node_name and rack for each allocation, so values given here for those keys are overridden.
+  EOT
+}
+
+variable "venv" {
+  type        = string
+  default     = "/opt/maglev-bridge/venv"
+  description = "The virtualenv holding maglev-bridge on every client; the job runs <venv>/bin/maglev-bridge."
+}
+
+variable "datacenters" {
+  type    = list(string)
+  default = ["*"]
+}
+
+variable "director_class" {
+  type        = string
+  default     = "lb"
+  description = "Node class of the load-balancer clients: one director on each."
+}
+
+variable "backend_class" {
+  type        = string
+  default     = "app"
+  description = "Node class of the clients hosting balanced services: one backend agent on each; empty for none."
+}
+
+variable "http_port" {
+  type        = number
+  default     = 0
+  description = "Static port of the agent's /health and /status; 0 takes a dynamic port (several agents per host)."
+}
+
+variable "state_dir" {
+  type        = string
+  default     = ""
+  description = "Host directory for the agent's state file; empty keeps it in the allocation directory."
+}
+
+variable "service_name" {
+  type        = string
+  default     = "maglev-bridge"
+  description = "Consul service the allocations register as (<name>.service.consul), tagged role=... and rack=..."
+}
+
+variable "stagger" {
+  type        = string
+  default     = "30s"
+  description = "Pause between replacing one agent and the next."
+}
+
+locals {
+  roles     = { for role, class in { director = var.director_class, backend = var.backend_class } : role => class if class != "" }
+  state_dir = var.state_dir != "" ? var.state_dir : "{{ env \"NOMAD_ALLOC_DIR\" }}/data"
+}
+
+job "maglev-bridge" {
+  type        = "system"
+  datacenters = var.datacenters
+  priority    = 80
+
+  # One director at a time, so a bad version never takes every director down at once. Nomad 1.6 enforces
+  # only max_parallel and stagger for system jobs; health_check and min_healthy_time take effect where
+  # the system scheduler runs deployments, and `maglev-bridge jobs deploy` waits for the Consul checks.
+  update {
+    max_parallel     = 1
+    stagger          = var.stagger
+    health_check     = "checks"
+    min_healthy_time = "10s"
+    healthy_deadline = "3m"
+  }
+
+  dynamic "group" {
+    for_each = local.roles
+    labels   = [group.key]
+
+    content {
+      constraint {
+        attribute = "$${node.class}"
+        value     = group.value
+      }
+
+      network {
+        dynamic "port" {
+          for_each = var.http_port == 0 ? [] : [var.http_port]
+          labels   = ["http"]
+          content {
+            static = port.value
+          }
+        }
+        dynamic "port" {
+          for_each = var.http_port == 0 ? ["dynamic"] : []
+          labels   = ["http"]
+          content {}
+        }
+      }
+
+      service {
+        name     = var.service_name
+        port     = "http"
+        provider = "consul"
+        tags     = ["role=${group.key}", "rack=$${meta.rack}"]
+
+        check {
+          type     = "http"
+          path     = "/health"
+          interval = "5s"
+          timeout  = "2s"
+        }
+      }
+
+      task "agent" {
+        driver = "raw_exec"
+
+        config {
+          command = "${var.venv}/bin/maglev-bridge"
+          args    = ["run", "--config", "$${NOMAD_TASK_DIR}/maglev-bridge.yaml", "--role", group.key]
+        }
+
+        # The agent leaves the kernel as it is and deregisters from Consul on SIGTERM; give it the time.
+        kill_signal  = "SIGTERM"
+        kill_timeout = "30s"
+
+        template {
+          destination = "local/maglev-bridge.yaml"
+          change_mode = "restart"
+          data        = <<-EOT
+            ${var.config}
+            http_bind: "{{ env "NOMAD_IP_http" }}:{{ env "NOMAD_PORT_http" }}"
+            state_file: "${local.state_dir}/maglev-bridge-${group.key}.json"
+            node_name: "{{ env "node.unique.name" }}"
+            rack: "{{ env "meta.rack" }}"
+          EOT
+        }
+
+        resources {
+          cpu    = 200
+          memory = 256
+        }
+      }
+    }
+  }
+}
