@@ -14,6 +14,7 @@ from bridge.config import Config, ConfigError, load_config
 from bridge.dataplane.kernel import ApplyError, open_kernel
 from bridge.desired import compute_desired
 from bridge.model import Snapshot
+from bridge.nomad.cli import add_jobs_commands
 from bridge.reconcile import backend_pass, director_pass
 from bridge.render import desired_json, desired_text, dumps, outcome_text, status_text
 
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p, catalog=False, role=False)
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=cmd_status)
+
+    add_jobs_commands(sub)
     return parser
 
 

@@ -1,0 +1,155 @@
+"""Register a job and follow it until its allocations are healthy or it has failed, saying why.
+
+Placement is judged from the registration's evaluation: when a group cannot be placed (most often the
+rack constraint with more allocations than racks), waiting for the deployment would only end at its
+progress deadline, so the failure is reported at once. Service jobs are then followed through their
+deployment; system jobs get none in Nomad 1.6, so their allocations count as healthy when they run and
+their Consul checks pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.nomad.client import Job, NomadClient
+from bridge.nomad.placement import explain_failures
+
+POLL = 0.5
+Say = Callable[[str], None]
+PassingAllocs = Callable[[list[str]], set[str]]
+"""Service names to the IDs of the allocations whose Consul checks all pass."""
+
+NOMAD_SERVICE_PREFIX = "_nomad-task-"
+
+
+@dataclass
+class Follow:
+    client: NomadClient
+    say: Say
+    deadline: float
+    passing: PassingAllocs | None = None
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+
+def service_names(job: Job) -> list[str]:
+    names = []
+    for group in job.get("TaskGroups") or []:
+        names += [s["Name"] for s in group.get("Services") or []]
+        for task in group.get("Tasks") or []:
+            names += [s["Name"] for s in task.get("Services") or []]
+    return sorted(set(names))
+
+
+def consul_passing(consul: Any) -> PassingAllocs:
+    """Reads Consul's health of the services Nomad registered; Nomad names their IDs after the allocation."""
+
+    def passing(names: list[str]) -> set[str]:
+        found = set()
+        for name in names:
+            _, entries = consul.health.service(name)
+            for entry in entries:
+                service_id = str(entry["Service"]["ID"])
+                if service_id.startswith(NOMAD_SERVICE_PREFIX) and all(
+                    c["Status"] == "passing" for c in entry["Checks"]
+                ):
+                    found.add(service_id.removeprefix(NOMAD_SERVICE_PREFIX)[:36])
+        return found
+
+    return passing
+
+
+def _wait_evaluation(follow: Follow, eval_id: str) -> dict[str, Any]:
+    while True:
+        evaluation = follow.client.evaluation(eval_id)
+        if evaluation.get("Status") not in ("pending", "") or follow.expired():
+            return evaluation
+        time.sleep(POLL)
+
+
+def _task_failure(alloc: dict[str, Any]) -> str:
+    """The last thing a task said before it failed, e.g. `Driver Failure: ...` or `Exit Code: 1`."""
+    for task, state in sorted((alloc.get("TaskStates") or {}).items()):
+        events = [e for e in state.get("Events") or [] if e.get("DisplayMessage")]
+        if state.get("Failed") or events:
+            last = events[-1] if events else {}
+            return f"{task}: {last.get('Type', state.get('State'))}: {last.get('DisplayMessage', '')}".rstrip(": ")
+    return str(alloc.get("ClientDescription") or alloc.get("ClientStatus"))
+
+
+def _follow_deployment(follow: Follow, job: Job, deployment_id: str) -> bool:
+    label, last = job["ID"], ""
+    while True:
+        deployment = follow.client.deployment(deployment_id)
+        groups = deployment.get("TaskGroups") or {}
+        healthy = sum(int(g.get("HealthyAllocs") or 0) for g in groups.values())
+        desired = sum(int(g.get("DesiredTotal") or 0) for g in groups.values())
+        status = deployment.get("Status")
+        progress = f"{label}: deployment {status}: {healthy}/{desired} healthy"
+        if progress != last:
+            follow.say(progress)
+            last = progress
+        if status == "successful":
+            return True
+        if status != "running" or follow.expired():
+            reason = deployment.get("StatusDescription") if status != "running" else "timed out waiting"
+            follow.say(f"{label}: deployment {deployment_id[:8]} did not succeed: {reason}")
+            for alloc in follow.client.deployment_allocations(deployment_id):
+                if (alloc.get("DeploymentStatus") or {}).get("Healthy") is False or alloc["ClientStatus"] == "failed":
+                    follow.say(f"{label}: allocation {alloc['ID'][:8]} on {alloc['NodeName']}: {_task_failure(alloc)}")
+            return False
+        time.sleep(POLL)
+
+
+def _follow_allocations(follow: Follow, job: Job, version: int) -> bool:
+    """Without a deployment: every allocation of this version running, and passing in Consul if known."""
+    label, last = job["ID"], ""
+    names = service_names(job)
+    while True:
+        allocs = [
+            a for a in follow.client.allocations(job["ID"])
+            if a.get("JobVersion") == version and a.get("DesiredStatus") == "run"
+        ]  # fmt: skip
+        running = [a for a in allocs if a["ClientStatus"] == "running"]
+        failed = [a for a in allocs if a["ClientStatus"] in ("failed", "lost")]
+        passing = follow.passing(names) if follow.passing is not None and names else None
+        healthy = [a for a in running if passing is None or a["ID"] in passing]
+        progress = f"{label}: {len(running)}/{len(allocs)} running, {len(healthy)} healthy"
+        if passing is None:
+            progress += " (health not checked: no consul section)" if names else ""
+        if progress != last:
+            follow.say(progress)
+            last = progress
+        if failed:
+            for alloc in failed:
+                follow.say(f"{label}: allocation {alloc['ID'][:8]} on {alloc['NodeName']}: {_task_failure(alloc)}")
+            return False
+        if allocs and len(healthy) == len(allocs):
+            return True
+        if follow.expired():
+            follow.say(f"{label}: timed out waiting for {len(allocs) - len(healthy)} allocation(s) to be healthy")
+            return False
+        time.sleep(POLL)
+
+
+def deploy_job(follow: Follow, job: Job) -> bool:
+    """Register `job` and follow it; every line said is one plain sentence."""
+    label = job["ID"]
+    registered = follow.client.register(job)
+    evaluation = _wait_evaluation(follow, registered["EvalID"])
+    failures = explain_failures(job, evaluation.get("FailedTGAllocs"))
+    for line in failures:
+        follow.say(line)
+    if failures:
+        return False
+    if evaluation.get("Status") != "complete":
+        follow.say(f"{label}: evaluation {evaluation.get('Status')}: {evaluation.get('StatusDescription', '')}")
+        return False
+    current = follow.client.job(label) or {}
+    if evaluation.get("DeploymentID"):
+        return _follow_deployment(follow, job, str(evaluation["DeploymentID"]))
+    return _follow_allocations(follow, job, int(current.get("Version") or 0))
