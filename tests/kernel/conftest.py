@@ -563,35 +563,37 @@ class Topology:
     def seed_director(self, director: Director, vips: Iterable[str], port: int = 80,
                       backends: Iterable[Backend] | None = None, scheduler: str = "mh",
                       flags: Sequence[str] = (), proto: str = "tcp") -> None:
+        """The seed's load balancer commands, run in one shell in the director's namespace (may be called
+        again for more VIPs: existing tunnels and the local VIP route are kept)."""
         d = director
         members = list(self.backends if backends is None else backends)
+        cmds = []
         for b in members:
             tun = f"lbtun{b.index}"
-            d.run("ip", "link", "add", "name", tun, "type", "ipip", "remote", b.address, "local", d.address,
-                  "ttl", "2", "encap", "fou", "encap-sport", "auto", "encap-dport", str(FOU_PORT))
-            d.run("ip", "link", "set", tun, "up")
-            d.run("ip", "route", "add", b.tunnel_address, "dev", tun, "scope", "link")
-        if "local " + VIP_NET not in d.run("ip", "route", "show", "table", "local").stdout:
-            d.run("ip", "route", "add", "table", "local", "local", VIP_NET, "dev", "lo", "proto", "kernel")
+            cmds.append(f"ip link show {tun} >/dev/null 2>&1 || {{ "
+                        f"ip link add name {tun} type ipip remote {b.address} local {d.address} ttl 2 "
+                        f"encap fou encap-sport auto encap-dport {FOU_PORT}; "
+                        f"ip link set {tun} up; "
+                        f"ip route add {b.tunnel_address} dev {tun} scope link; }}")
+        cmds.append(f"ip route show table local | grep -q 'local {VIP_NET} ' || "
+                    f"ip route add table local local {VIP_NET} dev lo proto kernel")
         flag = {"tcp": "-t", "udp": "-u"}[proto]
+        bflags = f" -b {','.join(flags)}" if flags else ""
         for v in vips:
-            add = ["ipvsadm", "-A", flag, f"{v}:{port}", "-s", scheduler]
-            if flags:
-                add += ["-b", ",".join(flags)]
-            d.run(*add)
-            for b in members:
-                d.run("ipvsadm", "-a", flag, f"{v}:{port}", "-r", f"{b.tunnel_address}:{port}")
+            cmds.append(f"ipvsadm -A {flag} {v}:{port} -s {scheduler}{bflags}")
+            cmds += [f"ipvsadm -a {flag} {v}:{port} -r {b.tunnel_address}:{port}" for b in members]
+        d.sh("set -ex\n" + "\n".join(cmds))
 
     def seed_backend(self, backend: Backend, vips: Iterable[str]) -> None:
-        b = backend
-        b.run("ip", "fou", "add", "port", str(FOU_PORT), "ipproto", "4")
-        b.run("ip", "link", "set", "dev", "tunl0", "up")
-        b.run("sysctl", "-qw", "net.ipv4.conf.tunl0.rp_filter=0")
-        b.run("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0")
-        for v in vips:
-            b.run("ip", "addr", "add", f"{v}/32", "dev", "lo")
-        b.run("sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1")
-        b.run("sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2")
+        """The seed's application server commands (plus the VIPs on lo and the ARP sysctls), in one shell."""
+        cmds = [f"ip fou add port {FOU_PORT} ipproto 4",
+                "ip link set dev tunl0 up",
+                "sysctl -qw net.ipv4.conf.tunl0.rp_filter=0",
+                "sysctl -qw net.ipv4.conf.all.rp_filter=0",
+                *(f"ip addr add {v}/32 dev lo" for v in vips),
+                "sysctl -qw net.ipv4.conf.all.arp_ignore=1",
+                "sysctl -qw net.ipv4.conf.all.arp_announce=2"]
+        backend.sh("set -ex\n" + "\n".join(cmds))
 
 
 # --------------------------------------------------------------------------------------------- pytest
