@@ -90,7 +90,7 @@ class Agent:
 
     def _log(self, reason: str, outcome: PassOutcome) -> None:
         if not outcome.steps:
-            log.debug("%s: nothing to change", reason)
+            log.info("%s: nothing to change", reason)
             return
         verb = "applied" if outcome.applied else "shadow mode, would run"
         log.info("%s: %s %d operation(s)", reason, verb, len(outcome.steps))
