@@ -91,6 +91,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         stem = source.name if source.region is None else f"{source.name}.{source.region}"
         if args.out is None:
             print(source.hcl)
+            if source.variables:
+                print(f"# {stem}.vars.hcl (nomad job run -var-file=...):\n{source.variables}")
             continue
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -168,8 +170,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             node_id = alloc["NodeID"]
             if node_id not in racks:
                 racks[node_id] = (client.node(node_id).get("Meta") or {}).get("rack", "-")
-            print(f"  {alloc['ID'][:8]}  {alloc['TaskGroup']:<16} {alloc['NodeName']:<20} {racks[node_id]:<10} "
-                  f"{alloc['ClientStatus']:<8} {_health(alloc, passing)}")
+            print(
+                f"  {alloc['ID'][:8]}  {alloc['TaskGroup']:<16} {alloc['NodeName']:<20} {racks[node_id]:<10} "
+                f"{alloc['ClientStatus']:<8} {_health(alloc, passing)}"
+            )
     return EXIT_OK
 
 

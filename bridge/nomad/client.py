@@ -124,8 +124,11 @@ class NomadClient:
         return self._object(f"read deployment {deployment_id}", self.api.deployment.get_deployment, deployment_id)
 
     def deployment_allocations(self, deployment_id: str) -> list[dict[str, Any]]:
-        return self._list(f"read allocations of deployment {deployment_id}",
-                          self.api.deployment.get_deployment_allocations, deployment_id)
+        return self._list(
+            f"read allocations of deployment {deployment_id}",
+            self.api.deployment.get_deployment_allocations,
+            deployment_id,
+        )
 
     def allocations(self, job_id: str) -> list[dict[str, Any]]:
         return self._list(f"read allocations of {job_id}", self.api.job.get_allocations, job_id)

@@ -49,8 +49,10 @@ def diff_lines(diff: dict[str, Any]) -> list[str]:
     if diff.get("Type") not in MARKS:
         return []
     if diff["Type"] == "Added":  # every field would be new: the groups and what they create say enough
-        lines = [_group({"Name": g["Name"], "Type": "Added", "Updates": g.get("Updates")})[0]
-                 for g in diff.get("TaskGroups") or []]
+        lines = [
+            _group({"Name": g["Name"], "Type": "Added", "Updates": g.get("Updates")})[0]
+            for g in diff.get("TaskGroups") or []
+        ]
     else:
         lines = _body(diff)
         for group in diff.get("TaskGroups") or []:
