@@ -21,6 +21,10 @@
 #   nomad  v1.6.3  - newest 1.6.x the proxy serves (v1.6.4 has no .mod/.zip,
 #                    v1.6.5+ are not served, v1.7.0 is BSL).
 #
+# Cost on 2 cores with empty Go caches (module download included): consul
+# ~400 s (~580 s with a VM running beside it), nomad ~285 s; a cached run ~0 s.
+# Binaries: consul ~115 MiB (static, CGO_ENABLED=0), nomad ~77 MiB (cgo, glibc).
+#
 # Gotchas handled here:
 #   * the release go.mod files `replace` their sub-modules with local paths
 #     (consul: ./api ./sdk ./proto-public ./envoyextensions ./troubleshoot;
@@ -44,6 +48,9 @@
 #     drivers) and without the "ui" tag, so no web UI is embedded.
 set -euo pipefail
 
+# The whole script is one function, parsed before it runs: editing or updating
+# this file while a long build runs cannot break that build.
+main() {
 RECIPE=1   # bump when the build procedure changes, to force a rebuild
 
 log() { printf '[build-hashicorp] %s\n' "$*" >&2; }
@@ -120,7 +127,7 @@ export GOWORK=off
 
 log "go mod download $MODULE@$VERSION"
 dl_json=$(cd "$CACHE/build" && go mod download -json "$MODULE@$VERSION" 2>&1) \
-  || die "go mod download $MODULE@$VERSION failed: $dl_json"
+  || die "go mod download $MODULE@$VERSION failed: $(printf '%s\n' "$dl_json" | grep '"Error"' || printf '%s' "$dl_json")"
 # Source dir, commit time and commit hash (from the module's .info file).
 read -r SRC TS HASH < <(printf '%s' "$dl_json" | python3 -c '
 import json, sys
@@ -188,7 +195,14 @@ case "$NAME" in
 esac
 
 log "go mod download (dependencies)"
-go mod download >&2 || die "downloading the dependencies of $MODULE@$VERSION failed"
+# Retried: a cold download of several hundred modules once failed here without a message.
+for attempt in 1 2 3; do
+  if go mod download -x 2>"$WORK/download.log"; then break; fi
+  grep -v ': 200 OK' "$WORK/download.log" | tail -n 20 >&2 || true
+  [[ $attempt -lt 3 ]] || die "downloading the dependencies of $MODULE@$VERSION failed 3 times (log: $WORK/download.log)"
+  log "dependency download failed (attempt $attempt), retrying in 5s"
+  sleep 5
+done
 
 log "go build -trimpath (CGO_ENABLED=$CGO, tags='$TAGS'); this takes several minutes on 2 cores"
 CGO_ENABLED=$CGO go build -trimpath -tags "$TAGS" -ldflags "$LDFLAGS" -o "$BIN.tmp.$$" . >&2 \
@@ -201,3 +215,6 @@ install -m 0644 "$SRC/LICENSE" "$BIN_DIR/$NAME.LICENSE"
 rm -rf "$WORK"
 log "built $BIN ($(du -h "$BIN" | cut -f1)) in $(( $(date +%s) - start ))s"
 echo "$BIN"
+}
+
+main "$@"
