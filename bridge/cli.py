@@ -13,6 +13,7 @@ from bridge.catalog.file import load_catalog
 from bridge.config import Config, ConfigError, load_config
 from bridge.dataplane.kernel import ApplyError, open_kernel
 from bridge.desired import compute_desired
+from bridge.explain import ExplainError
 from bridge.model import Snapshot
 from bridge.nomad.cli import add_jobs_commands
 from bridge.reconcile import backend_pass, director_pass
@@ -74,6 +75,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from bridge.explain import ServiceView, explain_flow, explain_shares, parse_client, parse_service
+    from bridge.maglev import Dest
+    from bridge.status import live_view
+
+    config = _config(args)
+    key = parse_service(args.vip)
+    if config.catalog_file:
+        desired = compute_desired(_snapshot(config), config, config.local_address or "0.0.0.0")
+        vs = next((v for v in desired.virtual_services if v.key == key), None)
+        if vs is None:
+            raise ExplainError(f"{args.vip}: the catalog's desired state has no such virtual service")
+        view = ServiceView(
+            args.vip, vs.flags, tuple(Dest(r.address, r.port, r.weight, r.last_weight) for r in vs.real_servers),
+            {r.address: r.backend for r in vs.real_servers}, source=f"desired state of {config.catalog_file}",
+        )
+    else:
+        view = live_view(config, key)
+    if args.shares:
+        print("\n".join(explain_shares(view, config.mh_table_size)))
+        return EXIT_OK
+    if not args.client:
+        raise ExplainError("explain needs a client (<client-ip>[:<port>]) unless --shares is given")
+    client, port = parse_client(args.client)
+    lines, _ = explain_flow(view, client, port, config.mh_table_size)
+    print("\n".join(lines))
+    return EXIT_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from bridge.agent import run_agent
 
@@ -106,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("explain", help="which backend a flow goes to, and why (the kernel's Maglev table)")
+    common(p, role=False)
+    p.add_argument("vip", metavar="VIP:PORT[/PROTO]", help="the virtual service, e.g. 198.51.100.1:80/tcp")
+    p.add_argument("client", nargs="?", metavar="CLIENT[:PORT]", help="the flow's source address and port")
+    p.add_argument("--shares", action="store_true", help="each real server's share of the table against its weight")
+    p.set_defaults(func=cmd_explain)
+
     p = sub.add_parser("status", help="what the agent owns in the kernel now")
     common(p, catalog=False, role=False)
     p.add_argument("--format", choices=("text", "json"), default="text")
@@ -123,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         code: int = args.func(args)
-    except (ConfigError, CatalogFormatError) as exc:
+    except (ConfigError, CatalogFormatError, ExplainError) as exc:
         print(f"maglev-bridge: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ApplyError as exc:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import yaml
 
+from bridge.maglev import TABLE_SIZES
+
 KNOWN_FLAGS = ("mh-port", "mh-fallback")
 Role = Literal["director", "backend"]
 DataplaneMode = Literal["kernel", "shadow"]
@@ -80,6 +82,8 @@ class Config:
     default_flags: tuple[str, ...] = KNOWN_FLAGS
     warning_serves: bool = True
     route_protocol: int = 245
+    mh_table_size: int = 4093
+    """The kernel's ip_vs_mh table size (CONFIG_IP_VS_MH_TAB_INDEX; Debian's 6.1 kernels: 4093)."""
     link_prefix: str = "mgl"
     node_name: str = field(default_factory=socket.gethostname)
     catalog_file: str | None = None
@@ -156,10 +160,10 @@ def _integer(key: str, value: object, low: int, high: int) -> int:
     return value
 
 
-def _choice(key: str, value: object, choices: tuple[str, ...]) -> str:
+def _choice(key: str, value: object, choices: tuple[Any, ...]) -> Any:
     if value not in choices:
         raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
-    return str(value)
+    return value
 
 
 def _string(key: str, value: object) -> str:
@@ -206,6 +210,7 @@ _PARSERS: dict[str, Any] = {
     "default_flags": _flags,
     "warning_serves": lambda v: _bool("warning_serves", v),
     "route_protocol": lambda v: _integer("route_protocol", v, 5, 254),
+    "mh_table_size": lambda v: _choice("mh_table_size", v, TABLE_SIZES),
     "link_prefix": lambda v: _string("link_prefix", v),
     "node_name": lambda v: _string("node_name", v),
     "catalog_file": lambda v: _string("catalog_file", v),

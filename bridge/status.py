@@ -9,30 +9,46 @@ from bridge.config import Config
 from bridge.dataplane.diff import dest_id
 from bridge.dataplane.kernel import ApplyError, open_kernel
 from bridge.dataplane.state import LiveService, LiveState
+from bridge.explain import ExplainError, ServiceView
 from bridge.maglev import Dest, build_table, fingerprint
 from bridge.render import status_json
 from bridge.store import load_state
 
 
-def live_dests(service: LiveService, last_weights: dict[str, int]) -> tuple[tuple[Dest, ...], bool]:
-    """The kernel's dests as the model needs them; True when a remembered weight had to be assumed
-    (the kernel never reports last_weight, and this agent has no memory of it)."""
-    assumed = False
+def live_dests(service: LiveService, last_weights: dict[str, int]) -> tuple[tuple[Dest, ...], tuple[str, ...]]:
+    """The kernel's dests as the model needs them, and the real servers whose remembered weight had to
+    be assumed (the kernel never reports last_weight, and this agent has no memory of it)."""
+    assumed = []
     dests = []
     for rs in service.real_servers:
         last = rs.weight or last_weights.get(dest_id(service.key, rs.address, rs.port))
         if last is None:
-            assumed = True
+            assumed.append(f"{rs.address}:{rs.port}")
             last = 0
         dests.append(Dest(rs.address, rs.port, rs.weight, last))
-    return tuple(dests), assumed
+    return tuple(dests), tuple(assumed)
 
 
-def service_fingerprints(services: tuple[LiveService, ...], last_weights: dict[str, int]) -> dict[str, str]:
+def live_view(config: Config, key: tuple[str, int, str]) -> ServiceView:
+    """One live virtual service, with each real server traced through its route and tunnel to its backend."""
+    stored = load_state(config.state_file)
+    with open_kernel(config) as kernel:
+        live = kernel.read()
+    service = next((s for s in live.services if s.key == key), None)
+    if service is None:
+        raise ExplainError(f"{key[0]}:{key[1]}/{key[2]}: no such virtual service owned by this agent in the kernel")
+    remotes = {link.name: link.remote for link in live.links}
+    backends = {r.dst: remotes[r.dev] or "" for r in live.routes if r.table == "main" and r.dev in remotes}
+    dests, assumed = live_dests(service, dict(stored.memory.last_weights))
+    return ServiceView(f"{key[0]}:{key[1]}/{key[2]}", service.flags, dests, backends, assumed)
+
+
+def service_fingerprints(services: tuple[LiveService, ...], last_weights: dict[str, int], size: int) -> dict[str, str]:
+    """A '?' marks a fingerprint that rests on an assumed remembered weight."""
     prints = {}
     for service in services:
         dests, assumed = live_dests(service, last_weights)
-        prints[f"{service.vip}:{service.port}/{service.protocol}"] = fingerprint(build_table(dests)) + (
+        prints[f"{service.vip}:{service.port}/{service.protocol}"] = fingerprint(build_table(dests, size)) + (
             "?" if assumed else ""
         )
     return prints
@@ -47,6 +63,7 @@ def read_status(config: Config) -> dict[str, Any]:
         except ApplyError as exc:
             live = LiveState((), kernel.read_links(), kernel.read_routes())
             kernel_note = str(exc)
-    data = status_json(live, stored.report, service_fingerprints(live.services, dict(stored.memory.last_weights)))
+    prints = service_fingerprints(live.services, dict(stored.memory.last_weights), config.mh_table_size)
+    data = status_json(live, stored.report, prints)
     data["kernel_note"] = kernel_note
     return data
