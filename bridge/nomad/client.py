@@ -25,9 +25,12 @@ class NomadError(RuntimeError):
 
 def read_token(config: NomadConfig) -> str | None:
     """From `token_file`, else NOMAD_TOKEN. Never logged."""
-    if config.token_file:
+    if not config.token_file:
+        return os.environ.get("NOMAD_TOKEN") or None
+    try:
         return Path(config.token_file).read_text().strip() or None
-    return os.environ.get("NOMAD_TOKEN") or None
+    except OSError as exc:
+        raise NomadError(f"nomad.token_file: cannot read {config.token_file}: {exc.strerror}") from None
 
 
 class ServerNameAdapter(HTTPAdapter):

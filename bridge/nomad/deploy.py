@@ -71,17 +71,33 @@ def _wait_evaluation(follow: Follow, eval_id: str) -> dict[str, Any]:
         time.sleep(POLL)
 
 
+FAILURE_EVENTS = ("Terminated", "Driver Failure", "Setup Failure", "Failed Validation", "Killed", "Template")
+
+
 def _task_failure(alloc: dict[str, Any]) -> str:
-    """The last thing a task said before it failed, e.g. `Driver Failure: ...` or `Exit Code: 1`."""
+    """Why a task failed, e.g. `web: Terminated: Exit Code: 3 (Not Restarting: Exceeded allowed attempts...)`."""
     for task, state in sorted((alloc.get("TaskStates") or {}).items()):
         events = [e for e in state.get("Events") or [] if e.get("DisplayMessage")]
-        if state.get("Failed") or events:
-            last = events[-1] if events else {}
-            return f"{task}: {last.get('Type', state.get('State'))}: {last.get('DisplayMessage', '')}".rstrip(": ")
+        if not state.get("Failed") or not events:
+            continue
+        cause = next((e for e in reversed(events) if e["Type"] in FAILURE_EVENTS), events[-1])
+        last = events[-1]
+        after = f" ({last['Type']}: {last['DisplayMessage']})" if last is not cause else ""
+        return f"{task}: {cause['Type']}: {cause['DisplayMessage']}{after}"
     return str(alloc.get("ClientDescription") or alloc.get("ClientStatus"))
 
 
+def _report_failed(follow: Follow, label: str, allocs: list[dict[str, Any]]) -> bool:
+    """Say why each failed allocation failed; whether there was any."""
+    failed = [a for a in allocs if a["ClientStatus"] in ("failed", "lost")]
+    for alloc in failed:
+        follow.say(f"{label}: allocation {alloc['ID'][:8]} on {alloc['NodeName']} failed: {_task_failure(alloc)}")
+    return bool(failed)
+
+
 def _follow_deployment(follow: Follow, job: Job, deployment_id: str) -> bool:
+    """Until the deployment succeeds, fails, or an allocation fails: Nomad would reschedule that one and
+    fail the deployment only at its progress deadline, minutes later; the operator learns it now."""
     label, last = job["ID"], ""
     while True:
         deployment = follow.client.deployment(deployment_id)
@@ -98,9 +114,10 @@ def _follow_deployment(follow: Follow, job: Job, deployment_id: str) -> bool:
         if status != "running" or follow.expired():
             reason = deployment.get("StatusDescription") if status != "running" else "timed out waiting"
             follow.say(f"{label}: deployment {deployment_id[:8]} did not succeed: {reason}")
-            for alloc in follow.client.deployment_allocations(deployment_id):
-                if (alloc.get("DeploymentStatus") or {}).get("Healthy") is False or alloc["ClientStatus"] == "failed":
-                    follow.say(f"{label}: allocation {alloc['ID'][:8]} on {alloc['NodeName']}: {_task_failure(alloc)}")
+            _report_failed(follow, label, follow.client.deployment_allocations(deployment_id))
+            return False
+        if _report_failed(follow, label, follow.client.deployment_allocations(deployment_id)):
+            follow.say(f"{label}: deployment {deployment_id[:8]} failing; Nomad reschedules the failed allocations")
             return False
         time.sleep(POLL)
 
@@ -115,7 +132,6 @@ def _follow_allocations(follow: Follow, job: Job, version: int) -> bool:
             if a.get("JobVersion") == version and a.get("DesiredStatus") == "run"
         ]  # fmt: skip
         running = [a for a in allocs if a["ClientStatus"] == "running"]
-        failed = [a for a in allocs if a["ClientStatus"] in ("failed", "lost")]
         passing = follow.passing(names) if follow.passing is not None and names else None
         healthy = [a for a in running if passing is None or a["ID"] in passing]
         progress = f"{label}: {len(running)}/{len(allocs)} running, {len(healthy)} healthy"
@@ -124,9 +140,7 @@ def _follow_allocations(follow: Follow, job: Job, version: int) -> bool:
         if progress != last:
             follow.say(progress)
             last = progress
-        if failed:
-            for alloc in failed:
-                follow.say(f"{label}: allocation {alloc['ID'][:8]} on {alloc['NodeName']}: {_task_failure(alloc)}")
+        if _report_failed(follow, label, allocs):
             return False
         if allocs and len(healthy) == len(allocs):
             return True

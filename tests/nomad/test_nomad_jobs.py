@@ -225,6 +225,20 @@ def test_lost_client_gets_its_allocation_rescheduled_into_the_free_rack(
         cluster.wait_ready(60)
 
 
+def test_deploy_stops_following_when_a_task_keeps_failing_and_says_why(
+    cluster: NomadCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nomad would reschedule it and fail the deployment only at the progress deadline (5 min)."""
+    code, out = deploy_spec(cluster, tmp_path, capsys, "crashing", 1, command='/bin/sh -c "exit 3"')
+    assert code == 1, out
+    failed = [line for line in out.splitlines() if " failed: " in line]
+    assert len(failed) == 1 and failed[0].endswith(
+        "failed: crashing: Terminated: Exit Code: 3 "
+        '(Not Restarting: Exceeded allowed attempts 2 in interval 30m0s and mode is "fail")'
+    )
+    assert out.splitlines()[-1].endswith("failing; Nomad reschedules the failed allocations")
+
+
 # -- plan, keeper, TLS --------------------------------------------------------------------------------
 
 
