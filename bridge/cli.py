@@ -82,7 +82,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     config = _config(args)
     key = parse_service(args.vip)
-    if config.catalog_file:
+    if args.catalog:
         desired = compute_desired(_snapshot(config), config, config.local_address or "0.0.0.0")
         vs = next((v for v in desired.virtual_services if v.key == key), None)
         if vs is None:
@@ -154,10 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("maglev-bridge").setLevel(logging.DEBUG)
     try:
         code: int = args.func(args)
     except (ConfigError, CatalogFormatError, ExplainError) as exc:

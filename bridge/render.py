@@ -97,11 +97,11 @@ def status_json(live: LiveState, report: dict[str, Any], fingerprints: dict[str,
 
 
 def status_text(data: dict[str, Any]) -> str:
-    lines = [f"{'VIRTUAL SERVICE':<26} {'SCHED':<6} {'FLAGS':<20} {'TABLE':<10} REAL SERVERS (kernel list order)"]
+    lines = [f"{'VIRTUAL SERVICE':<26} {'SCHED':<6} {'FLAGS':<20} {'TABLE':<17} REAL SERVERS (kernel list order)"]
     for s in data["virtual_services"]:
         label = f"{s['vip']}:{s['port']}/{s['protocol']}"
         flags = ",".join(s["flags"]) or "-"
-        lines.append(f"{label:<26} {s['scheduler']:<6} {flags:<20} {s['fingerprint'] or '-':<10} "
+        lines.append(f"{label:<26} {s['scheduler']:<6} {flags:<20} {s['fingerprint'] or '-':<17} "
                      f"{len(s['real_servers'])}")
         for rs in s["real_servers"]:
             lines.append(f"    -> {rs['address'] + ':' + str(rs['port']):<22} weight {rs['weight']:<6} "
