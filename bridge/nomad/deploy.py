@@ -88,11 +88,18 @@ def _task_failure(alloc: dict[str, Any]) -> str:
 
 
 def _report_failed(follow: Follow, label: str, allocs: list[dict[str, Any]]) -> bool:
-    """Say why each failed allocation failed; whether there was any."""
-    failed = [a for a in allocs if a["ClientStatus"] in ("failed", "lost")]
-    for alloc in failed:
-        follow.say(f"{label}: allocation {alloc['ID'][:8]} on {alloc['NodeName']} failed: {_task_failure(alloc)}")
-    return bool(failed)
+    """Say why each failed or unhealthy allocation is; whether there was any."""
+    bad = False
+    for alloc in allocs:
+        where = f"{label}: allocation {alloc['ID'][:8]} on {alloc['NodeName']}"
+        if alloc["ClientStatus"] in ("failed", "lost"):
+            follow.say(f"{where} {alloc['ClientStatus']}: {_task_failure(alloc)}")
+        elif (alloc.get("DeploymentStatus") or {}).get("Healthy") is False:
+            follow.say(f"{where} unhealthy: its checks did not pass within the healthy deadline")
+        else:
+            continue
+        bad = True
+    return bad
 
 
 def _follow_deployment(follow: Follow, job: Job, deployment_id: str) -> bool:
@@ -111,12 +118,13 @@ def _follow_deployment(follow: Follow, job: Job, deployment_id: str) -> bool:
             last = progress
         if status == "successful":
             return True
+        allocs = follow.client.deployment_allocations(deployment_id)
         if status != "running" or follow.expired():
             reason = deployment.get("StatusDescription") if status != "running" else "timed out waiting"
             follow.say(f"{label}: deployment {deployment_id[:8]} did not succeed: {reason}")
-            _report_failed(follow, label, follow.client.deployment_allocations(deployment_id))
+            _report_failed(follow, label, allocs)
             return False
-        if _report_failed(follow, label, follow.client.deployment_allocations(deployment_id)):
+        if _report_failed(follow, label, allocs):
             follow.say(f"{label}: deployment {deployment_id[:8]} failing; Nomad reschedules the failed allocations")
             return False
         time.sleep(POLL)
@@ -127,14 +135,14 @@ def _follow_allocations(follow: Follow, job: Job, version: int) -> bool:
     label, last = job["ID"], ""
     names = service_names(job)
     while True:
-        allocs = [
-            a for a in follow.client.allocations(job["ID"])
-            if a.get("JobVersion") == version and a.get("DesiredStatus") == "run"
-        ]  # fmt: skip
+        live = [a for a in follow.client.allocations(job["ID"]) if a.get("DesiredStatus") == "run"]
+        allocs = [a for a in live if a.get("JobVersion") == version]
+        older = len(live) - len(allocs)  # a rolling update replaces them one stagger at a time
         running = [a for a in allocs if a["ClientStatus"] == "running"]
         passing = follow.passing(names) if follow.passing is not None and names else None
         healthy = [a for a in running if passing is None or a["ID"] in passing]
         progress = f"{label}: {len(running)}/{len(allocs)} running, {len(healthy)} healthy"
+        progress += f", {older} on an older version" if older else ""
         if passing is None:
             progress += " (health not checked: no consul section)" if names else ""
         if progress != last:
@@ -142,7 +150,7 @@ def _follow_allocations(follow: Follow, job: Job, version: int) -> bool:
             last = progress
         if _report_failed(follow, label, allocs):
             return False
-        if allocs and len(healthy) == len(allocs):
+        if allocs and not older and len(healthy) == len(allocs):
             return True
         if follow.expired():
             follow.say(f"{label}: timed out waiting for {len(allocs) - len(healthy)} allocation(s) to be healthy")

@@ -111,7 +111,7 @@ def test_agent_system_job_runs_one_healthy_director_per_lb_client_found_in_consu
         "consul": {"address": f"http://{consul.http_addr}", "service_name": "maglev-bridge-self"},
     }))  # fmt: skip
     var_file = tmp_path / "agent.vars.hcl"
-    var_file.write_text(f'venv = "{VENV}"\ndatacenters = ["dc1"]\nbackend_class = ""\nstagger = "1s"\n')
+    var_file.write_text(f'venv = "{VENV}"\ndatacenters = ["dc1"]\nbackend_class = ""\nstagger = "5s"\n')
     config = ops_config(tmp_path / "ops.yaml", cluster, REPO / "jobs")
     agent = ["--config", str(config), "--agent-config", str(agent_config), "--agent-var-file", str(var_file),
              "--agent-job", str(REPO / "hcl/maglev-bridge.nomad.hcl"), "--only", "maglev-bridge"]  # fmt: skip
@@ -141,6 +141,15 @@ def test_agent_system_job_runs_one_healthy_director_per_lb_client_found_in_consu
     assert (code, out.splitlines()[0]) == (0, "maglev-bridge: up to date")
     code, out, _ = jobs(capsys, "status", "--config", str(config), "--agent", "--only", "maglev-bridge")
     assert code == 0 and out.count(" healthy") == 2 and "rack-a" in out and "rack-b" in out
+
+    # A new configuration replaces the directors one at a time (max_parallel 1, stagger), and deploy waits
+    # for the last one.
+    agent_config.write_text(agent_config.read_text() + "drain_timeout: 30\n")
+    code, out, err = jobs(capsys, "deploy", *agent, "--timeout", "90")
+    assert code == 0, out + err
+    assert any(line.endswith(", 1 on an older version") for line in out.splitlines()), out
+    assert out.splitlines()[-1] == "maglev-bridge: 2/2 running, 2 healthy"
+    assert {a["JobVersion"] for a in running(cluster, "maglev-bridge")} == {1}
 
     # Stopping the job sends SIGTERM: each agent deregisters itself from Consul before it exits.
     assert passing(consul, "maglev-bridge-self")
