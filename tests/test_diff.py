@@ -183,3 +183,18 @@ def replace_kernel_keep_memory(director):
     fresh.kernel = director.kernel
     fresh.memory = replace(director.memory)
     return fresh
+
+
+def test_a_director_that_lost_its_state_file_never_assumes_what_the_kernel_remembers():
+    d = Director()
+    d.sync([entry(11, index=1, weight=2), entry(12, index=2)])
+    d.sync([entry(11, index=1, weight=2, status="critical"), entry(12, index=2)])
+    d.memory = Memory()  # the state file is gone; the kernel still remembers weight 2 for .11
+    p = d.sync([entry(11, index=1, weight=5, status="critical"), entry(12, index=2)])
+    assert p.ops == (SetDest(KEY, "203.0.113.11", 80, 5), SetDest(KEY, "203.0.113.11", 80, 0))
+    d.memory = Memory()
+    p = d.sync([entry(11, index=1, weight=0), entry(12, index=2)])
+    assert [type(op) for op in p.ops if isinstance(op, AddDest | DelDest)] == [DelDest, DelDest, AddDest, AddDest]
+    fresh = Director()
+    fresh.sync([entry(11, index=1, weight=0), entry(12, index=2)])
+    assert d.kernel.table_state() == fresh.kernel.table_state()

@@ -100,16 +100,16 @@ def _known_last_weight(key: VsKey, live: LiveRealServer, last_weights: Mapping[s
 
 
 def _reachable_by_edits(desired: RealServer, live_last: int | None) -> bool:
-    """Weight edits cannot give a real server a last_weight of 0 again; only a fresh add can."""
+    """Weight edits cannot give a real server a last_weight of 0 again; only a fresh add can. An unknown
+    remembered weight (state file lost) is never assumed to be right."""
     if desired.last_weight == 0:
-        return live_last in (0, None)
+        return live_last == 0
     return True
 
 
 def _edits(key: VsKey, desired: RealServer, live: LiveRealServer, live_last: int | None) -> list[Op]:
     ops: list[Op] = []
-    last = desired.last_weight if live_last is None else live_last
-    if desired.last_weight != last and desired.last_weight > 0:
+    if desired.last_weight != live_last and desired.last_weight > 0:
         ops.append(SetDest(key, live.address, live.port, desired.last_weight))
         if desired.weight != desired.last_weight:
             ops.append(SetDest(key, live.address, live.port, desired.weight))

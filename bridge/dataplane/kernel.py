@@ -9,25 +9,38 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import IPVS, IPRoute, IPVSDest, IPVSService
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bridge.addr import ipv4_int
 from bridge.config import Config
+from bridge.dataplane.ipvs_netlink import (
+    CMD_DEL_DEST,
+    CMD_DEL_SERVICE,
+    CMD_NEW_DEST,
+    CMD_NEW_SERVICE,
+    CMD_SET_DEST,
+    CMD_SET_SERVICE,
+    IpvsNetlink,
+    Request,
+    ServiceKey,
+)
+from bridge.dataplane.netlink_batch import NLM_F_CREATE, NLM_F_EXCL, BatchSocket, attr, u32
 from bridge.dataplane.ops import (
     AddDest,
     AddLink,
     AddRoute,
     AddService,
-    DelDest,
     DelLink,
     DelRoute,
     DelService,
+    IpvsOp,
     Op,
     SetDest,
     SetService,
@@ -38,7 +51,6 @@ from bridge.dataplane.state import LiveLink, LiveRealServer, LiveRoute, LiveServ
 FLAG_BITS = {"mh-fallback": 0x0008, "mh-port": 0x0010}
 PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
 PROTOCOL_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
-FWD_DIRECT_ROUTING = 3
 TABLES = {"main": 254, "local": 255}
 TABLE_NAMES = {v: k for k, v in TABLES.items()}
 IFF_UP = 0x1
@@ -47,6 +59,8 @@ RTN_LOCAL = 2
 SCOPE_LINK = 253
 SCOPE_HOST = 254
 TUNNEL_TTL = 64
+RTM_NEWROUTE, RTM_DELROUTE = 24, 25
+RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
 
 
 class ApplyError(RuntimeError):
@@ -67,10 +81,6 @@ def _flag_bits(flags: Iterable[str]) -> int:
     return sum(FLAG_BITS[f] for f in set(flags))
 
 
-def _attrs(msg: Any, nla: str) -> dict[str, Any]:
-    return dict(msg.get(nla)["attrs"])
-
-
 class Kernel:
     """One netlink view of the kernel in the current network namespace."""
 
@@ -78,18 +88,20 @@ class Kernel:
         self.config = config
         self._link_re = re.compile(rf"^{re.escape(config.link_prefix)}[0-9a-f]{{8}}$")
         self.ipr = IPRoute()
-        self._ipvs: IPVS | None = None
+        self._ipvs: IpvsNetlink | None = None
+        self._routes: BatchSocket | None = None
 
     def close(self) -> None:
         self.ipr.close()
-        if self._ipvs is not None:
-            self._ipvs.close()
+        for sock in (self._ipvs, self._routes):
+            if sock is not None:
+                sock.close()
 
     @property
-    def ipvs(self) -> IPVS:
+    def ipvs(self) -> IpvsNetlink:
         if self._ipvs is None:
             try:
-                self._ipvs = IPVS()
+                self._ipvs = IpvsNetlink()
             except (NetlinkError, OSError) as exc:
                 raise ApplyError(f"IPVS is not available in this kernel (modprobe ip_vs ip_vs_mh): {exc}") from None
         return self._ipvs
@@ -104,44 +116,17 @@ class Kernel:
 
     def read_services(self) -> tuple[LiveService, ...]:
         services = []
-        for msg in self.ipvs.service("dump"):
-            attrs = _attrs(msg, "IPVS_CMD_ATTR_SERVICE")
-            if attrs.get("IPVS_SVC_ATTR_AF") != socket.AF_INET or ("IPVS_SVC_ATTR_FWMARK" in attrs and not attrs.get(
-                "IPVS_SVC_ATTR_ADDR"
-            )):
+        for record in self.ipvs.services():
+            protocol = PROTOCOLS.get(record.key.protocol)
+            if protocol is None or not self._owned_vip(record.key.address):
                 continue
-            vip = attrs.get("IPVS_SVC_ATTR_ADDR")
-            protocol = PROTOCOLS.get(attrs.get("IPVS_SVC_ATTR_PROTOCOL", 0))
-            if not vip or protocol is None or not self._owned_vip(vip):
-                continue
-            port = int(attrs["IPVS_SVC_ATTR_PORT"])
-            key: VsKey = (vip, port, "udp" if protocol == "udp" else "tcp")
-            services.append(
-                LiveService(
-                    vip=vip,
-                    port=port,
-                    protocol=key[2],
-                    scheduler=str(attrs.get("IPVS_SVC_ATTR_SCHED_NAME", "")),
-                    flags=_flag_names(int(attrs["IPVS_SVC_ATTR_FLAGS"]["flags"])),
-                    real_servers=self._read_dests(key),
-                )
+            key: VsKey = (record.key.address, record.key.port, "udp" if protocol == "udp" else "tcp")
+            dests = tuple(
+                LiveRealServer(d.address, d.port, d.weight, d.active_conns, d.inactive_conns)
+                for d in self.ipvs.dests(record.key)
             )
+            services.append(LiveService(key[0], key[1], key[2], record.scheduler, _flag_names(record.flags), dests))
         return tuple(services)
-
-    def _read_dests(self, key: VsKey) -> tuple[LiveRealServer, ...]:
-        dests = []
-        for msg in self.ipvs.dest("dump", service=_service_spec(key)):
-            attrs = _attrs(msg, "IPVS_CMD_ATTR_DEST")
-            dests.append(
-                LiveRealServer(
-                    address=str(attrs["IPVS_DEST_ATTR_ADDR"]),
-                    port=int(attrs["IPVS_DEST_ATTR_PORT"]),
-                    weight=int(attrs["IPVS_DEST_ATTR_WEIGHT"]),
-                    active_conns=int(attrs.get("IPVS_DEST_ATTR_ACTIVE_CONNS", 0)),
-                    inactive_conns=int(attrs.get("IPVS_DEST_ATTR_INACT_CONNS", 0)),
-                )
-            )
-        return tuple(dests)
 
     def read_links(self) -> tuple[LiveLink, ...]:
         links = []
@@ -209,17 +194,8 @@ class Kernel:
         return int(found[0])
 
     def apply_one(self, op: Op) -> None:
-        if isinstance(op, AddService | SetService):
-            spec = _service_spec(op.key, op.scheduler, op.flags)
-            self.ipvs.service("add" if isinstance(op, AddService) else "set", service=spec)
-        elif isinstance(op, DelService):
-            self.ipvs.service("del", service=_service_spec(op.key))
-        elif isinstance(op, AddDest | SetDest):
-            dest = IPVSDest(addr=op.address, port=op.port, weight=op.weight, fwd_method=FWD_DIRECT_ROUTING)
-            self.ipvs.dest("add" if isinstance(op, AddDest) else "set", service=_service_spec(op.key), dest=dest)
-        elif isinstance(op, DelDest):
-            self.ipvs.dest("del", service=_service_spec(op.key), dest=IPVSDest(addr=op.address, port=op.port))
-        elif isinstance(op, AddLink):
+        """Links, through pyroute2 (IPVS and route operations go in batches, see `apply`)."""
+        if isinstance(op, AddLink):
             t = op.tunnel
             self.ipr.link(
                 "add", ifname=t.name, kind="ipip", ipip_local=t.local, ipip_remote=t.remote, ipip_ttl=TUNNEL_TTL,
@@ -228,38 +204,85 @@ class Kernel:
             self.ipr.link("set", index=self._index(t.name), state="up")
         elif isinstance(op, DelLink):
             self.ipr.link("del", index=self._index(op.name))
-        elif isinstance(op, AddRoute | DelRoute):
-            local = op.table == "local"
-            self.ipr.route(
-                "add" if isinstance(op, AddRoute) else "del",
-                dst=op.dst, dst_len=32, oif=self._index(op.dev), table=TABLES[op.table],
-                proto=self.config.route_protocol, type=RTN_LOCAL if local else RTN_UNICAST,
-                scope=SCOPE_HOST if local else SCOPE_LINK,
-            )
 
     def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:
-        """Carry out every operation; a failure is reported and the rest still runs (the next pass
-        retries whatever is still missing)."""
+        """Carry out every operation in order; a failure is reported and the rest still runs (the next
+        pass retries whatever is still missing). Consecutive IPVS or route operations go in batches."""
+        pending: list[Op] = []
         for op in ops:
+            if pending and _batch_kind(op) != _batch_kind(pending[0]):
+                yield from self._flush(pending)
+                pending = []
+            if _batch_kind(op) is not None:
+                pending.append(op)
+                continue
             try:
                 self.apply_one(op)
             except (NetlinkError, OSError, ApplyError) as exc:
                 yield OpResult(op, _reason(exc))
             else:
                 yield OpResult(op, None)
+        yield from self._flush(pending)
+
+    def _flush(self, ops: list[Op]) -> Iterator[OpResult]:
+        if not ops:
+            return
+        try:
+            if _batch_kind(ops[0]) == "ipvs":
+                errors = self.ipvs.run([_ipvs_request(op) for op in ops if isinstance(op, IpvsOp)])
+            else:
+                indexes = {msg.get_attr("IFLA_IFNAME"): msg["index"] for msg in self.ipr.get_links()}
+                errors = self.routes.run([self._route_request(op, indexes) for op in ops
+                                          if isinstance(op, AddRoute | DelRoute)])
+        except (OSError, ApplyError, KeyError) as exc:
+            errors = [_reason(exc)] * len(ops)
+        for op, error in zip(ops, errors, strict=True):
+            yield OpResult(op, error)
+
+    @property
+    def routes(self) -> BatchSocket:
+        if self._routes is None:
+            self._routes = BatchSocket(socket.NETLINK_ROUTE)
+        return self._routes
+
+    def _route_request(self, op: AddRoute | DelRoute, indexes: dict[str, int]) -> tuple[int, int, bytes]:
+        if op.dev not in indexes:
+            raise ApplyError(f"no link named {op.dev}")
+        local = op.table == "local"
+        table = TABLES[op.table]
+        header = struct.pack("=BBBBBBBBI", socket.AF_INET, 32, 0, 0, table, self.config.route_protocol,
+                             SCOPE_HOST if local else SCOPE_LINK, RTN_LOCAL if local else RTN_UNICAST, 0)
+        body = header + attr(RTA_DST, socket.inet_aton(op.dst)) + u32(RTA_OIF, indexes[op.dev]) + u32(RTA_TABLE, table)
+        if isinstance(op, AddRoute):
+            return RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body
+        return RTM_DELROUTE, 0, body
+
+
+def _batch_kind(op: Op) -> str | None:
+    if isinstance(op, IpvsOp):
+        return "ipvs"
+    if isinstance(op, AddRoute | DelRoute):
+        return "route"
+    return None
+
+
+def _ipvs_request(op: IpvsOp) -> Request:
+    key = ServiceKey(op.key[0], op.key[1], PROTOCOL_NUMBERS[op.key[2]])
+    if isinstance(op, AddService | SetService):
+        cmd = CMD_NEW_SERVICE if isinstance(op, AddService) else CMD_SET_SERVICE
+        return Request(cmd, key, op.scheduler, _flag_bits(op.flags))
+    if isinstance(op, DelService):
+        return Request(CMD_DEL_SERVICE, key)
+    if isinstance(op, AddDest | SetDest):
+        return Request(CMD_NEW_DEST if isinstance(op, AddDest) else CMD_SET_DEST, key, dest=(op.address, op.port),
+                       weight=op.weight)
+    return Request(CMD_DEL_DEST, key, dest=(op.address, op.port))
 
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, NetlinkError):
         return f"netlink error {exc.code}: {exc.args[1] if len(exc.args) > 1 else exc}"
     return str(exc)
-
-
-def _service_spec(key: VsKey, scheduler: str = "mh", flags: Iterable[str] = ()) -> IPVSService:
-    return IPVSService(
-        addr=key[0], port=key[1], protocol=PROTOCOL_NUMBERS[key[2]], sched_name=scheduler,
-        flags={"flags": _flag_bits(flags), "mask": 0xFFFF},
-    )
 
 
 @contextmanager

@@ -109,4 +109,5 @@ class DelRoute(_RouteSpec):
     verb = "delete"
 
 
-Op = AddService | SetService | DelService | AddDest | SetDest | DelDest | AddLink | DelLink | AddRoute | DelRoute
+IpvsOp = AddService | SetService | DelService | AddDest | SetDest | DelDest
+Op = IpvsOp | AddLink | DelLink | AddRoute | DelRoute

@@ -1,0 +1,120 @@
+"""Benchmark (issue: director, section 7b), inside the test VM: a full `apply` from empty of 500 VIPs x 20
+backends, timed against `ipvsadm -R` restoring the same IPVS rules in the same boot, and one-instance
+changes counted in netlink operations.
+
+Run: python -m tests.vm.boot -- .venv/bin/python bench/apply_bench.py   (or `make bench`)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bridge.catalog.file import load_catalog  # noqa: E402
+from bridge.cli import main as cli  # noqa: E402
+from bridge.config import load_config  # noqa: E402
+from bridge.desired import compute_desired  # noqa: E402
+from tests.catalog_builder import health_entry  # noqa: E402
+
+VIPS = int(os.environ.get("BENCH_VIPS", 500))
+BACKENDS = int(os.environ.get("BENCH_BACKENDS", 20))
+
+
+def netns(name: str) -> None:
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    subprocess.run(["ip", "-n", name, "link", "add", "eth0", "type", "dummy"], check=True)
+    subprocess.run(["ip", "-n", name, "addr", "add", "192.0.2.1/24", "dev", "eth0"], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "eth0", "up"], check=True)
+
+
+@contextlib.contextmanager
+def entered(name: str):  # type: ignore[no-untyped-def]
+    libc = __import__("ctypes").CDLL(None, use_errno=True)
+    with open("/proc/thread-self/ns/net", "rb") as home, open(f"/run/netns/{name}", "rb") as there:
+        libc.setns(there.fileno(), 0)
+        try:
+            yield
+        finally:
+            libc.setns(home.fileno(), 0)
+
+
+def catalog(status_of: dict[tuple[int, int], str] | None = None) -> dict[str, list[dict]]:
+    status_of = status_of or {}
+    services = {}
+    for v in range(VIPS):
+        name = f"svc-{v:03d}"
+        services[name] = [
+            health_entry(name, f"b{b:02d}", f"192.0.2.{100 + b}", 80, [f"maglev.vip=198.51.100.{v % 250 + 1}:"
+                         f"{80 + v // 250}"], status=status_of.get((v, b), "passing"), create_index=1000 + v * 50 + b)
+            for b in range(BACKENDS)
+        ]
+    return services
+
+
+def apply(ns: str, config: Path, catalog_path: Path) -> tuple[float, list[str]]:
+    out = io.StringIO()
+    with entered(ns), contextlib.redirect_stdout(out):
+        start = time.perf_counter()
+        code = cli(["apply", "--config", str(config), "--catalog", str(catalog_path)])
+        elapsed = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(out.getvalue()[-3000:])
+    return elapsed, re.findall(r"^\s+\d+\. (.*?)  ok$", out.getvalue(), re.M)
+
+
+def ipvsadm_rules(config: Path, catalog_path: Path) -> str:
+    """The same IPVS rules as the agent's desired state, in `ipvsadm -R` form, in the same order."""
+    desired = compute_desired(load_catalog(catalog_path), load_config(config), "192.0.2.1")
+    lines = []
+    for vs in desired.virtual_services:
+        lines.append(f"-A -t {vs.vip}:{vs.port} -s mh -b {','.join(vs.flags)}")
+        lines.extend(f"-a -t {vs.vip}:{vs.port} -r {rs.address}:{rs.port} -g -w {rs.weight}"
+                     for rs in reversed(vs.real_servers))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="apply-bench-"))
+    config = work / "config.yaml"
+    config.write_text(f"vip_cidrs: [198.51.100.0/24]\ntunnel_map: [{{backend: 192.0.2.96/27, tunnel: 203.0.113.96/27}}]\n"
+                      f"local_address: 192.0.2.1\nstate_file: {work}/state.json\ndrain_timeout: 0\n")
+    catalog_path = work / "catalog.json"
+    services = catalog()
+    catalog_path.write_text(json.dumps(services))
+    netns("bench-agent")
+    netns("bench-ipvsadm")
+    rules = ipvsadm_rules(config, catalog_path)
+    start = time.perf_counter()
+    subprocess.run(["ip", "netns", "exec", "bench-ipvsadm", "ipvsadm", "-R"], input=rules, text=True, check=True)
+    c_tool = time.perf_counter() - start
+    full, ops = apply("bench-agent", config, catalog_path)
+    ipvs_ops = sum(1 for op in ops if "service" in op or "real server" in op)
+    print(f"full apply from empty: {VIPS} VIPs x {BACKENDS} backends = {len(ops)} netlink operations "
+          f"({ipvs_ops} IPVS, {len(ops) - ipvs_ops} links and routes)")
+    print(f"  maglev-bridge apply (in-process, without interpreter start): {full:7.2f} s")
+    print(f"  ipvsadm -R of the same {ipvs_ops} IPVS rules:                  {c_tool:7.2f} s")
+    print(f"  ratio {full / c_tool:.2f}x (goal: within 2x of the C tool)")
+    noop, ops = apply("bench-agent", config, catalog_path)
+    print(f"re-apply unchanged: {len(ops)} operations, {noop:.2f} s (reading {VIPS} services back)")
+    for label, change in (("one instance critical", {(7, 3): "critical"}), ("and back", {})):
+        catalog_path.write_text(json.dumps(catalog(change)))
+        elapsed, ops = apply("bench-agent", config, catalog_path)
+        print(f"{label}: {len(ops)} netlink operation(s) {ops} in {elapsed:.2f} s")
+    subprocess.run(["ip", "netns", "del", "bench-agent"], check=False)
+    subprocess.run(["ip", "netns", "del", "bench-ipvsadm"], check=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""IPVS over generic netlink, on the batched netlink socket (see netlink_batch for why not pyroute2's IPVS
+class: it measured 17x `ipvsadm -R` for a 10,500-rule apply). The IPVS netlink ABI
+(include/uapi/linux/ip_vs.h) is small and stable; pyroute2 still resolves the family id.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pyroute2.netlink.generic import GenericNetlinkSocket
+from pyroute2.netlink.generic.ipvs import ipvsmsg
+
+from bridge.dataplane.netlink_batch import BatchSocket, attr, be16, parse_attrs, u16, u32
+
+NETLINK_GENERIC = 16
+CMD_NEW_SERVICE, CMD_SET_SERVICE, CMD_DEL_SERVICE, CMD_GET_SERVICE = 1, 2, 3, 4
+CMD_NEW_DEST, CMD_SET_DEST, CMD_DEL_DEST, CMD_GET_DEST = 5, 6, 7, 8
+ATTR_SERVICE, ATTR_DEST = 1, 2
+SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_FWMARK = 1, 2, 3, 4, 5
+SVC_SCHED_NAME, SVC_FLAGS, SVC_TIMEOUT, SVC_NETMASK = 6, 7, 8, 9
+DEST_ADDR, DEST_PORT, DEST_FWD_METHOD, DEST_WEIGHT, DEST_U_THRESH, DEST_L_THRESH = 1, 2, 3, 4, 5, 6
+DEST_ACTIVE_CONNS, DEST_INACT_CONNS, DEST_ADDR_FAMILY = 7, 8, 11
+FWD_DIRECT_ROUTING = 3
+
+
+@dataclass(frozen=True)
+class ServiceKey:
+    address: str
+    port: int
+    protocol: int
+
+
+@dataclass(frozen=True)
+class ServiceRecord:
+    key: ServiceKey
+    scheduler: str
+    flags: int
+
+
+@dataclass(frozen=True)
+class DestRecord:
+    address: str
+    port: int
+    weight: int
+    active_conns: int
+    inactive_conns: int
+
+
+@dataclass(frozen=True)
+class Request:
+    """One IPVS command: `service` always, `dest` for real-server commands."""
+
+    cmd: int
+    service: ServiceKey
+    scheduler: str = "mh"
+    flags: int = 0
+    dest: tuple[str, int] | None = None
+    weight: int = 0
+
+
+def addr_attr(kind: int, address: str) -> bytes:
+    return attr(kind, socket.inet_aton(address) + b"\0" * 12)
+
+
+def _service_attrs(request: Request) -> bytes:
+    key = request.service
+    attrs = u16(SVC_AF, socket.AF_INET) + u16(SVC_PROTOCOL, key.protocol) + addr_attr(SVC_ADDR, key.address)
+    attrs += be16(SVC_PORT, key.port)
+    if request.cmd in (CMD_NEW_SERVICE, CMD_SET_SERVICE):
+        attrs += attr(SVC_SCHED_NAME, request.scheduler.encode() + b"\0")
+        attrs += attr(SVC_FLAGS, struct.pack("=II", request.flags, 0xFFFFFFFF))
+        attrs += u32(SVC_TIMEOUT, 0) + attr(SVC_NETMASK, socket.inet_aton("255.255.255.255"))
+    return attr(ATTR_SERVICE, attrs)
+
+
+def _dest_attrs(request: Request) -> bytes:
+    assert request.dest is not None
+    address, port = request.dest
+    attrs = addr_attr(DEST_ADDR, address) + be16(DEST_PORT, port) + u16(DEST_ADDR_FAMILY, socket.AF_INET)
+    if request.cmd in (CMD_NEW_DEST, CMD_SET_DEST):
+        attrs += u32(DEST_FWD_METHOD, FWD_DIRECT_ROUTING) + u32(DEST_WEIGHT, request.weight)
+        attrs += u32(DEST_U_THRESH, 0) + u32(DEST_L_THRESH, 0)
+    return attr(ATTR_DEST, attrs)
+
+
+def _u32_of(attrs: dict[int, bytes], kind: int) -> int:
+    value = attrs.get(kind)
+    return int(struct.unpack("=I", value[:4])[0]) if value else 0
+
+
+def _nested(data: bytes, kind: int) -> dict[int, bytes]:
+    """The nested attribute `kind` of a generic-netlink message (16-byte header, 4-byte genl header)."""
+    top = parse_attrs(data, 20, len(data))
+    return parse_attrs(top[kind], 0, len(top[kind]))
+
+
+class IpvsNetlink:
+    """The IPVS family in the calling thread's network namespace."""
+
+    def __init__(self) -> None:
+        with GenericNetlinkSocket() as probe:
+            probe.bind("IPVS", ipvsmsg)
+            self.family = int(probe.prid)
+        self.batch = BatchSocket(NETLINK_GENERIC)
+
+    def close(self) -> None:
+        self.batch.close()
+
+    def _body(self, request: Request) -> bytes:
+        payload = _service_attrs(request) + (_dest_attrs(request) if request.dest else b"")
+        return struct.pack("=BBH", request.cmd, 1, 0) + payload
+
+    def run(self, requests: Sequence[Request]) -> list[str | None]:
+        """Every request in order, in batches; the error (or None) of each."""
+        return self.batch.run([(self.family, 0, self._body(r)) for r in requests])
+
+    def services(self) -> list[ServiceRecord]:
+        found = []
+        for data in self.batch.dump(self.family, struct.pack("=BBH", CMD_GET_SERVICE, 1, 0)):
+            svc = _nested(data, ATTR_SERVICE)
+            if struct.unpack("=H", svc[SVC_AF][:2])[0] != socket.AF_INET or SVC_ADDR not in svc:
+                continue
+            key = ServiceKey(socket.inet_ntoa(svc[SVC_ADDR][:4]), struct.unpack("!H", svc[SVC_PORT][:2])[0],
+                             struct.unpack("=H", svc[SVC_PROTOCOL][:2])[0])
+            flags = struct.unpack("=II", svc[SVC_FLAGS][:8])[0] if SVC_FLAGS in svc else 0
+            found.append(ServiceRecord(key, svc.get(SVC_SCHED_NAME, b"").rstrip(b"\0").decode(), flags))
+        return found
+
+    def dests(self, key: ServiceKey) -> list[DestRecord]:
+        """Real servers in kernel list order (the order ip_vs_mh fills its table in)."""
+        body = struct.pack("=BBH", CMD_GET_DEST, 1, 0) + _service_attrs(Request(CMD_GET_DEST, key))
+        found = []
+        for data in self.batch.dump(self.family, body):
+            dest = _nested(data, ATTR_DEST)
+            found.append(DestRecord(
+                address=socket.inet_ntoa(dest[DEST_ADDR][:4]),
+                port=struct.unpack("!H", dest[DEST_PORT][:2])[0],
+                weight=_u32_of(dest, DEST_WEIGHT),
+                active_conns=_u32_of(dest, DEST_ACTIVE_CONNS),
+                inactive_conns=_u32_of(dest, DEST_INACT_CONNS),
+            ))
+        return found
