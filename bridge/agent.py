@@ -27,6 +27,7 @@ from bridge.reconcile import PassOutcome, backend_pass, director_pass
 from bridge.store import Stored, load_state, save_state
 
 log = logging.getLogger("maglev-bridge")
+logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 class Agent:
@@ -136,9 +137,18 @@ class Agent:
                 break
             self.sync(self._take_reasons())
 
+    def keep_jobs(self) -> None:
+        from bridge.nomad.keeper import keep_jobs
+
+        for line in keep_jobs(self.config):
+            log.info("nomad jobs: %s", line)
+
     def start(self) -> None:
         self.scheduler.add_job(self.request, "interval", seconds=self.config.resync_interval, args=["resync"],
                                id="resync")
+        if self.config.nomad is not None and self.config.nomad.keep_interval > 0:
+            self.scheduler.add_job(self.keep_jobs, "interval", seconds=self.config.nomad.keep_interval, id="nomad-jobs",
+                                   next_run_time=datetime.now())
         self.scheduler.start()
         self.source.start(self.request)
         self.request("start")
@@ -154,7 +164,7 @@ class Agent:
 
         server = serve(self)
         announcer = None
-        if self.config.consul is not None:
+        if self.config.consul is not None and self.config.consul.register:
             from bridge.announce import Announcer
 
             announcer = Announcer(self.config)

@@ -51,6 +51,8 @@ class ConsulConfig:
     stale: bool = False
     wait: str = "30s"
     service_name: str = "maglev-bridge"
+    register: bool = True
+    """Register the agent in Consul itself; false when a scheduler (Nomad) registers it already."""
 
 
 @dataclass(frozen=True)

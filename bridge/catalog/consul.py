@@ -210,6 +210,7 @@ class ConsulSource:
     def _on_services(self, services: dict[str, list[str]]) -> None:
         tagged = {name for name, tags in services.items() if self._is_tagged(tags)}
         with self._lock:
+            first = self._tagged is None
             self._errors.pop("services", None)
             added = tagged - set(self._watches)
             removed = set(self._watches) - tagged
@@ -223,6 +224,8 @@ class ConsulSource:
                 self._watches[name].thread.start()
         if removed:
             self._changed(f"consul: services no longer tagged: {', '.join(sorted(removed))}")
+        elif first and not tagged:
+            self._changed("consul: no tagged services")
 
     def _service_watch(self, name: str) -> Watch:
         client = self._client_factory()

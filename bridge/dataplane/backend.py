@@ -27,8 +27,8 @@ SYSCTL_ROOT = Path("/proc/sys")
 @dataclass(frozen=True)
 class BackendLive:
     vips: tuple[str, ...]
-    fou_ports: Mapping[int, int]
-    """port -> ipproto of the kernel's fou receivers."""
+    fou_ports: Mapping[int, int] | None
+    """port -> ipproto of the kernel's fou receivers; None when the kernel has no fou module loaded."""
     tunnel_up: bool | None
     """None when tunl0 does not exist (the ipip module is not loaded)."""
     sysctls: Mapping[str, int]
@@ -79,7 +79,9 @@ def _sysctl_ops(sysctls: Mapping[str, int]) -> list[BackendOp]:
 def plan_backend(vips: Iterable[str], live: BackendLive, fou_port: int) -> list[BackendOp]:
     """Pure: what to change so this node receives its VIPs through FOU."""
     ops: list[BackendOp] = []
-    if fou_port not in live.fou_ports:
+    if live.fou_ports is None:
+        ops.append(BackendOp("conflict", "the kernel has no fou support: load the fou module (modprobe fou)"))
+    elif fou_port not in live.fou_ports:
         ops.append(BackendOp("add fou port", str(fou_port)))
     elif live.fou_ports[fou_port] != IPPROTO_IPIP:
         other = live.fou_ports[fou_port]
@@ -115,8 +117,11 @@ class BackendKernel:
                 key=ipv4_int,
             )
         )
-        with Fou() as fou:
-            ports = {p.port: p.ipproto for p in fou.ports()}
+        try:
+            with Fou() as fou:
+                ports: dict[int, int] | None = {p.port: p.ipproto for p in fou.ports()}
+        except (NetlinkError, OSError):
+            ports = None
         tunnel = self.ipr.link_lookup(ifname=TUNNEL_LINK)
         up = bool(self.ipr.get_links(tunnel[0])[0]["flags"] & 1) if tunnel else None
         return BackendLive(vips, ports, up, dict(_read_sysctls()))
