@@ -128,10 +128,11 @@ class AgentHarness:
         proc.send_signal(signal.SIGTERM)
         return proc.wait(timeout)
 
-    def wait_log(self, node: Netns, text: str, timeout: float = 60, role: str = "director") -> None:
+    def wait_log(self, node: Netns, text: str, timeout: float = 60, role: str = "director", since: int = 0) -> None:
+        """Until `text` appears in the agent's log after its first `since` characters."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.log(node, role):
+            if text in self.log(node, role)[since:]:
                 return
             time.sleep(0.3)
         raise AssertionError(f"{text!r} not in the agent's log after {timeout}s:\n{self.log(node, role)[-3000:]}")
