@@ -70,6 +70,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     from bridge.status import read_status
 
     config = _config(args)
+    if args.discover:
+        from bridge.discover import discover, discovery_text
+
+        found = discover(config, args.datacenter)
+        print(dumps({"directors": [d.__dict__ | {"label": d.label} for d in found.directors],
+                     "disagreeing": found.disagreeing}) if args.format == "json" else discovery_text(found))
+        return EXIT_FAILED if found.disagreeing else EXIT_OK
     data = read_status(config)
     print(dumps(data) if args.format == "json" else status_text(data))
     return EXIT_OK
@@ -146,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what the agent owns in the kernel now")
     common(p, catalog=False, role=False)
     p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--discover", action="store_true",
+                   help="every director of the data centre through Consul DNS, with their table fingerprints")
+    p.add_argument("--datacenter", help="with --discover: another data centre than the configured one")
     p.set_defaults(func=cmd_status)
 
     add_jobs_commands(sub)

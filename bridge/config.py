@@ -53,6 +53,8 @@ class ConsulConfig:
     service_name: str = "maglev-bridge"
     register: bool = True
     """Register the agent in Consul itself; false when a scheduler (Nomad) registers it already."""
+    dns_address: str = "127.0.0.1:8600"
+    """Consul's DNS interface, for `status --discover`."""
 
 
 @dataclass(frozen=True)
