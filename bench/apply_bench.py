@@ -88,7 +88,8 @@ def ipvsadm_rules(config: Path, catalog_path: Path) -> str:
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="apply-bench-"))
     config = work / "config.yaml"
-    config.write_text(f"vip_cidrs: [198.51.100.0/24]\ntunnel_map: [{{backend: 192.0.2.96/27, tunnel: 203.0.113.96/27}}]\n"
+    config.write_text("vip_cidrs: [198.51.100.0/24]\n"
+                      "tunnel_map: [{backend: 192.0.2.96/27, tunnel: 203.0.113.96/27}]\n"
                       f"local_address: 192.0.2.1\nstate_file: {work}/state.json\ndrain_timeout: 0\n")
     catalog_path = work / "catalog.json"
     services = catalog()
