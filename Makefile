@@ -41,9 +41,12 @@ test: lint unit real kernel
 demo: venv kernel-image
 	$(PY) -m tests.vm.boot --timeout 900 -- $(PY) -m tests.demo
 
-bench: venv kernel-image
+bench: venv kernel-image hashicorp
 	$(PY) bench/plan_bench.py
 	$(PY) bench/maglev_bench.py
+	$(PY) bench/agreement.py
+	$(PY) bench/consul_latency.py
+	$(PY) -m tests.vm.boot --timeout 1500 -- $(PY) bench/apply_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
