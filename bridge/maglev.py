@@ -16,9 +16,8 @@ it, from the same inputs, in the same order:
 * The table size and the weight scaling both follow `CONFIG_IP_VS_MH_TAB_INDEX`; Debian's 6.1 kernels
   use the default 12, a table of 4093 slots.
 
-The kernel fills its table one claim at a time.  For big tables of many lightly weighted servers,
-replaying that claim by claim in Python is slow, so there `build_table` reaches the same table by
-deferred acceptance over windows of claims, which numpy runs in bulk (see "Population" below).
+The kernel fills its table one claim at a time, a serial loop that no numpy formulation beats for
+weighted servers; for big tables `build_table` runs that same loop compiled with numba (see "Population").
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ from __future__ import annotations
 import hashlib
 import math
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from functools import reduce
+from functools import lru_cache, reduce
 
 import numpy as np
 import numpy.typing as npt
@@ -49,11 +48,6 @@ HASH2_KEY = (2654446892, 2654446892)
 
 # When build_table fills the table by deferred acceptance instead of the kernel's loop (measured on a
 # 2-vCPU VM with bench/maglev_bench.py; below these the loop finishes before numpy pays its setup).
-_BULK_FROM_SIZE = 32749
-_BULK_FROM_DESTS = 300
-_BULK_MAX_TURNS = 4
-_WINDOW_ROUNDS = 4
-_WINDOW_SHARE = 0.3
 
 _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1
@@ -455,25 +449,57 @@ def shares(table: MaglevTable) -> list[Share]:
 #
 # ip_vs_mh_populate hands out the table one claim at a time: each round, every real server in list
 # order claims `turns` slots, each claim taking the first free slot along that server's permutation
-# (offset, offset + skip, ... mod size).  Claim t is therefore an agent with a fixed priority t and a
-# fixed preference list, and the kernel's loop is a serial dictatorship over those agents.  With one
-# priority order shared by every slot, that outcome is also the unique stable matching, which deferred
-# acceptance finds with many claims proposing at once: a slot keeps the earliest claim that proposed
-# to it, and every rejected claim moves on down its permutation.  `_Claims.settle_window` runs that for
-# a window of consecutive claims once all earlier ones are settled, so only the window's claims compete.
+# (offset, offset + skip, ... mod size), until every slot is taken.
+
+
+COMPILED_FROM_SIZE = 16381
+"""From this table size on, the fill runs compiled (numba): about 20x the Python loop. Smaller tables, such
+as Debian's 4093, never import numba, whose import and first compilation cost far more than they save."""
 
 
 def _populate(offsets: IntArray, skips: IntArray, turns: IntArray, size: int) -> IntArray:
-    """Slot -> index of the owning real server, as ip_vs_mh_populate leaves the table.
-
-    Deferred acceptance pays off only for big tables of many equally weighted servers; with heavier
-    weights one server's consecutive claims keep displacing each other, one numpy pass per step, and
-    the claim-by-claim loop is quicker (see bench/maglev_bench.py).
-    """
-    active = np.flatnonzero(turns > 0)
-    if size >= _BULK_FROM_SIZE and active.size >= _BULK_FROM_DESTS and int(turns.max()) <= _BULK_MAX_TURNS:
-        return _populate_in_windows(offsets, skips, turns, size)
+    """Slot -> index of the owning real server, as ip_vs_mh_populate leaves the table."""
+    if size >= COMPILED_FROM_SIZE:
+        return _populate_compiled(offsets.astype(np.int64), skips.astype(np.int64), turns.astype(np.int64), size)
     return _populate_sequentially(offsets.tolist(), skips.tolist(), turns.tolist(), size)
+
+
+def _fill(offsets: IntArray, skips: IntArray, turns: IntArray, size: int) -> IntArray:
+    """The kernel's loop over numpy arrays, written for numba: claim by claim, each taking the next free slot
+    along its server's permutation."""
+    owner = np.full(size, -1, dtype=np.int64)
+    if turns.sum() == 0:
+        return owner
+    taken = np.zeros(size, dtype=np.uint8)
+    position = offsets.copy()
+    filled = 0
+    while True:
+        for i in range(offsets.shape[0]):
+            c = position[i]
+            skip = skips[i]
+            for _ in range(turns[i]):
+                while taken[c]:
+                    c += skip
+                    if c >= size:
+                        c -= size
+                taken[c] = 1
+                owner[c] = i
+                filled += 1
+                if filled == size:
+                    return owner
+            position[i] = c
+
+
+@lru_cache(maxsize=1)
+def _compiled_fill() -> Callable[[IntArray, IntArray, IntArray, int], IntArray]:
+    from numba import njit
+
+    compiled: Callable[[IntArray, IntArray, IntArray, int], IntArray] = njit(cache=True, nogil=True)(_fill)
+    return compiled
+
+
+def _populate_compiled(offsets: IntArray, skips: IntArray, turns: IntArray, size: int) -> IntArray:
+    return _compiled_fill()(offsets, skips, turns, size)
 
 
 def _populate_sequentially(offsets: list[int], skips: list[int], turns: list[int], size: int) -> IntArray:
@@ -501,124 +527,3 @@ def _populate_sequentially(offsets: list[int], skips: list[int], turns: list[int
                 if filled == size:
                     return np.array(owner, dtype=np.int64)
             position[i] = c
-
-
-@dataclass
-class _Claims:
-    """The kernel's claim sequence over the active real servers, and the slots settled so far."""
-
-    size: int
-    offset: IntArray
-    skip: IntArray
-    claimant: IntArray
-    """Claim time -> active server making it."""
-    holder: IntArray
-    """Slot -> time of the claim holding it, `size` while free."""
-    reached: IntArray
-    """Per active server, the permutation index of its latest settled claim (-1 before the first)."""
-
-    def slots_at(self, dests: IntArray, index: IntArray) -> IntArray:
-        return (self.offset[dests] + index * self.skip[dests]) % self.size
-
-    def open_positions(self, dests: IntArray, count: IntArray, free: npt.NDArray[np.bool_]) -> IntArray:
-        """For each server, the permutation indices of the first `count` free slots after `reached`.
-
-        Flat, server after server.  A window's claims by one server take these in order as their
-        first proposals: every slot skipped is settled already or wanted by an earlier sibling.
-        """
-        found = np.empty(int(count.sum()), dtype=np.int64)
-        where = np.cumsum(count) - count
-        begin = self.reached[dests] + 1
-        missing = count.copy()
-        density = max(int(np.count_nonzero(free)), 1) / self.size
-        pending = np.arange(dests.size)
-        while pending.size:
-            length = np.ceil(missing[pending] / density * 1.3).astype(np.int64) + 4
-            group = np.repeat(np.arange(pending.size), length)
-            step = np.arange(group.size, dtype=np.int64) - np.repeat(np.cumsum(length) - length, length)
-            d = dests[pending]
-            base = self.slots_at(d, begin[pending])
-            slot = step * np.repeat(self.skip[d], length)
-            slot += np.repeat(base, length)
-            slot %= self.size
-            hit = np.flatnonzero(free[slot])
-            per_group = np.bincount(group[hit], minlength=pending.size)
-            rank = np.arange(hit.size) - np.repeat(np.cumsum(per_group) - per_group, per_group)
-            keep = rank < missing[pending][group[hit]]
-            hit = hit[keep]
-            owner = group[hit]
-            found[where[pending][owner] + rank[keep]] = begin[pending][owner] + step[hit]
-            taken = np.bincount(owner, minlength=pending.size)
-            where[pending] += taken
-            missing[pending] -= taken
-            begin[pending] += length
-            pending = pending[missing[pending] > 0]
-        return found
-
-    def next_acceptable(
-        self, dests: IntArray, after: IntArray, times: IntArray, open_slots: int
-    ) -> tuple[IntArray, IntArray]:
-        """Per rejected claim, the first permutation index from `after` on whose slot is free or held by
-        a later claim (`open_slots`, the slots unsettled before the window, sizes the look-ahead)."""
-        index = after.copy()
-        slot = np.empty_like(after)
-        ahead = np.arange(min(4096, int(2 * self.size / open_slots) + 2), dtype=np.int64)
-        pending = np.arange(dests.size)
-        while pending.size:
-            candidates = index[pending, None] + ahead
-            slots = self.slots_at(dests[pending, None], candidates)
-            accept = self.holder[slots] > times[pending, None]
-            first = accept.argmax(axis=1)
-            rows = np.arange(pending.size)
-            done = accept[rows, first]
-            index[pending[done]] = candidates[rows[done], first[done]]
-            slot[pending[done]] = slots[rows[done], first[done]]
-            index[pending[~done]] += ahead.size
-            pending = pending[~done]
-        return index, slot
-
-    def settle_window(self, start: int, stop: int) -> None:
-        """Deferred acceptance for claims [start, stop): propose, then move rejected claims on."""
-        times = np.arange(start, stop, dtype=np.int64)
-        dests = self.claimant[times]
-        per_dest = np.bincount(dests, minlength=self.offset.size)
-        present = np.flatnonzero(per_dest)
-        open_at = self.open_positions(present, per_dest[present], self.holder == self.size)
-        # Claims of one server are in time order, so a stable sort lines them up with their openings.
-        order = np.argsort(dests, kind="stable")
-        index = np.empty_like(times)
-        index[order] = open_at
-        slot = self.slots_at(dests, index)
-        moving = np.arange(times.size)
-        while moving.size:
-            target = slot[moving]
-            before = self.holder[target]
-            np.minimum.at(self.holder, target, times[moving])
-            won = self.holder[target] == times[moving]
-            pushed_out = before[won]
-            pushed_out = pushed_out[(pushed_out >= start) & (pushed_out < self.size)] - start
-            moving = np.concatenate([moving[~won], pushed_out])
-            index[moving], slot[moving] = self.next_acceptable(
-                dests[moving], index[moving] + 1, times[moving], self.size - start
-            )
-        np.maximum.at(self.reached, dests, index)
-
-
-def _populate_in_windows(offsets: IntArray, skips: IntArray, turns: IntArray, size: int) -> IntArray:
-    active = np.flatnonzero(turns > 0)
-    t = turns[active]
-    claims = _Claims(
-        size=size,
-        offset=offsets[active],
-        skip=skips[active],
-        claimant=np.repeat(np.arange(active.size, dtype=np.int64), t)[np.arange(size) % int(t.sum())],
-        holder=np.full(size, size, dtype=np.int64),
-        reached=np.full(active.size, -1, dtype=np.int64),
-    )
-    start = 0
-    while start < size:
-        # A few rounds per window: enough work per numpy pass, few collisions per server.
-        stop = min(size, start + max(1, min(_WINDOW_ROUNDS * int(t.sum()), int(_WINDOW_SHARE * (size - start)))))
-        claims.settle_window(start, stop)
-        start = stop
-    return active[claims.claimant[claims.holder]]

@@ -13,7 +13,7 @@ from bridge.maglev import (
     TABLE_SIZES,
     Dest,
     MaglevTable,
-    _populate_in_windows,
+    _populate_compiled,
     address_key,
     build_table,
     dest_hashes,
@@ -185,15 +185,15 @@ def test_every_table_size_works(size: int) -> None:
     ("servers", "size", "weighted"),
     [(60, 4093, False), (200, 8191, True), (30, 2039, True), (3, 1021, False), (251, 251, False)],
 )
-def test_bulk_population_equals_kernel_port(servers: int, size: int, weighted: bool) -> None:
-    # build_table only switches to the bulk path for big tables; drive it directly on small ones too.
+def test_compiled_population_equals_kernel_port(servers: int, size: int, weighted: bool) -> None:
+    # build_table only switches to the compiled fill for big tables; drive it directly on small ones too.
     rng = random.Random(servers * size)
     dests = random_dests(rng, servers, zero_share=0.1 if weighted else 0.0)
     if not weighted:
         dests = [Dest.added(d.address, d.port, 1) for d in dests]
     offsets, skips = dest_hashes(dests, size)
     claims = np.array(turns([d.last_weight for d in dests], size), dtype=np.int64)
-    assert _populate_in_windows(offsets, skips, claims, size).tolist() == ref.populate(dests, size)
+    assert _populate_compiled(offsets, skips, claims, size).tolist() == ref.populate(dests, size)
 
 
 def test_big_table_equals_kernel_port() -> None:
