@@ -1,0 +1,621 @@
+"""Benchmark (issue: Consul): health-change latency and idle CPU of the real agent against a real Consul.
+
+A real Consul agent (tests/real/consul_agent.py) gets 2,000 tagged services x 5 instances through
+`/v1/catalog/register` (a pool of 1,000 nodes, each instance with its own check). The real agent process
+(`maglev-bridge -v run`) watches it in shadow mode (this host has no IPVS: every pass plans against an
+empty table and logs each operation). Measured:
+
+(a) health change -> matching operation: one instance's check is flipped to critical (or back) and the
+    time is taken from the moment Consul acknowledged the write to the log timestamp of the first pass
+    whose operations give that real server the expected weight (`set real server T weight 0 in VS` after
+    its add, or the add alone with weight W). Changes are made one at a time. A side blocking query of
+    the bench on the same service splits the time into "Consul notifies" and "agent pass + log".
+(b) the agent's CPU while nothing changes (utime+stime from /proc/<pid>/stat), as % of one core.
+
+Then one pass is replayed in this process on the same catalog to break its time down, cProfiled, and,
+when py-spy is found (PATH, or PYSPY=/path/to/py-spy), the real agent is sampled during a few extra
+changes. Prints figures, asserts nothing. Goals: p99 < 250 ms; idle CPU < 1% of one core.
+
+Knobs (environment): BENCH_SERVICES (2000), BENCH_INSTANCES (5), BENCH_CHANGES (200), BENCH_IDLE (45 s),
+BENCH_LATENCY_BUDGET (200 s: phase (a) stops early, saying so), BENCH_WAIT (consul.wait, "30s"),
+BENCH_RESYNC (resync_interval, 3600: no periodic pass during the measurements; its cost is reported).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import http.client
+import io
+import json
+import os
+import pstats
+import queue
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.real.consul_agent import ConsulAgent, free_port  # noqa: E402
+
+SERVICES = int(os.environ.get("BENCH_SERVICES", 2000))
+INSTANCES = int(os.environ.get("BENCH_INSTANCES", 5))
+CHANGES = int(os.environ.get("BENCH_CHANGES", 200))
+IDLE_SECONDS = float(os.environ.get("BENCH_IDLE", 45))
+LATENCY_BUDGET = float(os.environ.get("BENCH_LATENCY_BUDGET", 200))
+WAIT = os.environ.get("BENCH_WAIT", "30s")
+RESYNC = float(os.environ.get("BENCH_RESYNC", 3600))
+NODES = 1000
+CHANGE_TIMEOUT = 30.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---- the catalog ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instance:
+    service: str
+    sid: str
+    node: str
+    address: str
+    port: int
+    weight: int
+    vip: str
+
+    @property
+    def tunnel(self) -> str:
+        return "100.64." + self.address.split(".", 2)[2]
+
+
+def node_address(n: int) -> str:
+    return f"10.20.{n // 250}.{n % 250 + 1}"
+
+
+def build_instances() -> list[Instance]:
+    out = []
+    for v in range(SERVICES):
+        name = f"svc-{v:04d}"
+        vip = f"198.51.{96 + v // 250}.{v % 250 + 1}:80"  # 2,000 distinct VIPs inside 198.51.96.0/20
+        for b in range(INSTANCES):
+            n = (v * 7 + b * 13) % NODES  # distinct nodes within a service
+            out.append(Instance(name, f"{name}-{b}", f"node-{n:04d}", node_address(n), 8000 + b, 1 + b % 3, vip))
+    return out
+
+
+def register_body(inst: Instance, status: str) -> dict[str, Any]:
+    return {
+        "Node": inst.node,
+        "Address": inst.address,
+        "Service": {"ID": inst.sid, "Service": inst.service, "Address": inst.address, "Port": inst.port,
+                    "Tags": [f"maglev.vip={inst.vip}", f"maglev.weight={inst.weight}", "team-x"]},
+        "Check": {"Node": inst.node, "CheckID": f"service:{inst.sid}", "Name": f"{inst.service} check",
+                  "Status": status, "ServiceID": inst.sid},
+    }
+
+
+class Client:
+    """Keep-alive HTTP to Consul, one connection per thread."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.local = threading.local()
+
+    def request(self, method: str, path: str, body: Any = None,
+                timeout: float = 10.0) -> tuple[int, dict[str, str], Any]:
+        for attempt in range(2):
+            conn = getattr(self.local, "conn", None)
+            if conn is None:
+                conn = self.local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+            try:
+                conn.timeout = timeout
+                if conn.sock is not None:
+                    conn.sock.settimeout(timeout)
+                conn.request(method, path, body=None if body is None else json.dumps(body))
+                resp = conn.getresponse()
+                raw = resp.read()
+                return resp.status, dict(resp.getheaders()), json.loads(raw) if raw else None
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                self.local.conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def register(self, inst: Instance, status: str) -> None:
+        code, _, body = self.request("PUT", "/v1/catalog/register", register_body(inst, status))
+        if code != 200 or body is not True:
+            raise RuntimeError(f"register {inst.sid}: {code} {body}")
+
+
+# ---- the agent's log -----------------------------------------------------------------------------
+
+
+@dataclass
+class Block:
+    """One logged pass: its reason and what it says about the watched real server."""
+
+    reason: str
+    header_ts: float
+    expected_ops: int
+    ops: int = 0
+    target_weight: int | None = None
+    target_ts: float | None = None
+    done_recv: float = 0.0
+
+
+def log_time(line: str) -> float:
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+class LogReader:
+    """Reads the agent's stderr, cutting it into passes; a finished pass goes to `blocks`."""
+
+    def __init__(self, stream: io.TextIOBase) -> None:
+        self.stream = stream
+        self.blocks: queue.Queue[Block] = queue.Queue()
+        self.target: tuple[str, str] | None = None
+        self.passes = 0
+        self.last_pass_recv = time.time()
+        self.tail: list[str] = []
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self._run, name="log-reader", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        block: Block | None = None
+        for line in self.stream:
+            marker = line.find(" maglev-bridge: ")
+            if marker < 0:
+                self._keep(line)
+                continue
+            message = line[marker + 16:].rstrip("\n")
+            if block is not None and message.startswith("  ") and not message.startswith("  note:"):
+                block.ops += 1
+                target = self.target
+                if target is not None and target[0] in message and target[1] in message:
+                    block.target_weight = int(message.split(" weight ", 1)[1].split(" ", 1)[0])
+                    block.target_ts = log_time(line)
+                if block.ops >= block.expected_ops:
+                    self._finish(block)
+                    block = None
+                continue
+            if ": shadow mode, would run " in message:
+                reason, _, rest = message.rpartition(": shadow mode, would run ")
+                block = Block(reason, log_time(line), int(rest.split(" ", 1)[0]))
+                if block.expected_ops == 0:
+                    self._finish(block)
+                    block = None
+                continue
+            if message.endswith(": nothing to change"):
+                self._finish(Block(message[: -len(": nothing to change")], log_time(line), 0))
+                continue
+            if "note:" not in message:
+                self._keep(line)
+
+    def _keep(self, line: str) -> None:
+        self.tail = [*self.tail[-29:], line.rstrip("\n")]
+        if " ERROR " in line or " WARNING " in line:
+            self.errors.append(line.rstrip("\n"))
+
+    def _finish(self, block: Block) -> None:
+        block.done_recv = time.time()
+        self.passes += 1
+        self.last_pass_recv = block.done_recv
+        self.blocks.put(block)
+
+    def drain(self) -> list[Block]:
+        out = []
+        while True:
+            try:
+                out.append(self.blocks.get_nowait())
+            except queue.Empty:
+                return out
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
+
+
+def spy(py_spy: str, pid: int, seconds: float, out_file: Path) -> subprocess.Popen[str]:
+    """Sample without stopping the process (--nonblocking), so the measurement is not disturbed."""
+    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "20", "--duration",
+                             str(int(seconds)), "--output", str(out_file), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish_spy(sampler: subprocess.Popen[str], out_file: Path, limit: float) -> str:
+    try:
+        sampler.wait(limit)
+    except subprocess.TimeoutExpired:
+        sampler.terminate()
+        sampler.wait(10)
+    err = sampler.stderr.read() if sampler.stderr else ""
+    return summarize_spy(out_file) if out_file.exists() else f"py-spy gave no samples: {err.strip()[-300:]}"
+
+
+def thread_count(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+# ---- phases --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Change:
+    inst: Instance
+    status: str
+    write_start: float
+    write_done: float
+    notified: float | None
+    block: Block | None
+    passes_seen: int
+
+    @property
+    def latency(self) -> float | None:
+        if self.block is None or self.block.target_ts is None:
+            return None
+        return self.block.target_ts - self.write_done
+
+    @property
+    def coalesced(self) -> bool:
+        return self.block is not None and self.block.reason != f"consul: {self.inst.service} changed"
+
+
+def make_change(client: Client, reader: LogReader, inst: Instance, status: str) -> Change:
+    reader.drain()
+    _, headers, _ = client.request("GET", f"/v1/health/service/{inst.service}")
+    index = int(headers.get("X-Consul-Index", "0"))
+    notified: list[float] = []
+
+    def side_watch() -> None:
+        side = Client(client.port)
+        side.request("GET", f"/v1/health/service/{inst.service}?index={index}&wait=20s", timeout=25)
+        notified.append(time.time())
+
+    watcher = threading.Thread(target=side_watch, daemon=True)
+    watcher.start()
+    time.sleep(0.01)  # let the side query block before the write
+    expected = 0 if status == "critical" else inst.weight
+    # real servers are tunnel addresses on the VIP's port (mh-port); the instance port is not in the op
+    reader.target = (f"real server {inst.tunnel}:{inst.vip.rsplit(':', 1)[1]} weight ", f" in {inst.vip}/")
+    write_start = time.time()
+    client.register(inst, status)
+    write_done = time.time()
+    deadline = write_done + CHANGE_TIMEOUT
+    seen = 0
+    found: Block | None = None
+    while found is None and time.time() < deadline:
+        try:
+            block = reader.blocks.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        seen += 1
+        if block.target_weight == expected and block.target_ts is not None and block.target_ts >= write_start - 0.002:
+            found = block
+    watcher.join(5)
+    reader.target = None
+    return Change(inst, status, write_start, write_done, notified[0] if notified else None, found, seen)
+
+
+def wait_synced(http_port: int, reader: LogReader, proc: subprocess.Popen[str], timeout: float = 400) -> float:
+    start = time.time()
+    deadline = start + timeout
+    ready = False
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("agent exited while syncing:\n" + "\n".join(reader.tail))
+        if not ready:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=2) as resp:
+                    ready = resp.status == 200
+            except (OSError, urllib.error.URLError):
+                pass
+        elif reader.passes and time.time() - reader.last_pass_recv > 8:
+            return reader.last_pass_recv - start
+        time.sleep(0.2)
+    raise SystemExit("agent did not sync in time:\n" + "\n".join(reader.tail))
+
+
+def replay_pass(config_path: Path, client: Client, tmp: Path) -> tuple[dict[str, float], str, int]:
+    """The agent's pass on the same catalog, in this process: timings per step and a cProfile."""
+    import logging
+
+    from bridge.agent import Agent
+    from bridge.catalog.consul_format import snapshot_from_services
+    from bridge.config import load_config
+    from bridge.store import Stored, load_state, save_state
+
+    config = replace(load_config(config_path), state_file=str(tmp / "replay-state.json"))
+    names = sorted({f"svc-{v:04d}" for v in range(SERVICES)})
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda n: client.request("GET", f"/v1/health/service/{n}")[2], names))
+    entries = dict(zip(names, answers, strict=True))
+
+    sink = open(os.devnull, "w")  # noqa: SIM115
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("maglev-bridge")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    class Source:
+        def snapshot(self) -> Any:
+            return snapshot_from_services(entries)
+
+        def state(self) -> dict[str, Any]:
+            return {}
+
+    agent = Agent(config, Source())  # type: ignore[arg-type]
+    steps: dict[str, list[float]] = {}
+    ops = 0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        snapshot = snapshot_from_services(entries)
+        t1 = time.perf_counter()
+        outcome = agent._pass(snapshot)
+        t2 = time.perf_counter()
+        stored = load_state(config.state_file)
+        save_state(config.state_file, Stored(stored.memory, outcome.report(time.time())))
+        t3 = time.perf_counter()
+        agent._log("replay", outcome)
+        t4 = time.perf_counter()
+        load_state(config.state_file)  # _schedule_drain reads it back
+        t5 = time.perf_counter()
+        ops = len(outcome.steps)
+        for key, value in (("snapshot (consul_format)", t1 - t0), ("plan (desired + diff)", t2 - t1),
+                           ("state file load+save", t3 - t2), ("log the operations", t4 - t3),
+                           ("state file re-read (drains)", t5 - t4), ("whole pass", t5 - t0)):
+            steps.setdefault(key, []).append(value)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    agent.sync("profile")
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(12)
+    logger.removeHandler(handler)
+    sink.close()
+    return {k: statistics.median(v) for k, v in steps.items()}, out.getvalue(), ops
+
+
+def find_py_spy() -> str | None:
+    return os.environ.get("PYSPY") or shutil.which("py-spy") or (
+        "/tmp/pyspy/bin/py-spy" if Path("/tmp/pyspy/bin/py-spy").exists() else None)
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    t_start = time.time()
+    build = subprocess.run(["bash", str(ROOT / "scripts/build-hashicorp.sh"), "consul"], check=True,
+                           capture_output=True, text=True)
+    binary = build.stdout.strip().splitlines()[-1]
+    instances = build_instances()
+    rows: list[tuple[str, str]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="maglev-bench-"))
+    extra = {"limits": {"http_max_conns_per_client": 4 * SERVICES + 1000}}
+    with ConsulAgent(binary, extra_config=extra, log_level="WARN") as consul:
+        client = Client(consul.http_port)
+        t0 = time.time()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: client.register(i, "passing"), instances))
+        reg = time.time() - t0
+        print(f"registered {SERVICES} services x {INSTANCES} instances on {NODES} nodes in {reg:.1f} s "
+              f"({len(instances) / reg:.0f}/s)", flush=True)
+
+        http_port = free_port()
+        config_path = tmp / "agent.yaml"
+        config = {
+            "role": "director", "dataplane": "shadow", "vip_cidrs": ["198.51.96.0/20"],
+            "tunnel_map": [{"backend": "10.20.0.0/16", "tunnel": "100.64.0.0/16"}], "local_address": "192.0.2.1",
+            "state_file": str(tmp / "state.json"), "http_bind": f"127.0.0.1:{http_port}",
+            "resync_interval": RESYNC, "node_name": "bench-director",
+            "consul": {"address": f"http://127.0.0.1:{consul.http_port}", "wait": WAIT, "register": False},
+        }
+        config_path.write_text(json.dumps(config))  # JSON is YAML
+        proc = subprocess.Popen([str(ROOT / ".venv/bin/maglev-bridge"), "-v", "run", "--config", str(config_path)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, bufsize=1)
+        reader = LogReader(proc.stderr)  # type: ignore[arg-type]
+        try:
+            sync_s = wait_synced(http_port, reader, proc)
+            startup_passes = reader.passes
+            startup_cpu = cpu_seconds(proc.pid)
+            print(f"agent synced in {sync_s:.1f} s ({startup_passes} passes, {startup_cpu:.1f} CPU s, "
+                  f"{thread_count(proc.pid)} threads)", flush=True)
+            reader.drain()
+
+            # (b) idle CPU
+            py_spy = find_py_spy()
+            passes0, split0, w0 = reader.passes, cpu_split(proc.pid), time.time()
+            time.sleep(IDLE_SECONDS / 2)
+            idle_spy = "py-spy not found (pip install py-spy; or PYSPY=/path)"
+            if py_spy:  # sample the second half of the idle window
+                sampler = spy(py_spy, proc.pid, IDLE_SECONDS / 2 - 2, tmp / "py-spy-idle.txt")
+            time.sleep(IDLE_SECONDS / 2)
+            split1, idle_wall = cpu_split(proc.pid), time.time() - w0
+            idle_user, idle_sys = split1[0] - split0[0], split1[1] - split0[1]
+            idle_cpu = idle_user + idle_sys
+            if py_spy:
+                idle_spy = finish_spy(sampler, tmp / "py-spy-idle.txt", 30)
+            idle_passes = reader.passes - passes0
+            idle_pct = 100 * idle_cpu / idle_wall
+            print(f"idle: {idle_pct:.2f}% of one core over {idle_wall:.0f} s ({idle_passes} passes; user "
+                  f"{idle_user:.1f} s, system {idle_sys:.1f} s)", flush=True)
+            reader.drain()
+
+            # (a) latency, one change at a time: flip a random instance to critical, then back
+            rng = random.Random(7)
+            changes: list[Change] = []
+            cpu_a0, passes_a0, wall_a0 = cpu_seconds(proc.pid), reader.passes, time.time()
+            current: Instance | None = None
+            for i in range(CHANGES):
+                if time.time() - wall_a0 > LATENCY_BUDGET:
+                    print(f"latency budget of {LATENCY_BUDGET:.0f} s used up after {i} changes", flush=True)
+                    break
+                if current is None:
+                    current = rng.choice(instances)
+                    change = make_change(client, reader, current, "critical")
+                else:
+                    change = make_change(client, reader, current, "passing")
+                    current = None
+                changes.append(change)
+                if (i + 1) % 20 == 0:
+                    done = [c.latency for c in changes if c.latency is not None]
+                    print(f"  {i + 1} changes, median so far {1000 * statistics.median(done):.0f} ms"
+                          if done else f"  {i + 1} changes, none detected", flush=True)
+                time.sleep(rng.uniform(0.2, 0.4))
+            if current is not None:
+                client.register(current, "passing")
+            cpu_a, passes_a = cpu_seconds(proc.pid) - cpu_a0, reader.passes - passes_a0
+            wall_a = time.time() - wall_a0
+
+            # where the agent's time goes: py-spy on the real process during a few extra changes
+            spy_text = "py-spy not found (pip install py-spy; or PYSPY=/path)"
+            if py_spy:
+                time.sleep(2)
+                sampler = spy(py_spy, proc.pid, 12, tmp / "py-spy.txt")
+                extra_rng = random.Random(11)
+                spy_end = time.time() + 14
+                while sampler.poll() is None and time.time() < spy_end:
+                    inst = extra_rng.choice(instances)
+                    make_change(client, reader, inst, "critical")
+                    make_change(client, reader, inst, "passing")
+                spy_text = finish_spy(sampler, tmp / "py-spy.txt", 20)
+            reader.drain()
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+        steps, profile_text, replay_ops = replay_pass(config_path, client, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    report(changes, steps, profile_text, spy_text, replay_ops, rows, reg=reg, sync_s=sync_s,
+           startup_cpu=startup_cpu, idle_pct=idle_pct, idle_spy=idle_spy,
+           idle_user=idle_user, idle_sys=idle_sys, idle_wall=idle_wall, idle_passes=idle_passes,
+           cpu_a=cpu_a, passes_a=passes_a, wall_a=wall_a, errors=reader.errors, total=time.time() - t_start)
+
+
+def summarize_spy(path: Path, top: int = 14) -> str:
+    """py-spy raw (collapsed stacks): the functions most often on top of a stack, and inclusive shares."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        leaf = frames[-1].split(" (")[0] + " (" + frames[-1].split(" (")[-1] if frames else "?"
+        own[leaf] = own.get(leaf, 0) + count
+        for frame in set(frames):
+            name = frame.split(" (")[0]
+            if any(k in frame for k in ("bridge/", "consul/", "requests/", "logging/", "json/")):
+                incl[name] = incl.get(name, 0) + count
+    if not total:
+        return "py-spy: no samples"
+    lines = [f"py-spy: {total} samples (active threads only), self time:"]
+    for name, count in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * count / total:5.1f}%  {name}")
+    lines.append("inclusive (project / consul / requests / logging / json frames):")
+    for name, count in sorted(incl.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * count / total:5.1f}%  {name}")
+    return "\n".join(lines)
+
+
+def report(changes: list[Change], steps: dict[str, float], profile_text: str, spy_text: str, replay_ops: int,
+           rows: list[tuple[str, str]], **m: Any) -> None:
+    lat = [c.latency for c in changes if c.latency is not None]
+    notify = [c.notified - c.write_done for c in changes if c.notified is not None]
+    after_notify = [c.block.target_ts - c.notified for c in changes
+                    if c.block is not None and c.block.target_ts is not None and c.notified is not None]
+    header_to_target = [c.block.target_ts - c.block.header_ts for c in changes
+                        if c.block is not None and c.block.target_ts is not None]
+    writes = [c.write_done - c.write_start for c in changes]
+    missed = sum(1 for c in changes if c.latency is None)
+    coalesced = sum(1 for c in changes if c.coalesced)
+    extra_passes = sum(1 for c in changes if c.block is not None and c.passes_seen > 1)
+    pass_cpu = m["cpu_a"] / m["passes_a"] if m["passes_a"] else float("nan")
+
+    print("\n--- replayed pass in this process (median of 3), shadow mode, empty IPVS table ---")
+    for key, value in steps.items():
+        print(f"  {key:<30} {1000 * value:8.0f} ms")
+    print(f"  ({replay_ops} operations per pass)")
+    print("\n--- cProfile of one replayed pass (by own time) ---")
+    print("\n".join(profile_text.strip().splitlines()[:26]))
+    print("\n--- real agent sampled while idle (second half of the idle window) ---")
+    print(m["idle_spy"])
+    print("\n--- real agent sampled during extra changes ---")
+    print(spy_text)
+    if m["errors"]:
+        print(f"\n--- agent warnings/errors ({len(m['errors'])}), first 5 ---")
+        print("\n".join(m["errors"][:5]))
+
+    def ms(values: list[float], q: float) -> str:
+        return f"{1000 * pct(values, q):.0f} ms" if values else "n/a"
+
+    rows += [
+        ("catalog", f"{SERVICES} services x {INSTANCES} instances, {NODES} nodes, consul.wait {WAIT}"),
+        ("registration (catalog API)", f"{m['reg']:.1f} s"),
+        ("agent initial sync", f"{m['sync_s']:.1f} s, {m['startup_cpu']:.1f} CPU s"),
+        ("(a) changes measured", f"{len(changes)} ({missed} not detected within {CHANGE_TIMEOUT:.0f} s)"),
+        ("(a) write -> operation p50", ms(lat, 50)),
+        ("(a) write -> operation p99", ms(lat, 99) + "   (goal < 250 ms)"),
+        ("(a) write -> operation max", ms(lat, 100)),
+        ("    consul write (PUT) p50", ms(writes, 50)),
+        ("    consul notifies p50 / p99", f"{ms(notify, 50)} / {ms(notify, 99)}"),
+        ("    notified -> op logged p50/p99", f"{ms(after_notify, 50)} / {ms(after_notify, 99)}"),
+        ("    pass header -> op line p50", ms(header_to_target, 50)),
+        ("(a) coalesced changes", f"{coalesced} (pass reason not just this service); {extra_passes} needed "
+                                  f"more than one pass"),
+        ("pass in agent (CPU per pass)", f"{1000 * pass_cpu:.0f} ms CPU over {m['passes_a']} passes "
+                                         f"({100 * m['cpu_a'] / m['wall_a']:.0f}% of a core during (a))"),
+        ("pass replayed (wall)", f"{1000 * steps.get('whole pass', float('nan')):.0f} ms, {replay_ops} ops"),
+        ("(b) idle CPU", f"{m['idle_pct']:.2f}% of one core over {m['idle_wall']:.0f} s, {m['idle_passes']} passes, "
+                         f"user {m['idle_user']:.1f} s / sys {m['idle_sys']:.1f} s   (goal < 1%)"),
+        ("(b) + resync every 30 s", f"~{m['idle_pct'] + 100 * pass_cpu / 30:.2f}% (idle + pass CPU / 30 s; "
+                                    f"bench ran with resync_interval {RESYNC:.0f})"),
+        ("bench wall time", f"{m['total']:.0f} s"),
+    ]
+    print("\n=== consul latency benchmark (real Consul, real agent, shadow mode) ===")
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
