@@ -466,7 +466,8 @@ def _populate(offsets: IntArray, skips: IntArray, turns: IntArray, size: int) ->
 
 def _fill(offsets: IntArray, skips: IntArray, turns: IntArray, size: int) -> IntArray:
     """The kernel's loop over numpy arrays, written for numba: claim by claim, each taking the next free slot
-    along its server's permutation."""
+    along its server's permutation. The same loop as `_populate_sequentially`, kept twice on purpose: numba
+    needs arrays, and on arrays the interpreter runs it 2x slower than on lists (5.2 vs 2.7 ms at 4093)."""
     owner = np.full(size, -1, dtype=np.int64)
     if turns.sum() == 0:
         return owner
