@@ -15,7 +15,6 @@ from bridge.config import Config
 from bridge.dataplane.backend import BackendKernel, plan_backend
 from bridge.dataplane.diff import Memory, plan, remember
 from bridge.dataplane.kernel import ApplyError, Kernel
-from bridge.dataplane.state import LiveState
 from bridge.desired import claims_of_node, compute_desired
 from bridge.model import DesiredState, Rejection, Snapshot
 from bridge.store import Stored, load_state, save_state
@@ -72,7 +71,7 @@ def director_pass(snapshot: Snapshot, config: Config, kernel: Kernel, *, dry_run
     except ApplyError as exc:
         if not dry_run:
             raise
-        live = LiveState((), kernel.read_links(), kernel.read_routes())
+        live = kernel.read(services=False)
         notes = (f"planned against an empty IPVS table: {exc}",)
     result = plan(desired, live, stored.memory, now, config.drain_timeout)
     if dry_run:

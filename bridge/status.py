@@ -8,7 +8,7 @@ from typing import Any
 from bridge.config import Config
 from bridge.dataplane.diff import dest_id
 from bridge.dataplane.kernel import ApplyError, open_kernel
-from bridge.dataplane.state import LiveService, LiveState
+from bridge.dataplane.state import LiveService
 from bridge.explain import ExplainError, ServiceView
 from bridge.maglev import Dest, build_table, fingerprint
 from bridge.render import status_json
@@ -61,7 +61,7 @@ def read_status(config: Config) -> dict[str, Any]:
             live = kernel.read()
             kernel_note = None
         except ApplyError as exc:
-            live = LiveState((), kernel.read_links(), kernel.read_routes())
+            live = kernel.read(services=False)
             kernel_note = str(exc)
     prints = service_fingerprints(live.services, dict(stored.memory.last_weights), config.mh_table_size)
     data = status_json(live, stored.report, prints)

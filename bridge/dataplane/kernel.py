@@ -128,9 +128,9 @@ class Kernel:
             services.append(LiveService(key[0], key[1], key[2], record.scheduler, _flag_names(record.flags), dests))
         return tuple(services)
 
-    def read_links(self) -> tuple[LiveLink, ...]:
+    def _parse_links(self, link_msgs: list[Any]) -> tuple[LiveLink, ...]:
         links = []
-        for msg in self.ipr.get_links():
+        for msg in link_msgs:
             name = msg.get_attr("IFLA_IFNAME")
             if not name or not self._link_re.match(name):
                 continue
@@ -154,8 +154,8 @@ class Kernel:
             )
         return tuple(sorted(links, key=lambda link: link.name))
 
-    def read_routes(self) -> tuple[LiveRoute, ...]:
-        names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in self.ipr.get_links()}
+    def _parse_routes(self, link_msgs: list[Any]) -> tuple[LiveRoute, ...]:
+        names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in link_msgs}
         routes = []
         for table in TABLES.values():
             for msg in self.ipr.get_routes(family=socket.AF_INET, table=table, proto=self.config.route_protocol):
@@ -171,8 +171,12 @@ class Kernel:
                 )
         return tuple(sorted(set(routes), key=lambda r: (r.table, r.dst, r.dev)))
 
-    def read(self) -> LiveState:
-        return LiveState(self.read_services(), self.read_links(), self.read_routes())
+    def read(self, services: bool = True) -> LiveState:
+        """Owned state; `services=False` skips IPVS (for shadow mode and status on a kernel without it).
+        Links are dumped once for both the tunnels and the route device names."""
+        link_msgs = list(self.ipr.get_links())
+        ipvs = self.read_services() if services else ()
+        return LiveState(ipvs, self._parse_links(link_msgs), self._parse_routes(link_msgs))
 
     def default_local_address(self) -> str:
         """The underlay source address: the one on the interface holding the default route."""
