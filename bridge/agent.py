@@ -2,9 +2,12 @@
 full re-sync (the timers are APScheduler jobs).
 
 Requests coalesce: however many changes arrive during a pass, exactly one more pass follows, so no
-change is lost and passes never overlap. A pass without a trustworthy catalog changes nothing (fail
-static); shutting down leaves the kernel as it is, so restarting or upgrading the agent never disturbs
-a connection.
+change is lost and passes never overlap. A catalog change costs what it changes: the desired state is
+kept per service (DesiredBook) and the pass reads and plans only the virtual services whose desired value
+changed; the periodic re-sync, drain deadlines and retries after a failure run full passes.
+
+A pass without a trustworthy catalog changes nothing (fail static); shutting down leaves the kernel as it
+is, so restarting or upgrading the agent never disturbs a connection.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import signal
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
@@ -21,13 +25,18 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from bridge.catalog.source import CatalogSource, CatalogUnavailable, FileSource
 from bridge.config import Config, ConfigError
-from bridge.dataplane.kernel import ApplyError, open_kernel
+from bridge.dataplane.diff import Memory
+from bridge.dataplane.kernel import ApplyError, Kernel
+from bridge.dataplane.ops import VsKey
+from bridge.dataplane.view import Dataplane, KernelView, ShadowKernel
+from bridge.desired import DesiredBook
 from bridge.model import Snapshot
 from bridge.reconcile import PassOutcome, backend_pass, director_pass
 from bridge.store import Stored, load_state, save_state
 
 log = logging.getLogger("maglev-bridge")
 logging.getLogger("apscheduler").setLevel(logging.WARNING)
+RETRY_SECONDS = 5.0
 
 
 class Agent:
@@ -35,10 +44,17 @@ class Agent:
         self.config = config
         self.source = source
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
+        self.book = DesiredBook(config)
         self._wanted = threading.Event()
         self._reasons: list[str] = []
+        self._full_wanted = True
         self._reasons_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._dataplane: Dataplane | None = None
+        self._kernel: Kernel | None = None
+        self._local_address = "0.0.0.0"
+        self._memory: Memory | None = None
+        self._unapplied: set[VsKey] = set()
         self.synced = False
         self.last_error: str | None = None
         self.last_pass_at: float | None = None
@@ -46,48 +62,113 @@ class Agent:
 
     # ---- requests --------------------------------------------------------------------------------
 
-    def request(self, reason: str) -> None:
+    def request(self, reason: str, full: bool = True) -> None:
+        """Ask for a pass. Catalog changes ask for a small one (`full=False`): only the virtual services
+        whose desired value changed are read and planned. Anything else asks for a full one."""
         with self._reasons_lock:
             self._reasons.append(reason)
+            self._full_wanted = self._full_wanted or full
         self._wanted.set()
 
-    def _take_reasons(self) -> str:
+    def catalog_changed(self, reason: str) -> None:
+        self.request(reason, full=False)
+
+    def _take_request(self) -> tuple[str, bool]:
         with self._reasons_lock:
             reasons, self._reasons = self._reasons, []
-        return ", ".join(dict.fromkeys(reasons)) or "request"
+            full, self._full_wanted = self._full_wanted, False
+        return ", ".join(dict.fromkeys(reasons)) or "request", full
 
     # ---- passes ----------------------------------------------------------------------------------
 
-    def sync(self, reason: str) -> PassOutcome | None:
+    def sync(self, reason: str, full: bool = True) -> PassOutcome | None:
         try:
             snapshot = self.source.snapshot()
         except CatalogUnavailable as exc:
             self.last_error = f"catalog unavailable: {exc}"
             log.warning("%s: catalog unavailable, keeping the kernel as it is: %s", reason, exc)
             return None
+        now = time.time()
         try:
-            outcome = self._pass(snapshot)
+            outcome = self._pass(snapshot, full, now)
         except (ApplyError, OSError) as exc:
             self.last_error = f"pass failed: {exc}"
             log.error("%s: pass failed, will retry: %s", reason, exc)
+            self._close_dataplane()
+            self._retry_in(RETRY_SECONDS)
             return None
-        if not outcome.applied:
-            stored = load_state(self.config.state_file)
-            save_state(self.config.state_file, Stored(stored.memory, outcome.report(time.time())))
         self.synced = True
         self.last_error = None
-        self.last_pass_at = time.time()
+        self.last_pass_at = now
         self.passes += 1
         self._log(reason, outcome)
+        if outcome.steps or full:
+            save_state(self.config.state_file, Stored(self._memory or Memory(), outcome.report(now)))
+        if outcome.failed:
+            self._retry_in(RETRY_SECONDS)
         self._schedule_drain()
         return outcome
 
-    def _pass(self, snapshot: Snapshot) -> PassOutcome:
-        dry_run = self.config.dataplane == "shadow"
+    def _pass(self, snapshot: Snapshot, full: bool, now: float) -> PassOutcome:
         if self.config.role == "backend":
-            return backend_pass(snapshot, self.config, dry_run=dry_run)
-        with open_kernel(self.config) as kernel:
-            return director_pass(snapshot, self.config, kernel, dry_run=dry_run)
+            dry_run = self.config.dataplane == "shadow"
+            outcome = backend_pass(snapshot, self.config, dry_run=dry_run, now=now)
+            return outcome
+        self._unapplied |= self.book.update(snapshot)
+        dataplane = self._open_dataplane(refresh=full)
+        if self._memory is None:
+            self._memory = load_state(self.config.state_file).memory
+        scope = None if full else frozenset(self._unapplied)
+        desired = self.book.state(self._local_address)
+        if scope is not None and not scope:
+            return PassOutcome("director", False, (), desired.rejected, (), desired)
+        outcome, self._memory = director_pass(desired, self.config, dataplane, self._memory,
+                                              apply=True, now=now, scope=scope)
+        self._unapplied.clear()
+        if self.config.dataplane == "shadow":
+            outcome = replace(outcome, applied=False)
+        return outcome
+
+    def _open_dataplane(self, refresh: bool) -> Dataplane:
+        """The kernel, kept open between passes; in shadow mode a model seeded from it once."""
+        if self._dataplane is not None and not refresh:
+            return self._dataplane
+        if self._kernel is None:
+            self._kernel = Kernel(self.config)
+        if self._dataplane is None:
+            if self.config.dataplane == "shadow":
+                self._dataplane = self._shadow(self._kernel)
+            else:
+                self._dataplane = KernelView(self._kernel)
+        if self.config.local_address:
+            self._local_address = self.config.local_address
+        elif self.config.dataplane != "shadow" or self._local_address == "0.0.0.0":
+            try:
+                self._local_address = self._kernel.default_local_address()
+            except ApplyError:
+                if self.config.dataplane != "shadow":
+                    raise
+        return self._dataplane
+
+    def _shadow(self, kernel: Kernel) -> ShadowKernel:
+        try:
+            seed = kernel.read()
+        except ApplyError as exc:
+            log.info("shadow mode: starting from an empty IPVS table: %s", exc)
+            seed = kernel.read(services=False)
+        return ShadowKernel(seed)
+
+    def _close_dataplane(self) -> None:
+        if self._kernel is not None:
+            self._kernel.close()
+        self._kernel = None
+        self._dataplane = None
+        with self._reasons_lock:
+            self._full_wanted = True
+
+    def _retry_in(self, seconds: float) -> None:
+        when = datetime.now() + timedelta(seconds=seconds)
+        self.scheduler.add_job(self.request, "date", run_date=when, args=["retry"], id="retry", replace_existing=True)
 
     def _log(self, reason: str, outcome: PassOutcome) -> None:
         if not outcome.steps:
@@ -105,7 +186,8 @@ class Agent:
 
     def _schedule_drain(self) -> None:
         now = time.time()
-        deadlines = [d for d in load_state(self.config.state_file).memory.drain_deadlines.values() if d > now]
+        memory = self._memory if self._memory is not None else load_state(self.config.state_file).memory
+        deadlines = [d for d in memory.drain_deadlines.values() if d > now]
         if deadlines:
             when = datetime.fromtimestamp(min(deadlines)) + timedelta(milliseconds=50)
             self.scheduler.add_job(self.request, "date", run_date=when, args=["drain deadline"], id="drain",
@@ -135,7 +217,8 @@ class Agent:
             self._wanted.clear()
             if self._stopping.is_set():
                 break
-            self.sync(self._take_reasons())
+            self.sync(*self._take_request())
+        self._close_dataplane()
 
     def keep_jobs(self) -> None:
         from bridge.nomad.keeper import keep_jobs
@@ -150,7 +233,7 @@ class Agent:
             self.scheduler.add_job(self.keep_jobs, "interval", seconds=self.config.nomad.keep_interval, id="nomad-jobs",
                                    next_run_time=datetime.now())
         self.scheduler.start()
-        self.source.start(self.request)
+        self.source.start(self.catalog_changed)
         self.request("start")
 
     def stop(self) -> None:

@@ -16,7 +16,7 @@ from bridge.desired import compute_desired
 from bridge.explain import ExplainError
 from bridge.model import Snapshot
 from bridge.nomad.cli import add_jobs_commands
-from bridge.reconcile import backend_pass, director_pass
+from bridge.reconcile import apply_once, backend_pass
 from bridge.render import desired_json, desired_text, dumps, outcome_text, status_text
 
 EXIT_OK = 0
@@ -60,8 +60,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if config.role == "backend":
         outcome = backend_pass(snapshot, config, dry_run=args.dry_run)
     else:
-        with open_kernel(config) as kernel:
-            outcome = director_pass(snapshot, config, kernel, dry_run=args.dry_run)
+        outcome = apply_once(snapshot, config, dry_run=args.dry_run)
     print(outcome_text(outcome))
     return EXIT_FAILED if outcome.failed else EXIT_OK
 

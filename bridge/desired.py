@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from bridge.addr import ipv4_int, ipv4_text
 from bridge.config import Config
 from bridge.gcpause import gc_paused
-from bridge.model import DesiredState, Instance, RealServer, Rejection, Snapshot, Tunnel, VirtualService
+from bridge.model import DesiredState, Instance, Protocol, RealServer, Rejection, Snapshot, Tunnel, VirtualService
 from bridge.tags import Claim, InstanceClaim, TagParser
 
 INT32_MAX = 2**31 - 1
-VsKey = tuple[str, int, str]
+CACHE_LIMIT = 500_000
+VsKey = tuple[str, int, Protocol]
 
 
 class _Backed(NamedTuple):
@@ -131,39 +133,124 @@ def _virtual_service(key: VsKey, service: str, backed: list[_Backed], config: Co
 
 
 def compute_desired(snapshot: Snapshot, config: Config, local_address: str) -> DesiredState:
-    with gc_paused():
-        return _compute(snapshot, config, local_address)
+    book = DesiredBook(config)
+    book.update(snapshot)
+    return book.state(local_address)
 
 
-def _compute(snapshot: Snapshot, config: Config, local_address: str) -> DesiredState:
-    rejected: list[Rejection] = []
-    by_key: dict[VsKey, dict[str, list[_Backed]]] = defaultdict(lambda: defaultdict(list))
-    parser = TagParser(config)
-    tunnels: dict[str, str | None] = {}
-    for instance in snapshot.instances:
-        parsed = parser.parse(instance)
-        if parsed is None:
-            continue
-        resolved = parsed if isinstance(parsed, Rejection) else _resolve_backend(parsed, config, tunnels)
-        if isinstance(resolved, Rejection):
-            rejected.append(resolved)
-            continue
-        for claim in resolved.claim.claims:
-            by_key[claim.key][instance.service].append(resolved)
-    winners, conflicts = _resolve_conflicts(by_key)
-    rejected.extend(conflicts)
-    services = tuple(
-        _virtual_service(key, service, backed, config)
-        for key, (service, backed) in sorted(
-            winners.items(), key=lambda kv: (ipv4_int(kv[0][0]), kv[0][1], kv[0][2])
+@dataclass(frozen=True)
+class _Part:
+    """One service's share of the desired state: its accepted claims per VIP key and its rejections."""
+
+    instances: tuple[Instance, ...]
+    backed: dict[VsKey, list[_Backed]]
+    rejected: tuple[Rejection, ...]
+
+
+class DesiredBook:
+    """The desired state kept per service, so that a change to one service recomputes only the virtual
+    services that service claims. Still pure (no I/O, no clock): `update` with any snapshot leaves the book
+    exactly where a fresh book would be after that one snapshot, which the unit tests check on random
+    histories. `compute_desired` is a fresh book, so there is one implementation, not two."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._parser = TagParser(config)
+        self._tunnels: dict[str, str | None] = {}
+        self._parts: dict[str, _Part] = {}
+        self._claimants: dict[VsKey, set[str]] = defaultdict(set)
+        self._services: dict[VsKey, VirtualService] = {}
+        self._conflicts: dict[VsKey, list[Rejection]] = {}
+        self._state: tuple[str, DesiredState] | None = None
+
+    def update(self, snapshot: Snapshot) -> frozenset[VsKey]:
+        """Take a new snapshot; the keys of the virtual services whose desired value changed (added,
+        edited or withdrawn)."""
+        self._trim_caches()
+        with gc_paused():
+            groups: dict[str, list[Instance]] = defaultdict(list)
+            for instance in snapshot.instances:
+                groups[instance.service].append(instance)
+            touched: set[VsKey] = set()
+            for name in self._parts.keys() - groups.keys():
+                touched |= self._replace(name, ())
+            for name, instances in groups.items():
+                part = self._parts.get(name)
+                as_tuple = tuple(instances)
+                if part is None or part.instances != as_tuple:
+                    touched |= self._replace(name, as_tuple)
+            return frozenset(key for key in touched if self._settle(key))
+
+    def _trim_caches(self) -> None:
+        """A long-lived agent sees tag sets and backends come and go; the parse caches must not grow forever."""
+        if self._parser.cached() > CACHE_LIMIT:
+            self._parser = TagParser(self.config)
+        if len(self._tunnels) > CACHE_LIMIT:
+            self._tunnels = {}
+
+    def _replace(self, name: str, instances: tuple[Instance, ...]) -> set[VsKey]:
+        old = self._parts.pop(name, None)
+        keys = set(old.backed) if old else set()
+        for key in keys:
+            self._claimants[key].discard(name)
+        if instances:
+            part = self._part(instances)
+            self._parts[name] = part
+            for key in part.backed:
+                self._claimants[key].add(name)
+            keys |= part.backed.keys()
+        self._state = None
+        return keys
+
+    def _part(self, instances: tuple[Instance, ...]) -> _Part:
+        backed: dict[VsKey, list[_Backed]] = defaultdict(list)
+        rejected: list[Rejection] = []
+        for instance in instances:
+            parsed = self._parser.parse(instance)
+            if parsed is None:
+                continue
+            resolved = parsed if isinstance(parsed, Rejection) else _resolve_backend(parsed, self.config, self._tunnels)
+            if isinstance(resolved, Rejection):
+                rejected.append(resolved)
+                continue
+            for claim in resolved.claim.claims:
+                backed[claim.key].append(resolved)
+        return _Part(instances, dict(backed), tuple(rejected))
+
+    def _settle(self, key: VsKey) -> bool:
+        """Re-decide one VIP key among the services claiming it; True when its virtual service changed."""
+        names = self._claimants.get(key)
+        old = self._services.get(key)
+        if not names:
+            self._claimants.pop(key, None)
+            self._conflicts.pop(key, None)
+            self._services.pop(key, None)
+            return old is not None
+        winners, conflicts = _resolve_conflicts({key: {n: self._parts[n].backed[key] for n in sorted(names)}})
+        service, backed = winners[key]
+        self._conflicts[key] = conflicts
+        new = _virtual_service(key, service, backed, self.config)
+        self._services[key] = new
+        return new != old
+
+    def state(self, local_address: str) -> DesiredState:
+        if self._state is not None and self._state[0] == local_address:
+            return self._state[1]
+        services = tuple(self._services[key] for key in sorted(self._services, key=_key_order))
+        rejected = [r for part in self._parts.values() for r in part.rejected]
+        rejected += [r for found in self._conflicts.values() for r in found]
+        state = DesiredState(
+            virtual_services=services,
+            tunnels=tunnels_for(services, self.config, local_address),
+            vip_routes=tuple(sorted({vs.vip for vs in services}, key=ipv4_int)),
+            rejected=tuple(sorted(rejected, key=lambda r: (r.service, r.instance, r.tag))),
         )
-    )
-    return DesiredState(
-        virtual_services=services,
-        tunnels=tunnels_for(services, config, local_address),
-        vip_routes=tuple(sorted({vs.vip for vs in services}, key=ipv4_int)),
-        rejected=tuple(sorted(rejected, key=lambda r: (r.service, r.instance, r.tag))),
-    )
+        self._state = (local_address, state)
+        return state
+
+
+def _key_order(key: VsKey) -> tuple[int, int, str]:
+    return (ipv4_int(key[0]), key[1], key[2])
 
 
 def tunnels_for(services: Iterable[VirtualService], config: Config, local_address: str) -> tuple[Tunnel, ...]:

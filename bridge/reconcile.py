@@ -1,20 +1,22 @@
 """One reconcile pass for either role: read live state, plan against the desired state, apply, remember.
 
-The same function serves `apply` (once), `run` (on every change and periodically) and shadow mode
-(plan and report, touch nothing), so what an operator tries by hand is what the agent does.
+The same function serves `apply` (once), `run` (on every change, scoped to what changed, and
+periodically in full) and shadow mode (against a model of the kernel, touching nothing), so what an
+operator tries by hand is what the agent does.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from bridge.config import Config
 from bridge.dataplane.backend import BackendKernel, plan_backend
 from bridge.dataplane.diff import Memory, plan, remember
-from bridge.dataplane.kernel import ApplyError, Kernel
+from bridge.dataplane.kernel import ApplyError, open_kernel
+from bridge.dataplane.view import Dataplane, KernelView, Scope, ShadowKernel
 from bridge.desired import claims_of_node, compute_desired
 from bridge.model import DesiredState, Rejection, Snapshot
 from bridge.store import Stored, load_state, save_state
@@ -52,40 +54,41 @@ class PassOutcome:
         }
 
 
-def local_address(config: Config, kernel: Kernel) -> str:
-    return config.local_address or kernel.default_local_address()
-
-
-def desired_for(snapshot: Snapshot, config: Config, kernel: Kernel) -> DesiredState:
-    return compute_desired(snapshot, config, local_address(config, kernel))
-
-
-def director_pass(snapshot: Snapshot, config: Config, kernel: Kernel, *, dry_run: bool, now: float | None = None,
-                  ) -> PassOutcome:
-    now = time.time() if now is None else now
-    desired = desired_for(snapshot, config, kernel)
-    stored = load_state(config.state_file)
-    notes: tuple[str, ...] = ()
-    try:
-        live = kernel.read()
-    except ApplyError as exc:
-        if not dry_run:
-            raise
-        live = kernel.read(services=False)
-        notes = (f"planned against an empty IPVS table: {exc}",)
-    result = plan(desired, live, stored.memory, now, config.drain_timeout)
-    if dry_run:
+def director_pass(desired: DesiredState, config: Config, dataplane: Dataplane, memory: Memory, *, apply: bool,
+                  now: float, scope: Scope = None) -> tuple[PassOutcome, Memory]:
+    """Read, plan, and (with `apply`) carry out; the outcome and the memory to keep. The caller owns the state
+    file, so the agent can keep its memory in RAM between passes and write it once per pass."""
+    live = dataplane.read(scope)
+    result = plan(desired, live, memory, now, config.drain_timeout, scope)
+    if not apply:
         steps = tuple(StepResult(op.describe(), None) for op in result.ops)
-        return PassOutcome("director", False, steps, desired.rejected, result.draining, desired, notes)
-    last_weights = dict(stored.memory.last_weights)
-    steps_list = []
-    for outcome in kernel.apply(result.ops):
-        steps_list.append(StepResult(outcome.op.describe(), outcome.error))
-        if outcome.error is None:
-            last_weights = remember(last_weights, outcome.op)
-    done = PassOutcome("director", True, tuple(steps_list), desired.rejected, result.draining, desired)
-    save_state(config.state_file, Stored(Memory(result.drain_deadlines, last_weights), done.report(now)))
-    return done
+        return PassOutcome("director", False, steps, desired.rejected, result.draining, desired), memory
+    results = list(dataplane.apply(result.ops))
+    done = PassOutcome("director", True, tuple(StepResult(r.op.describe(), r.error) for r in results),
+                       desired.rejected, result.draining, desired)
+    succeeded = [r.op for r in results if r.error is None]
+    return done, Memory(result.drain_deadlines, remember(memory.last_weights, succeeded))
+
+
+def apply_once(snapshot: Snapshot, config: Config, *, dry_run: bool) -> PassOutcome:
+    """`maglev-bridge apply`: one full pass against the kernel, with the state file the agent uses. A dry run
+    on a kernel without IPVS plans against an empty IPVS table and says so."""
+    now = time.time()
+    stored = load_state(config.state_file)
+    with open_kernel(config) as kernel:
+        desired = compute_desired(snapshot, config, config.local_address or kernel.default_local_address())
+        try:
+            outcome, memory = director_pass(desired, config, KernelView(kernel), stored.memory, apply=not dry_run,
+                                            now=now)
+        except ApplyError as exc:
+            if not dry_run:
+                raise
+            shadow = ShadowKernel(kernel.read(services=False))
+            outcome, _ = director_pass(desired, config, shadow, stored.memory, apply=False, now=now)
+            return replace(outcome, notes=(f"planned against an empty IPVS table: {exc}",))
+    if not dry_run:
+        save_state(config.state_file, Stored(memory, outcome.report(now)))
+    return outcome
 
 
 def backend_pass(snapshot: Snapshot, config: Config, *, dry_run: bool, now: float | None = None) -> PassOutcome:

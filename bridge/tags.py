@@ -104,6 +104,9 @@ class TagParser:
         self._vips: dict[tuple[str, int], Claim | TagError] = {}
         self._tag_sets: dict[tuple[tuple[str, ...], int], tuple[tuple[Claim, ...], int, tuple[str, ...]] | None] = {}
 
+    def cached(self) -> int:
+        return len(self._vips) + len(self._tag_sets)
+
     def _vip(self, tag: str, value: str, default_port: int) -> Claim:
         known = self._vips.get((tag, default_port))
         if known is None:

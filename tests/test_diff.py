@@ -37,11 +37,8 @@ class Director:
     def sync(self, entries, now=0.0):
         desired = compute_desired(snapshot_from_services(catalog(*entries)), CONFIG, "192.0.2.1")
         p = plan(desired, self.kernel.read(), self.memory, now, CONFIG.drain_timeout)
-        self.kernel.apply(p.ops)
-        last = dict(self.memory.last_weights)
-        for op in p.ops:
-            last = remember(last, op)
-        self.memory = Memory(p.drain_deadlines, last)
+        self.kernel.run(p.ops)
+        self.memory = Memory(p.drain_deadlines, remember(self.memory.last_weights, p.ops))
         self.last_ops = p.ops
         return p
 
@@ -198,3 +195,34 @@ def test_a_director_that_lost_its_state_file_never_assumes_what_the_kernel_remem
     fresh = Director()
     fresh.sync([entry(11, index=1, weight=0), entry(12, index=2)])
     assert d.kernel.table_state() == fresh.kernel.table_state()
+
+
+OTHER_VIP = "maglev.vip=198.51.100.20:80"
+OTHER_KEY = ("198.51.100.20", 80, "tcp")
+
+
+def test_scoped_plan_of_one_health_change_is_the_full_plan_of_that_change():
+    d = Director()
+    entries = [entry(11), entry(12), entry(21, vip=OTHER_VIP), entry(22, vip=OTHER_VIP)]
+    d.sync(entries)
+    entries[0] = entry(11, status="critical")
+    desired = compute_desired(snapshot_from_services(catalog(*entries)), CONFIG, "192.0.2.1")
+    live = d.kernel.read()
+    full = plan(desired, live, d.memory, 1.0, CONFIG.drain_timeout)
+    scoped = plan(desired, d.kernel.read(frozenset({KEY})), d.memory, 1.0, CONFIG.drain_timeout, frozenset({KEY}))
+    assert scoped.ops == full.ops == (SetDest(KEY, "203.0.113.11", 80, 0),)
+
+
+def test_scoped_plan_keeps_deadlines_outside_its_scope_and_deletes_no_link_or_route():
+    d = Director()
+    d.sync([entry(11), entry(21, vip=OTHER_VIP), entry(22, vip=OTHER_VIP)], now=0.0)
+    d.sync([entry(11), entry(21, vip=OTHER_VIP)], now=1.0)  # 22 drains until 31
+    assert set(d.memory.drain_deadlines) == {"198.51.100.20:80/tcp>203.0.113.22:80"}
+    desired = compute_desired(snapshot_from_services(catalog(entry(11, status="critical"), entry(21, vip=OTHER_VIP))),
+                              CONFIG, "192.0.2.1")
+    scoped = plan(desired, d.kernel.read(frozenset({KEY})), d.memory, 100.0, CONFIG.drain_timeout, frozenset({KEY}))
+    assert scoped.ops == (SetDest(KEY, "203.0.113.11", 80, 0),)
+    assert scoped.drain_deadlines == d.memory.drain_deadlines  # past due, but not this pass's to delete
+    full = plan(desired, d.kernel.read(), d.memory, 100.0, CONFIG.drain_timeout)
+    assert DelDest(OTHER_KEY, "203.0.113.22", 80) in full.ops
+    assert any(isinstance(op, DelLink) for op in full.ops)

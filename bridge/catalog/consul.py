@@ -1,6 +1,16 @@
 """The Consul catalog source: blocking queries on the service list and on the health of each tagged
 service, following Consul's documented rules for blocking queries.
 
+All watches share one thread running an asyncio loop (py-consul's aiohttp client): a blocking query that
+waits costs nothing but its open connection, so a director watching 2,000 services idles at a re-arm
+per service every `wait` (default 5 minutes, Consul's own default; at most 10). Each health answer is
+turned into `Instance` values once, when it arrives, and unchanged services keep the very same objects,
+which lets the agent's DesiredBook see in a glance which services changed.
+
+Consul counts connections per client address (`limits.http_max_conns_per_client`, default 200): the
+agent holds one per tagged service plus one, so a director with more tagged services needs that limit
+raised on its local Consul agent; a refusal (429) says so.
+
 * The index is reset to 0 when it goes backwards and never sent below 1; a return is not assumed to be
   a change (the content is compared).
 * Each watch is rate-limited by a small token bucket, and `wait` carries jitter.
@@ -10,28 +20,36 @@ service, following Consul's documented rules for blocking queries.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import consul
+import consul.aio
+import consul.base
 import requests
 
-from bridge.catalog.consul_format import snapshot_from_services
+from bridge.catalog.consul_format import CatalogFormatError, instances_of
 from bridge.catalog.source import CatalogUnavailable, OnChange
-from bridge.config import Config, ConsulConfig
-from bridge.model import Snapshot
+from bridge.config import Config, ConsulConfig, parse_wait
+from bridge.model import Instance, Snapshot
 
 log = logging.getLogger("maglev-bridge.consul")
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
+MAX_CONNECTIONS = 1 << 20
+"""aiohttp's default pool holds 100 connections; every watch needs its own for as long as it blocks."""
 
 
 class ConsulAccessError(RuntimeError):
@@ -45,16 +63,21 @@ def read_token(config: ConsulConfig) -> str | None:
     return os.environ.get("CONSUL_HTTP_TOKEN") or None
 
 
-def make_client(config: ConsulConfig) -> consul.Consul:
+def _client_options(config: ConsulConfig) -> dict[str, Any]:
     scheme, _, rest = config.address.rpartition("://")
     host, _, port = rest.rpartition(":")
-    verify: bool | str = config.ca_file or True
-    cert = (config.cert_file, config.key_file) if config.cert_file and config.key_file else None
-    client = consul.Consul(
-        host=host or "127.0.0.1", port=int(port or 8500), scheme=scheme or "http", token=read_token(config),
-        dc=config.datacenter, verify=verify, cert=cert, consistency="stale" if config.stale else "default",
-    )
-    if config.tls_server_name and scheme == "https":
+    return {
+        "host": host or "127.0.0.1", "port": int(port or 8500), "scheme": scheme or "http", "token": read_token(config),
+        "dc": config.datacenter, "verify": config.ca_file or True,
+        "cert": (config.cert_file, config.key_file) if config.cert_file and config.key_file else None,
+        "consistency": "stale" if config.stale else "default",
+    }
+
+
+def make_client(config: ConsulConfig) -> consul.Consul:
+    """The blocking client, for self-registration and one-off reads."""
+    client = consul.Consul(**_client_options(config))
+    if config.tls_server_name and client.http.base_uri.startswith("https"):
         from requests.adapters import HTTPAdapter
 
         class ServerNameAdapter(HTTPAdapter):
@@ -65,14 +88,6 @@ def make_client(config: ConsulConfig) -> consul.Consul:
 
         client.http.session.mount("https://", ServerNameAdapter())
     return client
-
-
-def parse_wait(text: str) -> float:
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0}
-    for suffix in ("ms", "s", "m"):
-        if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
-            return float(text[: -len(suffix)]) * units[suffix]
-    raise ValueError(f"consul.wait: {text!r} is not a duration like 30s")
 
 
 def next_index(old: int, new: int) -> int:
@@ -104,9 +119,28 @@ class ConsulAnswerError(RuntimeError):
     """Consul answered with an error (no leader, overloaded, ...): never taken for an empty catalog."""
 
 
-def blocking_get(client: consul.Consul, path: str, index: int, wait: str) -> tuple[int, Any]:
-    """One blocking query, checking what py-consul's callbacks do not expose: a 403, or an answer that
-    ACLs filtered, must not look like services having gone away."""
+def _parser(path: str) -> Callable[[Any], tuple[int, Any]]:
+    """Checks what py-consul's callbacks do not expose: a 403, or an answer that ACLs filtered, must not
+    look like services having gone away."""
+
+    def parse(response: Any) -> tuple[int, Any]:
+        if response.code == 403:
+            raise ConsulAccessError(f"{path}: 403 {str(response.body).strip()}")
+        if response.code == 429:
+            raise ConsulAnswerError(
+                f"{path}: 429 too many connections from this address; the agent holds one blocking query per "
+                "tagged service plus one: raise limits.http_max_conns_per_client on the local Consul agent")
+        if response.code >= 400:
+            raise ConsulAnswerError(f"{path}: {response.code} {str(response.body).strip()[:200]}")
+        if str(response.headers.get("X-Consul-Results-Filtered-By-ACLs", "")).lower() == "true":
+            raise ConsulAccessError(f"{path}: results were filtered by ACLs")
+        return int(response.headers.get("X-Consul-Index", 0)), json.loads(response.body)
+
+    return parse
+
+
+async def blocking_get(client: consul.aio.Consul, path: str, index: int, wait: str,
+                       timeout: float) -> tuple[int, Any]:
     params: list[tuple[str, Any]] = []
     if client.dc:
         params.append(("dc", client.dc))
@@ -114,66 +148,85 @@ def blocking_get(client: consul.Consul, path: str, index: int, wait: str) -> tup
         params += [("index", index), ("wait", wait)]
     if client.consistency == "stale":
         params.append(("stale", "1"))
-
-    def parse(response: Any) -> tuple[int, Any]:
-        if response.code == 403:
-            raise ConsulAccessError(f"{path}: 403 {str(response.body).strip()}")
-        if response.code >= 400:
-            raise ConsulAnswerError(f"{path}: {response.code} {str(response.body).strip()[:200]}")
-        if str(response.headers.get("X-Consul-Results-Filtered-By-ACLs", "")).lower() == "true":
-            raise ConsulAccessError(f"{path}: results were filtered by ACLs")
-        return int(response.headers.get("X-Consul-Index", 0)), json.loads(response.body)
-
-    result: tuple[int, Any] = client.http.get(parse, path, params=params, headers=client.prepare_headers())
+    result: tuple[int, Any] = await client.http.get(_parser(path), path, params=params,
+                                                    headers=client.prepare_headers(), connections_timeout=timeout)
     return result
+
+
+class _ServerNameHTTPClient(consul.aio.HTTPClient):  # type: ignore[misc]
+    """py-consul's aiohttp client, checking Consul's certificate against `tls_server_name` (Consul's
+    certificates name e.g. server.dc1.consul, not the address the agent dials)."""
+
+    def __init__(self, *args: Any, server_name: str | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.server_name = server_name
+
+    async def _request(self, callback: Callable[[Any], Any], method: str, uri: str, headers: dict[str, str] | None,
+                       data: Any = None, connections_timeout: float | None = None, raw: bool = False) -> Any:
+        timeout = aiohttp.ClientTimeout(total=connections_timeout) if connections_timeout else None
+        async with self._session.request(method, uri, headers=headers, data=data, timeout=timeout,
+                                         server_hostname=self.server_name) as resp:
+            body = await resp.text(encoding="utf-8")
+            return callback(consul.base.Response(resp.status, resp.headers, body))
+
+
+class _AsyncConsul(consul.aio.Consul):  # type: ignore[misc]
+    def __init__(self, server_name: str | None, **kwargs: Any) -> None:
+        self.server_name = server_name
+        super().__init__(**kwargs)
+
+    def http_connect(self, host: str, port: int, scheme: str, verify: bool | str = True, cert: Any = None) -> Any:
+        return _ServerNameHTTPClient(host, port, scheme, verify=verify, cert=cert, connections_limit=MAX_CONNECTIONS,
+                                     server_name=self.server_name)
+
+
+def make_async_client(config: ConsulConfig) -> consul.aio.Consul:
+    """Inside the watch loop (aiohttp sessions belong to a running loop)."""
+    client: consul.aio.Consul = _AsyncConsul(config.tls_server_name, **_client_options(config))
+    return client
 
 
 def _describe_error(exc: Exception) -> str:
     if isinstance(exc, ConsulAccessError):
         return (f"Consul ACL: the token must be able to read every service and node (service_prefix \"\" and "
                 f"node_prefix \"\" read): {exc}")
-    if isinstance(exc, requests.ConnectionError):
+    if isinstance(exc, requests.ConnectionError | aiohttp.ClientConnectionError):
         return f"Consul unreachable: {exc.__class__.__name__}"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "Consul did not answer within the blocking query's wait: timed out"
     return f"{exc.__class__.__name__}: {exc}"
 
 
 class Watch:
-    """One blocking query in its own thread, calling `fetch(index, wait)` until stopped."""
+    """One blocking query as an asyncio task, calling `fetch(index, wait)` until cancelled."""
 
-    def __init__(self, name: str, fetch: Callable[[int, str], tuple[Any, Any]], on_result: Callable[[Any], None],
-                 on_error: Callable[[str, Exception], None], wait: str, stop: threading.Event) -> None:
+    def __init__(self, name: str, fetch: Callable[[int, str], Awaitable[tuple[Any, Any]]],
+                 on_result: Callable[[Any], None], on_error: Callable[[str, Exception], None], wait: str) -> None:
         self.name = name
         self.fetch = fetch
         self.on_result = on_result
         self.on_error = on_error
         self.wait_seconds = parse_wait(wait)
-        self.stop = stop
-        self.halt = threading.Event()
         self.index = 0
         self.bucket = TokenBucket()
-        self.thread = threading.Thread(target=self._loop, name=f"watch:{name}", daemon=True)
 
-    def _stopped(self) -> bool:
-        return self.stop.is_set() or self.halt.is_set()
-
-    def _loop(self) -> None:
+    async def run(self) -> None:
         backoff = BACKOFF_START
-        while not self._stopped():
+        while True:
             pause = self.bucket.delay()
-            if pause and (self.stop.wait(pause) or self.halt.is_set()):
-                return
+            if pause:
+                await asyncio.sleep(pause)
             wait = f"{self.wait_seconds * random.uniform(0.9, 1.0):.3f}s"
             try:
-                index, data = self.fetch(self.index, wait)
+                index, data = await self.fetch(self.index, wait)
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:
                 self.on_error(self.name, exc)
-                if self.stop.wait(backoff * random.uniform(0.5, 1.0)):
-                    return
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_START
-            if self._stopped():
-                return
             self.index = next_index(self.index, int(index or 0))
             self.on_result(data)
 
@@ -181,28 +234,48 @@ class Watch:
 class ConsulSource:
     """Watches the service list for tagged services and the health of each of them."""
 
-    def __init__(self, config: Config, client_factory: Callable[[], consul.Consul] | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         assert config.consul is not None
         self.consul_config = config.consul
         self.vip_tag = f"{config.tag_prefix}.vip"
-        self._client_factory = client_factory or (lambda: make_client(self.consul_config))
+        self.wait_seconds = self.consul_config.wait_seconds
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._client: consul.aio.Consul | None = None
         self._tagged: set[str] | None = None
+        self._instances: dict[str, tuple[Instance, ...]] = {}
         self._entries: dict[str, list[dict[str, Any]]] = {}
-        self._watches: dict[str, Watch] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._errors: dict[str, str] = {}
         self._on_change: OnChange = lambda reason: None
         self.changes = 0
 
-    # ---- watches ---------------------------------------------------------------------------------
+    # ---- watches (all on the loop thread) --------------------------------------------------------
 
     def start(self, on_change: OnChange) -> None:
         self._on_change = on_change
-        client = self._client_factory()
-        watch = Watch("services", lambda index, wait: blocking_get(client, "/v1/catalog/services", index, wait),
-                      self._on_services, self._on_error, self.consul_config.wait, self._stop)
-        watch.thread.start()
+        threading.Thread(target=self._loop.run_until_complete, args=(self._main(),), name="consul-watch",
+                         daemon=True).start()
+
+    async def _main(self) -> None:
+        self._client = make_async_client(self.consul_config)
+        services = Watch("services", partial(self._get, "/v1/catalog/services"), self._on_services, self._on_error,
+                         self.consul_config.wait)
+        self._tasks["services"] = asyncio.create_task(services.run())
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            for task in self._tasks.values():
+                task.cancel()
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await self._client.close()
+
+    def _get(self, path: str, index: int, wait: str) -> Awaitable[tuple[int, Any]]:
+        """A client-side timeout past Consul's own (wait plus up to wait/16 of jitter) catches a dead peer."""
+        assert self._client is not None
+        return blocking_get(self._client, path, index, wait, self.wait_seconds * 1.1 + 15)
 
     def _is_tagged(self, tags: list[str]) -> bool:
         return any(t == self.vip_tag or t.startswith(self.vip_tag + "=") for t in tags or ())
@@ -212,38 +285,38 @@ class ConsulSource:
         with self._lock:
             first = self._tagged is None
             self._errors.pop("services", None)
-            added = tagged - set(self._watches)
-            removed = set(self._watches) - tagged
+            known = set(self._tasks) - {"services"}
+            added = tagged - known
+            removed = known - tagged
             self._tagged = tagged
             for name in removed:
-                self._watches.pop(name).halt.set()
+                self._tasks.pop(name).cancel()
                 self._entries.pop(name, None)
+                self._instances.pop(name, None)
                 self._errors.pop(f"health:{name}", None)
-            for name in sorted(added):
-                self._watches[name] = self._service_watch(name)
-                self._watches[name].thread.start()
+        for name in sorted(added):
+            watch = Watch(f"health:{name}", partial(self._get, f"/v1/health/service/{name}"),
+                          partial(self._on_health, name), self._on_error, self.consul_config.wait)
+            self._tasks[name] = asyncio.create_task(watch.run())
         if removed:
             self._changed(f"consul: services no longer tagged: {', '.join(sorted(removed))}")
         elif first and not tagged:
             self._changed("consul: no tagged services")
 
-    def _service_watch(self, name: str) -> Watch:
-        client = self._client_factory()
-
-        def fetch(index: int, wait: str) -> tuple[Any, Any]:
-            return blocking_get(client, f"/v1/health/service/{name}", index, wait)
-
-        def on_result(entries: list[dict[str, Any]]) -> None:
-            with self._lock:
-                self._errors.pop(f"health:{name}", None)
-                if name not in self._watches:
-                    return
-                if self._entries.get(name) == entries:
-                    return
-                self._entries[name] = entries
-            self._changed(f"consul: {name} changed")
-
-        return Watch(f"health:{name}", fetch, on_result, self._on_error, self.consul_config.wait, self._stop)
+    def _on_health(self, name: str, entries: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self._errors.pop(f"health:{name}", None)
+            if name not in self._tasks or self._entries.get(name) == entries:
+                return
+        try:
+            instances = instances_of(name, entries)
+        except CatalogFormatError as exc:
+            self._on_error(f"health:{name}", exc)
+            return
+        with self._lock:
+            self._entries[name] = entries
+            self._instances[name] = instances
+        self._changed(f"consul: {name} changed")
 
     def _on_error(self, name: str, exc: Exception) -> None:
         message = _describe_error(exc)
@@ -258,18 +331,17 @@ class ConsulSource:
         self.changes += 1
         self._on_change(reason)
 
-    # ---- snapshot --------------------------------------------------------------------------------
+    # ---- snapshot (any thread) -------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
         with self._lock:
             if self._tagged is None:
                 raise CatalogUnavailable(self._errors.get("services", "waiting for the first service list"))
-            missing = sorted(self._tagged - set(self._entries))
+            missing = sorted(self._tagged - set(self._instances))
             if missing:
                 reason = self._errors.get(f"health:{missing[0]}", "waiting for the first answer")
                 raise CatalogUnavailable(f"no health data yet for {len(missing)} service(s) ({missing[0]}: {reason})")
-            entries = {name: self._entries[name] for name in sorted(self._tagged)}
-        return snapshot_from_services(entries)
+            return Snapshot(tuple(chain.from_iterable(self._instances[name] for name in sorted(self._tagged))))
 
     def state(self) -> dict[str, Any]:
         with self._lock:
@@ -283,4 +355,5 @@ class ConsulSource:
             }
 
     def stop(self) -> None:
-        self._stop.set()
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(self._loop)])

@@ -55,8 +55,17 @@ def instance_from_entry(service: str, entry: Mapping[str, Any]) -> Instance:
     )
 
 
+def _order(instance: Instance) -> tuple[str, str, str]:
+    return (instance.service, instance.node, instance.instance_id)
+
+
+def instances_of(name: str, entries: Iterable[Mapping[str, Any]]) -> tuple[Instance, ...]:
+    """One service's instances in the canonical order; a snapshot is these, service by service in name order."""
+    return tuple(sorted((instance_from_entry(name, entry) for entry in entries), key=_order))
+
+
 def snapshot_from_services(services: Mapping[str, Iterable[Mapping[str, Any]]]) -> Snapshot:
     """Build a snapshot in a canonical order, whatever order the source listed things in."""
     instances = [instance_from_entry(name, entry) for name, entries in services.items() for entry in entries]
-    instances.sort(key=lambda i: (i.service, i.node, i.instance_id))
+    instances.sort(key=_order)
     return Snapshot(tuple(instances))

@@ -16,7 +16,7 @@ deadline is fixed when this director first notices, never moved by connection co
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bridge.dataplane.ops import (
@@ -34,7 +34,7 @@ from bridge.dataplane.ops import (
     VsKey,
     vs_label,
 )
-from bridge.dataplane.state import LiveRealServer, LiveService, LiveState
+from bridge.dataplane.state import LiveLink, LiveRealServer, LiveService, LiveState
 from bridge.model import DesiredState, RealServer, Tunnel, VirtualService
 
 ENCAP_FOU = 1
@@ -60,16 +60,18 @@ class Plan:
     """Human-readable ids of what is draining now, with its deadline."""
 
 
-def remember(last_weights: Mapping[str, int], op: Op) -> dict[str, int]:
-    """The kernel's last_weight bookkeeping (ip_vs_ctl.c: set on add, and on edits to a non-zero weight)."""
+def remember(last_weights: Mapping[str, int], ops: Iterable[Op]) -> dict[str, int]:
+    """The kernel's last_weight bookkeeping after `ops` succeeded (ip_vs_ctl.c: set on add, and on edits to a
+    non-zero weight)."""
     updated = dict(last_weights)
-    if isinstance(op, AddDest) or (isinstance(op, SetDest) and op.weight != 0):
-        updated[dest_id(op.key, op.address, op.port)] = op.weight
-    elif isinstance(op, DelDest):
-        updated.pop(dest_id(op.key, op.address, op.port), None)
-    elif isinstance(op, DelService):
-        prefix = vs_label(op.key) + ">"
-        updated = {k: v for k, v in updated.items() if not k.startswith(prefix)}
+    for op in ops:
+        if isinstance(op, AddDest) or (isinstance(op, SetDest) and op.weight != 0):
+            updated[dest_id(op.key, op.address, op.port)] = op.weight
+        elif isinstance(op, DelDest):
+            updated.pop(dest_id(op.key, op.address, op.port), None)
+        elif isinstance(op, DelService):
+            prefix = vs_label(op.key) + ">"
+            updated = {k: v for k, v in updated.items() if not k.startswith(prefix)}
     return updated
 
 
@@ -81,16 +83,12 @@ class _Drains:
     now: float
     timeout: float
     new: dict[str, float] = field(default_factory=dict)
-    active: list[str] = field(default_factory=list)
 
     def expired(self, ident: str) -> bool:
         """Note that `ident` is draining; True once its deadline has passed."""
         deadline = self.old.get(ident, self.now + self.timeout)
         self.new[ident] = deadline  # kept even when expired, in case the deletion fails and is retried
-        if deadline <= self.now:
-            return True
-        self.active.append(f"{ident} until {deadline:.0f}")
-        return False
+        return deadline <= self.now
 
 
 def _known_last_weight(key: VsKey, live: LiveRealServer, last_weights: Mapping[str, int]) -> int | None:
@@ -203,16 +201,15 @@ def _plan_services(
     return first, dests, last, vips_in_use
 
 
-def _tunnel_matches(tunnel: Tunnel, live: LiveState) -> bool:
-    return any(
-        link.name == tunnel.name
+def _tunnel_matches(tunnel: Tunnel, link: LiveLink | None) -> bool:
+    return (
+        link is not None
         and link.kind == "ipip"
         and link.remote == tunnel.remote
         and link.local == tunnel.local
         and link.encap_type == ENCAP_FOU
         and link.encap_dport == tunnel.fou_port
         and link.up
-        for link in live.links
     )
 
 
@@ -237,18 +234,33 @@ def _used_tunnels(
     return desired.tunnels + tuple(extra[name] for name in sorted(extra))
 
 
-def plan(desired: DesiredState, live: LiveState, memory: Memory, now: float, drain_timeout: float) -> Plan:
+def _in_scope(ident: str, labels: set[str]) -> bool:
+    return ident.split(">", 1)[0] in labels
+
+
+def plan(desired: DesiredState, live: LiveState, memory: Memory, now: float, drain_timeout: float,
+         scope: frozenset[VsKey] | None = None) -> Plan:
+    """The operations from `live` to `desired`. With a `scope`, only those virtual services are planned
+    (`live` needs to hold only them, with every link and route): the small pass that follows one catalog
+    change. A scoped plan adds missing links and routes but never deletes any, since it cannot see what the
+    services outside it still use; deletions wait for the next full pass."""
     drains = _Drains(memory.drain_deadlines, now, drain_timeout)
-    first, dests, last, vips = _plan_services(desired.virtual_services, live.services, memory, drains)
+    wanted_services = desired.virtual_services
+    live_services = live.services
+    if scope is not None:
+        wanted_services = tuple(vs for vs in wanted_services if vs.key in scope)
+        live_services = tuple(s for s in live_services if s.key in scope)
+    first, dests, last, vips = _plan_services(wanted_services, live_services, memory, drains)
     deleted_services = {op.key for op in last if isinstance(op, DelService)}
-    kept_services = {s.key for s in live.services} - deleted_services
+    kept_services = {s.key for s in live_services} - deleted_services
     deleted = {(op.key, op.address) for op in dests if isinstance(op, DelDest)}
     tunnels = _used_tunnels(desired, live, kept_services, deleted)
 
+    links = {link.name: link for link in live.links}
     link_ops: list[Op] = []
     for tunnel in tunnels:
-        if not _tunnel_matches(tunnel, live):
-            if any(link.name == tunnel.name for link in live.links):
+        if not _tunnel_matches(tunnel, links.get(tunnel.name)):
+            if tunnel.name in links:
                 link_ops.append(DelLink(tunnel.name))
             link_ops.append(AddLink(tunnel))
     rebuilt = {op.tunnel.name for op in link_ops if isinstance(op, AddLink)}
@@ -260,10 +272,17 @@ def plan(desired: DesiredState, live: LiveState, memory: Memory, now: float, dra
         for dst, table, dev in sorted(wanted_routes)
         if (dst, table, dev) not in live_routes or dev in rebuilt
     ]
-    route_dels: list[Op] = [
-        DelRoute(dst, table, dev) for dst, table, dev in sorted(live_routes - wanted_routes)
-    ]
-    tunnel_names = {t.name for t in tunnels}
-    link_dels: list[Op] = [DelLink(link.name) for link in live.links if link.name not in tunnel_names]
+    deadlines = dict(drains.new)
+    route_dels: list[Op] = []
+    link_dels: list[Op] = []
+    if scope is None:
+        route_dels = [DelRoute(dst, table, dev) for dst, table, dev in sorted(live_routes - wanted_routes)]
+        tunnel_names = {t.name for t in tunnels}
+        link_dels = [DelLink(link.name) for link in live.links if link.name not in tunnel_names]
+    else:
+        labels = {vs_label(key) for key in scope}
+        deadlines.update((k, v) for k, v in memory.drain_deadlines.items() if not _in_scope(k, labels))
     ops = link_ops + route_adds + first + dests + last + route_dels + link_dels
-    return Plan(tuple(ops), dict(drains.new), tuple(drains.active))
+    draining = tuple(f"{ident} until {deadline:.0f}" for ident, deadline in sorted(deadlines.items())
+                     if deadline > now)
+    return Plan(tuple(ops), deadlines, draining)

@@ -5,6 +5,7 @@ class: it measured 17x `ipvsadm -R` for a 10,500-rule apply). The IPVS netlink A
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 from collections.abc import Sequence
@@ -97,6 +98,16 @@ def _nested(data: bytes, kind: int) -> dict[int, bytes]:
     return parse_attrs(top[kind], 0, len(top[kind]))
 
 
+def _service_record(data: bytes) -> ServiceRecord | None:
+    svc = _nested(data, ATTR_SERVICE)
+    if struct.unpack("=H", svc[SVC_AF][:2])[0] != socket.AF_INET or SVC_ADDR not in svc:
+        return None
+    key = ServiceKey(socket.inet_ntoa(svc[SVC_ADDR][:4]), struct.unpack("!H", svc[SVC_PORT][:2])[0],
+                     struct.unpack("=H", svc[SVC_PROTOCOL][:2])[0])
+    flags = struct.unpack("=II", svc[SVC_FLAGS][:8])[0] if SVC_FLAGS in svc else 0
+    return ServiceRecord(key, svc.get(SVC_SCHED_NAME, b"").rstrip(b"\0").decode(), flags)
+
+
 class IpvsNetlink:
     """The IPVS family in the calling thread's network namespace."""
 
@@ -120,14 +131,21 @@ class IpvsNetlink:
     def services(self) -> list[ServiceRecord]:
         found = []
         for data in self.batch.dump(self.family, struct.pack("=BBH", CMD_GET_SERVICE, 1, 0)):
-            svc = _nested(data, ATTR_SERVICE)
-            if struct.unpack("=H", svc[SVC_AF][:2])[0] != socket.AF_INET or SVC_ADDR not in svc:
-                continue
-            key = ServiceKey(socket.inet_ntoa(svc[SVC_ADDR][:4]), struct.unpack("!H", svc[SVC_PORT][:2])[0],
-                             struct.unpack("=H", svc[SVC_PROTOCOL][:2])[0])
-            flags = struct.unpack("=II", svc[SVC_FLAGS][:8])[0] if SVC_FLAGS in svc else 0
-            found.append(ServiceRecord(key, svc.get(SVC_SCHED_NAME, b"").rstrip(b"\0").decode(), flags))
+            record = _service_record(data)
+            if record is not None:
+                found.append(record)
         return found
+
+    def service(self, key: ServiceKey) -> ServiceRecord | None:
+        """One service, or None when the kernel has no such service."""
+        body = struct.pack("=BBH", CMD_GET_SERVICE, 1, 0) + _service_attrs(Request(CMD_GET_SERVICE, key))
+        try:
+            data = self.batch.query(self.family, body)
+        except OSError as exc:
+            if exc.errno in (errno.ESRCH, errno.ENOENT):
+                return None
+            raise
+        return None if data is None else _service_record(data)
 
     def dests(self, key: ServiceKey) -> list[DestRecord]:
         """Real servers in kernel list order (the order ip_vs_mh fills its table in)."""

@@ -30,6 +30,7 @@ from bridge.dataplane.ipvs_netlink import (
     IpvsNetlink,
     Request,
     ServiceKey,
+    ServiceRecord,
 )
 from bridge.dataplane.netlink_batch import NLM_F_CREATE, NLM_F_EXCL, BatchSocket, attr, u32
 from bridge.dataplane.ops import (
@@ -114,11 +115,16 @@ class Kernel:
         except ValueError:
             return False
 
-    def read_services(self) -> tuple[LiveService, ...]:
+    def read_services(self, scope: Iterable[VsKey] | None = None) -> tuple[LiveService, ...]:
+        """Every owned IPVS service, or only those of `scope` (one small request each, not a dump)."""
+        if scope is None:
+            records: Iterable[ServiceRecord | None] = self.ipvs.services()
+        else:
+            records = [self.ipvs.service(ServiceKey(k[0], k[1], PROTOCOL_NUMBERS[k[2]])) for k in sorted(scope)]
         services = []
-        for record in self.ipvs.services():
-            protocol = PROTOCOLS.get(record.key.protocol)
-            if protocol is None or not self._owned_vip(record.key.address):
+        for record in records:
+            protocol = PROTOCOLS.get(record.key.protocol) if record else None
+            if record is None or protocol is None or not self._owned_vip(record.key.address):
                 continue
             key: VsKey = (record.key.address, record.key.port, "udp" if protocol == "udp" else "tcp")
             dests = tuple(

@@ -106,7 +106,14 @@ class BatchSocket:
 
     def dump(self, kind: int, body: bytes) -> Iterator[bytes]:
         """Every message of one dump request."""
-        seq, message = self.message(kind, NLM_F_REQUEST | NLM_F_DUMP, body)
+        return self._answers(kind, NLM_F_DUMP, body)
+
+    def query(self, kind: int, body: bytes) -> bytes | None:
+        """The one answer to a plain (non-dump) get request; OSError with the kernel's error code."""
+        return next(self._answers(kind, 0, body), None)
+
+    def _answers(self, kind: int, flags: int, body: bytes) -> Iterator[bytes]:
+        seq, message = self.message(kind, NLM_F_REQUEST | flags, body)
         self.sock.sendall(message)
         while True:
             for got_kind, seq_got, data in self._received():
@@ -117,6 +124,8 @@ class BatchSocket:
                 if got_kind == NLMSG_ERROR:
                     code = -struct.unpack_from("=i", data, 16)[0]
                     if code:
-                        raise OSError(code, f"netlink dump: {describe(code)}")
+                        raise OSError(code, f"netlink get: {describe(code)}")
                     return
                 yield data
+                if not flags & NLM_F_DUMP:
+                    return

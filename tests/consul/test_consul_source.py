@@ -82,8 +82,8 @@ def test_consul_going_away_keeps_the_last_catalog_and_resumes_when_it_returns(co
     try:
         eventually(lambda: instances(source) == {("web", "b1", "passing")})
         consul.stop()
-        eventually(lambda: not source.state()["ok"])
-        assert "unreachable" in str(source.state()["errors"])
+        # while it shuts down Consul may still answer "500 No cluster leader"; then the port is closed
+        eventually(lambda: "unreachable" in str(source.state()["errors"]))
         assert instances(source) == {("web", "b1", "passing")}, "an outage must never empty the catalog"
         consul.start()
         set_health(consul, "web", "b1", "192.0.2.11", "critical")

@@ -1,0 +1,143 @@
+"""The data plane as the long-running agent holds it between passes.
+
+A pass after one catalog change should cost what the change costs, not what the whole director holds:
+`KernelView` reads only the IPVS services in the pass's scope (the kernel stays the truth for them) and
+keeps links and routes from the last full read, re-reading them after any pass that changed them. Full
+passes (start, periodic resync, drain deadlines, after a failure) read everything.
+
+`ShadowKernel` is the data plane of shadow mode: a model of what the agent would have built, seeded from
+the real kernel once, then moved only by the agent's own operations. Its semantics are the kernel's list
+semantics that the kernel tests confirm (a new real server goes to the head of its list).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from typing import Protocol
+
+from bridge.dataplane.kernel import Kernel, OpResult
+from bridge.dataplane.ops import (
+    AddDest,
+    AddLink,
+    AddRoute,
+    AddService,
+    DelDest,
+    DelLink,
+    DelRoute,
+    DelService,
+    Op,
+    SetDest,
+    SetService,
+    VsKey,
+)
+from bridge.dataplane.state import LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
+
+Scope = frozenset[VsKey] | None
+
+
+class Dataplane(Protocol):
+    def read(self, scope: Scope) -> LiveState:
+        """Owned state: every IPVS service, or those of `scope`; always every link and route."""
+
+    def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]: ...
+
+    def default_local_address(self) -> str: ...
+
+
+def _changes_network(op: Op) -> bool:
+    return isinstance(op, AddLink | DelLink | AddRoute | DelRoute)
+
+
+class KernelView:
+    """The real kernel, with links and routes cached between passes."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self._network: tuple[tuple[LiveLink, ...], tuple[LiveRoute, ...]] | None = None
+
+    def read(self, scope: Scope) -> LiveState:
+        if scope is None or self._network is None:
+            state = self.kernel.read()
+            self._network = (state.links, state.routes)
+            return state
+        return LiveState(self.kernel.read_services(scope), *self._network)
+
+    def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:
+        network_changed = False
+        for result in self.kernel.apply(ops):
+            network_changed = network_changed or _changes_network(result.op)
+            yield result
+        if network_changed:
+            state = self.kernel.read(services=False)
+            self._network = (state.links, state.routes)
+
+    def default_local_address(self) -> str:
+        return self.kernel.default_local_address()
+
+
+class ShadowKernel:
+    """A model data plane: what the kernel would hold had every operation been carried out."""
+
+    def __init__(self, seed: LiveState | None = None, local_address: str = "0.0.0.0") -> None:
+        seed = seed or LiveState()
+        self.services: dict[VsKey, LiveService] = {s.key: s for s in seed.services}
+        self.links: dict[str, LiveLink] = {link.name: link for link in seed.links}
+        self.routes: set[LiveRoute] = set(seed.routes)
+        self.local_address = local_address
+
+    def read(self, scope: Scope = None) -> LiveState:
+        services = self.services.values() if scope is None else (self.services[k] for k in scope
+                                                                    if k in self.services)
+        return LiveState(tuple(services), tuple(sorted(self.links.values(), key=lambda k: k.name)),
+                         tuple(sorted(self.routes, key=lambda r: (r.table, r.dst, r.dev))))
+
+    def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:
+        for op in ops:
+            yield OpResult(op, self._apply(op))
+
+    def default_local_address(self) -> str:
+        return self.local_address
+
+    def _apply(self, op: Op) -> str | None:
+        """The error the kernel would give, or None."""
+        if isinstance(op, AddService | SetService):
+            old = self.services.get(op.key)
+            if (old is None) != isinstance(op, AddService):
+                return "EEXIST" if old else "ESRCH"
+            self.services[op.key] = LiveService(op.key[0], op.key[1], op.key[2], op.scheduler, op.flags,
+                                                old.real_servers if old else ())
+        elif isinstance(op, DelService):
+            return None if self.services.pop(op.key, None) else "ESRCH"
+        elif isinstance(op, AddDest | SetDest | DelDest):
+            return self._apply_dest(op)
+        elif isinstance(op, AddLink):
+            t = op.tunnel
+            self.links[t.name] = LiveLink(t.name, "ipip", t.remote, t.local, 1, t.fou_port, True)
+        elif isinstance(op, DelLink):
+            self.links.pop(op.name, None)
+            self.routes = {r for r in self.routes if r.dev != op.name}
+        elif isinstance(op, AddRoute):
+            self.routes.add(LiveRoute(op.dst, op.table, op.dev))
+        elif isinstance(op, DelRoute):
+            self.routes.discard(LiveRoute(op.dst, op.table, op.dev))
+        return None
+
+    def _apply_dest(self, op: AddDest | SetDest | DelDest) -> str | None:
+        svc = self.services.get(op.key)
+        if svc is None:
+            return "ESRCH"
+        others = tuple(r for r in svc.real_servers if r.address != op.address)
+        present = len(others) != len(svc.real_servers)
+        if isinstance(op, AddDest):
+            if present:
+                return "EEXIST"
+            servers = (LiveRealServer(op.address, op.port, op.weight), *svc.real_servers)
+        elif not present:
+            return "ENOENT"
+        elif isinstance(op, SetDest):
+            servers = tuple(replace(r, weight=op.weight) if r.address == op.address else r for r in svc.real_servers)
+        else:
+            servers = others
+        self.services[op.key] = replace(svc, real_servers=servers)
+        return None
