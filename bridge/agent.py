@@ -56,6 +56,7 @@ class Agent:
         self._memory: Memory | None = None
         self._unapplied: set[VsKey] = set()
         self.synced = False
+        self._said_waiting = False
         self.last_error: str | None = None
         self.last_pass_at: float | None = None
         self.passes = 0
@@ -86,7 +87,11 @@ class Agent:
             snapshot = self.source.snapshot()
         except CatalogUnavailable as exc:
             self.last_error = f"catalog unavailable: {exc}"
-            log.warning("%s: catalog unavailable, keeping the kernel as it is: %s", reason, exc)
+            if self.synced:
+                log.warning("%s: catalog unavailable, keeping the kernel as it is: %s", reason, exc)
+            elif not self._said_waiting:
+                log.info("waiting for a complete catalog before the first pass: %s", exc)
+                self._said_waiting = True
             return None
         now = time.time()
         try:

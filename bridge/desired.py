@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple
 
 from bridge.addr import ipv4_int, ipv4_text
@@ -29,11 +30,6 @@ class _Backed(NamedTuple):
 
     claim: InstanceClaim
     tunnel_address: str
-
-
-def link_name(config: Config, backend: str) -> str:
-    """Deterministic and reversible, so a restarted agent recognises its own links."""
-    return f"{config.link_prefix}{ipv4_int(backend):08x}"
 
 
 def _serves(instance: Instance, config: Config) -> bool:
@@ -257,15 +253,16 @@ def tunnels_for(services: Iterable[VirtualService], config: Config, local_addres
     """One tunnel per backend that any real server uses."""
     backends = {rs.backend: rs.address for vs in services for rs in vs.real_servers}
     return tuple(
-        Tunnel(
-            name=link_name(config, backend),
-            remote=backend,
-            local=local_address,
-            tunnel_address=tunnel_address,
-            fou_port=config.fou_port,
-        )
+        _tunnel(config.link_prefix, backend, local_address, tunnel_address, config.fou_port)
         for backend, tunnel_address in sorted(backends.items(), key=lambda kv: ipv4_int(kv[0]))
     )
+
+
+@lru_cache(maxsize=65536)
+def _tunnel(link_prefix: str, backend: str, local_address: str, tunnel_address: str, fou_port: int) -> Tunnel:
+    """The link name is deterministic and reversible, so a restarted agent recognises its own links. Cached:
+    every pass after a change lists every tunnel again, and they almost never change."""
+    return Tunnel(f"{link_prefix}{ipv4_int(backend):08x}", backend, local_address, tunnel_address, fou_port)
 
 
 def claims_of_node(snapshot: Snapshot, config: Config, node: str) -> tuple[Claim, ...]:

@@ -43,5 +43,5 @@ def save_state(path: str | Path, stored: Stored) -> None:
     }
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".state-")
     with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=True)
+        json.dump(payload, handle, sort_keys=True)  # no indent: only then does json use its C encoder
     os.replace(tmp, target)
