@@ -190,8 +190,10 @@ def _describe_error(exc: Exception) -> str:
     if isinstance(exc, ConsulAccessError):
         return (f"Consul ACL: the token must be able to read every service and node (service_prefix \"\" and "
                 f"node_prefix \"\" read): {exc}")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"Consul's TLS certificate was refused (check ca_file and tls_server_name): {exc}"
     if isinstance(exc, requests.ConnectionError | aiohttp.ClientConnectionError):
-        return f"Consul unreachable: {exc.__class__.__name__}"
+        return f"Consul unreachable: {exc.__class__.__name__}: {exc}"
     if isinstance(exc, asyncio.TimeoutError):
         return "Consul did not answer within the blocking query's wait: timed out"
     return f"{exc.__class__.__name__}: {exc}"

@@ -126,3 +126,33 @@ def test_token_without_read_permission_is_one_clear_error_and_no_empty_catalog(c
                 source.snapshot()
         finally:
             source.stop()
+
+
+def test_consul_over_mutual_tls_checks_the_certificate_against_tls_server_name(consul_binary, tmp_path):
+    from tests.real.nomad_cluster import make_tls_files
+
+    tls = make_tls_files(tmp_path / "tls", region="dc1")  # the server's certificate names server.dc1.nomad
+    with ConsulAgent(consul_binary, tls=tls) as consul:
+        register(consul, "web", "b1", "192.0.2.11", 80, [VIP])
+
+        def source(**options: str) -> ConsulSource:
+            config = Config(vip_cidrs=(ipaddress.IPv4Network("198.51.100.0/24"),),
+                            consul=ConsulConfig(address=consul.https_url, wait="2s", ca_file=str(tls.ca),
+                                                **options))
+            return ConsulSource(config)
+
+        good = source(cert_file=str(tls.cli_cert), key_file=str(tls.cli_key), tls_server_name="server.dc1.nomad")
+        wrong_name = source(cert_file=str(tls.cli_cert), key_file=str(tls.cli_key), tls_server_name="consul.example")
+        no_cert = source(tls_server_name="server.dc1.nomad")
+        for s in (good, wrong_name, no_cert):
+            s.start(lambda reason: None)
+        try:
+            eventually(lambda: instances(good) == {("web", "b1", "passing")})
+            for refused in (wrong_name, no_cert):
+                eventually(lambda refused=refused: refused.state()["errors"])
+                with pytest.raises(CatalogUnavailable):
+                    refused.snapshot()
+            assert "consul.example" in str(wrong_name.state()["errors"])
+        finally:
+            for s in (good, wrong_name, no_cert):
+                s.stop()

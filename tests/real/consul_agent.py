@@ -37,7 +37,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
+
+if TYPE_CHECKING:
+    from .nomad_cluster import TLSFiles
 
 LOOPBACK = "127.0.0.1"
 
@@ -93,6 +96,7 @@ class ConsulAgent:
         extra_config: dict[str, Any] | None = None,
         start_timeout: float = 30.0,
         log_level: str = "INFO",
+        tls: TLSFiles | None = None,
     ) -> None:
         self.binary = str(binary)
         self.persistent = persistent
@@ -112,6 +116,7 @@ class ConsulAgent:
         self.serf_wan_port = free_port(udp_too=True, taken=taken)
         self.server_port = free_port(taken=taken)
         self.grpc_port = free_port(taken=taken) if grpc else -1
+        self.https_port = free_port(taken=taken) if tls else -1
         config: dict[str, Any] = {
             "datacenter": datacenter,
             "node_name": node_name,
@@ -125,7 +130,7 @@ class ConsulAgent:
             "ui_config": {"enabled": False},
             "ports": {
                 "http": self.http_port,
-                "https": -1,
+                "https": self.https_port,
                 "dns": self.dns_port,
                 "serf_lan": self.serf_lan_port,
                 "serf_wan": self.serf_wan_port,
@@ -158,6 +163,9 @@ class ConsulAgent:
                     "skip_leave_on_interrupt": True,
                 }
             )
+        if tls:  # HTTPS beside plain HTTP (which the readiness probe uses), client certificates required
+            config["tls"] = {"defaults": {"ca_file": str(tls.ca), "cert_file": str(tls.server_cert),
+                                          "key_file": str(tls.server_key), "verify_incoming": True}}
         if extra_config:
             config.update(extra_config)
         self.config_file.write_text(json.dumps(config, indent=2))
@@ -172,6 +180,10 @@ class ConsulAgent:
     def http_addr(self) -> str:
         """host:port, the form CONSUL_HTTP_ADDR and Nomad's consul.address take."""
         return f"{LOOPBACK}:{self.http_port}"
+
+    @property
+    def https_url(self) -> str:
+        return f"https://{LOOPBACK}:{self.https_port}"
 
     @property
     def http_url(self) -> str:
