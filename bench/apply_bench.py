@@ -1,6 +1,7 @@
 """Benchmark (issue: director, section 7b), inside the test VM: a full `apply` from empty of 500 VIPs x 20
 backends, timed against `ipvsadm -R` restoring the same IPVS rules in the same boot, and one-instance
-changes counted in netlink operations.
+changes counted in netlink operations. Then (issue: Consul) the running agent's passes on the same
+catalog against the real kernel: first full pass, full re-sync, and the small pass after one health change.
 
 Run: python -m tests.vm.boot -- .venv/bin/python bench/apply_bench.py   (or `make bench`)
 """
@@ -8,6 +9,7 @@ Run: python -m tests.vm.boot -- .venv/bin/python bench/apply_bench.py   (or `mak
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -16,11 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.agent_passes import replay  # noqa: E402
 from bridge.catalog.file import load_catalog  # noqa: E402
 from bridge.cli import main as cli  # noqa: E402
 from bridge.config import load_config  # noqa: E402
@@ -115,6 +119,25 @@ def main() -> None:
         print(f"{label}: {len(ops)} netlink operation(s) {ops} in {elapsed:.2f} s")
     subprocess.run(["ip", "netns", "del", "bench-agent"], check=False)
     subprocess.run(["ip", "netns", "del", "bench-ipvsadm"], check=False)
+    agent_passes(config, services)
+
+
+def agent_passes(config_path: Path, services: dict[str, list[dict]]) -> None:
+    """The running agent's passes (Agent.sync) on this catalog: against the real kernel in a fresh namespace,
+    and in shadow mode (same code, a model instead of netlink) to tell kernel time from Python time."""
+    base = load_config(config_path)
+    rows = {}
+    for mode in ("kernel", "shadow"):
+        ns = f"bench-run-{mode}"
+        netns(ns)
+        with entered(ns):
+            config = replace(base, dataplane=mode, state_file=f"{base.state_file}.{mode}")
+            rows[mode], _ = replay(config, copy.deepcopy(services))
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    print(f"agent passes (Agent.sync, in-process), {VIPS} VIPs x {BACKENDS} backends, median ms:"
+          f"{'real kernel':>14}{'shadow':>10}")
+    for label in rows["kernel"]:
+        print(f"  {label:<44}{rows['kernel'][label]:14.1f}{rows['shadow'][label]:10.1f}")
 
 
 if __name__ == "__main__":

@@ -26,12 +26,10 @@ BENCH_RESYNC (resync_interval, 3600: no periodic pass during the measurements; i
 
 from __future__ import annotations
 
-import cProfile
 import http.client
 import io
 import json
 import os
-import pstats
 import queue
 import random
 import shutil
@@ -349,71 +347,15 @@ def wait_synced(http_port: int, reader: LogReader, proc: subprocess.Popen[str], 
 
 
 def replay_passes(config_path: Path, client: Client, tmp: Path) -> tuple[dict[str, float], str]:
-    """The agent's passes on the same catalog, in this process: the first full pass, a periodic full re-sync
-    (nothing to change) and the small pass after one health change, timed; the small pass cProfiled."""
-    import logging
-
-    from bridge.agent import Agent
-    from bridge.catalog.consul_format import instances_of
+    """The agent's passes on the same catalog, in this process (bench/agent_passes.py)."""
+    from bench.agent_passes import replay
     from bridge.config import load_config
-    from bridge.model import Snapshot
 
     config = replace(load_config(config_path), state_file=str(tmp / "replay-state.json"))
     names = sorted({f"svc-{v:04d}" for v in range(SERVICES)})
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda n: client.request("GET", f"/v1/health/service/{n}")[2], names))
-    entries = dict(zip(names, answers, strict=True))
-    cached = {name: instances_of(name, entries[name]) for name in names}
-
-    sink = open(os.devnull, "w")  # noqa: SIM115
-    handler = logging.StreamHandler(sink)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logger = logging.getLogger("maglev-bridge")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-    class Source:  # what ConsulSource.snapshot() hands over: unchanged services keep their Instance objects
-        def snapshot(self) -> Any:
-            return Snapshot(tuple(i for name in names for i in cached[name]))
-
-        def state(self) -> dict[str, Any]:
-            return {}
-
-    def flip(rng: random.Random) -> None:
-        name = rng.choice(names)
-        entry = rng.choice(entries[name])
-        for check in entry["Checks"]:
-            if check["ServiceID"]:
-                check["Status"] = "critical" if check["Status"] == "passing" else "passing"
-        cached[name] = instances_of(name, entries[name])
-
-    agent = Agent(config, Source())  # type: ignore[arg-type]
-    timings: dict[str, list[float]] = {}
-
-    def timed(label: str, full: bool) -> None:
-        t0 = time.perf_counter()
-        agent.sync(label, full=full)
-        timings.setdefault(label, []).append(time.perf_counter() - t0)
-
-    timed("first full pass (builds all)", True)
-    for _ in range(3):
-        timed("full re-sync (no change)", True)
-    rng = random.Random(5)
-    for _ in range(30):
-        flip(rng)
-        timed("small pass after 1 health change", False)
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(30):
-        flip(rng)
-        agent.sync("profile", full=False)
-    profiler.disable()
-    out = io.StringIO()
-    pstats.Stats(profiler, stream=out).sort_stats("cumtime").print_stats(16)
-    logger.removeHandler(handler)
-    sink.close()
-    return {k: statistics.median(v) for k, v in timings.items()}, out.getvalue()
+    return replay(config, dict(zip(names, answers, strict=True)), profile=True)
 
 
 def find_py_spy() -> str | None:
@@ -582,11 +524,11 @@ def report(changes: list[Change], steps: dict[str, float], profile_text: str, sp
     coalesced = sum(1 for c in changes if c.coalesced)
     extra_passes = sum(1 for c in changes if c.block is not None and c.passes_seen > 1)
     pass_cpu = m["cpu_a"] / m["passes_a"] if m["passes_a"] else float("nan")
-    resync = steps.get("full re-sync (no change)", float("nan"))
+    resync = steps.get("full re-sync (nothing to change)", float("nan")) / 1000
 
     print("\n--- the agent's passes replayed in this process (median wall time), shadow mode ---")
     for key, value in steps.items():
-        print(f"  {key:<36} {1000 * value:8.1f} ms")
+        print(f"  {key:<36} {value:8.1f} ms")
     print("\n--- cProfile of 30 small passes (by cumulative time) ---")
     print("\n".join(profile_text.strip().splitlines()[:30]))
     print("\n--- real agent sampled while idle (second half of the idle window) ---")
@@ -616,8 +558,8 @@ def report(changes: list[Change], steps: dict[str, float], profile_text: str, sp
                                   f"more than one pass"),
         ("pass in agent (CPU per pass)", f"{1000 * pass_cpu:.0f} ms CPU over {m['passes_a']} passes "
                                          f"({100 * m['cpu_a'] / m['wall_a']:.0f}% of a core during (a))"),
-        ("small pass replayed (wall)", f"{1000 * steps.get('small pass after 1 health change', float('nan')):.1f} ms"),
-        ("full re-sync replayed (wall)", f"{1000 * steps.get('full re-sync (no change)', float('nan')):.0f} ms"),
+        ("small pass replayed (wall)", f"{steps.get('small pass after one health change', float('nan')):.1f} ms"),
+        ("full re-sync replayed (wall)", f"{steps.get('full re-sync (nothing to change)', float('nan')):.0f} ms"),
         ("(b) idle CPU", f"{m['idle_pct']:.2f}% of one core over {m['idle_wall']:.0f} s, {m['idle_passes']} passes, "
                          f"user {m['idle_user']:.1f} s / sys {m['idle_sys']:.1f} s   (goal < 1%)"),
         ("(b) + periodic full re-sync", f"~{m['idle_pct'] + 100 * resync / DEFAULT_RESYNC:.2f}% with the default "

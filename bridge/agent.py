@@ -99,7 +99,7 @@ class Agent:
         except (ApplyError, OSError) as exc:
             self.last_error = f"pass failed: {exc}"
             log.error("%s: pass failed, will retry: %s", reason, exc)
-            self._close_dataplane()
+            self.close_dataplane()
             self._retry_in(RETRY_SECONDS)
             return None
         self.synced = True
@@ -163,7 +163,7 @@ class Agent:
             seed = kernel.read(services=False)
         return ShadowKernel(seed)
 
-    def _close_dataplane(self) -> None:
+    def close_dataplane(self) -> None:
         if self._kernel is not None:
             self._kernel.close()
         self._kernel = None
@@ -223,7 +223,7 @@ class Agent:
             if self._stopping.is_set():
                 break
             self.sync(*self._take_request())
-        self._close_dataplane()
+        self.close_dataplane()
 
     def keep_jobs(self) -> None:
         from bridge.nomad.keeper import keep_jobs

@@ -7,7 +7,7 @@ when the real-server lists, their order and their remembered weights are equal e
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -157,6 +157,11 @@ class DesiredBook:
         self._claimants: dict[VsKey, set[str]] = defaultdict(set)
         self._services: dict[VsKey, VirtualService] = {}
         self._conflicts: dict[VsKey, list[Rejection]] = {}
+        self._order: tuple[VsKey, ...] | None = ()
+        """Keys in kernel-listing order; None when the key set changed since it was sorted."""
+        self._backends: Counter[tuple[str, str]] = Counter()
+        """(backend, tunnel address) -> how many real servers use it: the tunnels, kept as VSs change."""
+        self._tunnel_list: tuple[str, tuple[Tunnel, ...]] | None = None
         self._state: tuple[str, DesiredState] | None = None
 
     def update(self, snapshot: Snapshot) -> frozenset[VsKey]:
@@ -164,17 +169,14 @@ class DesiredBook:
         edited or withdrawn)."""
         self._trim_caches()
         with gc_paused():
-            groups: dict[str, list[Instance]] = defaultdict(list)
-            for instance in snapshot.instances:
-                groups[instance.service].append(instance)
+            groups = snapshot.by_service()
             touched: set[VsKey] = set()
             for name in self._parts.keys() - groups.keys():
                 touched |= self._replace(name, ())
             for name, instances in groups.items():
                 part = self._parts.get(name)
-                as_tuple = tuple(instances)
-                if part is None or part.instances != as_tuple:
-                    touched |= self._replace(name, as_tuple)
+                if part is None or (part.instances is not instances and part.instances != instances):
+                    touched |= self._replace(name, instances)
             return frozenset(key for key in touched if self._settle(key))
 
     def _trim_caches(self) -> None:
@@ -217,45 +219,65 @@ class DesiredBook:
         """Re-decide one VIP key among the services claiming it; True when its virtual service changed."""
         names = self._claimants.get(key)
         old = self._services.get(key)
-        if not names:
+        new = None
+        if names:
+            winners, conflicts = _resolve_conflicts({key: {n: self._parts[n].backed[key] for n in sorted(names)}})
+            service, backed = winners[key]
+            self._conflicts[key] = conflicts
+            new = self._services[key] = _virtual_service(key, service, backed, self.config)
+        else:
             self._claimants.pop(key, None)
             self._conflicts.pop(key, None)
             self._services.pop(key, None)
-            return old is not None
-        winners, conflicts = _resolve_conflicts({key: {n: self._parts[n].backed[key] for n in sorted(names)}})
-        service, backed = winners[key]
-        self._conflicts[key] = conflicts
-        new = _virtual_service(key, service, backed, self.config)
-        self._services[key] = new
-        return new != old
+        if new == old:
+            return False
+        if (old is None) != (new is None):
+            self._order = None
+        self._count_backends(old, -1)
+        self._count_backends(new, +1)
+        return True
+
+    def _count_backends(self, vs: VirtualService | None, step: int) -> None:
+        for rs in vs.real_servers if vs else ():
+            pair = (rs.backend, rs.address)
+            count = self._backends[pair] + step
+            if count and not self._backends[pair]:
+                self._tunnel_list = None
+            if count:
+                self._backends[pair] = count
+            else:
+                del self._backends[pair]
+                self._tunnel_list = None
 
     def state(self, local_address: str) -> DesiredState:
         if self._state is not None and self._state[0] == local_address:
             return self._state[1]
-        services = tuple(self._services[key] for key in sorted(self._services, key=_key_order))
+        if self._order is None:
+            self._order = tuple(sorted(self._services, key=_key_order))
         rejected = [r for part in self._parts.values() for r in part.rejected]
         rejected += [r for found in self._conflicts.values() for r in found]
         state = DesiredState(
-            virtual_services=services,
-            tunnels=tunnels_for(services, self.config, local_address),
-            vip_routes=tuple(sorted({vs.vip for vs in services}, key=ipv4_int)),
+            virtual_services=tuple(self._services[key] for key in self._order),
+            tunnels=self._tunnels_for(local_address),
+            vip_routes=tuple(dict.fromkeys(key[0] for key in self._order)),
             rejected=tuple(sorted(rejected, key=lambda r: (r.service, r.instance, r.tag))),
         )
         self._state = (local_address, state)
         return state
 
+    def _tunnels_for(self, local_address: str) -> tuple[Tunnel, ...]:
+        """One tunnel per backend that any real server uses, re-listed only when that set changed."""
+        if self._tunnel_list is None or self._tunnel_list[0] != local_address:
+            tunnels = tuple(
+                _tunnel(self.config.link_prefix, backend, local_address, tunnel_address, self.config.fou_port)
+                for backend, tunnel_address in sorted(self._backends, key=lambda pair: ipv4_int(pair[0]))
+            )
+            self._tunnel_list = (local_address, tunnels)
+        return self._tunnel_list[1]
+
 
 def _key_order(key: VsKey) -> tuple[int, int, str]:
     return (ipv4_int(key[0]), key[1], key[2])
-
-
-def tunnels_for(services: Iterable[VirtualService], config: Config, local_address: str) -> tuple[Tunnel, ...]:
-    """One tunnel per backend that any real server uses."""
-    backends = {rs.backend: rs.address for vs in services for rs in vs.real_servers}
-    return tuple(
-        _tunnel(config.link_prefix, backend, local_address, tunnel_address, config.fou_port)
-        for backend, tunnel_address in sorted(backends.items(), key=lambda kv: ipv4_int(kv[0]))
-    )
 
 
 @lru_cache(maxsize=65536)

@@ -6,7 +6,9 @@ values: the determinism the product promises starts with the data having no hidd
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Literal
 
 Health = Literal["passing", "warning", "critical"]
@@ -29,9 +31,25 @@ class Instance:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything the core needs from a catalog, in a stable order."""
+    """Everything the core needs from a catalog, in a stable order (by service, node, instance id)."""
 
     instances: tuple[Instance, ...]
+    groups: Mapping[str, tuple[Instance, ...]] | None = field(default=None, compare=False, repr=False)
+    """The same instances per service, when the source already holds them that way (the Consul source
+    does, and keeps the tuples of unchanged services, so the DesiredBook spots changes by identity)."""
+
+    @classmethod
+    def of_services(cls, groups: Mapping[str, tuple[Instance, ...]]) -> Snapshot:
+        ordered = {name: groups[name] for name in sorted(groups)}
+        return cls(tuple(chain.from_iterable(ordered.values())), ordered)
+
+    def by_service(self) -> Mapping[str, tuple[Instance, ...]]:
+        if self.groups is not None:
+            return self.groups
+        found: dict[str, list[Instance]] = {}
+        for instance in self.instances:
+            found.setdefault(instance.service, []).append(instance)
+        return {name: tuple(items) for name, items in found.items()}
 
 
 @dataclass(frozen=True)

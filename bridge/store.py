@@ -43,5 +43,5 @@ def save_state(path: str | Path, stored: Stored) -> None:
     }
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".state-")
     with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, sort_keys=True)  # no indent: only then does json use its C encoder
+        handle.write(json.dumps(payload, sort_keys=True))  # dumps without indent: json's C encoder (dump is Python)
     os.replace(tmp, target)

@@ -30,7 +30,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -119,11 +118,11 @@ class ConsulAnswerError(RuntimeError):
     """Consul answered with an error (no leader, overloaded, ...): never taken for an empty catalog."""
 
 
-def _parser(path: str) -> Callable[[Any], tuple[int, Any]]:
+def _parser(path: str) -> Callable[[Any], tuple[int, str]]:
     """Checks what py-consul's callbacks do not expose: a 403, or an answer that ACLs filtered, must not
     look like services having gone away."""
 
-    def parse(response: Any) -> tuple[int, Any]:
+    def parse(response: Any) -> tuple[int, str]:
         if response.code == 403:
             raise ConsulAccessError(f"{path}: 403 {str(response.body).strip()}")
         if response.code == 429:
@@ -134,13 +133,16 @@ def _parser(path: str) -> Callable[[Any], tuple[int, Any]]:
             raise ConsulAnswerError(f"{path}: {response.code} {str(response.body).strip()[:200]}")
         if str(response.headers.get("X-Consul-Results-Filtered-By-ACLs", "")).lower() == "true":
             raise ConsulAccessError(f"{path}: results were filtered by ACLs")
-        return int(response.headers.get("X-Consul-Index", 0)), json.loads(response.body)
+        return int(response.headers.get("X-Consul-Index", 0)), str(response.body)
 
     return parse
 
 
 async def blocking_get(client: consul.aio.Consul, path: str, index: int, wait: str,
-                       timeout: float) -> tuple[int, Any]:
+                       timeout: float) -> tuple[int, str]:
+    """The index and the raw body: Consul's JSON is deterministic, so most re-arms (a wait that ran out
+    with nothing changed) are recognised by comparing text, without decoding it. Uncompressed: the agent
+    talks to its local Consul, where gzip costs both sides CPU and saves nothing."""
     params: list[tuple[str, Any]] = []
     if client.dc:
         params.append(("dc", client.dc))
@@ -148,8 +150,9 @@ async def blocking_get(client: consul.aio.Consul, path: str, index: int, wait: s
         params += [("index", index), ("wait", wait)]
     if client.consistency == "stale":
         params.append(("stale", "1"))
-    result: tuple[int, Any] = await client.http.get(_parser(path), path, params=params,
-                                                    headers=client.prepare_headers(), connections_timeout=timeout)
+    headers = {**client.prepare_headers(), "Accept-Encoding": "identity"}
+    result: tuple[int, str] = await client.http.get(_parser(path), path, params=params, headers=headers,
+                                                    connections_timeout=timeout)
     return result
 
 
@@ -202,8 +205,8 @@ def _describe_error(exc: Exception) -> str:
 class Watch:
     """One blocking query as an asyncio task, calling `fetch(index, wait)` until cancelled."""
 
-    def __init__(self, name: str, fetch: Callable[[int, str], Awaitable[tuple[Any, Any]]],
-                 on_result: Callable[[Any], None], on_error: Callable[[str, Exception], None], wait: str) -> None:
+    def __init__(self, name: str, fetch: Callable[[int, str], Awaitable[tuple[int, str]]],
+                 on_result: Callable[[str], None], on_error: Callable[[str, Exception], None], wait: str) -> None:
         self.name = name
         self.fetch = fetch
         self.on_result = on_result
@@ -229,7 +232,7 @@ class Watch:
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_START
-            self.index = next_index(self.index, int(index or 0))
+            self.index = next_index(self.index, index)
             self.on_result(data)
 
 
@@ -246,7 +249,7 @@ class ConsulSource:
         self._client: consul.aio.Consul | None = None
         self._tagged: set[str] | None = None
         self._instances: dict[str, tuple[Instance, ...]] = {}
-        self._entries: dict[str, list[dict[str, Any]]] = {}
+        self._bodies: dict[str, str] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._errors: dict[str, str] = {}
         self._on_change: OnChange = lambda reason: None
@@ -282,7 +285,12 @@ class ConsulSource:
     def _is_tagged(self, tags: list[str]) -> bool:
         return any(t == self.vip_tag or t.startswith(self.vip_tag + "=") for t in tags or ())
 
-    def _on_services(self, services: dict[str, list[str]]) -> None:
+    def _on_services(self, body: str) -> None:
+        try:
+            services: dict[str, list[str]] = json.loads(body)
+        except ValueError as exc:
+            self._on_error("services", exc)
+            return
         tagged = {name for name, tags in services.items() if self._is_tagged(tags)}
         with self._lock:
             first = self._tagged is None
@@ -293,7 +301,7 @@ class ConsulSource:
             self._tagged = tagged
             for name in removed:
                 self._tasks.pop(name).cancel()
-                self._entries.pop(name, None)
+                self._bodies.pop(name, None)
                 self._instances.pop(name, None)
                 self._errors.pop(f"health:{name}", None)
         for name in sorted(added):
@@ -305,18 +313,18 @@ class ConsulSource:
         elif first and not tagged:
             self._changed("consul: no tagged services")
 
-    def _on_health(self, name: str, entries: list[dict[str, Any]]) -> None:
+    def _on_health(self, name: str, body: str) -> None:
         with self._lock:
             self._errors.pop(f"health:{name}", None)
-            if name not in self._tasks or self._entries.get(name) == entries:
+            if name not in self._tasks or self._bodies.get(name) == body:
                 return
         try:
-            instances = instances_of(name, entries)
-        except CatalogFormatError as exc:
+            instances = instances_of(name, json.loads(body))
+        except (CatalogFormatError, ValueError) as exc:
             self._on_error(f"health:{name}", exc)
             return
         with self._lock:
-            self._entries[name] = entries
+            self._bodies[name] = body
             self._instances[name] = instances
         self._changed(f"consul: {name} changed")
 
@@ -343,7 +351,7 @@ class ConsulSource:
             if missing:
                 reason = self._errors.get(f"health:{missing[0]}", "waiting for the first answer")
                 raise CatalogUnavailable(f"no health data yet for {len(missing)} service(s) ({missing[0]}: {reason})")
-            return Snapshot(tuple(chain.from_iterable(self._instances[name] for name in sorted(self._tagged))))
+            return Snapshot.of_services({name: self._instances[name] for name in self._tagged})
 
     def state(self) -> dict[str, Any]:
         with self._lock:

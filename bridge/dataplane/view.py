@@ -85,15 +85,20 @@ class ShadowKernel:
         self.links: dict[str, LiveLink] = {link.name: link for link in seed.links}
         self.routes: set[LiveRoute] = set(seed.routes)
         self.local_address = local_address
+        self._network: tuple[tuple[LiveLink, ...], tuple[LiveRoute, ...]] | None = None
 
     def read(self, scope: Scope = None) -> LiveState:
         services = self.services.values() if scope is None else (self.services[k] for k in scope
                                                                     if k in self.services)
-        return LiveState(tuple(services), tuple(sorted(self.links.values(), key=lambda k: k.name)),
-                         tuple(sorted(self.routes, key=lambda r: (r.table, r.dst, r.dev))))
+        if self._network is None:
+            self._network = (tuple(sorted(self.links.values(), key=lambda k: k.name)),
+                             tuple(sorted(self.routes, key=lambda r: (r.table, r.dst, r.dev))))
+        return LiveState(tuple(services), *self._network)
 
     def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:
         for op in ops:
+            if _changes_network(op):
+                self._network = None
             yield OpResult(op, self._apply(op))
 
     def default_local_address(self) -> str:
