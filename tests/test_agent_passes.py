@@ -1,0 +1,66 @@
+"""The agent's passes in shadow mode (a model of the kernel): a catalog change costs a small pass over the
+virtual services it touched; full passes (start, re-sync) plan everything and find nothing left to do."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from bridge.agent import Agent
+from bridge.catalog.consul_format import snapshot_from_services
+from bridge.dataplane.ops import SetDest
+from bridge.model import Snapshot
+from bridge.store import load_state
+from tests.catalog_builder import catalog, health_entry
+from tests.test_diff import CONFIG
+
+
+class Catalog:
+    def __init__(self, entries: list[dict[str, Any]]) -> None:
+        self.entries = entries
+
+    def snapshot(self) -> Snapshot:
+        return snapshot_from_services(catalog(*self.entries))
+
+    def state(self) -> dict[str, Any]:
+        return {"ok": True}
+
+
+def web(n: int, status: str = "passing") -> dict[str, Any]:
+    return health_entry(f"svc-{n}", f"b{n}", f"192.0.2.{n + 10}", 80, [f"maglev.vip=198.51.100.{n + 1}:80"],
+                        status=status)
+
+
+def shadow_agent(tmp_path, source: Catalog) -> Agent:
+    config = replace(CONFIG, dataplane="shadow", local_address="192.0.2.1", state_file=str(tmp_path / "state.json"),
+                     link_prefix="mgltest")
+    return Agent(config, source)  # type: ignore[arg-type]
+
+
+def test_one_health_change_is_a_small_pass_with_one_operation(tmp_path):
+    source = Catalog([web(n) for n in range(20)])
+    agent = shadow_agent(tmp_path, source)
+    first = agent.sync("start", full=True)
+    assert first is not None and len(first.steps) == 20 * 2 + 20 * 3  # services + dests, links + 2 routes each
+    source.entries[7] = web(7, "critical")
+    small = agent.sync("consul: svc-7 changed", full=False)
+    assert small is not None and [s.description for s in small.steps] == [
+        SetDest(("198.51.100.8", 80, "tcp"), "203.0.113.17", 80, 0).describe()]
+    assert not small.applied, "shadow mode never claims to have applied anything"
+    assert agent.sync("resync", full=True).steps == ()
+    assert agent.sync("consul: nothing new", full=False).steps == ()
+    agent.close_dataplane()
+
+
+def test_the_agent_keeps_its_memory_in_the_state_file_after_each_pass(tmp_path):
+    source = Catalog([web(1), web(2)])
+    agent = shadow_agent(tmp_path, source)
+    agent.sync("start", full=True)
+    source.entries.pop()
+    agent.sync("consul: svc-2 changed", full=False)
+    stored = load_state(tmp_path / "state.json")
+    assert list(stored.memory.drain_deadlines) == ["198.51.100.3:80/tcp", "198.51.100.3:80/tcp>203.0.113.12:80"]
+    assert stored.memory.last_weights["198.51.100.2:80/tcp>203.0.113.11:80"] == 1
+    assert [op["description"] for op in stored.report["operations"]] == [
+        "set real server 203.0.113.12:80 weight 0 in 198.51.100.3:80/tcp"]
+    agent.close_dataplane()
