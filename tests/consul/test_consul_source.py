@@ -156,3 +156,19 @@ def test_consul_over_mutual_tls_checks_the_certificate_against_tls_server_name(c
         finally:
             for s in (good, wrong_name, no_cert):
                 s.stop()
+
+
+def test_more_tagged_services_than_consul_allows_connections_says_which_limit_to_raise(consul_binary):
+    with ConsulAgent(consul_binary, extra_config={"limits": {"http_max_conns_per_client": 6}}) as consul:
+        for n in range(10):
+            register(consul, f"svc-{n}", f"b{n}", f"192.0.2.{n + 11}", 80, [f"maglev.vip=198.51.100.{n + 1}:80"])
+        source = source_for(consul)
+        source.start(lambda reason: None)
+        try:
+            state = eventually(lambda: "http_max_conns_per_client" in str(source.state()["errors"])
+                               and source.state())
+            assert state["tagged_services"] == 10
+            with pytest.raises(CatalogUnavailable, match="no health data yet"):
+                source.snapshot()
+        finally:
+            source.stop()
