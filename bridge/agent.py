@@ -80,6 +80,13 @@ class Agent:
             full, self._full_wanted = self._full_wanted, False
         return ", ".join(dict.fromkeys(reasons)) or "request", full
 
+    def _carry_over(self, reason: str, full: bool) -> None:
+        """A pass that could not run leaves its request pending for the next one, which the next catalog
+        change (or timer) brings: a full pass asked for at start must not shrink to a small one."""
+        with self._reasons_lock:
+            self._reasons.insert(0, reason)
+            self._full_wanted = self._full_wanted or full
+
     # ---- passes ----------------------------------------------------------------------------------
 
     def sync(self, reason: str, full: bool = True) -> PassOutcome | None:
@@ -87,6 +94,7 @@ class Agent:
             snapshot = self.source.snapshot()
         except CatalogUnavailable as exc:
             self.last_error = f"catalog unavailable: {exc}"
+            self._carry_over(reason, full)
             if self.synced:
                 log.warning("%s: catalog unavailable, keeping the kernel as it is: %s", reason, exc)
             elif not self._said_waiting:

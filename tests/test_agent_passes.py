@@ -64,3 +64,26 @@ def test_the_agent_keeps_its_memory_in_the_state_file_after_each_pass(tmp_path):
     assert [op["description"] for op in stored.report["operations"]] == [
         "set real server 203.0.113.12:80 weight 0 in 198.51.100.3:80/tcp"]
     agent.close_dataplane()
+
+
+class Unavailable(Catalog):
+    def __init__(self) -> None:
+        super().__init__([web(1)])
+        self.ready = False
+
+    def snapshot(self) -> Snapshot:
+        if not self.ready:
+            from bridge.catalog.source import CatalogUnavailable
+
+            raise CatalogUnavailable("waiting for the first answer")
+        return super().snapshot()
+
+
+def test_a_pass_without_a_catalog_leaves_its_full_request_pending(tmp_path):
+    source = Unavailable()
+    agent = shadow_agent(tmp_path, source)
+    agent.request("start")
+    assert agent.sync(*agent._take_request()) is None
+    source.ready = True
+    agent.catalog_changed("consul: svc-1 changed")
+    assert agent._take_request() == ("start, consul: svc-1 changed", True)
