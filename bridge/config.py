@@ -105,7 +105,7 @@ class Config:
     fou_port: int = 5555
     tag_prefix: str = "maglev"
     drain_timeout: float = 60.0
-    resync_interval: float = 30.0
+    resync_interval: float = 300.0
     default_flags: tuple[str, ...] = KNOWN_FLAGS
     warning_serves: bool = True
     route_protocol: int = 245

@@ -58,7 +58,8 @@ def test_consul_drives_the_kernel_and_its_outage_changes_nothing(topology, consu
             agent.cli(b, "backend", "apply", "--role", "backend", "--catalog", str(agent.catalog_path))
         topo.serve(80)
         proc = agent.start(d)
-        agent.wait_log(d, "start:", timeout=180)
+        with d.entered():  # ready once the first pass ran (its reason may read "start, consul: ...")
+            eventually(lambda: health(9119).get("ready"), timeout=180)
 
         with d.entered():
             register(consul, b1)
