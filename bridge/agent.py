@@ -55,10 +55,13 @@ class Agent:
         self._local_address = "0.0.0.0"
         self._memory: Memory | None = None
         self._unapplied: set[VsKey] = set()
+        self._scope_size = 0
         self.synced = False
         self._said_waiting = False
         self.last_error: str | None = None
         self.last_pass_at: float | None = None
+        self.last_pass: dict[str, Any] | None = None
+        """What the last pass was: full or how many services it was scoped to, its duration, its operations."""
         self.passes = 0
 
     # ---- requests --------------------------------------------------------------------------------
@@ -102,6 +105,7 @@ class Agent:
                 self._said_waiting = True
             return None
         now = time.time()
+        started = time.monotonic()
         try:
             outcome = self._pass(snapshot, full, now)
         except (ApplyError, OSError) as exc:
@@ -115,6 +119,10 @@ class Agent:
         self.last_pass_at = now
         self.passes += 1
         self._log(reason, outcome)
+        self.last_pass = {"reason": reason, "scope": "full" if full or self.config.role == "backend"
+                          else f"{self._scope_size} virtual service(s)",
+                          "milliseconds": round(1000 * (time.monotonic() - started), 1),
+                          "operations": len(outcome.steps), "failed": len(outcome.failed)}
         if outcome.steps or full:
             save_state(self.config.state_file, Stored(self._memory or Memory(), outcome.report(now)))
         if outcome.failed:
@@ -132,6 +140,7 @@ class Agent:
         if self._memory is None:
             self._memory = load_state(self.config.state_file).memory
         scope = None if full else frozenset(self._unapplied)
+        self._scope_size = len(scope or ())
         desired = self.book.state(self._local_address)
         if scope is not None and not scope:
             return PassOutcome("director", False, (), desired.rejected, (), desired)
@@ -217,6 +226,7 @@ class Agent:
             "dataplane": self.config.dataplane,
             "passes": self.passes,
             "last_pass_at": self.last_pass_at,
+            "last_pass": self.last_pass,
             "last_error": self.last_error,
             "catalog": catalog,
         }

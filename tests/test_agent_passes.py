@@ -47,6 +47,8 @@ def test_one_health_change_is_a_small_pass_with_one_operation(tmp_path):
     assert small is not None and [s.description for s in small.steps] == [
         SetDest(("198.51.100.8", 80, "tcp"), "203.0.113.17", 80, 0).describe()]
     assert not small.applied, "shadow mode never claims to have applied anything"
+    last = agent.state()["last_pass"]
+    assert (last["scope"], last["operations"], last["reason"]) == ("1 virtual service(s)", 1, "consul: svc-7 changed")
     assert agent.sync("resync", full=True).steps == ()
     assert agent.sync("consul: nothing new", full=False).steps == ()
     agent.close_dataplane()
