@@ -162,15 +162,20 @@ class Agent:
                 self._dataplane = self._shadow(self._kernel)
             else:
                 self._dataplane = KernelView(self._kernel)
-        if self.config.local_address:
-            self._local_address = self.config.local_address
-        elif self.config.dataplane != "shadow" or self._local_address == "0.0.0.0":
-            try:
-                self._local_address = self._kernel.default_local_address()
-            except ApplyError:
-                if self.config.dataplane != "shadow":
-                    raise
+        self._local_address = self._tunnel_source(self._kernel)
         return self._dataplane
+
+    def _tunnel_source(self, kernel: Kernel) -> str:
+        """Configured, else the default route's address; shadow mode on a host without a default route
+        plans with 0.0.0.0 rather than not at all."""
+        if self.config.local_address:
+            return self.config.local_address
+        try:
+            return kernel.default_local_address()
+        except ApplyError:
+            if self.config.dataplane != "shadow":
+                raise
+            return "0.0.0.0"
 
     def _shadow(self, kernel: Kernel) -> ShadowKernel:
         try:

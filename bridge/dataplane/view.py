@@ -42,8 +42,6 @@ class Dataplane(Protocol):
 
     def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]: ...
 
-    def default_local_address(self) -> str: ...
-
 
 def _changes_network(op: Op) -> bool:
     return isinstance(op, AddLink | DelLink | AddRoute | DelRoute)
@@ -72,19 +70,15 @@ class KernelView:
             state = self.kernel.read(services=False)
             self._network = (state.links, state.routes)
 
-    def default_local_address(self) -> str:
-        return self.kernel.default_local_address()
-
 
 class ShadowKernel:
     """A model data plane: what the kernel would hold had every operation been carried out."""
 
-    def __init__(self, seed: LiveState | None = None, local_address: str = "0.0.0.0") -> None:
+    def __init__(self, seed: LiveState | None = None) -> None:
         seed = seed or LiveState()
         self.services: dict[VsKey, LiveService] = {s.key: s for s in seed.services}
         self.links: dict[str, LiveLink] = {link.name: link for link in seed.links}
         self.routes: set[LiveRoute] = set(seed.routes)
-        self.local_address = local_address
         self._network: tuple[tuple[LiveLink, ...], tuple[LiveRoute, ...]] | None = None
 
     def read(self, scope: Scope = None) -> LiveState:
@@ -100,9 +94,6 @@ class ShadowKernel:
             if _changes_network(op):
                 self._network = None
             yield OpResult(op, self._apply(op))
-
-    def default_local_address(self) -> str:
-        return self.local_address
 
     def _apply(self, op: Op) -> str | None:
         """The error the kernel would give, or None."""
