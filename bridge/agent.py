@@ -132,9 +132,7 @@ class Agent:
 
     def _pass(self, snapshot: Snapshot, full: bool, now: float) -> PassOutcome:
         if self.config.role == "backend":
-            dry_run = self.config.dataplane == "shadow"
-            outcome = backend_pass(snapshot, self.config, dry_run=dry_run, now=now)
-            return outcome
+            return backend_pass(snapshot, self.config, dry_run=self.config.dataplane == "shadow", now=now)
         self._unapplied |= self.book.update(snapshot)
         dataplane = self._open_dataplane(refresh=full)
         if self._memory is None:

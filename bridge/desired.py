@@ -241,13 +241,12 @@ class DesiredBook:
         for rs in vs.real_servers if vs else ():
             pair = (rs.backend, rs.address)
             count = self._backends[pair] + step
-            if count and not self._backends[pair]:
-                self._tunnel_list = None
+            if not count or pair not in self._backends:
+                self._tunnel_list = None  # a backend appeared or went: the tunnel list changes
             if count:
                 self._backends[pair] = count
             else:
                 del self._backends[pair]
-                self._tunnel_list = None
 
     def state(self, local_address: str) -> DesiredState:
         if self._state is not None and self._state[0] == local_address:

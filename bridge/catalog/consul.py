@@ -41,7 +41,7 @@ import requests
 
 from bridge.catalog.consul_format import CatalogFormatError, instances_of
 from bridge.catalog.source import CatalogUnavailable, OnChange
-from bridge.config import Config, ConsulConfig, parse_wait
+from bridge.config import Config, ConsulConfig
 from bridge.model import Instance, Snapshot
 
 log = logging.getLogger("maglev-bridge.consul")
@@ -206,12 +206,13 @@ class Watch:
     """One blocking query as an asyncio task, calling `fetch(index, wait)` until cancelled."""
 
     def __init__(self, name: str, fetch: Callable[[int, str], Awaitable[tuple[int, str]]],
-                 on_result: Callable[[str], None], on_error: Callable[[str, Exception], None], wait: str) -> None:
+                 on_result: Callable[[str], None], on_error: Callable[[str, Exception], None],
+                 wait_seconds: float) -> None:
         self.name = name
         self.fetch = fetch
         self.on_result = on_result
         self.on_error = on_error
-        self.wait_seconds = parse_wait(wait)
+        self.wait_seconds = wait_seconds
         self.index = 0
         self.bucket = TokenBucket()
 
@@ -265,7 +266,7 @@ class ConsulSource:
     async def _main(self) -> None:
         self._client = make_async_client(self.consul_config)
         services = Watch("services", partial(self._get, "/v1/catalog/services"), self._on_services, self._on_error,
-                         self.consul_config.wait)
+                         self.wait_seconds)
         self._tasks["services"] = asyncio.create_task(services.run())
         try:
             await asyncio.Event().wait()
@@ -306,7 +307,7 @@ class ConsulSource:
                 self._errors.pop(f"health:{name}", None)
         for name in sorted(added):
             watch = Watch(f"health:{name}", partial(self._get, f"/v1/health/service/{name}"),
-                          partial(self._on_health, name), self._on_error, self.consul_config.wait)
+                          partial(self._on_health, name), self._on_error, self.wait_seconds)
             self._tasks[name] = asyncio.create_task(watch.run())
         if removed:
             self._changed(f"consul: services no longer tagged: {', '.join(sorted(removed))}")

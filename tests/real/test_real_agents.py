@@ -5,35 +5,19 @@ from __future__ import annotations
 import os
 import ssl
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import dns.resolver
 import pytest
 
+from tests.consul.helpers import eventually
+
 from .consul_agent import ConsulAgent
 from .nomad_cluster import DEFAULT_CLIENTS, NomadCluster
 
 pytest_plugins = ["tests.real.fixtures"]
-
-
-def eventually(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2) -> Any:
-    """Retry ``check`` until it returns something truthy without raising; that value."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-            last = value
-        except Exception as e:  # retried until the deadline
-            last = e
-        time.sleep(interval)
-    raise AssertionError(f"not true after {timeout}s: last result {last!r}")
 
 
 def resolver(agent: ConsulAgent) -> dns.resolver.Resolver:
@@ -54,7 +38,7 @@ def test_consul_leader_and_service_dns(consul_agent: ConsulAgent) -> None:
         {"Name": "web", "ID": "web-1", "Address": "127.0.0.2", "Port": 8080, "Tags": ["maglev"]}
     )
     r = resolver(consul_agent)
-    a = eventually(lambda: r.resolve("web.service.consul", "A"))
+    a = eventually(lambda: r.resolve("web.service.consul", "A"), timeout=30)
     assert [rr.address for rr in a] == ["127.0.0.2"]
     srv = r.resolve("maglev.web.service.consul", "SRV")
     assert [rr.port for rr in srv] == [8080]
@@ -76,7 +60,7 @@ def test_consul_persistent_restart_keeps_data(consul_agent_persistent: ConsulAge
     agent = consul_agent_persistent
     agent.kv_put("maglev/probe", "42")
     agent.register_service({"Name": "db", "ID": "db-1", "Address": "127.0.0.3", "Port": 5432})
-    eventually(lambda: agent.api("/v1/catalog/service/db"))
+    eventually(lambda: agent.api("/v1/catalog/service/db"), timeout=30)
     agent.restart(down_for=0.5)
     assert agent.kv_get("maglev/probe") == b"42"
     assert [s["ServiceAddress"] for s in agent.api("/v1/catalog/service/db")] == ["127.0.0.3"]
