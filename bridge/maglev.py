@@ -453,13 +453,14 @@ def shares(table: MaglevTable) -> list[Share]:
 
 
 COMPILED_FROM_SIZE = 16381
-"""From this table size on, the fill runs compiled (numba): about 20x the Python loop. Smaller tables, such
-as Debian's 4093, never import numba, whose import and first compilation cost far more than they save."""
+"""From this table size on, the fill runs compiled (numba, the optional `fast` extra) when it is installed:
+about 20x the Python loop. Smaller tables, such as Debian's 4093, never import numba, whose import and first
+compilation cost far more than they save."""
 
 
 def _populate(offsets: IntArray, skips: IntArray, turns: IntArray, size: int) -> IntArray:
     """Slot -> index of the owning real server, as ip_vs_mh_populate leaves the table."""
-    if size >= COMPILED_FROM_SIZE:
+    if size >= COMPILED_FROM_SIZE and _compiled_fill() is not None:
         return _populate_compiled(offsets.astype(np.int64), skips.astype(np.int64), turns.astype(np.int64), size)
     return _populate_sequentially(offsets.tolist(), skips.tolist(), turns.tolist(), size)
 
@@ -492,15 +493,23 @@ def _fill(offsets: IntArray, skips: IntArray, turns: IntArray, size: int) -> Int
 
 
 @lru_cache(maxsize=1)
-def _compiled_fill() -> Callable[[IntArray, IntArray, IntArray, int], IntArray]:
-    from numba import njit
-
+def _compiled_fill() -> Callable[[IntArray, IntArray, IntArray, int], IntArray] | None:
+    """The compiled fill, or None without the optional `fast` extra: numba brings LLVM (over 100 MB) into
+    an infrastructure agent whose default table (4093 slots) never uses it, so it is not a hard dependency.
+    Without it big tables fill with the same loop in Python (about 20x slower, still exact)."""
+    try:
+        from numba import njit
+    except ImportError:
+        return None
     compiled: Callable[[IntArray, IntArray, IntArray, int], IntArray] = njit(cache=True, nogil=True)(_fill)
     return compiled
 
 
 def _populate_compiled(offsets: IntArray, skips: IntArray, turns: IntArray, size: int) -> IntArray:
-    return _compiled_fill()(offsets, skips, turns, size)
+    fill = _compiled_fill()
+    if fill is None:
+        raise ImportError("the compiled Maglev fill needs numba: pip install 'maglev-bridge[fast]'")
+    return fill(offsets, skips, turns, size)
 
 
 def _populate_sequentially(offsets: list[int], skips: list[int], turns: list[int], size: int) -> IntArray:

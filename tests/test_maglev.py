@@ -205,6 +205,16 @@ def test_big_table_equals_kernel_port() -> None:
     assert build_table(dests, 32749).slots.tolist() == ref.populate(dests, 32749)
 
 
+def test_big_table_without_the_fast_extra_fills_in_python_with_the_same_result(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # numba is optional (the `fast` extra): without it build_table must still be exact, only slower.
+    rng = random.Random(11)
+    dests = [Dest.added(d.address, d.port, rng.choice([1, 2])) for d in random_dests(rng, 50)]
+    compiled = build_table(dests, 16381).slots.tolist()
+    monkeypatch.setattr("bridge.maglev._compiled_fill", lambda: None)
+    assert build_table(dests, 16381).slots.tolist() == compiled == ref.populate(dests, 16381)
+
+
 def test_more_dests_than_slots_is_refused() -> None:
     dests = [Dest.added(f"10.0.{i // 250}.{i % 250 + 1}", 80, 1) for i in range(252)]
     with pytest.raises(ValueError, match="stale"):
