@@ -23,14 +23,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -39,6 +37,7 @@ import consul.aio
 import consul.base
 import requests
 
+from bridge import endpoint
 from bridge.catalog.consul_format import CatalogFormatError, instances_of
 from bridge.catalog.source import CatalogUnavailable, OnChange
 from bridge.config import Config, ConsulConfig
@@ -56,36 +55,32 @@ class ConsulAccessError(RuntimeError):
 
 
 def read_token(config: ConsulConfig) -> str | None:
-    """From `token_file`, else CONSUL_HTTP_TOKEN. Never logged."""
-    if config.token_file:
-        return Path(config.token_file).read_text().strip() or None
-    return os.environ.get("CONSUL_HTTP_TOKEN") or None
+    """`token_file` first, else CONSUL_HTTP_TOKEN (as documented). Never logged."""
+    return endpoint.read_token("consul.token_file", config.token_file, "CONSUL_HTTP_TOKEN")
 
 
 def _client_options(config: ConsulConfig) -> dict[str, Any]:
-    scheme, _, rest = config.address.rpartition("://")
-    host, _, port = rest.rpartition(":")
+    url = config.url
     return {
-        "host": host or "127.0.0.1", "port": int(port or 8500), "scheme": scheme or "http", "token": read_token(config),
-        "dc": config.datacenter, "verify": config.ca_file or True,
-        "cert": (config.cert_file, config.key_file) if config.cert_file and config.key_file else None,
+        "host": url.where.netloc.rpartition(":")[0], "port": url.where.port, "scheme": url.scheme,
+        "token": read_token(config), "dc": config.datacenter, "verify": config.ca_file or True,
+        "cert": endpoint.client_cert(config.cert_file, config.key_file),
         "consistency": "stale" if config.stale else "default",
     }
 
 
+def _with_token(client: Any, token: str | None) -> Any:
+    """py-consul lets CONSUL_HTTP_TOKEN override the token it is given; the README promises the opposite."""
+    client.token = token
+    return client
+
+
 def make_client(config: ConsulConfig) -> consul.Consul:
     """The blocking client, for self-registration and one-off reads."""
-    client = consul.Consul(**_client_options(config))
-    if config.tls_server_name and client.http.base_uri.startswith("https"):
-        from requests.adapters import HTTPAdapter
-
-        class ServerNameAdapter(HTTPAdapter):
-            def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-                kwargs["server_hostname"] = config.tls_server_name
-                kwargs["assert_hostname"] = config.tls_server_name
-                super().init_poolmanager(*args, **kwargs)
-
-        client.http.session.mount("https://", ServerNameAdapter())
+    options = _client_options(config)
+    client = _with_token(consul.Consul(**options), options["token"])
+    if config.tls_server_name and config.url.scheme == "https":
+        client.http.session.mount("https://", endpoint.ServerNameAdapter(config.tls_server_name))
     return client
 
 
@@ -124,13 +119,13 @@ def _parser(path: str) -> Callable[[Any], tuple[int, str]]:
 
     def parse(response: Any) -> tuple[int, str]:
         if response.code == 403:
-            raise ConsulAccessError(f"{path}: 403 {str(response.body).strip()}")
+            raise ConsulAccessError(f"{path}: 403 {endpoint.summarize_body(response.body)}")
         if response.code == 429:
             raise ConsulAnswerError(
                 f"{path}: 429 too many connections from this address; the agent holds one blocking query per "
                 "tagged service plus one: raise limits.http_max_conns_per_client on the local Consul agent")
         if response.code >= 400:
-            raise ConsulAnswerError(f"{path}: {response.code} {str(response.body).strip()[:200]}")
+            raise ConsulAnswerError(f"{path}: {response.code} {endpoint.summarize_body(response.body)}")
         if str(response.headers.get("X-Consul-Results-Filtered-By-ACLs", "")).lower() == "true":
             raise ConsulAccessError(f"{path}: results were filtered by ACLs")
         return int(response.headers.get("X-Consul-Index", 0)), str(response.body)
@@ -185,7 +180,8 @@ class _AsyncConsul(consul.aio.Consul):  # type: ignore[misc]
 
 def make_async_client(config: ConsulConfig) -> consul.aio.Consul:
     """Inside the watch loop (aiohttp sessions belong to a running loop)."""
-    client: consul.aio.Consul = _AsyncConsul(config.tls_server_name, **_client_options(config))
+    options = _client_options(config)
+    client: consul.aio.Consul = _with_token(_AsyncConsul(config.tls_server_name, **options), options["token"])
     return client
 
 
