@@ -69,7 +69,7 @@ def test_malformed_vip_rejects_the_claim_naming_service_instance_tag_and_expecta
     [
         ("maglev.weight=65536", "weight '65536' is not an integer from 0 to 65535"),
         ("maglev.weight=-1", "weight '-1'"),
-        ("maglev.flags=mh-port,sh-fallback", "unknown flag(s) sh-fallback"),
+        ("maglev.flags=mh-port,sh-fallback", "unknown flag(s) 'sh-fallback'"),
         ("maglev.colour=blue", "unknown key 'colour'"),
     ],
 )

@@ -38,10 +38,11 @@ import consul.base
 import requests
 
 from bridge import endpoint
-from bridge.catalog.consul_format import CatalogFormatError, instances_of
+from bridge.catalog.consul_format import CatalogFormatError, parse_service
 from bridge.catalog.source import CatalogUnavailable, OnChange
 from bridge.config import Config, ConsulConfig
-from bridge.model import Instance, Snapshot
+from bridge.model import Instance, Rejection, Snapshot
+from bridge.printable import printable
 
 log = logging.getLogger("maglev-bridge.consul")
 BACKOFF_START = 0.5
@@ -230,7 +231,11 @@ class Watch:
                 continue
             backoff = BACKOFF_START
             self.index = next_index(self.index, index)
-            self.on_result(data)
+            try:
+                self.on_result(data)
+            except Exception as exc:  # a bug must not end the watch silently: report it and keep watching
+                log.exception("%s: the answer could not be taken in", printable(self.name))
+                self.on_error(self.name, exc)
 
 
 class ConsulSource:
@@ -246,18 +251,38 @@ class ConsulSource:
         self._client: consul.aio.Consul | None = None
         self._tagged: set[str] | None = None
         self._instances: dict[str, tuple[Instance, ...]] = {}
+        self._rejected: dict[str, tuple[Rejection, ...]] = {}
         self._bodies: dict[str, str] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._errors: dict[str, str] = {}
         self._on_change: OnChange = lambda reason: None
+        self._stopped = threading.Event()
         self.changes = 0
 
     # ---- watches (all on the loop thread) --------------------------------------------------------
 
     def start(self, on_change: OnChange) -> None:
         self._on_change = on_change
-        threading.Thread(target=self._loop.run_until_complete, args=(self._main(),), name="consul-watch",
-                         daemon=True).start()
+        threading.Thread(target=self._watch_forever, name="consul-watch", daemon=True).start()
+
+    def _watch_forever(self) -> None:
+        """The watch loop, restarted after anything unexpected ends it (a client that cannot be built, a
+        bug): the error is kept in `state()` as the service list's, so /health says the catalog is degraded
+        while the last good data is kept."""
+        backoff = BACKOFF_START
+        while not self._stopped.is_set():
+            try:
+                self._loop.run_until_complete(self._main())
+            except Exception as exc:
+                log.exception("the Consul watch loop stopped; restarting it in %.0f s", backoff)
+                self._on_error("services", exc)
+                with self._lock:
+                    self._tasks.clear()
+                if self._stopped.wait(backoff):
+                    break
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            else:
+                break
 
     async def _main(self) -> None:
         self._client = make_async_client(self.consul_config)
@@ -279,14 +304,19 @@ class ConsulSource:
         assert self._client is not None
         return blocking_get(self._client, path, index, wait, self.wait_seconds * 1.1 + 15)
 
-    def _is_tagged(self, tags: list[str]) -> bool:
-        return any(t == self.vip_tag or t.startswith(self.vip_tag + "=") for t in tags or ())
+    def _is_tagged(self, tags: Any) -> bool:
+        """Whatever shape a service's tag list has: anything but a list of strings is no tag of ours."""
+        return isinstance(tags, list) and any(
+            isinstance(t, str) and (t == self.vip_tag or t.startswith(self.vip_tag + "=")) for t in tags)
 
     def _on_services(self, body: str) -> None:
         try:
-            services: dict[str, list[str]] = json.loads(body)
+            services: Any = json.loads(body)
         except ValueError as exc:
             self._on_error("services", exc)
+            return
+        if not isinstance(services, dict):
+            self._on_error("services", CatalogFormatError("the service list is not a JSON object"))
             return
         tagged = {name for name, tags in services.items() if self._is_tagged(tags)}
         with self._lock:
@@ -300,13 +330,14 @@ class ConsulSource:
                 self._tasks.pop(name).cancel()
                 self._bodies.pop(name, None)
                 self._instances.pop(name, None)
+                self._rejected.pop(name, None)
                 self._errors.pop(f"health:{name}", None)
         for name in sorted(added):
             watch = Watch(f"health:{name}", partial(self._get, f"/v1/health/service/{name}"),
                           partial(self._on_health, name), self._on_error, self.wait_seconds)
             self._tasks[name] = asyncio.create_task(watch.run())
         if removed:
-            self._changed(f"consul: services no longer tagged: {', '.join(sorted(removed))}")
+            self._changed(f"consul: services no longer tagged: {', '.join(printable(n) for n in sorted(removed))}")
         elif first and not tagged:
             self._changed("consul: no tagged services")
 
@@ -316,14 +347,15 @@ class ConsulSource:
             if name not in self._tasks or self._bodies.get(name) == body:
                 return
         try:
-            instances = instances_of(name, json.loads(body))
-        except (CatalogFormatError, ValueError) as exc:
+            parsed = parse_service(name, body)
+        except CatalogFormatError as exc:
             self._on_error(f"health:{name}", exc)
             return
         with self._lock:
             self._bodies[name] = body
-            self._instances[name] = instances
-        self._changed(f"consul: {name} changed")
+            self._instances[name] = parsed.instances
+            self._rejected[name] = parsed.rejected
+        self._changed(f"consul: {printable(name)} changed")
 
     def _on_error(self, name: str, exc: Exception) -> None:
         message = _describe_error(exc)
@@ -332,7 +364,7 @@ class ConsulSource:
             self._errors[name] = message
         if first:
             level = logging.WARNING if name == "services" else logging.DEBUG
-            log.log(level, "%s: %s (keeping the last good data, retrying)", name, message)
+            log.log(level, "%s: %s (keeping the last good data, retrying)", printable(name), message)
 
     def _changed(self, reason: str) -> None:
         self.changes += 1
@@ -347,8 +379,10 @@ class ConsulSource:
             missing = sorted(self._tagged - set(self._instances))
             if missing:
                 reason = self._errors.get(f"health:{missing[0]}", "waiting for the first answer")
-                raise CatalogUnavailable(f"no health data yet for {len(missing)} service(s) ({missing[0]}: {reason})")
-            return Snapshot.of_services({name: self._instances[name] for name in self._tagged})
+                raise CatalogUnavailable(
+                    f"no health data yet for {len(missing)} service(s) ({printable(missing[0])}: {reason})")
+            return Snapshot.of_services({name: self._instances[name] for name in self._tagged},
+                                        tuple(r for name in sorted(self._tagged) for r in self._rejected[name]))
 
     def state(self) -> dict[str, Any]:
         with self._lock:
@@ -362,5 +396,6 @@ class ConsulSource:
             }
 
     def stop(self) -> None:
+        self._stopped.set()
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(self._loop)])
