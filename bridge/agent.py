@@ -16,7 +16,7 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
@@ -37,6 +37,14 @@ from bridge.store import Stored, load_state, save_state
 log = logging.getLogger("maglev-bridge")
 logging.getLogger("apscheduler").setLevel(logging.WARNING)
 RETRY_SECONDS = 5.0
+RETRY_MAX = 300.0
+
+
+@dataclass
+class _Stage:
+    """Which stage a pass is in, so a failure says where it happened."""
+
+    name: str
 
 
 class Agent:
@@ -63,6 +71,10 @@ class Agent:
         self.last_pass: dict[str, Any] | None = None
         """What the last pass was: full or how many services it was scoped to, its duration, its operations."""
         self.passes = 0
+        self.errors = 0
+        """Passes that failed with an exception, since start."""
+        self._failures = 0
+        self.last_failure: dict[str, Any] | None = None
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -93,6 +105,17 @@ class Agent:
     # ---- passes ----------------------------------------------------------------------------------
 
     def sync(self, reason: str, full: bool = True) -> PassOutcome | None:
+        """One pass, and the boundary no exception crosses: whatever goes wrong in a stage is logged with
+        the stage (and the service, when the desired state names it), counted, shown in /health, and the
+        pass is retried with backoff; the kernel keeps what it has (fail static)."""
+        stage = _Stage("catalog snapshot")
+        try:
+            return self._sync(reason, full, stage)
+        except Exception as exc:
+            self._pass_failed(reason, full, stage.name, exc)
+            return None
+
+    def _sync(self, reason: str, full: bool, stage: _Stage) -> PassOutcome | None:
         try:
             snapshot = self.source.snapshot()
         except CatalogUnavailable as exc:
@@ -106,16 +129,11 @@ class Agent:
             return None
         now = time.time()
         started = time.monotonic()
-        try:
-            outcome = self._pass(snapshot, full, now)
-        except (ApplyError, OSError) as exc:
-            self.last_error = f"pass failed: {exc}"
-            log.error("%s: pass failed, will retry: %s", reason, exc)
-            self.close_dataplane()
-            self._retry_in(RETRY_SECONDS)
-            return None
+        outcome = self._pass(snapshot, full, now, stage)
+        stage.name = "report"
         self.synced = True
         self.last_error = None
+        self._failures = 0
         self.last_pass_at = now
         self.passes += 1
         self._log(reason, outcome)
@@ -124,24 +142,55 @@ class Agent:
                           "milliseconds": round(1000 * (time.monotonic() - started), 1),
                           "operations": len(outcome.steps), "failed": len(outcome.failed)}
         if outcome.steps or full:
-            save_state(self.config.state_file, Stored(self._memory or Memory(), outcome.report(now)))
+            stage.name = "state save"
+            self._save_state(now, outcome)
         if outcome.failed:
             self._retry_in(RETRY_SECONDS)
+        stage.name = "drain schedule"
         self._schedule_drain()
         return outcome
 
-    def _pass(self, snapshot: Snapshot, full: bool, now: float) -> PassOutcome:
+    def _save_state(self, now: float, outcome: PassOutcome) -> None:
+        save_state(self.config.state_file, Stored(self._memory or Memory(), outcome.report(now)))
+
+    def _pass_failed(self, reason: str, full: bool, stage: str, exc: Exception) -> None:
+        """Count and show the failure; re-read the kernel before the next pass (it may have applied part of
+        its operations), which follows after a backoff that grows while the failure repeats."""
+        self.errors += 1
+        self._failures += 1
+        message = f"{stage}: {exc.__class__.__name__}: {exc}"
+        self.last_error = f"pass failed in {message}"
+        self.last_failure = {"at": time.time(), "reason": reason, "stage": stage, "error": message}
+        delay = min(RETRY_SECONDS * 2 ** (self._failures - 1), RETRY_MAX)
+        if isinstance(exc, ApplyError | OSError):
+            log.error("%s: pass failed in %s, retrying in %.0f s: %s", reason, stage, delay, exc)
+        else:
+            log.exception("%s: pass failed in %s, retrying in %.0f s", reason, stage, delay)
+        self._carry_over(reason, full)
+        self.close_dataplane()
+        self._retry_in(delay)
+
+    def _pass(self, snapshot: Snapshot, full: bool, now: float, stage: _Stage) -> PassOutcome:
         if self.config.role == "backend":
+            stage.name = "backend pass"
             return backend_pass(snapshot, self.config, dry_run=self.config.dataplane == "shadow", now=now)
+        stage.name = "desired state"
         self._unapplied |= self.book.update(snapshot)
+        stage.name = "kernel read"
         dataplane = self._open_dataplane(refresh=full)
         if self._memory is None:
+            stage.name = "state load"
             self._memory = load_state(self.config.state_file).memory
+        stage.name = "desired state"
         scope = None if full else frozenset(self._unapplied)
-        self._scope_size = len(scope or ())
         desired = self.book.state(self._local_address)
-        if scope is not None and not scope:
+        if scope is None and self.book.unknown:
+            # a service never computed may own kernel state: plan only what is known, delete nothing else
+            scope = frozenset(vs.key for vs in desired.virtual_services)
+        self._scope_size = len(scope or ())
+        if not full and not scope:
             return PassOutcome("director", False, (), desired.rejected, (), desired)
+        stage.name = "plan and apply"
         outcome, self._memory = director_pass(desired, self.config, dataplane, self._memory,
                                               apply=True, now=now, scope=scope)
         self._unapplied.clear()
@@ -223,7 +272,7 @@ class Agent:
         catalog = self.source.state()
         return {
             "ready": self.synced,
-            "degraded": self.last_error is not None or not catalog.get("ok", True),
+            "degraded": self.last_error is not None or bool(self.book.failures) or not catalog.get("ok", True),
             "synced": self.synced,
             "role": self.config.role,
             "dataplane": self.config.dataplane,
@@ -231,6 +280,8 @@ class Agent:
             "last_pass_at": self.last_pass_at,
             "last_pass": self.last_pass,
             "last_error": self.last_error,
+            "errors": {"passes_failed": self.errors, "last": self.last_failure,
+                       "services": dict(sorted(self.book.failures.items())[:20])},
             "catalog": catalog,
         }
 
