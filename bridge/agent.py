@@ -32,8 +32,9 @@ from bridge.dataplane.kernel import ApplyError, Kernel
 from bridge.dataplane.ops import VsKey
 from bridge.dataplane.view import Dataplane, KernelView, ShadowKernel
 from bridge.desired import DesiredBook
-from bridge.model import Snapshot
+from bridge.model import Rejection, Snapshot
 from bridge.reconcile import PassOutcome, backend_pass, director_pass
+from bridge.render import rejections_text
 from bridge.store import Stored, load_state, recover_state, save_state
 
 log = logging.getLogger("maglev-bridge")
@@ -93,6 +94,7 @@ class Agent:
         """Passes that failed with an exception, since start."""
         self._failures = 0
         self.last_failure: dict[str, Any] | None = None
+        self._rejected: tuple[Rejection, ...] = ()
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -158,8 +160,11 @@ class Agent:
         self.last_pass = {"reason": reason, "scope": "full" if full or self.config.role == "backend"
                           else f"{self._scope_size} virtual service(s)",
                           "milliseconds": round(1000 * (time.monotonic() - started), 1),
-                          "operations": len(outcome.steps), "failed": len(outcome.failed)}
-        if outcome.steps or full:
+                          "operations": len(outcome.steps), "failed": len(outcome.failed),
+                          "rejected": len(outcome.rejected)}
+        rejections_changed = outcome.rejected != self._rejected
+        self._rejected = outcome.rejected
+        if outcome.steps or full or rejections_changed:
             stage.name = "state save"
             self._save_state(now, outcome)
         if outcome.failed:
@@ -219,7 +224,11 @@ class Agent:
         else:
             log.exception("%s: pass failed in %s, retrying in %.0f s", reason, stage, delay)
         self._carry_over(reason, full)
-        self.close_dataplane()
+        if self.config.dataplane == "shadow":  # the model is what shadow mode did: keep it, re-plan in full
+            with self._reasons_lock:
+                self._full_wanted = True
+        else:
+            self.close_dataplane()
         self._retry_in(delay)
 
     def _pass(self, snapshot: Snapshot, full: bool, now: float, stage: _Stage) -> PassOutcome:
@@ -297,6 +306,9 @@ class Agent:
         self.scheduler.add_job(self.request, "date", run_date=when, args=["retry"], id="retry", replace_existing=True)
 
     def _log(self, reason: str, outcome: PassOutcome) -> None:
+        new = set(outcome.rejected) - set(self._rejected)
+        for line in rejections_text([r for r in outcome.rejected if r in new]):
+            log.warning("%s:%s", reason, line)
         if not outcome.steps:
             log.info("%s: nothing to change", reason)
             return
