@@ -149,14 +149,14 @@ class StateLock:
     def acquire(self) -> None:
         with contextlib.suppress(OSError):
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, writable = self._open()
+        fd, on_file = self._open()
         if fd is None:
             self.note = f"state file lock: cannot open {self.path} or its directory; running without the lock"
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = self._holder() if writable else "unknown"
+            holder = self._holder() if on_file else "unknown"
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
                 raise StateLocked(
@@ -164,23 +164,25 @@ class StateLock:
                     f"{self.path}); two agents on one state file would overwrite each other's drain deadlines"
                 ) from None
             raise
-        if writable:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        if on_file:
+            try:
+                self.path.write_text(f"{os.getpid()}\n")
+            except OSError as exc:
+                self.note = f"state file lock: held, but the pid could not be written to {self.path}: {exc.strerror}"
 
     def _open(self) -> tuple[int | None, bool]:
-        try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644), True
-        except OSError:
-            pass
-        for path, flags in ((self.path, os.O_RDONLY), (self.state_file.parent, os.O_RDONLY | os.O_DIRECTORY)):
+        """Read-only descriptors: flock needs no more, and a held file open for writing would keep the
+        directory's file system from being remounted read-only."""
+        candidates = ((self.path, os.O_RDONLY | os.O_CREAT), (self.state_file.parent, os.O_RDONLY | os.O_DIRECTORY))
+        for path, flags in candidates:
             try:
-                fd = os.open(path, flags | os.O_CLOEXEC)
+                fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
             except OSError:
                 continue
-            self.note = f"state file lock: {self.path} is not writable; locked {path} instead (no pid recorded)"
-            return fd, False
+            if path != self.path:
+                self.note = f"state file lock: cannot create {self.path}; locked {path} instead (no pid recorded)"
+            return fd, path == self.path
         return None, False
 
     def _holder(self) -> str:
