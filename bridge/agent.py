@@ -308,7 +308,7 @@ class Agent:
     def _log(self, reason: str, outcome: PassOutcome) -> None:
         new = set(outcome.rejected) - set(self._rejected)
         for line in rejections_text([r for r in outcome.rejected if r in new]):
-            log.warning("%s:%s", reason, line)
+            log.warning("%s: %s", reason, line.strip())
         if not outcome.steps:
             log.info("%s: nothing to change", reason)
             return
