@@ -32,6 +32,7 @@ IDLE_SECONDS = 5.0
 STATUS_WORKERS = 2
 STATUS_SECONDS = 30.0
 BACKLOG = 128
+SHUTDOWN_SECONDS = 2.0
 
 
 def _status(agent: Agent) -> dict[str, Any]:
@@ -81,7 +82,8 @@ class HttpEndpoint:
         app.router.add_get("/health", self._health)
         app.router.add_get("/status", self._status)
         app.router.add_route("*", "/{tail:.*}", self._other)
-        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS, handle_signals=False,
+                                     shutdown_timeout=SHUTDOWN_SECONDS)
         await self._runner.setup()
         address = self.agent.config.http_address
         await web.TCPSite(self._runner, address.host, address.port, backlog=BACKLOG, reuse_address=True).start()
@@ -98,8 +100,13 @@ class HttpEndpoint:
                         "and tunnels to anyone who can reach it", address.netloc)
 
     def stop(self) -> None:
+        """Stops listening; a request still running is cut after SHUTDOWN_SECONDS (the agent is stopping)."""
         if self._runner is not None and self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
+            done = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+            try:
+                done.result(timeout=SHUTDOWN_SECONDS + 5)
+            except Exception as exc:
+                log.warning("HTTP endpoint did not stop cleanly: %s", exc)
             self._loop.call_soon_threadsafe(self._loop.stop)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
