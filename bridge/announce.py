@@ -36,10 +36,19 @@ class Announcer:
     def __init__(self, config: Config) -> None:
         assert config.consul is not None
         self.config = config
-        self.client = make_client(config.consul)
+        self._client: consul.Consul | None = None
         self._stop = threading.Event()
         self.registered = False
         self.error: str | None = None
+
+    @property
+    def client(self) -> consul.Consul:
+        """Built at first use, inside the retrying loop: a token file that went away after the configuration
+        was checked is an error to retry, not a crash at start."""
+        if self._client is None:
+            assert self.config.consul is not None
+            self._client = make_client(self.config.consul)
+        return self._client
 
     def register(self) -> None:
         assert self.config.consul is not None
