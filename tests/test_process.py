@@ -154,7 +154,8 @@ def test_a_bad_state_file_is_moved_aside_and_the_agent_serves_without_memory(age
     assert lost in health["state_file"]["lost_at_start"] and "starts without memory" in agent.text()
     assert health["state_file"]["saved"] and not health["degraded"]
     assert len(list(state.parent.glob("state.json.bad-*"))) == 1
-    assert json.loads(state.read_text())["report"], "a good state file was written in its place"
+    # a good state file is written in its place (just after /health turns ready)
+    eventually(lambda: state.is_file() and json.loads(state.read_text())["report"], timeout=WAIT)
 
 
 def _in_namespace(agent: AgentProcess, *command: str) -> None:
