@@ -95,6 +95,8 @@ class Agent:
         self._failures = 0
         self.last_failure: dict[str, Any] | None = None
         self._rejected: tuple[Rejection, ...] = ()
+        self._backend_failures: dict[str, str] = {}
+        """The backend role's services whose claims could not be computed (the director's are the book's)."""
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -151,6 +153,7 @@ class Agent:
         started = time.monotonic()
         outcome = self._pass(snapshot, full, now, stage)
         stage.name = "report"
+        self._backend_failures = dict(outcome.failures)
         self.synced = True
         self.last_error = None
         self._failures = 0
@@ -334,10 +337,11 @@ class Agent:
     def state(self) -> dict[str, Any]:
         """For /health and status: ready only after the first complete pass."""
         catalog = self.source.state()
+        failures = {**self.book.failures, **self._backend_failures}
         return {
             "ready": self.synced,
             "degraded": self.last_error is not None or self.state_error is not None
-                        or bool(self.book.failures) or not catalog.get("ok", True),
+                        or bool(failures) or not catalog.get("ok", True),
             "synced": self.synced,
             "role": self.config.role,
             "dataplane": self.config.dataplane,
@@ -346,7 +350,7 @@ class Agent:
             "last_pass": self.last_pass,
             "last_error": self.last_error,
             "errors": {"passes_failed": self.errors, "last": self.last_failure,
-                       "services": dict(sorted(self.book.failures.items())[:20])},
+                       "services": dict(sorted(failures.items())[:20])},
             "catalog": catalog,
             "state_file": {"path": self.config.state_file, "saved": self.state_error is None,
                            "error": self.state_error, "lost_at_start": self.state_lost},

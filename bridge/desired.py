@@ -328,16 +328,25 @@ def _tunnel(link_prefix: str, backend: str, local_address: str, tunnel_address: 
     return Tunnel(f"{link_prefix}{ipv4_int(backend):08x}", backend, local_address, tunnel_address, fou_port)
 
 
-def claims_of_node(snapshot: Snapshot, config: Config, node: str) -> tuple[Claim, ...]:
+def claims_of_node(snapshot: Snapshot, config: Config, node: str) -> tuple[tuple[Claim, ...], dict[str, str]]:
     """The VIPs that the backend role must accept locally: every valid claim of this node's instances,
-    critical ones included, so their established connections keep working while they drain."""
+    critical ones included, so their established connections keep working while they drain. Also the
+    services whose claims could not be computed (a bug, not bad data), with why: the caller must then keep
+    the VIPs it has (fail static), since it cannot know which of them those services claim."""
     found: dict[VsKey, Claim] = {}
+    failures: dict[str, str] = {}
     parser = TagParser(config)
     for instance in snapshot.instances:
         if instance.node != node:
             continue
-        parsed = parser.parse(instance)
+        try:
+            parsed = parser.parse(instance)
+        except Exception as exc:
+            log.exception("service %s: claims of instance %s could not be computed", printable(instance.service),
+                          printable(instance.instance_id))
+            failures[instance.service] = f"{exc.__class__.__name__}: {exc}"
+            continue
         if isinstance(parsed, InstanceClaim):
             for claim in parsed.claims:
                 found.setdefault(claim.key, claim)
-    return tuple(found[k] for k in sorted(found, key=lambda k: (ipv4_int(k[0]), k[1], k[2])))
+    return tuple(found[k] for k in sorted(found, key=lambda k: (ipv4_int(k[0]), k[1], k[2]))), failures

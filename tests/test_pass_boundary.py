@@ -4,19 +4,24 @@ and shown in /health's state, the kernel keeps what it has, and the next pass wo
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 
 import bridge.agent
 import bridge.desired
 import bridge.reconcile
+from bridge.catalog.consul_format import snapshot_from_services
+from bridge.dataplane.backend import BackendLive
 from bridge.dataplane.view import ShadowKernel
 from bridge.desired import DesiredBook
 from bridge.model import Snapshot
 from bridge.reconcile import PassOutcome
 from bridge.tags import TagParser
+from tests.catalog_builder import catalog, health_entry
 from tests.consul.helpers import eventually
 from tests.test_agent_passes import Catalog, shadow_agent, web
+from tests.test_diff import CONFIG
 
 
 class Boom(RuntimeError):
@@ -129,3 +134,40 @@ def test_an_unexpected_snapshot_is_one_failed_pass_not_a_dead_worker(tmp_path):
     assert agent.sync("start") is None
     assert agent.state()["errors"]["last"]["stage"] == "catalog snapshot"
     assert agent.state()["last_error"].startswith("pass failed in catalog snapshot: KeyError")
+
+
+class FakeBackendKernel:
+    """This node's kernel as the backend role reads it: two VIPs on lo, everything else in place."""
+
+    def __init__(self, _config) -> None:
+        pass
+
+    def read(self):
+        return BackendLive(("198.51.100.1", "198.51.100.9"), {5555: 4}, True,
+                           {"all/arp_ignore": 1, "all/arp_announce": 2})
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_backend_role_keeps_its_vips_when_a_service_on_it_cannot_be_computed(monkeypatch):
+    config = replace(CONFIG, node_name="b1")
+    snap = snapshot_from_services(catalog(
+        health_entry("svc-0", "b1", "192.0.2.10", 80, ["maglev.vip=198.51.100.1:80"]),
+        health_entry("svc-2", "b1", "192.0.2.10", 80, ["maglev.vip=198.51.100.3:80"]),
+    ))
+    monkeypatch.setattr(bridge.reconcile, "BackendKernel", FakeBackendKernel)
+    plain = bridge.reconcile.backend_pass(snap, config, dry_run=True, now=0.0)
+    assert [s.description for s in plain.steps] == ["add vip 198.51.100.3", "delete vip 198.51.100.9"]
+    real_parse = TagParser.parse
+
+    def broken_for_svc_2(self, instance):
+        if instance.service == "svc-2":
+            raise Boom("injected")
+        return real_parse(self, instance)
+
+    monkeypatch.setattr(TagParser, "parse", broken_for_svc_2)
+    kept = bridge.reconcile.backend_pass(snap, config, dry_run=True, now=0.0)
+    assert kept.steps == (), "nothing is deleted while a service's claims are unknown"
+    assert kept.failures == (("svc-2", "Boom: injected"),)
+    assert kept.notes == ("service svc-2: claims could not be computed (Boom: injected); this node keeps its VIPs",)
