@@ -77,18 +77,24 @@ def test_an_exception_in_any_stage_is_counted_shown_and_the_agent_goes_on(tmp_pa
     assert not worker.is_alive()
 
 
+def break_parsing_of(monkeypatch, service: str) -> None:
+    """Tag parsing raises (as a bug would) for one service's instances only."""
+    real_parse = TagParser.parse
+
+    def parse(self, instance):
+        if instance.service == service:
+            raise Boom(f"injected in {service}")
+        return real_parse(self, instance)
+
+    monkeypatch.setattr(TagParser, "parse", parse)
+
+
 def test_a_service_whose_desired_state_cannot_be_computed_keeps_its_kernel_state(tmp_path, monkeypatch):
     source = Catalog([web(n) for n in range(3)])
     agent = shadow_agent(tmp_path, source)
     agent.sync("start")
     real_parse = TagParser.parse
-
-    def broken_for_svc_1(self, instance):
-        if instance.service == "svc-1":
-            raise Boom("injected in svc-1")
-        return real_parse(self, instance)
-
-    monkeypatch.setattr(TagParser, "parse", broken_for_svc_1)
+    break_parsing_of(monkeypatch, "svc-1")
     source.entries[1] = web(1, "critical")
     source.entries[2] = web(2, "critical")
     outcome = agent.sync("consul: svc-1, svc-2 changed", full=False)
@@ -159,15 +165,9 @@ def test_the_backend_role_keeps_its_vips_when_a_service_on_it_cannot_be_computed
     monkeypatch.setattr(bridge.reconcile, "BackendKernel", FakeBackendKernel)
     plain = bridge.reconcile.backend_pass(snap, config, dry_run=True, now=0.0)
     assert [s.description for s in plain.steps] == ["add vip 198.51.100.3", "delete vip 198.51.100.9"]
-    real_parse = TagParser.parse
-
-    def broken_for_svc_2(self, instance):
-        if instance.service == "svc-2":
-            raise Boom("injected")
-        return real_parse(self, instance)
-
-    monkeypatch.setattr(TagParser, "parse", broken_for_svc_2)
+    break_parsing_of(monkeypatch, "svc-2")
     kept = bridge.reconcile.backend_pass(snap, config, dry_run=True, now=0.0)
     assert kept.steps == (), "nothing is deleted while a service's claims are unknown"
-    assert kept.failures == (("svc-2", "Boom: injected"),)
-    assert kept.notes == ("service svc-2: claims could not be computed (Boom: injected); this node keeps its VIPs",)
+    assert kept.failures == (("svc-2", "Boom: injected in svc-2"),)
+    assert kept.notes == (
+        "service svc-2: claims could not be computed (Boom: injected in svc-2); this node keeps its VIPs",)
