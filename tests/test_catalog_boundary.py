@@ -193,3 +193,13 @@ def test_arbitrary_unicode_tags_never_raise_and_never_touch_another_service(tags
     named = [r for r in desired.rejected if (r.service, r.instance) == ("poison", "poison-b2")]
     assert claimed != bool(named), "the instance's claim is either accepted whole or rejected with its name"
     assert all(line.isprintable() for line in desired_text(desired).splitlines())
+
+
+@PROPERTY
+@given(answer=st.lists(JSON | st.just(poison()), max_size=4) | JSON)
+def test_any_json_answer_from_consul_becomes_instances_and_rejections_of_that_service_only(answer):
+    snap = parse_service("poison", json.dumps(answer))
+    assert {i.service for i in snap.instances} <= {"poison"}
+    assert {r.service for r in snap.rejected} <= {"poison"}
+    expected = len(answer) if isinstance(answer, list) else 1  # one rejection for an answer that is no array
+    assert len(snap.instances) + len(snap.rejected) == expected, "every entry is accepted or rejected, alone"
