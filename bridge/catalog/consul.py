@@ -38,7 +38,7 @@ import consul.base
 import requests
 
 from bridge import endpoint
-from bridge.catalog.consul_format import CatalogFormatError, parse_service
+from bridge.catalog.consul_format import WHOLE_SERVICE, CatalogFormatError, parse_service
 from bridge.catalog.source import CatalogUnavailable, OnChange
 from bridge.config import Config, ConsulConfig
 from bridge.model import Instance, Rejection, Snapshot
@@ -114,6 +114,12 @@ class ConsulAnswerError(RuntimeError):
     """Consul answered with an error (no leader, overloaded, ...): never taken for an empty catalog."""
 
 
+class UnreadableName(ConsulAnswerError):
+    """Consul refused the request's path itself (400, 404, 405): for a health watch, a service whose name
+    cannot be asked for over the HTTP API (`..`, for one). Consul answers `[]` for a service that does not
+    exist, so this never passes; waiting for it would keep the whole catalog unavailable for good."""
+
+
 def _parser(path: str) -> Callable[[Any], tuple[int, str]]:
     """Checks what py-consul's callbacks do not expose: a 403, or an answer that ACLs filtered, must not
     look like services having gone away."""
@@ -125,6 +131,8 @@ def _parser(path: str) -> Callable[[Any], tuple[int, str]]:
             raise ConsulAnswerError(
                 f"{path}: 429 too many connections from this address; the agent holds one blocking query per "
                 "tagged service plus one: raise limits.http_max_conns_per_client on the local Consul agent")
+        if response.code in (400, 404, 405):
+            raise UnreadableName(f"{path}: {response.code}")
         if response.code >= 400:
             raise ConsulAnswerError(f"{path}: {response.code} {endpoint.summarize_body(response.body)}")
         if str(response.headers.get("X-Consul-Results-Filtered-By-ACLs", "")).lower() == "true":
@@ -334,7 +342,7 @@ class ConsulSource:
                 self._errors.pop(f"health:{name}", None)
         for name in sorted(added):
             watch = Watch(f"health:{name}", partial(self._get, f"/v1/health/service/{name}"),
-                          partial(self._on_health, name), self._on_error, self.wait_seconds)
+                          partial(self._on_health, name), partial(self._on_health_error, name), self.wait_seconds)
             self._tasks[name] = asyncio.create_task(watch.run())
         if removed:
             self._changed(f"consul: services no longer tagged: {', '.join(printable(n) for n in sorted(removed))}")
@@ -356,6 +364,23 @@ class ConsulSource:
             self._instances[name] = parsed.instances
             self._rejected[name] = parsed.rejected
         self._changed(f"consul: {printable(name)} changed")
+
+    def _on_health_error(self, name: str, watch: str, exc: Exception) -> None:
+        """A service Consul cannot be asked about is rejected whole, and the rest of the catalog goes on."""
+        if not isinstance(exc, UnreadableName):
+            self._on_error(watch, exc)
+            return
+        rejection = Rejection(name, WHOLE_SERVICE, "", f"Consul cannot be asked for this service's health by name "
+                                                         f"({exc}); rename it to use it")
+        with self._lock:
+            if name not in self._tasks:
+                return
+            changed = self._rejected.get(name) != (rejection,)
+            self._instances[name], self._rejected[name] = (), (rejection,)
+            self._bodies.pop(name, None)
+            self._errors.pop(watch, None)
+        if changed:
+            self._changed(f"consul: {printable(name)} cannot be read")
 
     def _on_error(self, name: str, exc: Exception) -> None:
         message = _describe_error(exc)

@@ -50,14 +50,18 @@ def test_run_keeps_serving_through_a_poisoned_registration_and_applies_the_next_
         register(consul_agent, "evil", "b2", "10.20.0.2", 80, ["maglev.vip=198.51.100.11:80", "maglev.weight=²"])
         register(consul_agent, "evil2", "b3", "10.20.0.3", 80,
                  ["maglev.vip=198.51.100.12:80", "maglev.flags=mh-port,\x1b[2J\x1b]0;pwned\x07"])
+        register(consul_agent, "..", "b4", "10.20.0.4", 80, ["maglev.vip=198.51.100.13:80"])  # no URL can name it
         report = eventually(lambda: {(r["service"], r["instance"]): r for r in
                                      get(port, "/status")["last_pass"].get("rejected", [])}.keys()
-                            == {("evil", "evil-b2"), ("evil2", "evil2-b3")} and get(port, "/status"), timeout=90)
+                            == {("evil", "evil-b2"), ("evil2", "evil2-b3"), ("..", "*")} and get(port, "/status"),
+                            timeout=90)
         reasons = {r["service"]: r["reason"] for r in report["last_pass"]["rejected"]}
         assert "weight '²' is not an integer from 0 to 65535" in reasons["evil"]
         assert "unknown flag(s) '\\x1b[2J\\x1b]0;pwned\\x07'" in reasons["evil2"]
         health = get(port, "/health")
-        assert health["ready"] and health["last_pass"]["rejected"] == 2 and health["errors"]["passes_failed"] == 0
+        assert "Consul cannot be asked for this service's health by name" in reasons[".."]
+        assert health["ready"] and health["last_pass"]["rejected"] == 3 and health["errors"]["passes_failed"] == 0
+        assert health["catalog"]["ok"], "one unreadable service does not make the catalog unavailable"
 
         set_health(consul_agent, "web", "b1", "10.20.0.1", "critical")
         eventually(lambda: "set real server 100.64.0.1:80 weight 0 in 198.51.100.10:80/tcp" in log.read_text(),
