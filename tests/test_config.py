@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,38 @@ def test_error_bodies_are_summarised_never_repeated():
     line = summarize_body(body)
     assert "5f3c8e2a" not in line and "\x1b" not in line and "\n" not in line
     assert line.startswith("rpc error: ACL not found <redacted>") and len(line) <= 160
+
+
+# -- any document: a ConfigError naming a key, or a configuration; never anything else ---------------------
+
+
+def _documents():
+    from hypothesis import strategies as st
+
+    from bridge.config import _PARSERS, ConsulConfig, NomadConfig
+
+    scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=30)
+    scalars |= st.sampled_from(
+        ["127.0.0.1:9119", "[::1]:1", "http://127.0.0.1:8500", "https://[::1]", "10.0.0.0/8", "5m", "mh-port",
+         "198.51.100.0/24", "/etc/hostname", "kernel", "director", 4093, 5555])
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                          | st.dictionaries(st.text(max_size=8) | st.sampled_from(["backend", "tunnel"]), inner,
+                                            max_size=3), max_leaves=6)
+    section = lambda cls: st.dictionaries(st.sampled_from([f.name for f in fields(cls)]), values, max_size=4)  # noqa: E731
+    return st.dictionaries(st.sampled_from([*sorted(_PARSERS), "unknown"]), values, max_size=5).flatmap(
+        lambda doc: st.fixed_dictionaries({}, optional={"consul": section(ConsulConfig), "nomad": section(NomadConfig)})
+        .map(lambda extra: {**doc, **extra}))
+
+
+def test_any_document_is_a_configuration_or_one_config_error():
+    from hypothesis import given, settings
+
+    @settings(max_examples=200, deadline=None)
+    @given(_documents())
+    def check(document):
+        try:
+            parse_config(document)
+        except ConfigError as exc:
+            assert len(str(exc)) < 600 and ":" in str(exc)
+
+    check()
