@@ -240,6 +240,7 @@ def test_sighup_reloads_a_good_configuration_keeps_the_old_one_for_a_bad_one_and
 def test_many_slow_clients_do_not_keep_health_from_answering(agents, tmp_path):
     agent = run_agent(agents, tmp_path)
     agent.wait_ready()
+    threads = len(os.listdir(f"/proc/{agent.pid}/task"))
     slow = []
     for i in range(300):
         s = socket.create_connection(("127.0.0.1", agent.port), timeout=WAIT)
@@ -249,12 +250,14 @@ def test_many_slow_clients_do_not_keep_health_from_answering(agents, tmp_path):
     started = time.monotonic()
     assert agent.health()["ready"]
     answered = time.monotonic() - started
+    during = len(os.listdir(f"/proc/{agent.pid}/task"))
+    assert during <= threads + 2, "connections cost no threads (only /status may start its 2 workers)"
     for s in slow[:5]:
         assert s.recv(100) == b"", "the server closes a connection that does not send a whole request"
     for s in slow:
         s.close()
     assert agent.alive()
-    print(f"/health answered in {answered * 1000:.0f} ms with 300 slow clients connected")
+    print(f"/health answered in {answered * 1000:.0f} ms with 300 slow clients; threads {threads} -> {during}")
 
 
 def test_a_non_loopback_http_bind_is_warned_about(agents, tmp_path):
