@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from bridge.agent import Agent
-from bridge.catalog.consul_format import instances_of
+from bridge.catalog.consul_format import snapshot_from_services
 from bridge.config import Config
 from bridge.model import Instance, Snapshot
 
@@ -28,7 +28,10 @@ class StaticSource:
     def __init__(self, entries: dict[str, list[dict[str, Any]]]) -> None:
         self.entries = entries
         self.names = sorted(entries)
-        self.cached: dict[str, tuple[Instance, ...]] = {n: instances_of(n, entries[n]) for n in self.names}
+        self.cached: dict[str, tuple[Instance, ...]] = {n: self._instances(n) for n in self.names}
+
+    def _instances(self, name: str) -> tuple[Instance, ...]:
+        return snapshot_from_services({name: self.entries[name]}).instances
 
     def snapshot(self) -> Snapshot:
         return Snapshot(tuple(i for name in self.names for i in self.cached[name]))
@@ -43,7 +46,7 @@ class StaticSource:
         for check in entry["Checks"]:
             if check["ServiceID"]:
                 check["Status"] = "critical" if check["Status"] == "passing" else "passing"
-        self.cached[name] = instances_of(name, self.entries[name])
+        self.cached[name] = self._instances(name)
 
 
 def replay(config: Config, entries: dict[str, list[dict[str, Any]]], changes: int = 30,

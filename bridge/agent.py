@@ -13,10 +13,12 @@ is, so restarting or upgrading the agent never disturbs a connection.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
 from types import FrameType
 from typing import Any
@@ -30,19 +32,44 @@ from bridge.dataplane.kernel import ApplyError, Kernel
 from bridge.dataplane.ops import VsKey
 from bridge.dataplane.view import Dataplane, KernelView, ShadowKernel
 from bridge.desired import DesiredBook
-from bridge.model import Snapshot
+from bridge.model import Rejection, Snapshot
 from bridge.reconcile import PassOutcome, backend_pass, director_pass
-from bridge.store import Stored, load_state, save_state
+from bridge.render import rejections_text
+from bridge.store import Stored, load_state, recover_state, save_state
 
 log = logging.getLogger("maglev-bridge")
 logging.getLogger("apscheduler").setLevel(logging.WARNING)
 RETRY_SECONDS = 5.0
+RETRY_MAX = 300.0
+STATE_RETRY_SECONDS = 10.0
+LIVE_KEYS = frozenset({"vip_cidrs", "tunnel_map", "local_address", "fou_port", "drain_timeout", "resync_interval",
+                       "default_flags", "warning_serves", "mh_table_size"})
+"""What SIGHUP changes in a running agent: what each pass reads from the configuration. Everything else
+is built once at start (the catalog source, the HTTP endpoint, the state file and its lock, the data-plane
+mode, the Consul registration) or names what the agent owns in the kernel (route_protocol, link_prefix,
+tag_prefix), so it needs a restart, which the log says."""
+
+
+@dataclass
+class _Stage:
+    """Which stage a pass is in, so a failure says where it happened."""
+
+    name: str
 
 
 class Agent:
-    def __init__(self, config: Config, source: CatalogSource) -> None:
+    def __init__(self, config: Config, source: CatalogSource, reload: Callable[[], Config] | None = None) -> None:
         self.config = config
         self.source = source
+        self._reload = reload
+        """Reads and validates the configuration again (SIGHUP); None: reloading is not possible."""
+        self._reload_wanted = False
+        self._save_lock = threading.Lock()
+        self._unsaved: Stored | None = None
+        self.state_error: str | None = None
+        """Why the state file could not be saved, until a save succeeds again."""
+        self.state_lost: str | None = None
+        """What was lost when a bad state file was moved aside at start."""
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.book = DesiredBook(config)
         self._wanted = threading.Event()
@@ -63,6 +90,13 @@ class Agent:
         self.last_pass: dict[str, Any] | None = None
         """What the last pass was: full or how many services it was scoped to, its duration, its operations."""
         self.passes = 0
+        self.errors = 0
+        """Passes that failed with an exception, since start."""
+        self._failures = 0
+        self.last_failure: dict[str, Any] | None = None
+        self._rejected: tuple[Rejection, ...] = ()
+        self._backend_failures: dict[str, str] = {}
+        """The backend role's services whose claims could not be computed (the director's are the book's)."""
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -93,6 +127,17 @@ class Agent:
     # ---- passes ----------------------------------------------------------------------------------
 
     def sync(self, reason: str, full: bool = True) -> PassOutcome | None:
+        """One pass, and the boundary no exception crosses: whatever goes wrong in a stage is logged with
+        the stage (and the service, when the desired state names it), counted, shown in /health, and the
+        pass is retried with backoff; the kernel keeps what it has (fail static)."""
+        stage = _Stage("catalog snapshot")
+        try:
+            return self._sync(reason, full, stage)
+        except Exception as exc:
+            self._pass_failed(reason, full, stage.name, exc)
+            return None
+
+    def _sync(self, reason: str, full: bool, stage: _Stage) -> PassOutcome | None:
         try:
             snapshot = self.source.snapshot()
         except CatalogUnavailable as exc:
@@ -106,42 +151,110 @@ class Agent:
             return None
         now = time.time()
         started = time.monotonic()
-        try:
-            outcome = self._pass(snapshot, full, now)
-        except (ApplyError, OSError) as exc:
-            self.last_error = f"pass failed: {exc}"
-            log.error("%s: pass failed, will retry: %s", reason, exc)
-            self.close_dataplane()
-            self._retry_in(RETRY_SECONDS)
-            return None
+        outcome = self._pass(snapshot, full, now, stage)
+        stage.name = "report"
+        self._backend_failures = dict(outcome.failures)
         self.synced = True
         self.last_error = None
+        self._failures = 0
         self.last_pass_at = now
         self.passes += 1
         self._log(reason, outcome)
         self.last_pass = {"reason": reason, "scope": "full" if full or self.config.role == "backend"
                           else f"{self._scope_size} virtual service(s)",
                           "milliseconds": round(1000 * (time.monotonic() - started), 1),
-                          "operations": len(outcome.steps), "failed": len(outcome.failed)}
-        if outcome.steps or full:
-            save_state(self.config.state_file, Stored(self._memory or Memory(), outcome.report(now)))
+                          "operations": len(outcome.steps), "failed": len(outcome.failed),
+                          "rejected": len(outcome.rejected)}
+        rejections_changed = outcome.rejected != self._rejected
+        self._rejected = outcome.rejected
+        if outcome.steps or full or rejections_changed:
+            stage.name = "state save"
+            self._save_state(now, outcome)
         if outcome.failed:
             self._retry_in(RETRY_SECONDS)
+        stage.name = "drain schedule"
         self._schedule_drain()
         return outcome
 
-    def _pass(self, snapshot: Snapshot, full: bool, now: float) -> PassOutcome:
+    def _save_state(self, now: float, outcome: PassOutcome) -> None:
+        with self._save_lock:
+            self._unsaved = Stored(self._memory or Memory(), outcome.report(now))
+        self._flush_state()
+
+    def _flush_state(self) -> None:
+        """Write the latest unsaved state. A failure (read-only or full disk, directory gone) never fails
+        the pass: the memory stays in RAM, /health says the file is not saved and why, and the write is
+        retried every STATE_RETRY_SECONDS and after every pass until it succeeds."""
+        with self._save_lock:
+            if self._unsaved is None:
+                return
+            try:
+                save_state(self.config.state_file, self._unsaved)
+            except OSError as exc:
+                error = f"{self.config.state_file}: {exc.strerror or exc}"
+                if error != self.state_error:
+                    log.warning("state file not saved, keeping it in memory and retrying every %.0f s: %s",
+                                STATE_RETRY_SECONDS, error)
+                self.state_error = error
+                when = datetime.now() + timedelta(seconds=STATE_RETRY_SECONDS)
+                self.scheduler.add_job(self._flush_state, "date", run_date=when, id="state-save",
+                                       replace_existing=True)
+                return
+            self._unsaved = None
+            if self.state_error is not None:
+                log.info("state file saved again: %s", self.config.state_file)
+                self.state_error = None
+
+    def _recover_memory(self) -> Memory:
+        """The state file's memory; a bad file is moved aside, said once, and the director starts without."""
+        stored, warning = recover_state(self.config.state_file)
+        if warning:
+            log.warning("%s", warning)
+            self.state_lost = warning
+        return stored.memory
+
+    def _pass_failed(self, reason: str, full: bool, stage: str, exc: Exception) -> None:
+        """Count and show the failure; re-read the kernel before the next pass (it may have applied part of
+        its operations), which follows after a backoff that grows while the failure repeats."""
+        self.errors += 1
+        self._failures += 1
+        message = f"{stage}: {exc.__class__.__name__}: {exc}"
+        self.last_error = f"pass failed in {message}"
+        self.last_failure = {"at": time.time(), "reason": reason, "stage": stage, "error": message}
+        delay = min(RETRY_SECONDS * 2 ** (self._failures - 1), RETRY_MAX)
+        if isinstance(exc, ApplyError | OSError):
+            log.error("%s: pass failed in %s, retrying in %.0f s: %s", reason, stage, delay, exc)
+        else:
+            log.exception("%s: pass failed in %s, retrying in %.0f s", reason, stage, delay)
+        self._carry_over(reason, full)
+        if self.config.dataplane == "shadow":  # the model is what shadow mode did: keep it, re-plan in full
+            with self._reasons_lock:
+                self._full_wanted = True
+        else:
+            self.close_dataplane()
+        self._retry_in(delay)
+
+    def _pass(self, snapshot: Snapshot, full: bool, now: float, stage: _Stage) -> PassOutcome:
         if self.config.role == "backend":
+            stage.name = "backend pass"
             return backend_pass(snapshot, self.config, dry_run=self.config.dataplane == "shadow", now=now)
+        stage.name = "desired state"
         self._unapplied |= self.book.update(snapshot)
+        stage.name = "kernel read"
         dataplane = self._open_dataplane(refresh=full)
         if self._memory is None:
-            self._memory = load_state(self.config.state_file).memory
+            stage.name = "state load"
+            self._memory = self._recover_memory()
+        stage.name = "desired state"
         scope = None if full else frozenset(self._unapplied)
-        self._scope_size = len(scope or ())
         desired = self.book.state(self._local_address)
-        if scope is not None and not scope:
+        if scope is None and self.book.unknown:
+            # a service never computed may own kernel state: plan only what is known, delete nothing else
+            scope = frozenset(vs.key for vs in desired.virtual_services)
+        self._scope_size = len(scope or ())
+        if not full and not scope:
             return PassOutcome("director", False, (), desired.rejected, (), desired)
+        stage.name = "plan and apply"
         outcome, self._memory = director_pass(desired, self.config, dataplane, self._memory,
                                               apply=True, now=now, scope=scope)
         self._unapplied.clear()
@@ -196,6 +309,9 @@ class Agent:
         self.scheduler.add_job(self.request, "date", run_date=when, args=["retry"], id="retry", replace_existing=True)
 
     def _log(self, reason: str, outcome: PassOutcome) -> None:
+        new = set(outcome.rejected) - set(self._rejected)
+        for line in rejections_text([r for r in outcome.rejected if r in new]):
+            log.warning("%s: %s", reason, line.strip())
         if not outcome.steps:
             log.info("%s: nothing to change", reason)
             return
@@ -221,9 +337,11 @@ class Agent:
     def state(self) -> dict[str, Any]:
         """For /health and status: ready only after the first complete pass."""
         catalog = self.source.state()
+        failures = {**self.book.failures, **self._backend_failures}
         return {
             "ready": self.synced,
-            "degraded": self.last_error is not None or not catalog.get("ok", True),
+            "degraded": self.last_error is not None or self.state_error is not None
+                        or bool(failures) or not catalog.get("ok", True),
             "synced": self.synced,
             "role": self.config.role,
             "dataplane": self.config.dataplane,
@@ -231,20 +349,57 @@ class Agent:
             "last_pass_at": self.last_pass_at,
             "last_pass": self.last_pass,
             "last_error": self.last_error,
+            "errors": {"passes_failed": self.errors, "last": self.last_failure,
+                       "services": dict(sorted(failures.items())[:20])},
             "catalog": catalog,
+            "state_file": {"path": self.config.state_file, "saved": self.state_error is None,
+                           "error": self.state_error, "lost_at_start": self.state_lost},
         }
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
     def work(self) -> None:
-        """The reconcile worker: one pass per wake-up, until stopped."""
+        """The reconcile worker: one pass per wake-up, until stopped; a reload asked for by SIGHUP runs
+        here, between passes, never inside one."""
         while not self._stopping.is_set():
             self._wanted.wait()
             self._wanted.clear()
             if self._stopping.is_set():
                 break
+            if self._reload_wanted:
+                self._reload_wanted = False
+                self.reload_config()
             self.sync(*self._take_request())
         self.close_dataplane()
+
+    def reload_config(self) -> None:
+        """Read the configuration again and validate it in full; a bad one is logged and the running one
+        kept. Of a good one, the LIVE_KEYS take effect now (a fresh desired state and a full pass); every
+        other changed key is logged as needing a restart and keeps its running value."""
+        assert self._reload is not None
+        try:
+            new = self._reload()
+        except (ConfigError, OSError) as exc:
+            log.error("SIGHUP: the new configuration is not valid, keeping the running one: %s", exc)
+            return
+        changed = [f.name for f in fields(Config) if getattr(new, f.name) != getattr(self.config, f.name)]
+        live = [key for key in changed if key in LIVE_KEYS]
+        restart = [key for key in changed if key not in LIVE_KEYS]
+        if restart:
+            log.warning("SIGHUP: changed key(s) %s need a restart; they keep their running values until then",
+                        ", ".join(restart))
+        if not live:
+            log.info("SIGHUP: configuration reloaded; nothing that can change live changed")
+            return
+        old, self.config = self.config, replace(self.config, **{key: getattr(new, key) for key in live})
+        self.book = DesiredBook(self.config)
+        self._unapplied.clear()
+        if old.vip_cidrs != self.config.vip_cidrs:
+            self.close_dataplane()  # what the agent owns in the kernel changed: read it again
+        if old.resync_interval != self.config.resync_interval and self.scheduler.get_job("resync") is not None:
+            self.scheduler.reschedule_job("resync", trigger="interval", seconds=self.config.resync_interval)
+        log.info("SIGHUP: configuration reloaded; now in effect: %s", ", ".join(live))
+        self.request("configuration reloaded")
 
     def keep_jobs(self) -> None:
         from bridge.nomad.keeper import keep_jobs
@@ -268,9 +423,35 @@ class Agent:
         self.source.stop()
         self.scheduler.shutdown(wait=False)
 
+    def _handle_signals(self) -> None:
+        """SIGTERM/SIGINT stop (the kernel stays as it is); SIGHUP (systemd's reload, Nomad's change_mode
+        "signal") reloads the configuration; SIGUSR1/SIGUSR2, whose default would kill the agent, are logged
+        and ignored; SIGPIPE is ignored (a closed socket is an error on that socket, not the agent's end)."""
+
+        def stop(signum: int, _frame: FrameType | None) -> None:
+            log.info("%s: stopping; the kernel state stays as it is", signal.Signals(signum).name)
+            self.stop()
+
+        def reload(_signum: int, _frame: FrameType | None) -> None:
+            log.info("SIGHUP: reloading the configuration")
+            self._reload_wanted = True
+            self._wanted.set()
+
+        def ignore(signum: int, _frame: FrameType | None) -> None:
+            log.info("%s ignored (SIGHUP reloads the configuration, SIGTERM stops)", signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, reload if self._reload is not None else ignore)
+        signal.signal(signal.SIGUSR1, ignore)
+        signal.signal(signal.SIGUSR2, ignore)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
     def run(self) -> int:
         from bridge.http import serve
 
+        self._handle_signals()
+        self._memory = self._recover_memory()
         server = serve(self)
         announcer = None
         if self.config.consul is not None and self.config.consul.register:
@@ -279,19 +460,12 @@ class Agent:
             announcer = Announcer(self.config)
             announcer.start()
         self.start()
-
-        def stop(signum: int, _frame: FrameType | None) -> None:
-            log.info("signal %d: stopping; the kernel state stays as it is", signum)
-            self.stop()
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        log.info("agent started: role %s, dataplane %s, http %s", self.config.role, self.config.dataplane,
-                 self.config.http_bind)
+        log.info("agent started: role %s, dataplane %s, http %s, pid %d", self.config.role, self.config.dataplane,
+                 self.config.http_address.netloc, os.getpid())
         self.work()
         if announcer is not None:
             announcer.stop()
-        server.shutdown()
+        server.stop()
         log.info("stopped")
         return 0
 
@@ -306,5 +480,5 @@ def source_for(config: Config) -> CatalogSource:
     raise ConfigError("catalog_file: the agent needs a catalog source (a consul section, catalog_file or --catalog)")
 
 
-def run_agent(config: Config) -> int:
-    return Agent(config, source_for(config)).run()
+def run_agent(config: Config, reload: Callable[[], Config] | None = None) -> int:
+    return Agent(config, source_for(config), reload).run()

@@ -14,7 +14,7 @@ import consul
 
 from bridge.catalog.consul import make_client
 from bridge.config import Config
-from bridge.http import parse_bind
+from bridge.endpoint import summarize_body
 
 log = logging.getLogger("maglev-bridge.announce")
 CHECK_EVERY = 15.0
@@ -36,22 +36,31 @@ class Announcer:
     def __init__(self, config: Config) -> None:
         assert config.consul is not None
         self.config = config
-        self.client = make_client(config.consul)
+        self._client: consul.Consul | None = None
         self._stop = threading.Event()
         self.registered = False
         self.error: str | None = None
 
+    @property
+    def client(self) -> consul.Consul:
+        """Built at first use, inside the retrying loop: a token file that went away after the configuration
+        was checked is an error to retry, not a crash at start."""
+        if self._client is None:
+            assert self.config.consul is not None
+            self._client = make_client(self.config.consul)
+        return self._client
+
     def register(self) -> None:
         assert self.config.consul is not None
-        host, port = parse_bind(self.config.http_bind)
+        address = self.config.http_address
         self.client.agent.service.register(
             self.config.consul.service_name,
             service_id=service_id(self.config),
-            address=host,
-            port=port,
+            address=address.host,
+            port=address.port,
             tags=tags(self.config),
             meta={"node": self.config.node_name, "role": self.config.role},
-            check=consul.Check.http(f"http://{host}:{port}/health", interval="5s", timeout="2s",
+            check=consul.Check.http(f"http://{address.netloc}/health", interval="5s", timeout="2s",
                                     deregister="10m"),
         )
 
@@ -70,7 +79,7 @@ class Announcer:
                 wait = CHECK_EVERY
             except Exception as exc:
                 self.registered = False
-                self.error = f"{exc.__class__.__name__}: {exc}"
+                self.error = f"{exc.__class__.__name__}: {summarize_body(exc)}"
                 wait = min(max(wait * 2, 1.0), CHECK_EVERY)
 
     def start(self) -> None:
@@ -83,4 +92,4 @@ class Announcer:
             self.client.agent.service.deregister(service_id(self.config))
             log.info("deregistered %s from Consul", service_id(self.config))
         except Exception as exc:
-            log.warning("could not deregister from Consul: %s", exc)
+            log.warning("could not deregister from Consul: %s", summarize_body(exc))

@@ -16,8 +16,9 @@ from bridge.desired import compute_desired
 from bridge.explain import ExplainError
 from bridge.model import Snapshot
 from bridge.nomad.cli import add_jobs_commands
-from bridge.reconcile import apply_once, backend_pass
+from bridge.reconcile import PassOutcome, apply_once, backend_pass
 from bridge.render import desired_json, desired_text, dumps, outcome_text, status_text
+from bridge.store import StateLock, StateLocked, recover_state
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -55,14 +56,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    """Holds the agent's state-file lock while it runs (a dry run writes nothing and needs none): with an
+    agent running on the same state file, `apply` refuses rather than race it for the drain deadlines."""
     config = _config(args)
     snapshot = _snapshot(config)
-    if config.role == "backend":
-        outcome = backend_pass(snapshot, config, dry_run=args.dry_run)
+    if args.dry_run:
+        outcome = _apply(snapshot, config, dry_run=True)
     else:
-        outcome = apply_once(snapshot, config, dry_run=args.dry_run)
+        with StateLock(config.state_file):
+            _, warning = recover_state(config.state_file)
+            if warning:
+                logging.getLogger("maglev-bridge").warning("%s", warning)
+            outcome = _apply(snapshot, config, dry_run=False)
     print(outcome_text(outcome))
     return EXIT_FAILED if outcome.failed else EXIT_OK
+
+
+def _apply(snapshot: Snapshot, config: Config, *, dry_run: bool) -> PassOutcome:
+    if config.role == "backend":
+        return backend_pass(snapshot, config, dry_run=dry_run)
+    return apply_once(snapshot, config, dry_run=dry_run)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -111,9 +124,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """The agent holds its state file's lock for its whole life; SIGHUP re-reads the same file with the
+    same command-line overrides."""
     from bridge.agent import run_agent
 
-    return run_agent(_config(args))
+    config = _config(args)
+    with StateLock(config.state_file) as lock:
+        if lock.note:
+            logging.getLogger("maglev-bridge").warning("%s", lock.note)
+        return run_agent(config, reload=lambda: _config(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("maglev-bridge").setLevel(logging.DEBUG)
     try:
         code: int = args.func(args)
-    except (ConfigError, CatalogFormatError, ExplainError) as exc:
+    except (ConfigError, CatalogFormatError, ExplainError, StateLocked) as exc:
         print(f"maglev-bridge: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except ApplyError as exc:

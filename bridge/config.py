@@ -4,6 +4,8 @@ clear message instead of surfacing as a half-configured kernel later."""
 from __future__ import annotations
 
 import ipaddress
+import re
+import reprlib
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -13,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from bridge.endpoint import EndpointError, HostPort, Url, check_readable, parse_host_port, parse_url
 from bridge.maglev import TABLE_SIZES
 
 KNOWN_FLAGS = ("mh-port", "mh-fallback")
@@ -22,6 +25,15 @@ DataplaneMode = Literal["kernel", "shadow"]
 
 class ConfigError(ValueError):
     """A configuration problem, always naming the key."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+
+
+def _show(value: object) -> str:
+    """A value as an error message may quote it: bounded, so a huge value cannot make a huge message."""
+    return _REPR.repr(value)
 
 
 @dataclass(frozen=True)
@@ -62,22 +74,29 @@ class ConsulConfig:
     def __post_init__(self) -> None:
         seconds = parse_wait(self.wait)
         if not 0 < seconds <= MAX_CONSUL_WAIT:
-            raise ConfigError(f"consul.wait: {self.wait!r} must be above 0 and at most 10m (Consul's maximum)")
+            raise ConfigError(f"consul.wait: {_show(self.wait)} must be above 0 and at most 10m (Consul's maximum)")
 
     @property
     def wait_seconds(self) -> float:
         return parse_wait(self.wait)
+
+    @cached_property
+    def url(self) -> Url:
+        return parse_url("consul.address", self.address, 8500)
+
+    @cached_property
+    def dns(self) -> HostPort:
+        return parse_host_port("consul.dns_address", self.dns_address, default_port=8600, literal=True)
 
 
 MAX_CONSUL_WAIT = 600.0
 
 
 def parse_wait(text: str) -> float:
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0}
-    for suffix in ("ms", "s", "m"):
-        if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
-            return float(text[: -len(suffix)]) * units[suffix]
-    raise ConfigError(f"consul.wait: {text!r} is not a duration like 30s or 5m")
+    match = re.fullmatch(r"([0-9]{1,6}(?:\.[0-9]{1,3})?)(ms|s|m)", text, flags=re.ASCII)
+    if match is None:
+        raise ConfigError(f"consul.wait: {_show(text)} is not a duration like 30s or 5m")
+    return float(match[1]) * {"ms": 0.001, "s": 1.0, "m": 60.0}[match[2]]
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,10 @@ class NomadConfig:
     jobs_dir: str = "jobs"
     keep_interval: float = 60.0
     """Seconds between re-plans of the management jobs by `run` (0 disables keeping)."""
+
+    @cached_property
+    def url(self) -> Url:
+        return parse_url("nomad.address", self.address, 4646)
 
 
 @dataclass(frozen=True)
@@ -127,6 +150,10 @@ class Config:
     def is_vip_allowed(self, address: int) -> bool:
         return any(address & mask == network for mask, network in self._vip_masks)
 
+    @cached_property
+    def http_address(self) -> HostPort:
+        return parse_host_port("http_bind", self.http_bind, literal=True)
+
     def tunnel_address(self, backend: int) -> int | None:
         for mapping in self.tunnel_map:
             translated = mapping.translate(backend)
@@ -139,9 +166,9 @@ def _network(key: str, value: object) -> ipaddress.IPv4Network:
     try:
         net = ipaddress.ip_network(str(value), strict=True)
     except ValueError as exc:
-        raise ConfigError(f"{key}: {value!r} is not a network in CIDR form ({exc})") from None
+        raise ConfigError(f"{key}: {_show(value)} is not a network in CIDR form ({str(exc)[:120]})") from None
     if not isinstance(net, ipaddress.IPv4Network):
-        raise ConfigError(f"{key}: {value!r}: only IPv4 is supported")
+        raise ConfigError(f"{key}: {_show(value)}: only IPv4 is supported")
     return net
 
 
@@ -156,7 +183,7 @@ def _tunnel_map(value: object) -> tuple[TunnelMapping, ...]:
     for i, item in enumerate(_list("tunnel_map", value)):
         key = f"tunnel_map[{i}]"
         if not isinstance(item, Mapping) or set(item) != {"backend", "tunnel"}:
-            raise ConfigError(f"{key}: expected {{backend: <cidr>, tunnel: <cidr>}}, got {item!r}")
+            raise ConfigError(f"{key}: expected {{backend: <cidr>, tunnel: <cidr>}}, got {_show(item)}")
         backend = _network(f"{key}.backend", item["backend"])
         tunnel = _network(f"{key}.tunnel", item["tunnel"])
         if backend.prefixlen != tunnel.prefixlen:
@@ -177,42 +204,42 @@ def _flags(value: object) -> tuple[str, ...]:
 
 def _number(key: str, value: object, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ConfigError(f"{key}: expected a number from {low:g} to {high:g}, got {value!r}")
+        raise ConfigError(f"{key}: expected a number from {low:g} to {high:g}, got {_show(value)}")
     return float(value)
 
 
 def _integer(key: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{key}: expected an integer from {low} to {high}, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer from {low} to {high}, got {_show(value)}")
     return value
 
 
 def _choice(key: str, value: object, choices: tuple[Any, ...]) -> Any:
     if value not in choices:
-        raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+        raise ConfigError(f"{key}: expected one of {list(choices)}, got {_show(value)}")
     return value
 
 
 def _string(key: str, value: object) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+        raise ConfigError(f"{key}: expected a non-empty string, got {_show(value)}")
     return value
 
 
 def _bool(key: str, value: object) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
     return value
 
 
 def _section(name: str, cls: Any, value: object) -> Any:
     """A nested section: known keys only; strings, except the booleans and numbers the class declares."""
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        raise ConfigError(f"{name}: expected a mapping, got {_show(value)}")
     types = {f.name: f.type for f in fields(cls)}
-    unknown = sorted(set(value) - set(types))
+    unknown = [key for key in value if key not in types]
     if unknown:
-        raise ConfigError(f"{name}.{unknown[0]}: unknown key; known keys are {sorted(types)}")
+        raise ConfigError(f"{name}.{_show(unknown[0]).strip(chr(39))}: unknown key; known keys are {sorted(types)}")
     parsed: dict[str, Any] = {}
     for key, item in value.items():
         if types[key] == "bool":
@@ -221,7 +248,27 @@ def _section(name: str, cls: Any, value: object) -> Any:
             parsed[key] = _number(f"{name}.{key}", item, 0, 86400)
         elif item is not None:
             parsed[key] = _string(f"{name}.{key}", item)
-    return cls(**parsed)
+    section = cls(**parsed)
+    _check_client(name, section)
+    return section
+
+
+def _check_client(name: str, section: ConsulConfig | NomadConfig) -> None:
+    """What the Consul and Nomad clients would otherwise find out only when they first connect (inside a
+    watch thread, while /health still looked fine): the address they can dial, the files they will open."""
+    url = section.url
+    if isinstance(section, ConsulConfig):
+        _ = section.dns
+    for key in ("token_file", "ca_file", "cert_file", "key_file"):
+        path = getattr(section, key)
+        if path is not None:
+            check_readable(f"{name}.{key}", path)
+    if bool(section.cert_file) != bool(section.key_file):
+        given, missing = ("cert_file", "key_file") if section.cert_file else ("key_file", "cert_file")
+        raise ConfigError(f"{name}.{missing}: {name}.{given} is set, so a client certificate needs both")
+    tls = [key for key in ("ca_file", "cert_file", "tls_server_name") if getattr(section, key)]
+    if tls and url.scheme != "https":
+        raise ConfigError(f"{name}.address: {tls[0]} is set but {url.text} is not https://; TLS settings need https")
 
 
 _PARSERS: dict[str, Any] = {
@@ -242,7 +289,7 @@ _PARSERS: dict[str, Any] = {
     "node_name": lambda v: _string("node_name", v),
     "catalog_file": lambda v: _string("catalog_file", v),
     "state_file": lambda v: _string("state_file", v),
-    "http_bind": lambda v: _string("http_bind", v),
+    "http_bind": lambda v: parse_host_port("http_bind", _string("http_bind", v), literal=True).netloc,
     "rack": lambda v: _string("rack", v),
     "consul": lambda v: _section("consul", ConsulConfig, v),
     "nomad": lambda v: _section("nomad", NomadConfig, v),
@@ -257,19 +304,46 @@ def parse_config(raw: object) -> Config:
         raise ConfigError(f"configuration: expected a mapping of keys, got {type(raw).__name__}")
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        parser = _PARSERS.get(str(key))
+        parser = _PARSERS.get(key) if isinstance(key, str) else None
         if parser is None:
-            raise ConfigError(f"{key}: unknown key; known keys are {sorted(_PARSERS)}")
+            raise ConfigError(f"{_show(key).strip(chr(39))}: unknown key; known keys are {sorted(_PARSERS)}")
         try:
-            values[str(key)] = parser(value)
+            values[key] = parser(value)
         except ConfigError:
             raise
+        except EndpointError as exc:
+            raise ConfigError(str(exc)) from None
         except ValueError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
+            raise ConfigError(f"{key}: {str(exc)[:200]}") from None
     link_prefix = values.get("link_prefix", "mgl")
     if len(link_prefix) > 7:
-        raise ConfigError(f"link_prefix: {link_prefix!r} is too long; at most 7 characters (links are <prefix><8 hex>)")
+        raise ConfigError(
+            f"link_prefix: {_show(link_prefix)} is too long; at most 7 characters (links are <prefix><8 hex>)")
+    _check_prefixes(values.get("tunnel_map", ()), values.get("vip_cidrs", ()))
     return Config(**values)
+
+
+def _check_prefixes(tunnel_map: tuple[TunnelMapping, ...], vip_cidrs: tuple[ipaddress.IPv4Network, ...]) -> None:
+    """Prefixes that would make two directors, or two backends, disagree silently: a backend in two
+    mappings (the first would win), two backends on one tunnel address, a tunnel address that is also an
+    underlay or VIP address (its /32 route through the tunnel would capture the underlay's or the VIP's
+    traffic; a tunnel to a backend routed through itself loops)."""
+    named: list[tuple[str, str, ipaddress.IPv4Network]] = [
+        (f"tunnel_map[{i}].{side}", side, getattr(m, side)) for i, m in enumerate(tunnel_map)
+        for side in ("backend", "tunnel")]
+    named += [(f"vip_cidrs[{i}]", "vip", net) for i, net in enumerate(vip_cidrs)]
+    why = {
+        ("backend", "backend"): "a backend address would map to two tunnel addresses",
+        ("tunnel", "tunnel"): "two backends would share a tunnel address",
+        ("backend", "tunnel"): "tunnel addresses are routed through the tunnels and must not be backend addresses",
+        ("backend", "vip"): "a backend address inside vip_cidrs would be routed locally on every director",
+        ("tunnel", "vip"): "a tunnel address inside vip_cidrs would be routed locally on every director",
+    }
+    for j, (key, side, net) in enumerate(named):
+        for other_key, other_side, other in named[:j]:
+            reason = why.get((other_side, side)) or why.get((side, other_side))
+            if reason and net.overlaps(other):
+                raise ConfigError(f"{key}: {net} overlaps {other_key} {other}: {reason}")
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -280,7 +354,19 @@ def load_config(path: str | Path | None) -> Config:
     except OSError as exc:
         raise ConfigError(f"cannot read configuration {path}: {exc.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_PlainLoader)  # a SafeLoader without aliases
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {str(exc)[:300]}") from None
     return parse_config(raw)
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases: a 400-byte file of nested aliases ("billion laughs")
+    expands to gigabytes when a value is printed or walked; no key of this file needs one."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: YAML aliases (*{str(event.anchor)[:40]}) are "
+                                 "not supported in this file; write the value out")
+        return super().compose_node(parent, index)

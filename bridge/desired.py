@@ -7,6 +7,7 @@ when the real-server lists, their order and their remembered weights are equal e
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ from bridge.addr import ipv4_int, ipv4_text
 from bridge.config import Config
 from bridge.gcpause import gc_paused
 from bridge.model import DesiredState, Instance, Protocol, RealServer, Rejection, Snapshot, Tunnel, VirtualService
+from bridge.printable import printable
 from bridge.tags import Claim, InstanceClaim, TagParser
 
+log = logging.getLogger("maglev-bridge")
 INT32_MAX = 2**31 - 1
 CACHE_LIMIT = 500_000
 VsKey = tuple[str, int, Protocol]
@@ -163,21 +166,59 @@ class DesiredBook:
         """(backend, tunnel address) -> how many real servers use it: the tunnels, kept as VSs change."""
         self._tunnel_list: tuple[str, tuple[Tunnel, ...]] | None = None
         self._state: tuple[str, DesiredState] | None = None
+        self._entry_rejections: tuple[Rejection, ...] = ()
+        self.failures: dict[str, str] = {}
+        """Service -> why its desired state could not be computed (a bug, not bad data: bad data is a
+        Rejection). Such a service keeps the value it had before, so its kernel state stays (fail static)."""
+
+    @property
+    def unknown(self) -> frozenset[str]:
+        """Failed services with no earlier value to keep: a full pass must not take their absence for a
+        withdrawal."""
+        return frozenset(self.failures.keys() - self._parts.keys())
 
     def update(self, snapshot: Snapshot) -> frozenset[VsKey]:
         """Take a new snapshot; the keys of the virtual services whose desired value changed (added,
         edited or withdrawn)."""
         self._trim_caches()
         with gc_paused():
+            if snapshot.rejected != self._entry_rejections:
+                self._entry_rejections = snapshot.rejected
+                self._state = None
             groups = snapshot.by_service()
             touched: set[VsKey] = set()
-            for name in self._parts.keys() - groups.keys():
+            for name in (self._parts.keys() | self.failures.keys()) - groups.keys():
+                self.failures.pop(name, None)
                 touched |= self._replace(name, ())
             for name, instances in groups.items():
                 part = self._parts.get(name)
                 if part is None or (part.instances is not instances and part.instances != instances):
-                    touched |= self._replace(name, instances)
-            return frozenset(key for key in touched if self._settle(key))
+                    touched |= self._replace_or_keep(name, instances)
+            return frozenset(key for key in touched if self._settle_or_keep(key))
+
+    def _replace_or_keep(self, name: str, instances: tuple[Instance, ...]) -> set[VsKey]:
+        try:
+            touched = self._replace(name, instances)
+        except Exception as exc:
+            self._failed(name, exc)
+            return set()
+        self.failures.pop(name, None)
+        return touched
+
+    def _settle_or_keep(self, key: VsKey) -> bool:
+        """A virtual service that cannot be settled keeps its old value; its claimants are named as failed."""
+        try:
+            return self._settle(key)
+        except Exception as exc:
+            for name in sorted(self._claimants.get(key, ())):
+                self._failed(name, exc)
+            return False
+
+    def _failed(self, name: str, exc: Exception) -> None:
+        message = f"{exc.__class__.__name__}: {exc}"
+        if self.failures.get(name) != message:
+            log.exception("service %s: desired state could not be computed; keeping its last one", printable(name))
+        self.failures[name] = message
 
     def _trim_caches(self) -> None:
         """A long-lived agent sees tag sets and backends come and go; the parse caches must not grow forever."""
@@ -187,12 +228,12 @@ class DesiredBook:
             self._tunnels = {}
 
     def _replace(self, name: str, instances: tuple[Instance, ...]) -> set[VsKey]:
+        part = self._part(instances) if instances else None  # first: if it raises, nothing has changed
         old = self._parts.pop(name, None)
         keys = set(old.backed) if old else set()
         for key in keys:
             self._claimants[key].discard(name)
-        if instances:
-            part = self._part(instances)
+        if part is not None:
             self._parts[name] = part
             for key in part.backed:
                 self._claimants[key].add(name)
@@ -254,6 +295,7 @@ class DesiredBook:
         if self._order is None:
             self._order = tuple(sorted(self._services, key=_key_order))
         rejected = [r for part in self._parts.values() for r in part.rejected]
+        rejected += self._entry_rejections
         rejected += [r for found in self._conflicts.values() for r in found]
         state = DesiredState(
             virtual_services=tuple(self._services[key] for key in self._order),
@@ -286,16 +328,25 @@ def _tunnel(link_prefix: str, backend: str, local_address: str, tunnel_address: 
     return Tunnel(f"{link_prefix}{ipv4_int(backend):08x}", backend, local_address, tunnel_address, fou_port)
 
 
-def claims_of_node(snapshot: Snapshot, config: Config, node: str) -> tuple[Claim, ...]:
+def claims_of_node(snapshot: Snapshot, config: Config, node: str) -> tuple[tuple[Claim, ...], dict[str, str]]:
     """The VIPs that the backend role must accept locally: every valid claim of this node's instances,
-    critical ones included, so their established connections keep working while they drain."""
+    critical ones included, so their established connections keep working while they drain. Also the
+    services whose claims could not be computed (a bug, not bad data), with why: the caller must then keep
+    the VIPs it has (fail static), since it cannot know which of them those services claim."""
     found: dict[VsKey, Claim] = {}
+    failures: dict[str, str] = {}
     parser = TagParser(config)
     for instance in snapshot.instances:
         if instance.node != node:
             continue
-        parsed = parser.parse(instance)
+        try:
+            parsed = parser.parse(instance)
+        except Exception as exc:
+            log.exception("service %s: claims of instance %s could not be computed", printable(instance.service),
+                          printable(instance.instance_id))
+            failures[instance.service] = f"{exc.__class__.__name__}: {exc}"
+            continue
         if isinstance(parsed, InstanceClaim):
             for claim in parsed.claims:
                 found.setdefault(claim.key, claim)
-    return tuple(found[k] for k in sorted(found, key=lambda k: (ipv4_int(k[0]), k[1], k[2])))
+    return tuple(found[k] for k in sorted(found, key=lambda k: (ipv4_int(k[0]), k[1], k[2]))), failures

@@ -43,8 +43,7 @@ class Discovery:
 
 def _dns_server(config: Config) -> tuple[str, int]:
     assert config.consul is not None
-    host, _, port = config.consul.dns_address.rpartition(":")
-    return host or "127.0.0.1", int(port)
+    return config.consul.dns.host, config.consul.dns.port
 
 
 def srv_records(config: Config, datacenter: str | None = None) -> list[tuple[str, int]]:

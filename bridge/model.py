@@ -37,11 +37,14 @@ class Snapshot:
     groups: Mapping[str, tuple[Instance, ...]] | None = field(default=None, compare=False, repr=False)
     """The same instances per service, when the source already holds them that way (the Consul source
     does, and keeps the tuples of unchanged services, so the DesiredBook spots changes by identity)."""
+    rejected: tuple[Rejection, ...] = ()
+    """Catalog entries that did not fit the schema, each refused alone at the boundary."""
 
     @classmethod
-    def of_services(cls, groups: Mapping[str, tuple[Instance, ...]]) -> Snapshot:
+    def of_services(cls, groups: Mapping[str, tuple[Instance, ...]],
+                    rejected: tuple[Rejection, ...] = ()) -> Snapshot:
         ordered = {name: groups[name] for name in sorted(groups)}
-        return cls(tuple(chain.from_iterable(ordered.values())), ordered)
+        return cls(tuple(chain.from_iterable(ordered.values())), ordered, rejected)
 
     def by_service(self) -> Mapping[str, tuple[Instance, ...]]:
         if self.groups is not None:

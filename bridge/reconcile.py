@@ -19,6 +19,7 @@ from bridge.dataplane.kernel import ApplyError, open_kernel
 from bridge.dataplane.view import Dataplane, KernelView, Scope, ShadowKernel
 from bridge.desired import claims_of_node, compute_desired
 from bridge.model import DesiredState, Rejection, Snapshot
+from bridge.printable import printable
 from bridge.store import Stored, load_state, save_state
 
 
@@ -37,6 +38,8 @@ class PassOutcome:
     draining: tuple[str, ...] = ()
     desired: DesiredState | None = field(default=None, compare=False)
     notes: tuple[str, ...] = ()
+    failures: tuple[tuple[str, str], ...] = ()
+    """(service, why) for services whose desired state could not be computed; their state was kept."""
 
     @property
     def failed(self) -> tuple[StepResult, ...]:
@@ -93,14 +96,16 @@ def apply_once(snapshot: Snapshot, config: Config, *, dry_run: bool) -> PassOutc
 
 def backend_pass(snapshot: Snapshot, config: Config, *, dry_run: bool, now: float | None = None) -> PassOutcome:
     now = time.time() if now is None else now
-    claims = claims_of_node(snapshot, config, config.node_name)
+    claims, failures = claims_of_node(snapshot, config, config.node_name)
     rejected = tuple(
         r for r in compute_desired(snapshot, config, "0.0.0.0").rejected
         if any(i.instance_id == r.instance and i.node == config.node_name for i in snapshot.instances)
     )
     backend = BackendKernel(config)
     try:
-        ops = plan_backend((c.vip for c in claims), backend.read(), config.fou_port)
+        live = backend.read()
+        vips = {c.vip for c in claims} | (set(live.vips) if failures else set())
+        ops = plan_backend(vips, live, config.fou_port)
         steps: Sequence[StepResult]
         if dry_run:
             steps = [StepResult(op.describe(), None) for op in ops]
@@ -111,7 +116,10 @@ def backend_pass(snapshot: Snapshot, config: Config, *, dry_run: bool, now: floa
             ] + [StepResult(op.describe(), op.target) for op in ops if op.kind == "conflict"]
     finally:
         backend.close()
-    done = PassOutcome("backend", not dry_run, tuple(steps), rejected)
+    notes = tuple(f"service {printable(name)}: claims could not be computed ({why}); this node keeps its VIPs"
+                  for name, why in sorted(failures.items()))
+    done = PassOutcome("backend", not dry_run, tuple(steps), rejected, notes=notes,
+                       failures=tuple(sorted(failures.items())))
     if not dry_run:
         save_state(config.state_file, Stored(load_state(config.state_file).memory, done.report(now)))
     return done

@@ -11,6 +11,7 @@ from typing import Any
 
 from bridge.dataplane.state import LiveState
 from bridge.model import DesiredState, Rejection
+from bridge.printable import printable
 from bridge.reconcile import PassOutcome
 
 
@@ -39,21 +40,25 @@ def desired_json(desired: DesiredState) -> dict[str, Any]:
 
 
 def rejections_text(rejected: Sequence[Rejection] | Sequence[dict[str, Any]]) -> list[str]:
+    """Every name escaped: they come from whoever registered the service (see bridge/printable.py)."""
     lines = []
     for r in rejected:
         d = asdict(r) if isinstance(r, Rejection) else r
-        lines.append(f"  REJECTED service {d['service']} instance {d['instance']} tag {d['tag']!r}: {d['reason']}")
+        what = f"tag '{printable(d['tag'])}'" if d["tag"] else "catalog entry"
+        lines.append(f"  REJECTED service {printable(d['service'])} instance {printable(d['instance'])} {what}: "
+                     f"{printable(d['reason'], 1000)}")
     return lines
 
 
 def desired_text(desired: DesiredState) -> str:
     lines = []
     for vs in desired.virtual_services:
-        lines.append(f"{vs.vip}:{vs.port}/{vs.protocol}  service {vs.service}  scheduler {vs.scheduler}"
+        lines.append(f"{vs.vip}:{vs.port}/{vs.protocol}  service {printable(vs.service)}  scheduler {vs.scheduler}"
                      f"  flags {','.join(vs.flags) or '-'}")
         for rs in vs.real_servers:
             note = "" if rs.weight == rs.last_weight else f" (remembers {rs.last_weight})"
-            lines.append(f"  -> {rs.address}:{rs.port}  weight {rs.weight}{note}  backend {rs.backend} ({rs.node})")
+            lines.append(f"  -> {rs.address}:{rs.port}  weight {rs.weight}{note}  backend {rs.backend} "
+                         f"({printable(rs.node)})")
     for t in desired.tunnels:
         lines.append(f"tunnel {t.name}: {t.local} -> {t.remote} fou:{t.fou_port}, route {t.tunnel_address}/32")
     if desired.rejected:

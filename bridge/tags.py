@@ -18,6 +18,7 @@ from bridge.config import KNOWN_FLAGS, Config
 from bridge.model import Instance, Protocol, Rejection
 
 MAX_WEIGHT = 65535
+KEYS = ("vip", "weight", "flags")
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,21 @@ class TagError(ValueError):
         self.reason = reason
 
 
+def ascii_number(text: str, high: int) -> int | None:
+    """`text` as a number from 0 to `high` when it is nothing but ASCII digits, else None. `str.isdigit()`
+    alone accepts '²' and the digits of every script (which `int()` refuses or silently converts), and an
+    unbounded digit string makes `int()` raise past Python's 4,300-digit limit."""
+    if not text.isascii() or not text.isdigit() or len(text) > len(str(high)):
+        return None
+    value = int(text)
+    return value if value <= high else None
+
+
 def _port(tag: str, text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    port = ascii_number(text, 65535)
+    if not port:
         raise TagError(tag, f"port {text!r} is not a number from 1 to 65535")
-    return int(text)
+    return port
 
 
 def parse_vip(tag: str, value: str, default_port: int, config: Config) -> Claim:
@@ -80,16 +92,18 @@ def parse_vip(tag: str, value: str, default_port: int, config: Config) -> Claim:
 
 
 def parse_weight(tag: str, value: str) -> int:
-    if not value.isdigit() or int(value) > MAX_WEIGHT:
+    weight = ascii_number(value, MAX_WEIGHT)
+    if weight is None:
         raise TagError(tag, f"weight {value!r} is not an integer from 0 to {MAX_WEIGHT}")
-    return int(value)
+    return weight
 
 
 def parse_flags(tag: str, value: str) -> tuple[str, ...]:
     flags = tuple(f.strip() for f in value.split(",") if f.strip())
     unknown = [f for f in flags if f not in KNOWN_FLAGS]
     if unknown:
-        raise TagError(tag, f"unknown flag(s) {', '.join(unknown)}; expected a comma list of {', '.join(KNOWN_FLAGS)}")
+        raise TagError(tag, f"unknown flag(s) {', '.join(map(repr, unknown))}; "
+                            f"expected a comma list of {', '.join(KNOWN_FLAGS)}")
     return tuple(sorted(set(flags)))
 
 
@@ -139,7 +153,8 @@ class TagParser:
                 continue
             key, eq, value = tag[len(prefix) :].partition("=")
             if not eq:
-                raise TagError(tag, f"expected {prefix}{key}=<value>")
+                shown = key if key in KEYS else "<key>"
+                raise TagError(tag, f"expected {prefix}{shown}=<value>")
             if key == "vip":
                 claims.append(self._vip(tag, value, port))
             elif key == "weight":

@@ -23,14 +23,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -39,10 +37,12 @@ import consul.aio
 import consul.base
 import requests
 
-from bridge.catalog.consul_format import CatalogFormatError, instances_of
+from bridge import endpoint
+from bridge.catalog.consul_format import WHOLE_SERVICE, CatalogFormatError, parse_service
 from bridge.catalog.source import CatalogUnavailable, OnChange
 from bridge.config import Config, ConsulConfig
-from bridge.model import Instance, Snapshot
+from bridge.model import Instance, Rejection, Snapshot
+from bridge.printable import printable
 
 log = logging.getLogger("maglev-bridge.consul")
 BACKOFF_START = 0.5
@@ -56,36 +56,32 @@ class ConsulAccessError(RuntimeError):
 
 
 def read_token(config: ConsulConfig) -> str | None:
-    """From `token_file`, else CONSUL_HTTP_TOKEN. Never logged."""
-    if config.token_file:
-        return Path(config.token_file).read_text().strip() or None
-    return os.environ.get("CONSUL_HTTP_TOKEN") or None
+    """`token_file` first, else CONSUL_HTTP_TOKEN (as documented). Never logged."""
+    return endpoint.read_token("consul.token_file", config.token_file, "CONSUL_HTTP_TOKEN")
 
 
 def _client_options(config: ConsulConfig) -> dict[str, Any]:
-    scheme, _, rest = config.address.rpartition("://")
-    host, _, port = rest.rpartition(":")
+    url = config.url
     return {
-        "host": host or "127.0.0.1", "port": int(port or 8500), "scheme": scheme or "http", "token": read_token(config),
-        "dc": config.datacenter, "verify": config.ca_file or True,
-        "cert": (config.cert_file, config.key_file) if config.cert_file and config.key_file else None,
+        "host": url.where.netloc.rpartition(":")[0], "port": url.where.port, "scheme": url.scheme,
+        "token": read_token(config), "dc": config.datacenter, "verify": config.ca_file or True,
+        "cert": endpoint.client_cert(config.cert_file, config.key_file),
         "consistency": "stale" if config.stale else "default",
     }
 
 
+def _with_token(client: Any, token: str | None) -> Any:
+    """py-consul lets CONSUL_HTTP_TOKEN override the token it is given; the README promises the opposite."""
+    client.token = token
+    return client
+
+
 def make_client(config: ConsulConfig) -> consul.Consul:
     """The blocking client, for self-registration and one-off reads."""
-    client = consul.Consul(**_client_options(config))
-    if config.tls_server_name and client.http.base_uri.startswith("https"):
-        from requests.adapters import HTTPAdapter
-
-        class ServerNameAdapter(HTTPAdapter):
-            def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-                kwargs["server_hostname"] = config.tls_server_name
-                kwargs["assert_hostname"] = config.tls_server_name
-                super().init_poolmanager(*args, **kwargs)
-
-        client.http.session.mount("https://", ServerNameAdapter())
+    options = _client_options(config)
+    client = _with_token(consul.Consul(**options), options["token"])
+    if config.tls_server_name and config.url.scheme == "https":
+        client.http.session.mount("https://", endpoint.ServerNameAdapter(config.tls_server_name))
     return client
 
 
@@ -118,19 +114,27 @@ class ConsulAnswerError(RuntimeError):
     """Consul answered with an error (no leader, overloaded, ...): never taken for an empty catalog."""
 
 
+class UnreadableName(ConsulAnswerError):
+    """Consul refused the request's path itself (400, 404, 405): for a health watch, a service whose name
+    cannot be asked for over the HTTP API (`..`, for one). Consul answers `[]` for a service that does not
+    exist, so this never passes; waiting for it would keep the whole catalog unavailable for good."""
+
+
 def _parser(path: str) -> Callable[[Any], tuple[int, str]]:
     """Checks what py-consul's callbacks do not expose: a 403, or an answer that ACLs filtered, must not
     look like services having gone away."""
 
     def parse(response: Any) -> tuple[int, str]:
         if response.code == 403:
-            raise ConsulAccessError(f"{path}: 403 {str(response.body).strip()}")
+            raise ConsulAccessError(f"{path}: 403 {endpoint.summarize_body(response.body)}")
         if response.code == 429:
             raise ConsulAnswerError(
                 f"{path}: 429 too many connections from this address; the agent holds one blocking query per "
                 "tagged service plus one: raise limits.http_max_conns_per_client on the local Consul agent")
+        if response.code in (400, 404, 405):
+            raise UnreadableName(f"{path}: {response.code}")
         if response.code >= 400:
-            raise ConsulAnswerError(f"{path}: {response.code} {str(response.body).strip()[:200]}")
+            raise ConsulAnswerError(f"{path}: {response.code} {endpoint.summarize_body(response.body)}")
         if str(response.headers.get("X-Consul-Results-Filtered-By-ACLs", "")).lower() == "true":
             raise ConsulAccessError(f"{path}: results were filtered by ACLs")
         return int(response.headers.get("X-Consul-Index", 0)), str(response.body)
@@ -185,7 +189,8 @@ class _AsyncConsul(consul.aio.Consul):  # type: ignore[misc]
 
 def make_async_client(config: ConsulConfig) -> consul.aio.Consul:
     """Inside the watch loop (aiohttp sessions belong to a running loop)."""
-    client: consul.aio.Consul = _AsyncConsul(config.tls_server_name, **_client_options(config))
+    options = _client_options(config)
+    client: consul.aio.Consul = _with_token(_AsyncConsul(config.tls_server_name, **options), options["token"])
     return client
 
 
@@ -234,7 +239,11 @@ class Watch:
                 continue
             backoff = BACKOFF_START
             self.index = next_index(self.index, index)
-            self.on_result(data)
+            try:
+                self.on_result(data)
+            except Exception as exc:  # a bug must not end the watch silently: report it and keep watching
+                log.exception("%s: the answer could not be taken in", printable(self.name))
+                self.on_error(self.name, exc)
 
 
 class ConsulSource:
@@ -250,18 +259,38 @@ class ConsulSource:
         self._client: consul.aio.Consul | None = None
         self._tagged: set[str] | None = None
         self._instances: dict[str, tuple[Instance, ...]] = {}
+        self._rejected: dict[str, tuple[Rejection, ...]] = {}
         self._bodies: dict[str, str] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._errors: dict[str, str] = {}
         self._on_change: OnChange = lambda reason: None
+        self._stopped = threading.Event()
         self.changes = 0
 
     # ---- watches (all on the loop thread) --------------------------------------------------------
 
     def start(self, on_change: OnChange) -> None:
         self._on_change = on_change
-        threading.Thread(target=self._loop.run_until_complete, args=(self._main(),), name="consul-watch",
-                         daemon=True).start()
+        threading.Thread(target=self._watch_forever, name="consul-watch", daemon=True).start()
+
+    def _watch_forever(self) -> None:
+        """The watch loop, restarted after anything unexpected ends it (a client that cannot be built, a
+        bug): the error is kept in `state()` as the service list's, so /health says the catalog is degraded
+        while the last good data is kept."""
+        backoff = BACKOFF_START
+        while not self._stopped.is_set():
+            try:
+                self._loop.run_until_complete(self._main())
+            except Exception as exc:
+                log.exception("the Consul watch loop stopped; restarting it in %.0f s", backoff)
+                self._on_error("services", exc)
+                with self._lock:
+                    self._tasks.clear()
+                if self._stopped.wait(backoff):
+                    break
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            else:
+                break
 
     async def _main(self) -> None:
         self._client = make_async_client(self.consul_config)
@@ -283,14 +312,19 @@ class ConsulSource:
         assert self._client is not None
         return blocking_get(self._client, path, index, wait, self.wait_seconds * 1.1 + 15)
 
-    def _is_tagged(self, tags: list[str]) -> bool:
-        return any(t == self.vip_tag or t.startswith(self.vip_tag + "=") for t in tags or ())
+    def _is_tagged(self, tags: Any) -> bool:
+        """Whatever shape a service's tag list has: anything but a list of strings is no tag of ours."""
+        return isinstance(tags, list) and any(
+            isinstance(t, str) and (t == self.vip_tag or t.startswith(self.vip_tag + "=")) for t in tags)
 
     def _on_services(self, body: str) -> None:
         try:
-            services: dict[str, list[str]] = json.loads(body)
+            services: Any = json.loads(body)
         except ValueError as exc:
             self._on_error("services", exc)
+            return
+        if not isinstance(services, dict):
+            self._on_error("services", CatalogFormatError("the service list is not a JSON object"))
             return
         tagged = {name for name, tags in services.items() if self._is_tagged(tags)}
         with self._lock:
@@ -304,13 +338,14 @@ class ConsulSource:
                 self._tasks.pop(name).cancel()
                 self._bodies.pop(name, None)
                 self._instances.pop(name, None)
+                self._rejected.pop(name, None)
                 self._errors.pop(f"health:{name}", None)
         for name in sorted(added):
             watch = Watch(f"health:{name}", partial(self._get, f"/v1/health/service/{name}"),
-                          partial(self._on_health, name), self._on_error, self.wait_seconds)
+                          partial(self._on_health, name), partial(self._on_health_error, name), self.wait_seconds)
             self._tasks[name] = asyncio.create_task(watch.run())
         if removed:
-            self._changed(f"consul: services no longer tagged: {', '.join(sorted(removed))}")
+            self._changed(f"consul: services no longer tagged: {', '.join(printable(n) for n in sorted(removed))}")
         elif first and not tagged:
             self._changed("consul: no tagged services")
 
@@ -320,14 +355,32 @@ class ConsulSource:
             if name not in self._tasks or self._bodies.get(name) == body:
                 return
         try:
-            instances = instances_of(name, json.loads(body))
-        except (CatalogFormatError, ValueError) as exc:
+            parsed = parse_service(name, body)
+        except CatalogFormatError as exc:
             self._on_error(f"health:{name}", exc)
             return
         with self._lock:
             self._bodies[name] = body
-            self._instances[name] = instances
-        self._changed(f"consul: {name} changed")
+            self._instances[name] = parsed.instances
+            self._rejected[name] = parsed.rejected
+        self._changed(f"consul: {printable(name)} changed")
+
+    def _on_health_error(self, name: str, watch: str, exc: Exception) -> None:
+        """A service Consul cannot be asked about is rejected whole, and the rest of the catalog goes on."""
+        if not isinstance(exc, UnreadableName):
+            self._on_error(watch, exc)
+            return
+        rejection = Rejection(name, WHOLE_SERVICE, "", f"Consul cannot be asked for this service's health by name "
+                                                         f"({exc}); rename it to use it")
+        with self._lock:
+            if name not in self._tasks:
+                return
+            changed = self._rejected.get(name) != (rejection,)
+            self._instances[name], self._rejected[name] = (), (rejection,)
+            self._bodies.pop(name, None)
+            self._errors.pop(watch, None)
+        if changed:
+            self._changed(f"consul: {printable(name)} cannot be read")
 
     def _on_error(self, name: str, exc: Exception) -> None:
         message = _describe_error(exc)
@@ -336,7 +389,7 @@ class ConsulSource:
             self._errors[name] = message
         if first:
             level = logging.WARNING if name == "services" else logging.DEBUG
-            log.log(level, "%s: %s (keeping the last good data, retrying)", name, message)
+            log.log(level, "%s: %s (keeping the last good data, retrying)", printable(name), message)
 
     def _changed(self, reason: str) -> None:
         self.changes += 1
@@ -351,8 +404,10 @@ class ConsulSource:
             missing = sorted(self._tagged - set(self._instances))
             if missing:
                 reason = self._errors.get(f"health:{missing[0]}", "waiting for the first answer")
-                raise CatalogUnavailable(f"no health data yet for {len(missing)} service(s) ({missing[0]}: {reason})")
-            return Snapshot.of_services({name: self._instances[name] for name in self._tagged})
+                raise CatalogUnavailable(
+                    f"no health data yet for {len(missing)} service(s) ({printable(missing[0])}: {reason})")
+            return Snapshot.of_services({name: self._instances[name] for name in self._tagged},
+                                        tuple(r for name in sorted(self._tagged) for r in self._rejected[name]))
 
     def state(self) -> dict[str, Any]:
         with self._lock:
@@ -366,5 +421,6 @@ class ConsulSource:
             }
 
     def stop(self) -> None:
+        self._stopped.set()
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(self._loop)])

@@ -4,15 +4,13 @@ a NomadError that says what was asked and what Nomad answered, so commands can p
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import nomad
 import requests
 from nomad.api.exceptions import BaseNomadException
-from requests.adapters import HTTPAdapter
 
+from bridge import endpoint
 from bridge.config import NomadConfig
 from bridge.nomad.render import JobSource
 
@@ -24,41 +22,24 @@ class NomadError(RuntimeError):
 
 
 def read_token(config: NomadConfig) -> str | None:
-    """From `token_file`, else NOMAD_TOKEN. Never logged."""
-    if not config.token_file:
-        return os.environ.get("NOMAD_TOKEN") or None
+    """`token_file` first, else NOMAD_TOKEN. Never logged."""
     try:
-        return Path(config.token_file).read_text().strip() or None
-    except OSError as exc:
-        raise NomadError(f"nomad.token_file: cannot read {config.token_file}: {exc.strerror}") from None
-
-
-class ServerNameAdapter(HTTPAdapter):
-    """Verifies the server certificate against a fixed name (server.<region>.nomad) instead of the host
-    in the address, as Nomad's own tls_server_name does."""
-
-    def __init__(self, server_name: str) -> None:
-        self.server_name = server_name
-        super().__init__()
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["server_hostname"] = self.server_name
-        kwargs["assert_hostname"] = self.server_name
-        super().init_poolmanager(*args, **kwargs)
+        return endpoint.read_token("nomad.token_file", config.token_file, "NOMAD_TOKEN")
+    except endpoint.EndpointError as exc:
+        raise NomadError(str(exc)) from None
 
 
 def make_api(config: NomadConfig, region: str | None = None) -> nomad.Nomad:
     session = requests.Session()
-    if config.tls_server_name and config.address.startswith("https://"):
-        session.mount("https://", ServerNameAdapter(config.tls_server_name))
-    cert = (config.cert_file, config.key_file) if config.cert_file and config.key_file else ()
+    if config.tls_server_name and config.url.scheme == "https":
+        session.mount("https://", endpoint.ServerNameAdapter(config.tls_server_name))
     return nomad.Nomad(
-        address=config.address.rstrip("/"),
+        address=config.url.text,
         region=region or config.region,
         namespace=config.namespace,
         token=read_token(config),
         verify=config.ca_file or True,
-        cert=cert,
+        cert=endpoint.client_cert(config.cert_file, config.key_file) or (),
         timeout=15,
         session=session,
     )
@@ -67,7 +48,7 @@ def make_api(config: NomadConfig, region: str | None = None) -> nomad.Nomad:
 def _describe(exc: BaseNomadException) -> str:
     resp = exc.nomad_resp
     if isinstance(resp, requests.Response):
-        return f"HTTP {resp.status_code}: {resp.text.strip()}"
+        return f"HTTP {resp.status_code}: {endpoint.summarize_body(resp.text, limit=1000)}"
     return str(resp)
 
 

@@ -172,3 +172,55 @@ def test_more_tagged_services_than_consul_allows_connections_says_which_limit_to
                 source.snapshot()
         finally:
             source.stop()
+
+
+def test_a_watch_loop_that_dies_unexpectedly_is_reported_and_restarted(consul_agent, monkeypatch):
+    import bridge.catalog.consul as consul_module
+
+    register(consul_agent, "web", "b1", "192.0.2.11", 80, [VIP])
+    real = consul_module.make_async_client
+    calls = []
+
+    def fails_once(config):
+        calls.append(config)
+        if len(calls) == 1:
+            raise RuntimeError("injected: no client")
+        return real(config)
+
+    monkeypatch.setattr(consul_module, "make_async_client", fails_once)
+    source = source_for(consul_agent)
+    source.start(lambda reason: None)
+    try:
+        eventually(lambda: "injected: no client" in str(source.state()["errors"]), interval=0.02)
+        eventually(lambda: instances(source) == {("web", "b1", "passing")})
+        eventually(lambda: source.state()["ok"])
+    finally:
+        source.stop()
+
+
+def test_an_answer_that_cannot_be_taken_in_is_reported_and_the_watch_goes_on(consul_agent, monkeypatch):
+    import bridge.catalog.consul as consul_module
+
+    register(consul_agent, "web", "b1", "192.0.2.11", 80, [VIP])
+    real = consul_module.parse_service
+    broken = threading.Event()
+    broken.set()
+
+    def parse(name, body):
+        if broken.is_set():
+            raise RuntimeError("injected: parser bug")
+        return real(name, body)
+
+    monkeypatch.setattr(consul_module, "parse_service", parse)
+    source = source_for(consul_agent)
+    source.start(lambda reason: None)
+    try:
+        eventually(lambda: "injected: parser bug" in str(source.state()["errors"].get("health:web")))
+        with pytest.raises(CatalogUnavailable):
+            source.snapshot()
+        broken.clear()
+        set_health(consul_agent, "web", "b1", "192.0.2.11", "critical")
+        eventually(lambda: instances(source) == {("web", "b1", "critical")})
+        eventually(lambda: source.state()["ok"])
+    finally:
+        source.stop()
