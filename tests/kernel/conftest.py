@@ -60,7 +60,7 @@ Objects
     .seed_backend(backend, vips)  - the hand configuration from the seed post (exact commands in the
     methods; ``flags`` go to ``ipvsadm -A ... -b``), for comparing the agent with the seed or as a baseline.
 Module helpers: ``vip(i)``, ``director_address(i)``, ``backend_address(i)``, ``client_address(i)``,
-``tunnel_address(i)``, ``spread(conns) -> Counter`` of backends, ``wait_until(predicate, timeout=10)``,
+``tunnel_address(i)``, ``spread(conns) -> Counter`` of backends, ``wait_until(predicate, timeout=60)``,
 ``run(argv)`` (in the VM's root namespace), ``VENV_PYTHON``, ``in_vm()``; import them with
 ``from .conftest import Topology, spread, vip`` (tests/kernel is a package).
 
@@ -452,9 +452,10 @@ def spread(conns: Iterable[Conn]) -> Counter[str]:
     return Counter(c.backend for c in conns)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.2,
+def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2,
                what: str = "condition") -> Any:
-    """Poll until predicate() is truthy and return its value; fail after timeout seconds."""
+    """Poll until predicate() is truthy and return its value; fail after timeout seconds. Generous: Python
+    runs 9-13x slower under TCG, more on a loaded host, and the deadline only bounds a failure."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

@@ -173,6 +173,6 @@ def test_restarting_the_agent_leaves_established_connections_untouched(topology)
     agent.wait_log(d, "start: nothing to change", timeout=120)
     assert all(c.ask() == c.backend for c in conns)
     agent.set_status("web", topo.backends[1], "critical")
-    agent.wait_log(d, "weight 0 in 198.51.100.1:80/tcp", timeout=30)
+    agent.wait_log(d, "weight 0 in 198.51.100.1:80/tcp", timeout=120)
     assert agent.stop(proc) == 0
     assert all(c.ask() == c.backend for c in conns)

@@ -64,7 +64,7 @@ def test_directors_are_found_through_consul_dns_and_a_differing_table_is_flagged
         for proc, agent in zip(procs, harnesses, strict=True):
             assert agent.stop(proc) == 0
         with d1.entered():
-            eventually(lambda: resolve(consul, dns.rdatatype.SRV) == [], timeout=30)
+            eventually(lambda: resolve(consul, dns.rdatatype.SRV) == [], timeout=120)
     finally:
         with d1.entered():
             consul.close()
