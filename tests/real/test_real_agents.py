@@ -99,9 +99,9 @@ def _check_topology(cluster: NomadCluster) -> None:
 def test_nomad_cluster_topology(nomad_cluster: NomadCluster) -> None:
     _check_topology(nomad_cluster)
     consul = nomad_cluster.consul
-    # Nomad registered itself in Consul, one Consul client agent per Nomad client.
-    services = consul.api("/v1/catalog/services")
-    assert {"nomad", "nomad-client"} <= set(services)
+    # Nomad registered itself in Consul (its own sync loop, on its own time), one Consul client agent per
+    # Nomad client.
+    eventually(lambda: {"nomad", "nomad-client"} <= set(consul.api("/v1/catalog/services")))
     consul_nodes = {n["Node"] for n in consul.api("/v1/catalog/nodes")}
     assert {c.name for c in DEFAULT_CLIENTS} <= consul_nodes
 
