@@ -57,7 +57,7 @@ def test_three_directors_with_different_histories_agree_on_every_flow(topology):
         agent.apply(watcher)
         if step == 0:
             proc = agent.start(restarted)
-            agent.wait_log(restarted, "start: applied", timeout=120)
+            agent.wait_log(restarted, "start: applied", timeout=240)
         if step == 6:
             assert agent.stop(proc) == 0
         if step == 9:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.kernel
 
 def resolve(consul: ConsulAgent, rdtype: dns.rdatatype.RdataType) -> list[str]:
     query = dns.message.make_query("maglev-bridge.service.consul.", rdtype)
-    answer = dns.query.udp(query, "127.0.0.1", port=consul.dns_port, timeout=5).answer
+    answer = dns.query.udp(query, "127.0.0.1", port=consul.dns_port, timeout=15).answer
     return sorted(rr.to_text() for rrset in answer for rr in rrset)
 
 
