@@ -13,6 +13,7 @@ is, so restarting or upgrading the agent never disturbs a connection.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -30,8 +31,9 @@ from bridge.dataplane.kernel import ApplyError, Kernel
 from bridge.dataplane.ops import VsKey
 from bridge.dataplane.view import Dataplane, KernelView, ShadowKernel
 from bridge.desired import DesiredBook
+from bridge.maintenance import maintenance_json, read_maintenance
 from bridge.model import Snapshot
-from bridge.reconcile import PassOutcome, backend_pass, director_pass
+from bridge.reconcile import PassOutcome, announce_decision, backend_pass, director_pass
 from bridge.store import Stored, load_state, save_state
 
 log = logging.getLogger("maglev-bridge")
@@ -63,6 +65,9 @@ class Agent:
         self.last_pass: dict[str, Any] | None = None
         """What the last pass was: full or how many services it was scoped to, its duration, its operations."""
         self.passes = 0
+        self.gate_open = False
+        """A full pass has been applied without failures: from now on any pass may add announcements."""
+        self._maintenance_seen: tuple[int, int] | None = None
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -140,11 +145,14 @@ class Agent:
         scope = None if full else frozenset(self._unapplied)
         self._scope_size = len(scope or ())
         desired = self.book.state(self._local_address)
-        if scope is not None and not scope:
+        announce = announce_decision(desired, self.config, full_pass=full, gate_open=self.gate_open)
+        if scope is not None and not scope and announce is None:
             return PassOutcome("director", False, (), desired.rejected, (), desired)
         outcome, self._memory = director_pass(desired, self.config, dataplane, self._memory,
-                                              apply=True, now=now, scope=scope)
+                                              apply=True, now=now, scope=scope, announce=announce)
         self._unapplied.clear()
+        if full and not outcome.failed:
+            self.gate_open = True
         if self.config.dataplane == "shadow":
             outcome = replace(outcome, applied=False)
         return outcome
@@ -218,10 +226,25 @@ class Agent:
             self.scheduler.add_job(self.request, "date", run_date=when, args=["drain deadline"], id="drain",
                                    replace_existing=True)
 
+    def watch_maintenance(self) -> None:
+        """Once a second (a stat): `maintenance on|off` asks for a pass at once; the pass reads the file."""
+        assert self.config.bgp is not None
+        seen = _stamp(self.config.bgp.maintenance_file)
+        if seen != self._maintenance_seen:
+            self._maintenance_seen = seen
+            self.request(f"maintenance {'on' if seen else 'off'}", full=False)
+
     def state(self) -> dict[str, Any]:
         """For /health and status: ready only after the first complete pass."""
         catalog = self.source.state()
+        bgp = self.config.bgp
+        announcing: dict[str, Any] | None = None
+        if bgp is not None and self.config.role == "director":
+            announcing = {"table": bgp.table, "gate": "open" if self.gate_open
+                          else "closed: waiting for a full pass applied without failures"}
         return {
+            "maintenance": maintenance_json(read_maintenance(bgp.maintenance_file) if bgp else None),
+            "announcing": announcing,
             "ready": self.synced,
             "degraded": self.last_error is not None or not catalog.get("ok", True),
             "synced": self.synced,
@@ -258,6 +281,9 @@ class Agent:
         if self.config.nomad is not None and self.config.nomad.keep_interval > 0:
             self.scheduler.add_job(self.keep_jobs, "interval", seconds=self.config.nomad.keep_interval, id="nomad-jobs",
                                    next_run_time=datetime.now())
+        if self.config.bgp is not None and self.config.role == "director":
+            self._maintenance_seen = _stamp(self.config.bgp.maintenance_file)
+            self.scheduler.add_job(self.watch_maintenance, "interval", seconds=1, id="maintenance")
         self.scheduler.start()
         self.source.start(self.catalog_changed)
         self.request("start")
@@ -294,6 +320,14 @@ class Agent:
         server.shutdown()
         log.info("stopped")
         return 0
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_mtime_ns, found.st_ino)
 
 
 def source_for(config: Config) -> CatalogSource:

@@ -1,6 +1,7 @@
 """The agent's small HTTP endpoint: /health for Consul's check (ready only after the first complete
-pass, 503 otherwise) and /status, the same data as `maglev-bridge status --format json` plus the
-agent's own state."""
+pass, 503 otherwise; 429 while the director is in maintenance, which Consul shows as a warning whether the
+agent registered itself or Nomad registered it) and /status, the same data as
+`maglev-bridge status --format json` plus the agent's own state."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def serve(agent: Agent) -> ThreadingHTTPServer:
             path = self.path.split("?", 1)[0]
             if path == "/health":
                 state = agent.state()
-                self._send(200 if state["ready"] else 503, state)
+                code = 503 if not state["ready"] else 429 if state["maintenance"]["on"] else 200
+                self._send(code, state)
             elif path == "/status":
                 self._send(200, _status(agent))
             else:
