@@ -13,7 +13,6 @@ is, so restarting or upgrading the agent never disturbs a connection.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from bridge.catalog.source import CatalogSource, CatalogUnavailable, FileSource
+from bridge.catalog.source import CatalogSource, CatalogUnavailable, FileSource, FileStamp, file_stamp
 from bridge.config import Config, ConfigError
 from bridge.dataplane.diff import Memory
 from bridge.dataplane.kernel import ApplyError, Kernel
@@ -67,7 +66,7 @@ class Agent:
         self.passes = 0
         self.gate_open = False
         """A full pass has been applied without failures: from now on any pass may add announcements."""
-        self._maintenance_seen: tuple[int, int] | None = None
+        self._maintenance_seen: FileStamp | None = None
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -229,7 +228,7 @@ class Agent:
     def watch_maintenance(self) -> None:
         """Once a second (a stat): `maintenance on|off` asks for a pass at once; the pass reads the file."""
         assert self.config.bgp is not None
-        seen = _stamp(self.config.bgp.maintenance_file)
+        seen = file_stamp(self.config.bgp.maintenance_file)
         if seen != self._maintenance_seen:
             self._maintenance_seen = seen
             self.request(f"maintenance {'on' if seen else 'off'}", full=False)
@@ -282,7 +281,7 @@ class Agent:
             self.scheduler.add_job(self.keep_jobs, "interval", seconds=self.config.nomad.keep_interval, id="nomad-jobs",
                                    next_run_time=datetime.now())
         if self.config.bgp is not None and self.config.role == "director":
-            self._maintenance_seen = _stamp(self.config.bgp.maintenance_file)
+            self._maintenance_seen = file_stamp(self.config.bgp.maintenance_file)
             self.scheduler.add_job(self.watch_maintenance, "interval", seconds=1, id="maintenance")
         self.scheduler.start()
         self.source.start(self.catalog_changed)
@@ -320,14 +319,6 @@ class Agent:
         server.shutdown()
         log.info("stopped")
         return 0
-
-
-def _stamp(path: str) -> tuple[int, int] | None:
-    try:
-        found = os.stat(path)
-    except OSError:
-        return None
-    return (found.st_mtime_ns, found.st_ino)
 
 
 def source_for(config: Config) -> CatalogSource:

@@ -92,7 +92,10 @@ def maintenance_command(config: Config, action: str, reason: str, wait: float) -
     lines: list[str] = []
     ok = True
     if action == "on":
-        write_maintenance(path, Maintenance(reason, time.time(), _who()))
+        try:
+            write_maintenance(path, Maintenance(reason, time.time(), _who()))
+        except OSError as exc:
+            raise ApplyError(f"bgp.maintenance_file: cannot write {path}: {exc.strerror}") from None
         try:
             withdrawn, errors = _withdraw_all(config)
         except ApplyError as exc:

@@ -190,3 +190,20 @@ def test_without_a_bgp_section_the_announce_table_is_never_touched(tmp_path):
     outcome = agent.sync("start", full=True)
     assert not any("announce" in s or "withdraw" in s for s in steps(outcome))
     assert announced(agent) == {"198.51.100.9"}
+
+
+def test_the_maintenance_command_works_without_a_running_agent(tmp_path, capsys):
+    from bridge.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"http_bind: 127.0.0.1:1\nbgp:\n  maintenance_file: {tmp_path / 'm'}\n  table: 251\n")
+    assert main(["maintenance", "on", "--reason", "rack move", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "maintenance on: withdrew 0 VIP(s)" in out and "no agent answers on 127.0.0.1:1" in out
+    found = read_maintenance(tmp_path / "m")
+    assert found is not None and found.reason == "rack move"
+    assert main(["maintenance", "status", "--config", str(config)]) == 0
+    assert "maintenance: on (rack move, since " in capsys.readouterr().out
+    assert main(["maintenance", "off", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.startswith("maintenance off")
+    assert read_maintenance(tmp_path / "m") is None
