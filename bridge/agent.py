@@ -226,12 +226,14 @@ class Agent:
                                    replace_existing=True)
 
     def watch_maintenance(self) -> None:
-        """Once a second (a stat): `maintenance on|off` asks for a pass at once; the pass reads the file."""
+        """Once a second (a stat): `maintenance on|off` asks for a pass at once; the pass reads the file. A
+        full one: `maintenance on` has already deleted the announcements itself, so the cached view of the
+        announce table is stale, and withdrawing what is gone would fail."""
         assert self.config.bgp is not None
         seen = file_stamp(self.config.bgp.maintenance_file)
         if seen != self._maintenance_seen:
             self._maintenance_seen = seen
-            self.request(f"maintenance {'on' if seen else 'off'}", full=False)
+            self.request(f"maintenance {'on' if seen else 'off'}")
 
     def state(self) -> dict[str, Any]:
         """For /health and status: ready only after the first complete pass."""

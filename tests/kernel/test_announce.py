@@ -86,6 +86,7 @@ def test_run_announces_after_its_first_full_pass_and_maintenance_withdraws_but_k
     assert "198.51.100.77" in d.ip("route", "show", "table", str(TABLE)).stdout, "another protocol's route stays"
     code, body = health(d)
     assert code == 429 and body["maintenance"]["reason"] == "kernel upgrade"
+    assert body["last_pass"]["failed"] == 0, "the agent's pass after the command finds nothing left to withdraw"
     assert d.ipvsadm("-Ln") == before, "IPVS is kept as it is in maintenance"
     assert all(c.ask() == c.backend for c in conns), "flows still arriving keep working"
     status = agent.cli(d, "director", "status").stdout
