@@ -83,7 +83,8 @@ Fixtures
 
 Gotchas: ip_vs_mh hashes only the client *address* unless the service has the ``mh-port`` flag, so one
 client's connections all land on one backend without it.  A director only carries established
-connections it has never seen (after ``client.via(other)``) with ``net.ipv4.vs.sloppy_tcp=1``.  The VM is
+connections it has never seen (after ``client.via(other)``) with ``net.ipv4.vs.sloppy_tcp=1`` (the agent sets
+it on a director; the seed's hand configuration does not, so tests of the seed set it by hand).  The VM is
 emulated (TCG): a python start in a namespace costs ~1-2 s; start servers with ``topology.serve()``.
 """
 
