@@ -207,3 +207,19 @@ def test_the_maintenance_command_works_without_a_running_agent(tmp_path, capsys)
     assert main(["maintenance", "off", "--config", str(config)]) == 0
     assert capsys.readouterr().out.startswith("maintenance off")
     assert read_maintenance(tmp_path / "m") is None
+
+
+def test_sync_daemons_are_started_restarted_on_a_change_and_left_alone_without_conn_sync():
+    from bridge.config import ConnSyncConfig
+    from bridge.dataplane.ops import StartSyncDaemon, StopSyncDaemon
+    from bridge.model import SyncDaemon
+
+    config = replace(CONFIG, sysctls=(), conn_sync=ConnSyncConfig("eth0", 7))
+    state = compute_desired(Snapshot(()), config, "192.0.2.1")
+    master, backup = SyncDaemon("master", "eth0", 7), SyncDaemon("backup", "eth0", 7)
+    assert plan(state, LiveState(), Memory(), 0.0, 30).ops == (StartSyncDaemon(master), StartSyncDaemon(backup))
+    old = SyncDaemon("master", "eth1", 7)
+    assert plan(state, LiveState(sync_daemons=(old, backup)), Memory(), 0.0, 30).ops == (
+        StopSyncDaemon(old), StartSyncDaemon(master))
+    unowned = compute_desired(Snapshot(()), replace(config, conn_sync=None), "192.0.2.1")
+    assert plan(unowned, LiveState(sync_daemons=(old,)), Memory(), 0.0, 30).ops == ()
