@@ -195,7 +195,9 @@ class Kernel:
 
     def read_sysctls(self) -> tuple[tuple[str, int | None], ...]:
         """The listed sysctls of this network namespace (/proc/sys/net is per namespace: the reading
-        thread's), and only those."""
+        thread's), and only those; none on a backend, which the director's list is not for."""
+        if self.config.role != "director":
+            return ()
         values: list[tuple[str, int | None]] = []
         for name, _ in self.config.sysctls:
             try:
