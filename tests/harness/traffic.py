@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 LINE = b"?\n"
+CONNECT_ATTEMPTS = 20
+STALL = 0.25
 
 
 @dataclass
@@ -47,41 +49,60 @@ class Flow:
     backends: list[tuple[float, str]] = field(default_factory=list)
     reset: float | None = None
     error: str = ""
+    connect_attempts: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"sport": self.sport, "backend": self.backend, "answers": [round(t, 4) for t in self.answers],
-                "backends": self.backends, "reset": self.reset, "error": self.error}
+                "backends": self.backends, "reset": self.reset, "error": self.error,
+                "connect_attempts": self.connect_attempts}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Flow:
         return cls(d["sport"], d["backend"], d["answers"], [tuple(x) for x in d["backends"]], d["reset"],
-                   d["error"])
+                   d["error"], d["connect_attempts"])
 
 
 @dataclass
 class Recording:
     start: float
+    ready: float
+    """When every connection had its greeting: gaps are measured from here."""
     end: float
     flows: list[Flow]
     samples: dict[str, list[tuple[float, int]]]
+    stalls: list[tuple[float, float]]
+    """(from, to) of every time the recorder itself did not run for more than STALL seconds: under emulation
+    the machine sometimes does not schedule it, and no answer can be read meanwhile."""
 
     @classmethod
     def load(cls, path: Path) -> Recording:
         d = json.loads(path.read_text())
-        return cls(d["start"], d["end"], [Flow.from_json(f) for f in d["flows"]],
-                   {k: [tuple(x) for x in v] for k, v in d["samples"].items()})
+        return cls(d["start"], d["ready"], d["end"], [Flow.from_json(f) for f in d["flows"]],
+                   {k: [tuple(x) for x in v] for k, v in d["samples"].items()}, [tuple(x) for x in d["stalls"]])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"start": self.start, "ready": self.ready, "end": self.end, "flows": [f.to_json() for f in self.flows],
+                "samples": self.samples, "stalls": self.stalls}
+
+    def longest_stall(self, since: float | None = None) -> float:
+        lo = self.ready if since is None else since
+        return max([b - max(a, lo) for a, b in self.stalls if b > lo] + [0.0])
 
     def resets(self) -> list[Flow]:
-        return [f for f in self.flows if f.reset is not None or f.error]
+        """Connections that were established and then failed (reset, or any other error)."""
+        return [f for f in self.flows if f.answers and (f.reset is not None or f.error)]
+
+    def unconnected(self) -> list[Flow]:
+        return [f for f in self.flows if not f.answers]
 
     def changed_backend(self) -> list[Flow]:
         return [f for f in self.flows if len({b for _, b in f.backends}) > 1]
 
     def gap(self, flow: Flow, since: float | None = None, until: float | None = None) -> float:
-        """The longest time this connection went without an answer inside [since, until] (default: the
-        whole recording), counting from `since` to its first answer and from its last answer to `until`:
-        a connection that never answers again has a gap as long as the rest of the window."""
-        lo = self.start if since is None else since
+        """The longest time this connection went without an answer inside [since, until] (default: from when
+        every connection was open to the end), counting from `since` to its first answer and from its last
+        answer to `until`: a connection that never answers again has a gap as long as the rest of the window."""
+        lo = self.ready if since is None else since
         hi = self.end if until is None else until
         times = [lo, *(t for t in flow.answers if lo < t < hi), hi]
         return max(b - a for a, b in itertools.pairwise(times))
@@ -99,7 +120,8 @@ class Recording:
         gaps = sorted(self.gaps(since, until))
         return (f"{len(self.flows)} connections, {sum(len(f.answers) for f in self.flows)} answers, "
                 f"{len(self.resets())} reset, {len(self.changed_backend())} changed backend, longest gap "
-                f"p50 {percentile(gaps, 50):.3f} s p99 {percentile(gaps, 99):.3f} s max {gaps[-1]:.3f} s")
+                f"p50 {percentile(gaps, 50):.3f} s p99 {percentile(gaps, 99):.3f} s max {gaps[-1]:.3f} s; "
+                f"the recorder itself stalled up to {self.longest_stall(since):.3f} s")
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -132,19 +154,21 @@ def _rx_packets(pid: int, interface: str = "eth0") -> int:
 def drive(vip: str, port: int, source: str, sports: range, interval: float,
           sample: dict[str, int]) -> Recording:
     sel = selectors.DefaultSelector()
-    conns: list[_Conn] = []
-    for sport in sports:
+
+    def connect(flow: Flow) -> _Conn:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.bind((source, sport))
+        s.bind((source, flow.sport))
         s.setblocking(False)
         err = s.connect_ex((vip, port))
         if err not in (0, errno.EINPROGRESS):
-            raise OSError(err, f"connect from port {sport}: {errno.errorcode.get(err, err)}")
-        c = _Conn(Flow(sport), s, waiting=True)  # the greeting is the first answer
-        conns.append(c)
+            raise OSError(err, f"connect from port {flow.sport}: {errno.errorcode.get(err, err)}")
+        c = _Conn(flow, s, waiting=True)  # the greeting is the first answer
         sel.register(s, selectors.EVENT_READ, c)
+        return c
+
+    conns = [connect(Flow(sport)) for sport in sports]
     stop = False
 
     def on_signal(_sig: int, _frame: object) -> None:
@@ -156,9 +180,14 @@ def drive(vip: str, port: int, source: str, sports: range, interval: float,
     samples: dict[str, list[tuple[float, int]]] = {label: [] for label in sample}
     start = time.monotonic()
     ready = False
-    next_tick = start
+    ready_at = start
+    stalls: list[tuple[float, float]] = []
+    next_tick = last = start
     while not stop:
         now = time.monotonic()
+        if now - max(last, next_tick) > STALL:  # woke up this much later than it asked to
+            stalls.append((round(last, 4), round(now, 4)))
+        last = now
         if now >= next_tick:
             next_tick = max(next_tick + interval, now)
             if ready:
@@ -169,18 +198,25 @@ def drive(vip: str, port: int, source: str, sports: range, interval: float,
                             c.waiting = True
                         except OSError as e:
                             _ended(c, sel, now, e)
+            if not ready:  # a connection that failed before its greeting is opened again (setup, not harm)
+                for i, c in enumerate(conns):
+                    if c.flow.reset is not None and not c.flow.answers and c.flow.connect_attempts < CONNECT_ATTEMPTS:
+                        c.sock.close()
+                        flow = Flow(c.flow.sport, connect_attempts=c.flow.connect_attempts + 1)
+                        conns[i] = connect(flow)
             for label, pid in sample.items():
                 with contextlib.suppress(OSError):
                     samples[label].append((round(now, 4), _rx_packets(pid)))
         for key, _ in sel.select(max(0.0, next_tick - time.monotonic())):
             _read(key.data, sel, time.monotonic())
-        if not ready and all(c.flow.answers or c.flow.reset is not None for c in conns):
+        if not ready and all(c.flow.answers or c.flow.connect_attempts >= CONNECT_ATTEMPTS for c in conns):
             ready = True
+            ready_at = time.monotonic()
             print(f"ready {len(conns)}", flush=True)
     end = time.monotonic()
     for c in conns:
         c.sock.close()
-    return Recording(start, end, [c.flow for c in conns], samples)
+    return Recording(start, ready_at, end, [c.flow for c in conns], samples, stalls)
 
 
 def _read(c: _Conn, sel: selectors.BaseSelector, now: float) -> None:
@@ -258,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     sample = {label: int(pid) for label, pid in (s.split("=") for s in args.sample)}
     rec = drive(args.vip, args.port, args.source, range(first, end), args.interval, sample)
     tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"start": rec.start, "end": rec.end, "flows": [f.to_json() for f in rec.flows],
-                               "samples": rec.samples}))
+    tmp.write_text(json.dumps(rec.to_json()))
     tmp.replace(args.out)
     return 0
 
