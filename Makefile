@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 export MAGLEV_CACHE ?= $(HOME)/.cache/maglev-bridge
+# bench/failover.py's recordings (written by the VM through boot.py --share; the picture is drawn from them)
+FAILOVER_OUT ?= /tmp/maglev-bench-failover
 
 .PHONY: venv kernel-image hashicorp lint unit real kernel test demo bench clean
 
@@ -49,6 +51,9 @@ bench: venv kernel-image hashicorp
 	$(PY) bench/agreement.py
 	$(PY) bench/consul_latency.py
 	$(PY) -m tests.vm.boot --timeout 1500 -- $(PY) bench/apply_bench.py
+	mkdir -p $(FAILOVER_OUT)
+	$(PY) -m tests.vm.boot --timeout 2400 --share $(FAILOVER_OUT) -- $(PY) bench/failover.py --out $(FAILOVER_OUT)
+	$(PY) bench/failover_picture.py $(FAILOVER_OUT)/maintenance-run.json docs/failover.svg
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

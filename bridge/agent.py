@@ -25,15 +25,16 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from bridge.catalog.source import CatalogSource, CatalogUnavailable, FileSource
+from bridge.catalog.source import CatalogSource, CatalogUnavailable, FileSource, FileStamp, file_stamp
 from bridge.config import Config, ConfigError
 from bridge.dataplane.diff import Memory
 from bridge.dataplane.kernel import ApplyError, Kernel
 from bridge.dataplane.ops import VsKey
 from bridge.dataplane.view import Dataplane, KernelView, ShadowKernel
 from bridge.desired import DesiredBook
+from bridge.maintenance import maintenance_json, read_maintenance
 from bridge.model import Rejection, Snapshot
-from bridge.reconcile import PassOutcome, backend_pass, director_pass
+from bridge.reconcile import PassOutcome, announce_decision, backend_pass, director_pass
 from bridge.render import rejections_text
 from bridge.store import Stored, load_state, recover_state, save_state
 
@@ -97,6 +98,9 @@ class Agent:
         self._rejected: tuple[Rejection, ...] = ()
         self._backend_failures: dict[str, str] = {}
         """The backend role's services whose claims could not be computed (the director's are the book's)."""
+        self.gate_open = False
+        """A full pass has been applied without failures: from now on any pass may add announcements."""
+        self._maintenance_seen: FileStamp | None = None
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -252,12 +256,15 @@ class Agent:
             # a service never computed may own kernel state: plan only what is known, delete nothing else
             scope = frozenset(vs.key for vs in desired.virtual_services)
         self._scope_size = len(scope or ())
-        if not full and not scope:
+        announce = announce_decision(desired, self.config, full_pass=full, gate_open=self.gate_open)
+        if not full and not scope and announce is None:
             return PassOutcome("director", False, (), desired.rejected, (), desired)
         stage.name = "plan and apply"
         outcome, self._memory = director_pass(desired, self.config, dataplane, self._memory,
-                                              apply=True, now=now, scope=scope)
+                                              apply=True, now=now, scope=scope, announce=announce)
         self._unapplied.clear()
+        if full and not outcome.failed:
+            self.gate_open = True
         if self.config.dataplane == "shadow":
             outcome = replace(outcome, applied=False)
         return outcome
@@ -334,11 +341,28 @@ class Agent:
             self.scheduler.add_job(self.request, "date", run_date=when, args=["drain deadline"], id="drain",
                                    replace_existing=True)
 
+    def watch_maintenance(self) -> None:
+        """Once a second (a stat): `maintenance on|off` asks for a pass at once; the pass reads the file. A
+        full one: `maintenance on` has already deleted the announcements itself, so the cached view of the
+        announce table is stale, and withdrawing what is gone would fail."""
+        assert self.config.bgp is not None
+        seen = file_stamp(self.config.bgp.maintenance_file)
+        if seen != self._maintenance_seen:
+            self._maintenance_seen = seen
+            self.request(f"maintenance {'on' if seen else 'off'}")
+
     def state(self) -> dict[str, Any]:
         """For /health and status: ready only after the first complete pass."""
         catalog = self.source.state()
         failures = {**self.book.failures, **self._backend_failures}
+        bgp = self.config.bgp
+        announcing: dict[str, Any] | None = None
+        if bgp is not None and self.config.role == "director":
+            announcing = {"table": bgp.table, "gate": "open" if self.gate_open
+                          else "closed: waiting for a full pass applied without failures"}
         return {
+            "maintenance": maintenance_json(read_maintenance(bgp.maintenance_file) if bgp else None),
+            "announcing": announcing,
             "ready": self.synced,
             "degraded": self.last_error is not None or self.state_error is not None
                         or bool(failures) or not catalog.get("ok", True),
@@ -413,6 +437,9 @@ class Agent:
         if self.config.nomad is not None and self.config.nomad.keep_interval > 0:
             self.scheduler.add_job(self.keep_jobs, "interval", seconds=self.config.nomad.keep_interval, id="nomad-jobs",
                                    next_run_time=datetime.now())
+        if self.config.bgp is not None and self.config.role == "director":
+            self._maintenance_seen = file_stamp(self.config.bgp.maintenance_file)
+            self.scheduler.add_job(self.watch_maintenance, "interval", seconds=1, id="maintenance")
         self.scheduler.start()
         self.source.start(self.catalog_changed)
         self.request("start")

@@ -123,6 +123,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_maintenance(args: argparse.Namespace) -> int:
+    """`on` withdraws this director's announcements itself (so it works with the agent stopped or wedged),
+    then waits until the running agent has made a pass that saw it; `off` lets the agent announce again."""
+    from bridge.maintenance_cmd import maintenance_command
+
+    lines, ok = maintenance_command(_config(args), args.action, args.reason, args.wait)
+    print("\n".join(lines))
+    return EXIT_OK if ok else EXIT_FAILED
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The agent holds its state file's lock for its whole life; SIGHUP re-reads the same file with the
     same command-line overrides."""
@@ -175,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every director of the data centre through Consul DNS, with their table fingerprints")
     p.add_argument("--datacenter", help="with --discover: another data centre than the configured one")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("maintenance", help="take this director out of rotation (withdraw its VIPs) or back")
+    common(p, catalog=False, role=False)
+    p.add_argument("action", choices=("on", "off", "status"))
+    p.add_argument("--reason", default="", help="with on: why (shown in status, /health and status --discover)")
+    p.add_argument("--wait", type=float, default=30.0,
+                   help="seconds to wait for the running agent to confirm (default 30; 0: do not wait)")
+    p.set_defaults(func=cmd_maintenance)
 
     add_jobs_commands(sub)
     return parser

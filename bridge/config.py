@@ -118,6 +118,52 @@ class NomadConfig:
         return parse_url("nomad.address", self.address, 4646)
 
 
+DIRECTOR_SYSCTLS: tuple[tuple[str, int], ...] = (
+    ("net.ipv4.vs.expire_nodest_conn", 1),
+    ("net.ipv4.vs.sloppy_tcp", 1),
+)
+"""What a director's promise depends on (README, "The director's sysctls"): sloppy_tcp lets a director
+carry an established TCP flow it has never seen (a router moved it here) instead of passing the mid-stream
+packet to the local stack, which resets it; expire_nodest_conn makes a connection whose real server was
+deleted (after drain_timeout) fail at once instead of hanging until its IPVS entry times out."""
+SYSCTL_PREFIX = "net.ipv4.vs."
+
+
+@dataclass(frozen=True)
+class BgpConfig:
+    """Announcements: one blackhole /32 route per served VIP in `table`, which the operator's BIRD learns
+    (kernel protocol with `learn`) and exports; the agent never writes BIRD's configuration."""
+
+    table: int = 245
+    """A kernel routing table no `ip rule` consults: it only feeds BIRD."""
+    maintenance_file: str = "/var/lib/maglev-bridge/maintenance"
+    """Present = maintenance on. Kept on disk (not /run) on purpose: a director put in maintenance and
+    rebooted must stay out of rotation until an operator says `maintenance off`."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.table <= 252:
+            raise ConfigError(f"bgp.table: expected a routing table from 1 to 252 (253-255 are the kernel's "
+                              f"default, main and local), got {self.table!r}")
+
+
+@dataclass(frozen=True)
+class ConnSyncConfig:
+    """IPVS connection synchronisation: the kernel's master and backup sync daemons on every director, so a
+    connection to a draining (weight 0) backend survives its flow moving to another director."""
+
+    interface: str = ""
+    """The interface the sync messages go out and come in on (multicast 224.0.0.81:8848 by default)."""
+    syncid: int = 0
+    """Directors of one group share a syncid (0-255); a backup takes messages of its syncid only
+    (0: any)."""
+
+    def __post_init__(self) -> None:
+        if not self.interface:
+            raise ConfigError("conn_sync.interface: required (the interface the directors exchange sync messages on)")
+        if not 0 <= self.syncid <= 255:
+            raise ConfigError(f"conn_sync.syncid: expected an integer from 0 to 255, got {self.syncid!r}")
+
+
 @dataclass(frozen=True)
 class Config:
     role: Role = "director"
@@ -142,6 +188,11 @@ class Config:
     rack: str | None = None
     consul: ConsulConfig | None = None
     nomad: NomadConfig | None = None
+    sysctls: tuple[tuple[str, int], ...] = DIRECTOR_SYSCTLS
+    """The director's sysctls (net.ipv4.vs.* of its network namespace), set and repaired by the agent; it
+    never touches one that is not listed."""
+    bgp: BgpConfig | None = None
+    conn_sync: ConnSyncConfig | None = None
 
     @cached_property
     def _vip_masks(self) -> tuple[tuple[int, int], ...]:
@@ -246,10 +297,13 @@ def _section(name: str, cls: Any, value: object) -> Any:
             parsed[key] = _bool(f"{name}.{key}", item)
         elif types[key] == "float":
             parsed[key] = _number(f"{name}.{key}", item, 0, 86400)
+        elif types[key] == "int":
+            parsed[key] = _integer(f"{name}.{key}", item, 0, 2**31 - 1)
         elif item is not None:
             parsed[key] = _string(f"{name}.{key}", item)
     section = cls(**parsed)
-    _check_client(name, section)
+    if isinstance(section, ConsulConfig | NomadConfig):
+        _check_client(name, section)
     return section
 
 
@@ -269,6 +323,18 @@ def _check_client(name: str, section: ConsulConfig | NomadConfig) -> None:
     tls = [key for key in ("ca_file", "cert_file", "tls_server_name") if getattr(section, key)]
     if tls and url.scheme != "https":
         raise ConfigError(f"{name}.address: {tls[0]} is set but {url.text} is not https://; TLS settings need https")
+
+
+def _sysctls(value: object) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"sysctls: expected a mapping of sysctl name to integer, got {value!r}")
+    found = []
+    for name, item in value.items():
+        if not isinstance(name, str) or not re.fullmatch(re.escape(SYSCTL_PREFIX) + r"[a-z0-9_]+", name):
+            raise ConfigError(f"sysctls: {name!r}: only IPVS sysctls of the director's namespace "
+                              f"({SYSCTL_PREFIX}<name>) are managed")
+        found.append((name, _integer(f"sysctls.{name}", item, 0, 2**31 - 1)))
+    return tuple(sorted(found))
 
 
 _PARSERS: dict[str, Any] = {
@@ -293,6 +359,9 @@ _PARSERS: dict[str, Any] = {
     "rack": lambda v: _string("rack", v),
     "consul": lambda v: _section("consul", ConsulConfig, v),
     "nomad": lambda v: _section("nomad", NomadConfig, v),
+    "sysctls": _sysctls,
+    "bgp": lambda v: _section("bgp", BgpConfig, {} if v is None else v),  # `bgp:` alone: the defaults
+    "conn_sync": lambda v: _section("conn_sync", ConnSyncConfig, v),
 }
 
 

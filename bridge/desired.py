@@ -17,7 +17,17 @@ from typing import NamedTuple
 from bridge.addr import ipv4_int, ipv4_text
 from bridge.config import Config
 from bridge.gcpause import gc_paused
-from bridge.model import DesiredState, Instance, Protocol, RealServer, Rejection, Snapshot, Tunnel, VirtualService
+from bridge.model import (
+    DesiredState,
+    Instance,
+    Protocol,
+    RealServer,
+    Rejection,
+    Snapshot,
+    SyncDaemon,
+    Tunnel,
+    VirtualService,
+)
 from bridge.printable import printable
 from bridge.tags import Claim, InstanceClaim, TagParser
 
@@ -302,6 +312,8 @@ class DesiredBook:
             tunnels=self._tunnels_for(local_address),
             vip_routes=tuple(dict.fromkeys(key[0] for key in self._order)),
             rejected=tuple(sorted(rejected, key=lambda r: (r.service, r.instance, r.tag))),
+            sysctls=self.config.sysctls,
+            sync_daemons=_sync_daemons(self.config),
         )
         self._state = (local_address, state)
         return state
@@ -315,6 +327,14 @@ class DesiredBook:
             )
             self._tunnel_list = (local_address, tunnels)
         return self._tunnel_list[1]
+
+
+def _sync_daemons(config: Config) -> tuple[SyncDaemon, ...] | None:
+    """Master and backup on every director: each sends the connections it carries and learns the others'."""
+    sync = config.conn_sync
+    if sync is None:
+        return None
+    return (SyncDaemon("master", sync.interface, sync.syncid), SyncDaemon("backup", sync.interface, sync.syncid))
 
 
 def _key_order(key: VsKey) -> tuple[int, int, str]:

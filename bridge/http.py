@@ -1,6 +1,7 @@
 """The agent's small HTTP endpoint: /health for Consul's check (ready only after the first complete
-pass, 503 otherwise) and /status, the same data as `maglev-bridge status --format json` plus the
-agent's own state.
+pass, 503 otherwise; 429 while the director is in maintenance, which Consul shows as a warning whether the
+agent registered itself or Nomad registered it) and /status, the same data as
+`maglev-bridge status --format json` plus the agent's own state.
 
 aiohttp (already here for the Consul watches) in one thread of its own, because nothing a client does may
 hold the agent: a connection costs a coroutine, not a thread, so many slow or silent clients do not keep
@@ -63,7 +64,7 @@ class HttpEndpoint:
 
     async def _health(self, _request: web.Request) -> web.Response:
         state = self.agent.state()
-        return _json(200 if state["ready"] else 503, state)
+        return _json(503 if not state["ready"] else 429 if state["maintenance"]["on"] else 200, state)
 
     async def _status(self, _request: web.Request) -> web.Response:
         try:

@@ -111,8 +111,22 @@ class Tunnel:
 
 
 @dataclass(frozen=True)
+class SyncDaemon:
+    """One IPVS connection sync daemon: `state` is master (sends) or backup (receives)."""
+
+    state: Literal["master", "backup"]
+    interface: str
+    syncid: int
+
+
+@dataclass(frozen=True)
 class DesiredState:
     virtual_services: tuple[VirtualService, ...]
     tunnels: tuple[Tunnel, ...]
     vip_routes: tuple[str, ...]
     rejected: tuple[Rejection, ...]
+    sysctls: tuple[tuple[str, int], ...] = ()
+    """The director's IPVS sysctls (name, value), from the configuration."""
+    sync_daemons: tuple[SyncDaemon, ...] | None = None
+    """The connection sync daemons, master and backup; None when `conn_sync` is not configured (the agent
+    then never touches them)."""

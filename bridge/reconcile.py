@@ -12,12 +12,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from bridge.bgp import Announcing, announcing
 from bridge.config import Config
 from bridge.dataplane.backend import BackendKernel, plan_backend
 from bridge.dataplane.diff import Memory, plan, remember
-from bridge.dataplane.kernel import ApplyError, open_kernel
+from bridge.dataplane.kernel import ApplyError, OpResult, open_kernel
+from bridge.dataplane.ops import Announce
 from bridge.dataplane.view import Dataplane, KernelView, Scope, ShadowKernel
 from bridge.desired import claims_of_node, compute_desired
+from bridge.maintenance import read_maintenance
 from bridge.model import DesiredState, Rejection, Snapshot
 from bridge.printable import printable
 from bridge.store import Stored, load_state, save_state
@@ -57,20 +60,40 @@ class PassOutcome:
         }
 
 
+SKIPPED = "skipped: an earlier operation of this pass failed"
+
+
 def director_pass(desired: DesiredState, config: Config, dataplane: Dataplane, memory: Memory, *, apply: bool,
-                  now: float, scope: Scope = None) -> tuple[PassOutcome, Memory]:
+                  now: float, scope: Scope = None, announce: Announcing | None = None) -> tuple[PassOutcome, Memory]:
     """Read, plan, and (with `apply`) carry out; the outcome and the memory to keep. The caller owns the state
-    file, so the agent can keep its memory in RAM between passes and write it once per pass."""
+    file, so the agent can keep its memory in RAM between passes and write it once per pass. Announcements
+    (the plan's last operations) are skipped when anything before them failed: a director whose tables are
+    not right must not attract traffic."""
     live = dataplane.read(scope)
-    result = plan(desired, live, memory, now, config.drain_timeout, scope)
+    result = plan(desired, live, memory, now, config.drain_timeout, scope, announce)
     if not apply:
         steps = tuple(StepResult(op.describe(), None) for op in result.ops)
         return PassOutcome("director", False, steps, desired.rejected, result.draining, desired), memory
-    results = list(dataplane.apply(result.ops))
+    announces = [op for op in result.ops if isinstance(op, Announce)]
+    results = list(dataplane.apply(op for op in result.ops if not isinstance(op, Announce)))
+    if any(r.error for r in results):
+        results += [OpResult(op, SKIPPED) for op in announces]
+    else:
+        results += dataplane.apply(announces)
     done = PassOutcome("director", True, tuple(StepResult(r.op.describe(), r.error) for r in results),
                        desired.rejected, result.draining, desired)
     succeeded = [r.op for r in results if r.error is None]
     return done, Memory(result.drain_deadlines, remember(memory.last_weights, succeeded))
+
+
+def announce_decision(desired: DesiredState, config: Config, *, full_pass: bool,
+                      gate_open: bool) -> Announcing | None:
+    """What this pass announces: None without a `bgp` section (the announce table is then never touched);
+    nothing in maintenance (the maintenance file is read on every pass, so it survives restarts)."""
+    if config.bgp is None:
+        return None
+    return announcing(desired, config.bgp.table, maintenance=read_maintenance(config.bgp.maintenance_file) is not None,
+                      full_pass=full_pass, gate_open=gate_open)
 
 
 def apply_once(snapshot: Snapshot, config: Config, *, dry_run: bool) -> PassOutcome:
@@ -80,14 +103,16 @@ def apply_once(snapshot: Snapshot, config: Config, *, dry_run: bool) -> PassOutc
     stored = load_state(config.state_file)
     with open_kernel(config) as kernel:
         desired = compute_desired(snapshot, config, config.local_address or kernel.default_local_address())
+        announce = announce_decision(desired, config, full_pass=True, gate_open=False)
         try:
             outcome, memory = director_pass(desired, config, KernelView(kernel), stored.memory, apply=not dry_run,
-                                            now=now)
+                                            now=now, announce=announce)
         except ApplyError as exc:
             if not dry_run:
                 raise
             shadow = ShadowKernel(kernel.read(services=False))
-            outcome, _ = director_pass(desired, config, shadow, stored.memory, apply=False, now=now)
+            outcome, _ = director_pass(desired, config, shadow, stored.memory, apply=False, now=now,
+                                       announce=announce)
             return replace(outcome, notes=(f"planned against an empty IPVS table: {exc}",))
     if not dry_run:
         save_state(config.state_file, Stored(memory, outcome.report(now)))

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from typing import Any
 
 from bridge.dataplane.state import LiveState
+from bridge.maintenance import Maintenance
 from bridge.model import DesiredState, Rejection
 from bridge.printable import printable
 from bridge.reconcile import PassOutcome
@@ -36,6 +37,8 @@ def desired_json(desired: DesiredState) -> dict[str, Any]:
         "tunnels": [asdict(t) for t in desired.tunnels],
         "vip_routes": list(desired.vip_routes),
         "rejected": [asdict(r) for r in desired.rejected],
+        "sysctls": dict(desired.sysctls),
+        "sync_daemons": None if desired.sync_daemons is None else [asdict(d) for d in desired.sync_daemons],
     }
 
 
@@ -61,6 +64,8 @@ def desired_text(desired: DesiredState) -> str:
                          f"({printable(rs.node)})")
     for t in desired.tunnels:
         lines.append(f"tunnel {t.name}: {t.local} -> {t.remote} fou:{t.fou_port}, route {t.tunnel_address}/32")
+    lines.extend(f"sysctl {name} = {value}" for name, value in desired.sysctls)
+    lines.extend(f"connection sync {d.state} on {d.interface} syncid {d.syncid}" for d in desired.sync_daemons or ())
     if desired.rejected:
         lines.append(f"{len(desired.rejected)} rejected claim(s):")
         lines.extend(rejections_text(desired.rejected))
@@ -97,6 +102,9 @@ def status_json(live: LiveState, report: dict[str, Any], fingerprints: dict[str,
         ],
         "tunnels": [asdict(link) for link in live.links],
         "routes": [asdict(r) for r in live.routes],
+        "sysctls": dict(live.sysctls),
+        "announced": list(live.announced),
+        "sync_daemons": [asdict(d) for d in live.sync_daemons],
         "last_pass": report,
     }
 
@@ -122,6 +130,7 @@ def status_text(data: dict[str, Any]) -> str:
     lines.append(f"{'ROUTE':<18} {'TABLE':<6} DEV")
     for r in data["routes"]:
         lines.append(f"{r['dst'] + '/32':<18} {r['table']:<6} {r['dev']}")
+    lines.extend(_director_text(data))
     report = data.get("last_pass") or {}
     if report:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report.get("at", 0)))
@@ -133,6 +142,27 @@ def status_text(data: dict[str, Any]) -> str:
         lines.extend(f"  draining {d}" for d in report.get("draining", []))
         lines.extend(rejections_text(report.get("rejected", [])))
     return "\n".join(lines)
+
+
+def _director_text(data: dict[str, Any]) -> list[str]:
+    """Sysctls, announcements, maintenance and sync daemons (`.get`: a status from an older agent lacks them)."""
+    lines = [""]
+    lines.extend(f"sysctl {name} = {'missing' if value is None else value}"
+                 for name, value in data.get("sysctls", {}).items())
+    maintenance = data.get("maintenance") or {"on": False}
+    if data.get("bgp_table") is not None:
+        announced = data.get("announced", [])
+        lines.append(f"announced (table {data['bgp_table']}): {', '.join(announced) if announced else 'nothing'}")
+        lines.append(f"maintenance: {maintenance_text(maintenance)}")
+    lines.extend(f"connection sync {d['state']} on {d['interface']} syncid {d['syncid']}"
+                 for d in data.get("sync_daemons", []))
+    return lines
+
+
+def maintenance_text(found: dict[str, Any]) -> str:
+    if not found.get("on"):
+        return "off"
+    return Maintenance(found.get("reason", ""), found.get("since", 0.0), found.get("by", "")).describe()
 
 
 def dumps(data: Any) -> str:

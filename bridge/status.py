@@ -11,6 +11,7 @@ from bridge.dataplane.kernel import ApplyError, open_kernel
 from bridge.dataplane.state import LiveService
 from bridge.explain import ExplainError, ServiceView
 from bridge.maglev import Dest, build_table, fingerprint
+from bridge.maintenance import maintenance_json, read_maintenance
 from bridge.render import status_json
 from bridge.store import load_state
 
@@ -66,4 +67,7 @@ def read_status(config: Config) -> dict[str, Any]:
     prints = service_fingerprints(live.services, dict(stored.memory.last_weights), config.mh_table_size)
     data = status_json(live, stored.report, prints)
     data["kernel_note"] = kernel_note
+    if config.bgp is not None:
+        data["bgp_table"] = config.bgp.table
+        data["maintenance"] = maintenance_json(read_maintenance(config.bgp.maintenance_file))
     return data

@@ -5,6 +5,16 @@
 #
 # (or `nomad job run -var-file=... -var config="$(cat agent.yaml)" hcl/maglev-bridge.nomad.hcl`). The agents
 # run with raw_exec: they program the host's IPVS, routes and FOU sockets, which no isolating driver allows.
+#
+# BIRD runs next to the director agent as a host service, not in this job (Debian `bird2`, configured from
+# examples/bird-director.conf), so that an agent restart or upgrade never touches a BGP session: with a
+# `bgp:` section the agent only keeps the VIP routes in its kernel table, which that BIRD learns. The
+# maintenance file (`bgp.maintenance_file`, default /var/lib/maglev-bridge/maintenance) is on the host and
+# outlives allocations. Run `maglev-bridge maintenance on|off` on the director host with a configuration
+# whose `bgp:` section matches the job's; set `http_port` (a static port, and `http_bind` in that
+# configuration) if the command should wait for the agent's confirmation. While a director is in
+# maintenance its check is a warning (429): `maglev-bridge jobs deploy`, which waits for passing checks,
+# counts that director as not yet healthy until `maintenance off`.
 
 variable "config" {
   type        = string

@@ -41,7 +41,7 @@ def test_one_health_change_is_a_small_pass_with_one_operation(tmp_path):
     source = Catalog([web(n) for n in range(20)])
     agent = shadow_agent(tmp_path, source)
     first = agent.sync("start", full=True)
-    assert first is not None and len(first.steps) == 20 * 2 + 20 * 3  # services + dests, links + 2 routes each
+    assert first is not None and len(first.steps) == 2 + 20 * 2 + 20 * 3  # sysctls, services + dests, links, routes
     source.entries[7] = web(7, "critical")
     small = agent.sync("consul: svc-7 changed", full=False)
     assert small is not None and [s.description for s in small.steps] == [

@@ -35,6 +35,12 @@ def test_example_configuration_file_is_valid_and_documents_every_key():
         ({"local_address": "nowhere"}, "local_address:"),
         ({"link_prefix": "toolongname"}, "link_prefix: 'toolongname' is too long"),
         ({"consul": {"adress": "x"}}, "consul.adress: unknown key"),
+        ({"sysctls": {"net.ipv4.ip_forward": 1}}, "sysctls: 'net.ipv4.ip_forward': only IPVS sysctls"),
+        ({"sysctls": {"net.ipv4.vs.sloppy_tcp": "yes"}}, "sysctls.net.ipv4.vs.sloppy_tcp: expected an integer"),
+        ({"bgp": {"table": 254}}, "bgp.table: expected a routing table from 1 to 252"),
+        ({"bgp": {"table": "245"}}, "bgp.table: expected an integer"),
+        ({"conn_sync": {"syncid": 1}}, "conn_sync.interface: required"),
+        ({"conn_sync": {"interface": "eth0", "syncid": 300}}, "conn_sync.syncid: expected an integer from 0 to 255"),
     ],
 )
 def test_bad_configuration_is_one_clear_message_naming_the_key(raw, message):
@@ -249,3 +255,14 @@ def test_any_document_is_a_configuration_or_one_config_error():
             assert len(str(exc)) < 600 and ":" in str(exc)
 
     check()
+
+
+def test_director_sysctls_default_to_what_moved_flows_need_and_a_listed_set_replaces_them():
+    assert dict(parse_config({}).sysctls) == {"net.ipv4.vs.sloppy_tcp": 1, "net.ipv4.vs.expire_nodest_conn": 1}
+    assert parse_config({"sysctls": {"net.ipv4.vs.sloppy_tcp": 1}}).sysctls == (("net.ipv4.vs.sloppy_tcp", 1),)
+
+
+def test_a_bare_bgp_section_means_the_defaults_and_no_section_means_no_announcements():
+    bgp = parse_config({"bgp": None}).bgp
+    assert bgp is not None and (bgp.table, bgp.maintenance_file) == (245, "/var/lib/maglev-bridge/maintenance")
+    assert parse_config({}).bgp is None

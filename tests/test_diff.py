@@ -7,7 +7,18 @@ from dataclasses import replace
 from bridge.catalog.consul_format import snapshot_from_services
 from bridge.config import Config, TunnelMapping
 from bridge.dataplane.diff import Memory, plan, remember
-from bridge.dataplane.ops import AddDest, AddLink, AddRoute, AddService, DelDest, DelLink, DelRoute, DelService, SetDest
+from bridge.dataplane.ops import (
+    AddDest,
+    AddLink,
+    AddRoute,
+    AddService,
+    DelDest,
+    DelLink,
+    DelRoute,
+    DelService,
+    SetDest,
+    SetSysctl,
+)
 from bridge.desired import compute_desired
 from tests.catalog_builder import catalog, health_entry
 from tests.fake_kernel import FakeKernel
@@ -51,7 +62,7 @@ def test_first_apply_builds_everything_in_order_and_second_is_a_no_op():
     d = Director()
     p = d.sync([entry(11), entry(12), entry(13)])
     kinds = [type(op) for op in p.ops]
-    assert kinds == [AddLink] * 3 + [AddRoute] * 4 + [AddService] + [AddDest] * 3
+    assert kinds == [SetSysctl] * 2 + [AddLink] * 3 + [AddRoute] * 4 + [AddService] + [AddDest] * 3
     assert order(d) == ["203.0.113.13", "203.0.113.12", "203.0.113.11"]
     assert d.sync([entry(11), entry(12), entry(13)]).ops == ()
 

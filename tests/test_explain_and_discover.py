@@ -63,3 +63,12 @@ def test_discovery_flags_directors_whose_tables_differ():
     text = discovery_text(found)
     assert found.disagreeing == ["198.51.100.1:80/tcp"]
     assert text.count("NO: tables differ") == 2 and "DOWN" in text
+
+
+def test_discovery_shows_a_director_in_maintenance_with_its_reason():
+    agent = {"role": "director", "ready": True,
+             "maintenance": {"on": True, "reason": "kernel upgrade", "since": 0.0, "by": "ops@lb1"}}
+    found = Discovery([Director("192.0.2.11", 9119, {"agent": agent, "virtual_services": []})])
+    text = discovery_text(found)
+    assert "maint" in text.splitlines()[1]
+    assert "maintenance: 192.0.2.11:9119 on (kernel upgrade, since ?, by ops@lb1)" in text

@@ -26,18 +26,12 @@ from typing import Any
 import pytest
 
 from tests.consul.helpers import eventually
+from tests.real.consul_agent import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "bridge.cli"]
 WAIT = 60.0
 """Generous: the machine running the tests may be loaded."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class AgentProcess:

@@ -39,7 +39,7 @@ class FileStamp:
     inode: int
 
 
-def _stamp(path: str) -> FileStamp | None:
+def file_stamp(path: str) -> FileStamp | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -54,14 +54,14 @@ class FileSource:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._seen = _stamp(path)
+        self._seen = file_stamp(path)
         self._stop = threading.Event()
         self._error: str | None = None
 
     def start(self, on_change: OnChange) -> None:
         def watch() -> None:
             while not self._stop.wait(self.interval):
-                stamp = _stamp(self.path)
+                stamp = file_stamp(self.path)
                 if stamp != self._seen:
                     self._seen = stamp
                     on_change("catalog file changed")

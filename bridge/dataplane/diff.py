@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from bridge.bgp import Announcing, announcement_ops
 from bridge.dataplane.ops import (
     AddDest,
     AddLink,
@@ -31,6 +32,9 @@ from bridge.dataplane.ops import (
     Op,
     SetDest,
     SetService,
+    SetSysctl,
+    StartSyncDaemon,
+    StopSyncDaemon,
     VsKey,
     vs_label,
 )
@@ -238,12 +242,31 @@ def _in_scope(ident: str, labels: set[str]) -> bool:
     return ident.split(">", 1)[0] in labels
 
 
+def plan_sysctls(desired: DesiredState, live: LiveState) -> list[Op]:
+    """Only the listed sysctls, each only when its value differs."""
+    current = dict(live.sysctls)
+    return [SetSysctl(name, value, current.get(name)) for name, value in desired.sysctls if current.get(name) != value]
+
+
+def plan_sync_daemons(desired: DesiredState, live: LiveState) -> list[Op]:
+    """Nothing at all unless connection sync is configured; a daemon with other settings is restarted."""
+    if desired.sync_daemons is None:
+        return []
+    wanted = set(desired.sync_daemons)
+    stops: list[Op] = [StopSyncDaemon(d) for d in live.sync_daemons if d not in wanted]
+    return stops + [StartSyncDaemon(d) for d in desired.sync_daemons if d not in live.sync_daemons]
+
+
 def plan(desired: DesiredState, live: LiveState, memory: Memory, now: float, drain_timeout: float,
-         scope: frozenset[VsKey] | None = None) -> Plan:
+         scope: frozenset[VsKey] | None = None, announce: Announcing | None = None) -> Plan:
     """The operations from `live` to `desired`. With a `scope`, only those virtual services are planned
     (`live` needs to hold only them, with every link and route): the small pass that follows one catalog
     change. A scoped plan adds missing links and routes but never deletes any, since it cannot see what the
-    services outside it still use; deletions wait for the next full pass."""
+    services outside it still use; deletions wait for the next full pass.
+
+    With `announce` (a `bgp` section is configured), withdrawals come first and announcements last
+    (bridge/bgp.py says why). Sysctls and sync daemons come before the IPVS operations: a director must
+    carry moved flows (sloppy_tcp) before it serves any."""
     drains = _Drains(memory.drain_deadlines, now, drain_timeout)
     wanted_services = desired.virtual_services
     live_services = live.services
@@ -282,7 +305,9 @@ def plan(desired: DesiredState, live: LiveState, memory: Memory, now: float, dra
     else:
         labels = {vs_label(key) for key in scope}
         deadlines.update((k, v) for k, v in memory.drain_deadlines.items() if not _in_scope(k, labels))
-    ops = link_ops + route_adds + first + dests + last + route_dels + link_dels
+    withdraws, announces = announcement_ops(announce, live.announced) if announce else ([], [])
+    ops = [*withdraws, *plan_sysctls(desired, live), *plan_sync_daemons(desired, live), *link_ops, *route_adds,
+           *first, *dests, *last, *route_dels, *link_dels, *announces]
     draining = tuple(f"{ident} until {deadline:.0f}" for ident, deadline in sorted(deadlines.items())
                      if deadline > now)
     return Plan(tuple(ops), deadlines, draining)

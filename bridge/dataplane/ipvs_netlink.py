@@ -15,6 +15,7 @@ from pyroute2.netlink.generic import GenericNetlinkSocket
 from pyroute2.netlink.generic.ipvs import ipvsmsg
 
 from bridge.dataplane.netlink_batch import BatchSocket, attr, be16, parse_attrs, u16, u32
+from bridge.model import SyncDaemon
 
 NETLINK_GENERIC = 16
 CMD_NEW_SERVICE, CMD_SET_SERVICE, CMD_DEL_SERVICE, CMD_GET_SERVICE = 1, 2, 3, 4
@@ -25,6 +26,10 @@ SVC_SCHED_NAME, SVC_FLAGS, SVC_TIMEOUT, SVC_NETMASK = 6, 7, 8, 9
 DEST_ADDR, DEST_PORT, DEST_FWD_METHOD, DEST_WEIGHT, DEST_U_THRESH, DEST_L_THRESH = 1, 2, 3, 4, 5, 6
 DEST_ACTIVE_CONNS, DEST_INACT_CONNS, DEST_ADDR_FAMILY = 7, 8, 11
 FWD_DIRECT_ROUTING = 3
+CMD_NEW_DAEMON, CMD_DEL_DAEMON, CMD_GET_DAEMON = 9, 10, 11
+ATTR_DAEMON = 3
+DAEMON_STATE, DAEMON_MCAST_IFN, DAEMON_SYNC_ID = 1, 2, 3
+DAEMON_STATES = {"master": 1, "backup": 2}
 
 
 @dataclass(frozen=True)
@@ -161,3 +166,24 @@ class IpvsNetlink:
                 inactive_conns=_u32_of(dest, DEST_INACT_CONNS),
             ))
         return found
+
+    # ---- connection sync daemons (ipvsadm --start-daemon / --stop-daemon / -L --daemon) --------------
+
+    def daemons(self) -> list[SyncDaemon]:
+        found = []
+        for data in self.batch.dump(self.family, struct.pack("=BBH", CMD_GET_DAEMON, 1, 0)):
+            daemon = _nested(data, ATTR_DAEMON)
+            state = _u32_of(daemon, DAEMON_STATE)
+            if state in DAEMON_STATES.values():
+                interface = daemon.get(DAEMON_MCAST_IFN, b"").rstrip(b"\0").decode()
+                found.append(SyncDaemon("master" if state == DAEMON_STATES["master"] else "backup", interface,
+                                        _u32_of(daemon, DAEMON_SYNC_ID)))
+        return found
+
+    def daemon(self, start: bool, daemon: SyncDaemon) -> str | None:
+        """Start or stop one sync daemon; the kernel's error or None."""
+        attrs = u32(DAEMON_STATE, DAEMON_STATES[daemon.state])
+        if start:
+            attrs += attr(DAEMON_MCAST_IFN, daemon.interface.encode() + b"\0") + u32(DAEMON_SYNC_ID, daemon.syncid)
+        body = struct.pack("=BBH", CMD_NEW_DAEMON if start else CMD_DEL_DAEMON, 1, 0) + attr(ATTR_DAEMON, attrs)
+        return self.batch.run([(self.family, 0, body)])[0]

@@ -13,6 +13,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -38,6 +39,7 @@ from bridge.dataplane.ops import (
     AddLink,
     AddRoute,
     AddService,
+    Announce,
     DelLink,
     DelRoute,
     DelService,
@@ -45,7 +47,11 @@ from bridge.dataplane.ops import (
     Op,
     SetDest,
     SetService,
+    SetSysctl,
+    StartSyncDaemon,
+    StopSyncDaemon,
     VsKey,
+    Withdraw,
 )
 from bridge.dataplane.state import LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
 
@@ -57,6 +63,7 @@ TABLE_NAMES = {v: k for k, v in TABLES.items()}
 IFF_UP = 0x1
 RTN_UNICAST = 1
 RTN_LOCAL = 2
+RTN_BLACKHOLE = 6
 SCOPE_LINK = 253
 SCOPE_HOST = 254
 TUNNEL_TTL = 64
@@ -182,7 +189,34 @@ class Kernel:
         Links are dumped once for both the tunnels and the route device names."""
         link_msgs = list(self.ipr.get_links())
         ipvs = self.read_services() if services else ()
-        return LiveState(ipvs, self._parse_links(link_msgs), self._parse_routes(link_msgs))
+        daemons = tuple(self.ipvs.daemons()) if services and self.config.conn_sync is not None else ()
+        return LiveState(ipvs, self._parse_links(link_msgs), self._parse_routes(link_msgs), self.read_sysctls(),
+                         self.read_announced(), daemons)
+
+    def read_sysctls(self) -> tuple[tuple[str, int | None], ...]:
+        """The listed sysctls of this network namespace (/proc/sys/net is per namespace: the reading
+        thread's), and only those; none on a backend, which the director's list is not for."""
+        if self.config.role != "director":
+            return ()
+        values: list[tuple[str, int | None]] = []
+        for name, _ in self.config.sysctls:
+            try:
+                values.append((name, int(_sysctl_path(name).read_text().strip())))
+            except (OSError, ValueError):
+                values.append((name, None))
+        return tuple(values)
+
+    def read_announced(self) -> tuple[str, ...]:
+        """VIPs announced by this agent: /32 routes of its protocol in the announce table. Routes of any other
+        protocol there are someone else's and never read as ours."""
+        if self.config.bgp is None:
+            return ()
+        table = self.config.bgp.table
+        found = {str(msg.get_attr("RTA_DST"))
+                 for msg in self.ipr.get_routes(family=socket.AF_INET, table=table, proto=self.config.route_protocol)
+                 if msg["dst_len"] == 32 and msg["proto"] == self.config.route_protocol
+                 and (msg.get_attr("RTA_TABLE") or msg["table"]) == table}
+        return tuple(sorted(found, key=ipv4_int))
 
     def default_local_address(self) -> str:
         """The underlay source address: the one on the interface holding the default route."""
@@ -214,6 +248,12 @@ class Kernel:
             self.ipr.link("set", index=self._index(t.name), state="up")
         elif isinstance(op, DelLink):
             self.ipr.link("del", index=self._index(op.name))
+        elif isinstance(op, SetSysctl):
+            _sysctl_path(op.name).write_text(f"{op.value}\n")
+        elif isinstance(op, StartSyncDaemon | StopSyncDaemon):
+            error = self.ipvs.daemon(isinstance(op, StartSyncDaemon), op.daemon)
+            if error:
+                raise ApplyError(error)
 
     def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:
         """Carry out every operation in order; a failure is reported and the rest still runs (the next
@@ -242,8 +282,9 @@ class Kernel:
                 errors = self.ipvs.run([_ipvs_request(op) for op in ops if isinstance(op, IpvsOp)])
             else:
                 indexes = {msg.get_attr("IFLA_IFNAME"): msg["index"] for msg in self.ipr.get_links()}
-                errors = self.routes.run([self._route_request(op, indexes) for op in ops
-                                          if isinstance(op, AddRoute | DelRoute)])
+                errors = self.routes.run([self._announce_request(op) if isinstance(op, Announce | Withdraw)
+                                          else self._route_request(op, indexes) for op in ops
+                                          if isinstance(op, AddRoute | DelRoute | Announce | Withdraw)])
         except (OSError, ApplyError, KeyError) as exc:
             errors = [_reason(exc)] * len(ops)
         for op, error in zip(ops, errors, strict=True):
@@ -268,10 +309,26 @@ class Kernel:
         return RTM_DELROUTE, 0, body
 
 
+    def _announce_request(self, op: Announce | Withdraw) -> tuple[int, int, bytes]:
+        """A blackhole /32 in the announce table: BIRD learns it and exports it with itself as next hop; it
+        needs no device and forwards nothing. A withdrawal deletes only a route of the agent's protocol."""
+        table = op.table
+        header = struct.pack("=BBBBBBBBI", socket.AF_INET, 32, 0, 0, table, self.config.route_protocol, 0,
+                             RTN_BLACKHOLE if isinstance(op, Announce) else 0, 0)
+        body = header + attr(RTA_DST, socket.inet_aton(op.vip)) + u32(RTA_TABLE, table)
+        if isinstance(op, Announce):
+            return RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body
+        return RTM_DELROUTE, 0, body
+
+
+def _sysctl_path(name: str) -> Path:
+    return Path("/proc/sys", *name.split("."))
+
+
 def _batch_kind(op: Op) -> str | None:
     if isinstance(op, IpvsOp):
         return "ipvs"
-    if isinstance(op, AddRoute | DelRoute):
+    if isinstance(op, AddRoute | DelRoute | Announce | Withdraw):
         return "route"
     return None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from bridge.model import Protocol, Tunnel
+from bridge.model import Protocol, SyncDaemon, Tunnel
 
 VsKey = tuple[str, int, Protocol]
 
@@ -109,5 +109,55 @@ class DelRoute(_RouteSpec):
     verb = "delete"
 
 
+@dataclass(frozen=True)
+class SetSysctl:
+    name: str
+    value: int
+    old: int | None
+
+    def describe(self) -> str:
+        was = "missing" if self.old is None else str(self.old)
+        return f"set sysctl {self.name} = {self.value} (was {was})"
+
+
+@dataclass(frozen=True)
+class Announce:
+    """Announce a VIP: its route in the announce table, which BIRD learns and exports."""
+
+    vip: str
+    table: int
+
+    def describe(self) -> str:
+        return f"announce {self.vip}/32 (route blackhole table {self.table})"
+
+
+@dataclass(frozen=True)
+class Withdraw:
+    vip: str
+    table: int
+
+    def describe(self) -> str:
+        return f"withdraw {self.vip}/32 (delete route table {self.table})"
+
+
+@dataclass(frozen=True)
+class _SyncDaemonOp:
+    verb: ClassVar[str]
+    daemon: SyncDaemon
+
+    def describe(self) -> str:
+        d = self.daemon
+        return f"{self.verb} connection sync {d.state} on {d.interface} syncid {d.syncid}"
+
+
+class StartSyncDaemon(_SyncDaemonOp):
+    verb = "start"
+
+
+class StopSyncDaemon(_SyncDaemonOp):
+    verb = "stop"
+
+
 IpvsOp = AddService | SetService | DelService | AddDest | SetDest | DelDest
-Op = IpvsOp | AddLink | DelLink | AddRoute | DelRoute
+AnnounceOp = Announce | Withdraw
+Op = IpvsOp | AddLink | DelLink | AddRoute | DelRoute | SetSysctl | AnnounceOp | StartSyncDaemon | StopSyncDaemon

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bridge.model import Protocol
+from bridge.model import Protocol, SyncDaemon
 
 
 @dataclass(frozen=True)
@@ -56,3 +56,9 @@ class LiveState:
     services: tuple[LiveService, ...] = ()
     links: tuple[LiveLink, ...] = ()
     routes: tuple[LiveRoute, ...] = ()
+    sysctls: tuple[tuple[str, int | None], ...] = ()
+    """The listed sysctls' values (None: the kernel has no such sysctl, e.g. ip_vs not loaded)."""
+    announced: tuple[str, ...] = ()
+    """VIPs with an announce route (agent's protocol, announce table), when a `bgp` section is set."""
+    sync_daemons: tuple[SyncDaemon, ...] = ()
+    """The IPVS connection sync daemons running, when a `conn_sync` section is set."""

@@ -16,22 +16,30 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from typing import Protocol
 
+from bridge.addr import ipv4_int
 from bridge.dataplane.kernel import Kernel, OpResult
 from bridge.dataplane.ops import (
     AddDest,
     AddLink,
     AddRoute,
     AddService,
+    Announce,
     DelDest,
     DelLink,
     DelRoute,
     DelService,
+    IpvsOp,
     Op,
     SetDest,
     SetService,
+    SetSysctl,
+    StartSyncDaemon,
+    StopSyncDaemon,
     VsKey,
+    Withdraw,
 )
 from bridge.dataplane.state import LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
+from bridge.model import SyncDaemon
 
 Scope = frozenset[VsKey] | None
 
@@ -44,31 +52,35 @@ class Dataplane(Protocol):
 
 
 def _changes_network(op: Op) -> bool:
-    return isinstance(op, AddLink | DelLink | AddRoute | DelRoute)
+    """Everything but IPVS services: links, routes, announcements, sysctls, sync daemons."""
+    return not isinstance(op, IpvsOp)
 
 
 class KernelView:
-    """The real kernel, with links and routes cached between passes."""
+    """The real kernel, with everything but the IPVS services (links, routes, announcements, sysctls, sync
+    daemons) cached between passes."""
 
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
-        self._network: tuple[tuple[LiveLink, ...], tuple[LiveRoute, ...]] | None = None
+        self._rest: LiveState | None = None
 
     def read(self, scope: Scope) -> LiveState:
-        if scope is None or self._network is None:
+        if scope is None or self._rest is None:
             state = self.kernel.read()
-            self._network = (state.links, state.routes)
+            self._rest = replace(state, services=())
             return state
-        return LiveState(self.kernel.read_services(scope), *self._network)
+        return replace(self._rest, services=self.kernel.read_services(scope))
 
     def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:
         network_changed = False
         for result in self.kernel.apply(ops):
             network_changed = network_changed or _changes_network(result.op)
             yield result
-        if network_changed:
-            state = self.kernel.read(services=False)
-            self._network = (state.links, state.routes)
+        if network_changed and self._rest is not None:
+            daemons = self._rest.sync_daemons
+            if self.kernel.config.conn_sync is not None:
+                daemons = tuple(self.kernel.ipvs.daemons())
+            self._rest = replace(self.kernel.read(services=False), sync_daemons=daemons)
 
 
 class ShadowKernel:
@@ -79,6 +91,9 @@ class ShadowKernel:
         self.services: dict[VsKey, LiveService] = {s.key: s for s in seed.services}
         self.links: dict[str, LiveLink] = {link.name: link for link in seed.links}
         self.routes: set[LiveRoute] = set(seed.routes)
+        self.sysctls: dict[str, int | None] = dict(seed.sysctls)
+        self.announced: set[str] = set(seed.announced)
+        self.sync_daemons: set[SyncDaemon] = set(seed.sync_daemons)
         self._network: tuple[tuple[LiveLink, ...], tuple[LiveRoute, ...]] | None = None
 
     def read(self, scope: Scope = None) -> LiveState:
@@ -87,7 +102,9 @@ class ShadowKernel:
         if self._network is None:
             self._network = (tuple(sorted(self.links.values(), key=lambda k: k.name)),
                              tuple(sorted(self.routes, key=lambda r: (r.table, r.dst, r.dev))))
-        return LiveState(tuple(services), *self._network)
+        return LiveState(tuple(services), *self._network, tuple(sorted(self.sysctls.items())),
+                         tuple(sorted(self.announced, key=ipv4_int)),
+                         tuple(sorted(self.sync_daemons, key=lambda d: d.state)))
 
     def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:
         for op in ops:
@@ -117,6 +134,25 @@ class ShadowKernel:
             self.routes.add(LiveRoute(op.dst, op.table, op.dev))
         elif isinstance(op, DelRoute):
             self.routes.discard(LiveRoute(op.dst, op.table, op.dev))
+        elif isinstance(op, SetSysctl):
+            self.sysctls[op.name] = op.value
+        elif isinstance(op, Announce | Withdraw):
+            return self._apply_announce(op)
+        elif isinstance(op, StartSyncDaemon):
+            self.sync_daemons.add(op.daemon)
+        elif isinstance(op, StopSyncDaemon):
+            self.sync_daemons.discard(op.daemon)
+        return None
+
+    def _apply_announce(self, op: Announce | Withdraw) -> str | None:
+        if isinstance(op, Announce):
+            if op.vip in self.announced:
+                return "EEXIST"
+            self.announced.add(op.vip)
+            return None
+        if op.vip not in self.announced:
+            return "ESRCH"
+        self.announced.discard(op.vip)
         return None
 
     def _apply_dest(self, op: AddDest | SetDest | DelDest) -> str | None:

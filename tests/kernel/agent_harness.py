@@ -53,9 +53,14 @@ class AgentHarness:
             "drain_timeout": 2,
             "resync_interval": 5,
             **self.config_overrides,
+            **self.node_config(node, role),
         }
         path.write_text(yaml.safe_dump({k: v for k, v in config.items() if v is not None}))
         return path
+
+    def node_config(self, node: Netns, role: str) -> dict[str, Any]:
+        """Configuration keys of one node's agent on top of the shared ones (none here)."""
+        return {}
 
     # ---- catalog ---------------------------------------------------------------------------------
 

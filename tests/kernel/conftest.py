@@ -28,6 +28,13 @@ deleted after the test (servers killed, sockets closed, namespaces removed).
   ``client.via(director)`` switches it (``ip route replace``).  Built routed via directors[0].
 * No IPVS, tunnels, VIPs or sysctls are configured: that is the agent's job, or the seed's below.
 
+``topology(..., routed=True)`` puts the clients behind a router instead (tests/harness/router_bed.py runs
+BIRD on it): namespace ``rt`` (``Topology.router``, a Node) with eth0 = 192.0.2.1/24 on ``br0`` and a
+bridge ``brc`` = 203.0.113.1/24 holding the clients' ports (so ``client.unplug()`` works there); clients
+route ``default via 203.0.113.1``; directors and backends route ``203.0.113.0/24 via 192.0.2.1`` (DSR
+replies go through the router); the router forwards with ``fib_multipath_hash_policy=1`` and no
+rp_filter.  It has no route to the VIPs until BGP gives it one.
+
 Objects
 -------
 ``Netns`` (every node is one; ``topology.bridge`` too), name in ``.name``:
@@ -76,7 +83,8 @@ Fixtures
 
 Gotchas: ip_vs_mh hashes only the client *address* unless the service has the ``mh-port`` flag, so one
 client's connections all land on one backend without it.  A director only carries established
-connections it has never seen (after ``client.via(other)``) with ``net.ipv4.vs.sloppy_tcp=1``.  The VM is
+connections it has never seen (after ``client.via(other)``) with ``net.ipv4.vs.sloppy_tcp=1`` (the agent sets
+it on a director; the seed's hand configuration does not, so tests of the seed set it by hand).  The VM is
 emulated (TCG): a python start in a namespace costs ~1-2 s; start servers with ``topology.serve()``.
 """
 
@@ -111,6 +119,11 @@ VIP_NET = "198.51.100.0/24"
 CLIENT_NET = "203.0.113.0/24"
 FOU_PORT = 5555
 MAX_DIRECTORS, MAX_BACKENDS, MAX_CLIENTS = 3, 6, 4
+ROUTER_ADDRESS, ROUTER_CLIENT_ADDRESS = "192.0.2.1", "203.0.113.1"
+# The router forwards, hashes ECMP flows on the 5-tuple (L4), and must not drop the backends' DSR replies,
+# which arrive on another interface than the clients' packets left by.
+ROUTER_SYSCTLS = {"net.ipv4.ip_forward": 1, "net.ipv4.fib_multipath_hash_policy": 1,
+                  "net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0}
 REQUIRED_MODULES = ("ip_vs", "ip_vs_mh", "fou", "ipip", "nf_conntrack", "veth", "bridge")
 
 
@@ -515,7 +528,7 @@ class _Bed:
 
 
 class Topology:
-    def __init__(self, bed: _Bed, directors: int, backends: int, clients: int):
+    def __init__(self, bed: _Bed, directors: int, backends: int, clients: int, routed: bool = False):
         if not (1 <= directors <= MAX_DIRECTORS and 1 <= backends <= MAX_BACKENDS and 1 <= clients <= MAX_CLIENTS):
             raise ValueError(f"topology wants 1-{MAX_DIRECTORS} directors, 1-{MAX_BACKENDS} backends, "
                              f"1-{MAX_CLIENTS} clients; got {directors}/{backends}/{clients}")
@@ -523,27 +536,48 @@ class Topology:
         self.prefix = f"mb{secrets.token_hex(3)}"
         self.bridge = Netns(f"{self.prefix}-br", bed)
         bed.add_netns(self.bridge.name)
+        self.router: Node | None = None
+        if routed:
+            self.router = Node(f"{self.prefix}-rt", bed, "rt", 0, ROUTER_ADDRESS, self.bridge)
+            bed.add_netns(self.router.name)
+        client_segment = self.router or self.bridge
         self.directors = [self._node(Director, f"d{i}", i, director_address(i)) for i in range(1, directors + 1)]
         self.backends = [self._node(Backend, f"b{i}", i, backend_address(i)) for i in range(1, backends + 1)]
-        self.clients = [self._node(Client, f"c{i}", i, client_address(i)) for i in range(1, clients + 1)]
+        self.clients = [self._node(Client, f"c{i}", i, client_address(i), client_segment)
+                        for i in range(1, clients + 1)]
         self.client = self.clients[0]
         # (batched: every exec costs ~0.1 s in the emulated VM)
         bridge = ["link set lo up", "link add br0 type bridge stp_state 0 forward_delay 0", "link set br0 up"]
-        for node in self.nodes:
+        underlay = [*([self.router] if self.router else []), *self.directors, *self.backends]
+        for node in underlay if self.router else self.nodes:
             bridge += [f"link add {node.label} type veth peer name eth0 netns {node.name}",
                        f"link set {node.label} master br0 up"]
         self.bridge.ip_batch(bridge)
+        if self.router:
+            self.router.ip_batch(["link set lo up", "link set eth0 up", f"addr add {ROUTER_ADDRESS}/24 dev eth0",
+                                  "link add brc type bridge stp_state 0 forward_delay 0", "link set brc up",
+                                  f"addr add {ROUTER_CLIENT_ADDRESS}/24 dev brc",
+                                  *(cmd for c in self.clients for cmd in (
+                                      f"link add {c.label} type veth peer name eth0 netns {c.name}",
+                                      f"link set {c.label} master brc up"))])
+            for key, value in ROUTER_SYSCTLS.items():
+                self.router.sysctl(key, value)
         for node in self.nodes:
             cmds = ["link set lo up", "link set eth0 up", f"addr add {node.address}/24 dev eth0"]
-            if isinstance(node, Client):
+            if isinstance(node, Client) and self.router:
+                cmds += [f"route add default via {ROUTER_CLIENT_ADDRESS} dev eth0"]
+            elif isinstance(node, Client):
                 cmds += [f"route add {UNDERLAY_NET} dev eth0 scope link",
                          f"route replace {VIP_NET} via {self.directors[0].address} dev eth0"]
+            elif self.router:
+                cmds += [f"route add {CLIENT_NET} via {ROUTER_ADDRESS} dev eth0"]
             else:
                 cmds += [f"route add {c.address}/32 dev eth0 scope link" for c in self.clients]
             node.ip_batch(cmds)
 
-    def _node(self, cls: Callable[..., Node], label: str, index: int, address: str) -> Any:
-        node = cls(f"{self.prefix}-{label}", self._bed, label, index, address, self.bridge)
+    def _node(self, cls: Callable[..., Node], label: str, index: int, address: str,
+              segment: Netns | None = None) -> Any:
+        node = cls(f"{self.prefix}-{label}", self._bed, label, index, address, segment or self.bridge)
         self._bed.add_netns(node.name)
         return node
 
@@ -630,8 +664,8 @@ def _bed() -> Iterator[_Bed]:
 
 @pytest.fixture
 def topology(_bed: _Bed) -> Callable[..., Topology]:
-    def make(directors: int = 1, backends: int = 2, clients: int = 1) -> Topology:
-        return Topology(_bed, directors, backends, clients)
+    def make(directors: int = 1, backends: int = 2, clients: int = 1, routed: bool = False) -> Topology:
+        return Topology(_bed, directors, backends, clients, routed)
 
     return make
 

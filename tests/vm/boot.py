@@ -246,6 +246,8 @@ def vng_command(vng: str, kernel: str, out: Path, script: Path, accel: str, args
     cmd = [vng, "--force-9p", "-r", kernel, "--memory", args.memory, "--rwdir", str(out)]
     if args.cpus:
         cmd += ["--cpus", str(args.cpus)]
+    for folder in args.share:
+        cmd += ["--rwdir", str(Path(folder).resolve())]
     if args.net:
         cmd += ["--network", "user", "--no-dhcp"]
     # -v: the guest console (kernel messages, panics) goes to vng.log; it is shown when something fails
@@ -380,6 +382,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--module", action="append", default=[], help="extra module that must load (repeatable)")
     p.add_argument("--env", action="append", default=[], help="KEY=VALUE to export in the guest (repeatable)")
     p.add_argument("--out-root", default=None, help="where the per-run output folder is made (default: $TMPDIR)")
+    p.add_argument("--share", action="append", default=[], metavar="DIR",
+                   help="a host folder (outside the repository) the guest may write to, at the same path; "
+                        "e.g. for a benchmark's results (repeatable)")
     p.add_argument("--keep", action="store_true", help="keep the output folder even when CMD succeeded")
     p.add_argument("-v", "--verbose", action="store_true", help="print the whole guest console (vng.log) at the end")
     args = p.parse_args(ours)

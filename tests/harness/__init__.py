@@ -1,0 +1,1 @@
+"""Test libraries shared by test files and benchmarks (conftest.py files keep only fixtures)."""

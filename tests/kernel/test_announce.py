@@ -1,0 +1,162 @@
+"""The director's sysctls, its announce table and maintenance, on a real kernel, with `maglev-bridge run` as a
+real process. The routers' view (BIRD, ECMP) is tests/kernel/test_failover.py; here the witnesses are
+`ip route show table 245`, sysctl and ipvsadm."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.kernel.agent_harness import AgentHarness
+from tests.kernel.conftest import spread, vip, wait_until
+
+pytestmark = pytest.mark.kernel
+TABLE = 245
+SPORTS = range(42000, 42020)
+
+
+def announced(director) -> list[str]:
+    """VIPs with an announce route of the agent's protocol (245), by `ip`, the independent witness (which fails
+    with "FIB table does not exist" until the table's first route)."""
+    out = director.ip("-4", "route", "show", "table", str(TABLE), "proto", "245", check=False).stdout
+    return re.findall(r"^blackhole ([\d.]+)", out, re.M)
+
+
+def health(director) -> tuple[int, dict]:
+    with director.entered():
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:9119/health", timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+        except OSError:
+            return 0, {}
+
+
+def build(topology, **config):
+    topo = topology(directors=1, backends=2, clients=1)
+    agent = AgentHarness(topo, **config)
+    agent.config_overrides["bgp"] = {"table": TABLE, "maintenance_file": str(agent.dir / "maintenance")}
+    for b in topo.backends:
+        agent.instance("web", b)
+    topo.serve(80)
+    agent.apply_backends()
+    return topo, agent
+
+
+def test_the_agent_sets_its_sysctls_repairs_drift_and_never_touches_an_unlisted_one(topology):
+    topo, agent = build(topology)
+    d = topo.directors[0]
+    assert d.sysctl("net.ipv4.vs.sloppy_tcp") == 0, "a fresh namespace starts without it"
+    d.sysctl("net.ipv4.vs.expire_quiescent_template", 1)
+    d.sysctl("net.ipv4.vs.conntrack", 1)
+    out = agent.apply(d)
+    assert "set sysctl net.ipv4.vs.sloppy_tcp = 1 (was 0)  ok" in out
+    assert "set sysctl net.ipv4.vs.expire_nodest_conn = 1 (was 0)  ok" in out
+    assert (d.sysctl("net.ipv4.vs.sloppy_tcp"), d.sysctl("net.ipv4.vs.expire_nodest_conn")) == (1, 1)
+    assert (d.sysctl("net.ipv4.vs.expire_quiescent_template"), d.sysctl("net.ipv4.vs.conntrack")) == (1, 1)
+    d.sysctl("net.ipv4.vs.sloppy_tcp", 0)
+    proc = agent.start(d)
+    wait_until(lambda: d.sysctl("net.ipv4.vs.sloppy_tcp") == 1, timeout=120, what="drift repaired by a full pass")
+    status = agent.status(d)
+    assert status["sysctls"] == {"net.ipv4.vs.expire_nodest_conn": 1, "net.ipv4.vs.sloppy_tcp": 1}
+    agent.stop(proc)
+
+
+def test_run_announces_after_its_first_full_pass_and_maintenance_withdraws_but_keeps_serving(topology):
+    topo, agent = build(topology, drain_timeout=600)
+    d = topo.directors[0]
+    d.ip("route", "add", "blackhole", "198.51.100.77/32", "table", str(TABLE), "proto", "static")
+    proc = agent.start(d)
+    wait_until(lambda: announced(d) == [vip(1)], timeout=120, what="the VIP announced")
+    code, body = health(d)
+    assert code == 200 and body["announcing"] == {"table": TABLE, "gate": "open"}
+    conns = topo.client.connect(vip(1), 80, sports=SPORTS)
+    assert set(spread(conns)) == {"b1", "b2"}
+    before = d.ipvsadm("-Ln")
+
+    out = agent.cli(d, "director", "maintenance", "on", "--reason", "kernel upgrade").stdout
+    assert f"withdrew 1 VIP(s) {vip(1)}" in out and "agent confirms maintenance on" in out
+    assert announced(d) == []
+    assert "198.51.100.77" in d.ip("route", "show", "table", str(TABLE)).stdout, "another protocol's route stays"
+    code, body = health(d)
+    assert code == 429 and body["maintenance"]["reason"] == "kernel upgrade"
+    assert body["last_pass"]["failed"] == 0, "the agent's pass after the command finds nothing left to withdraw"
+    assert d.ipvsadm("-Ln") == before, "IPVS is kept as it is in maintenance"
+    assert all(c.ask() == c.backend for c in conns), "flows still arriving keep working"
+    status = agent.cli(d, "director", "status").stdout
+    assert "maintenance: on (kernel upgrade" in status and "announced (table 245): nothing" in status
+
+    agent.stop(proc)
+    proc = agent.start(d)
+    wait_until(lambda: health(d)[0] == 429, timeout=120, what="the restarted agent's first pass, in maintenance")
+    assert announced(d) == [], "maintenance survives an agent restart"
+
+    out = agent.cli(d, "director", "maintenance", "off").stdout
+    assert "agent confirms maintenance off; announced: 198.51.100.1" in out
+    assert announced(d) == [vip(1)] and health(d)[0] == 200
+    assert all(c.ask() == c.backend for c in conns)
+
+    since = len(agent.log(d))
+    agent.stop(proc)
+    proc = agent.start(d)
+    agent.wait_log(d, "start: nothing to change", timeout=120, since=since)
+    assert announced(d) == [vip(1)], "a restart changes nothing"
+
+    agent.remove("web", topo.backends[0])
+    agent.remove("web", topo.backends[1])
+    wait_until(lambda: announced(d) == [], timeout=60, what="the VIP without claims withdrawn")
+    assert vip(1) in d.ipvsadm("-Ln"), "withdrawn before its service is deleted (it drains first)"
+    agent.stop(proc)
+
+
+def test_a_director_whose_catalog_cannot_be_read_announces_nothing_until_its_first_pass(topology):
+    topo, agent = build(topology)
+    d = topo.directors[0]
+    agent.catalog_path.rename(agent.dir / "held-back.json")
+    proc = agent.start(d)
+    agent.wait_log(d, "waiting for a complete catalog", timeout=120)
+    code, body = health(d)
+    assert code == 503 and body["announcing"]["gate"].startswith("closed")
+    assert announced(d) == [] and d.sysctl("net.ipv4.vs.sloppy_tcp") == 0, "nothing touched before a catalog"
+    agent.write_catalog()
+    wait_until(lambda: announced(d) == [vip(1)], timeout=120, what="announced once the pass is applied")
+    assert d.sysctl("net.ipv4.vs.sloppy_tcp") == 1
+    agent.stop(proc)
+
+
+def test_expire_nodest_conn_makes_a_connection_to_a_deleted_real_server_fail_at_once_instead_of_hanging(topology):
+    """Measured for the README: without it, packets of such a connection are dropped until its IPVS entry
+    times out (15 minutes for an established TCP connection); with it the next packet is scheduled afresh
+    and the new backend resets the connection."""
+    topo, agent = build(topology, drain_timeout=0)
+    d, b1 = topo.directors[0], topo.backends[0]
+    outcomes = {}
+    for expire in (0, 1):
+        agent.config_overrides["sysctls"] = {"net.ipv4.vs.sloppy_tcp": 1, "net.ipv4.vs.expire_nodest_conn": expire}
+        agent.instance("web", b1)
+        agent.apply(d)
+        conns = [c for c in topo.client.connect(vip(1), 80, n=20) if c.backend == "b1"]
+        assert conns
+        agent.remove("web", b1)
+        assert "delete real server" in agent.apply(d)
+        conn = conns[0]
+        conn.timeout = 5
+        started = time.monotonic()
+        try:
+            conn.ask()
+            outcomes[expire] = ("answered", time.monotonic() - started)
+        except TimeoutError:
+            outcomes[expire] = ("hangs", time.monotonic() - started)
+        except OSError as exc:
+            outcomes[expire] = (type(exc).__name__, time.monotonic() - started)
+        for c in conns:
+            c.close()
+    print(f"connection to a deleted real server: expire_nodest_conn=0 {outcomes[0]}, =1 {outcomes[1]}")
+    assert outcomes[0][0] == "hangs"
+    assert outcomes[1][0] == "ConnectionResetError" and outcomes[1][1] < 5
