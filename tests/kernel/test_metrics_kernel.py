@@ -22,7 +22,7 @@ ROW = r"->\s+([\d.]+):\d+\s+Route\s+\d+\s+(\d+)\s+(\d+)"
 
 
 def ipvsadm_rows(director, row, *args):
-    out = director.ipvsadm("-Ln", *args, "-t", f"{vip(1)}:80")
+    out = director.run("ipvsadm", "-Ln", *args, "-t", f"{vip(1)}:80", check=False).stdout  # none before the pass
     return {m[0]: tuple(int(v) for v in m[1:]) for m in re.findall(row, out)}
 
 
