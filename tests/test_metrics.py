@@ -6,10 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from bridge.catalog.consul import (
+    ConsulAccessError,
+    ConsulAnswerError,
+    TooManyRequests,
+    UnreadableName,
+    error_kind,
+)
+from bridge.catalog.consul_format import CatalogFormatError
 from bridge.catalog.source import CatalogUnavailable
-from bridge.metrics import rejection_reason
+from bridge.metrics import CONSUL_ERROR_KINDS, rejection_reason
 from bridge.model import Rejection
 from bridge.status import service_fingerprints
 from tests.test_agent_passes import Catalog, shadow_agent, web
@@ -89,3 +98,11 @@ def test_rejection_reasons_are_a_fixed_set_whatever_the_tags_say():
 
     assert [reason("maglev.weight=²"), reason("maglev.vip=x"), reason("maglev.flags=y"), reason("maglev.zzz=1"),
             reason("maglev.\x1b[2J"), reason("")] == ["weight", "vip", "flags", "other_tag", "other_tag", "catalog"]
+
+
+def test_consul_watch_errors_are_counted_by_a_fixed_set_of_kinds_429_its_own():
+    errors = [TooManyRequests("429"), ConsulAccessError("403"), UnreadableName("404"), ConsulAnswerError("500"),
+              TimeoutError(), aiohttp.ClientConnectionError(), CatalogFormatError("x"), RuntimeError("bug")]
+    kinds = [error_kind(e) for e in errors]
+    assert kinds == ["429", "acl", "unreadable_name", "answer", "timeout", "unreachable", "format", "other"]
+    assert set(kinds) <= set(CONSUL_ERROR_KINDS)
