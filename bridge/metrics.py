@@ -19,6 +19,7 @@ fingerprint) (...)) > 1` finds that (examples/alerts.yml).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from bridge.agent import Agent
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "rejection_reason"]
+log = logging.getLogger("maglev-bridge.metrics")
 
 NAMESPACE = "maglev_bridge"
 PASS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -103,23 +105,34 @@ class AgentCollector:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self._kernel: Kernel | None = None
+        self._error: str | None = None
 
-    def _live(self) -> tuple[tuple[LiveService, ...], str | None]:
+    def _live(self) -> tuple[LiveService, ...] | None:
         """The IPVS table and its counters: shadow mode's model, else the kernel on a socket of our own
-        (never the worker's, which a pass may be using). A kernel that cannot be read is an error metric,
-        not a failed scrape: the agent's own numbers are worth more then, not less."""
+        (never the worker's, which a pass may be using). None when the kernel cannot be read: an error
+        metric (and one log line per new error), not a failed scrape, since the agent's own numbers are
+        worth more then, not less."""
         shadow = self.agent.shadow_services()
         if shadow is not None:
-            return shadow, None
+            return shadow
         try:
+            if self._kernel is not None and self._kernel.config is not self.agent.config:  # SIGHUP: vip_cidrs
+                self._kernel.close()
+                self._kernel = None
             if self._kernel is None:
                 self._kernel = Kernel(self.agent.config)
-            return self._kernel.read_services(), None
+            services = self._kernel.read_services()
         except (ApplyError, OSError) as exc:
             if self._kernel is not None:
                 self._kernel.close()
             self._kernel = None
-            return (), f"{exc.__class__.__name__}: {exc}"
+            error = f"{exc.__class__.__name__}: {exc}"
+            if error != self._error:
+                log.warning("/metrics: cannot read the IPVS table: %s", error)
+            self._error = error
+            return None
+        self._error = None
+        return services
 
     def collect(self) -> Iterator[Metric]:
         state = self.agent.state()
@@ -128,10 +141,9 @@ class AgentCollector:
         yield from _announce_metrics(state)
         if self.agent.config.role != "director":
             return
-        services, error = self._live()
-        errors = GaugeMetricFamily(f"{NAMESPACE}_ipvs_read_ok", "1 when this scrape could read the IPVS table")
-        errors.add_metric([], 0 if error else 1)
-        yield errors
+        live = self._live()
+        yield _gauge("ipvs_read_ok", "1 when this scrape could read the IPVS table", 0 if live is None else 1)
+        services = live or ()
         memory = self.agent.memory
         yield from _service_metrics(services, dict(memory.last_weights), self.agent.config.mh_table_size,
                                     self.agent.desired)
