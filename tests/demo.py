@@ -91,7 +91,7 @@ def demo(topo: Topology) -> int:
         if entry["Node"]["Node"] == "b3":
             entry["Checks"][-1]["Status"] = "critical"
     agent.catalog_path.write_text(json.dumps(catalog))
-    agent.wait_log(director, "catalog file changed: applied", timeout=60)
+    agent.wait_log(director, "catalog file changed: applied", timeout=180)
     after = agent.log(director).split("catalog file changed: applied", 1)[1]
     say("   the agent applied" + after.rstrip())
     on_b3 = [c for c in conns if c.backend == "b3"]

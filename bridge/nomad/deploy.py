@@ -71,19 +71,35 @@ def _wait_evaluation(follow: Follow, eval_id: str) -> dict[str, Any]:
         time.sleep(POLL)
 
 
-FAILURE_EVENTS = ("Terminated", "Driver Failure", "Setup Failure", "Failed Validation", "Killed", "Template")
+CAUSES = ("Driver Failure", "Setup Failure", "Failed Validation", "Failed Artifact Download", "Template", "Killed",
+          "Terminated")
+"""Event types that say how the task itself ended; "Terminated" carries the exit code."""
 
 
-def _task_failure(alloc: dict[str, Any]) -> str:
-    """Why a task failed, e.g. `web: Terminated: Exit Code: 3 (Not Restarting: Exceeded allowed attempts...)`."""
+def _latest(events: list[dict[str, Any]], wanted: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    """The newest event that `wanted`, by Nomad's timestamp (arrival order breaks ties)."""
+    found = [e for e in events if wanted(e)]
+    return max(reversed(found), key=lambda e: int(e.get("Time") or 0)) if found else None
+
+
+def task_failure(alloc: dict[str, Any]) -> str:
+    """Why a task failed, e.g. `web: Terminated: Exit Code: 3 (Not Restarting: Exceeded allowed attempts...)`.
+
+    Chosen by kind, never by which event Nomad wrote last: the newest event that says how the task ended
+    (its exit code, a driver or setup failure), then Nomad's verdict that failed it for good (the event
+    marked FailsTask, e.g. "Not Restarting") when that is another event. Events about the allocation rather
+    than the task ("Alloc Unhealthy", which the health watcher writes at about the same moment) are never
+    chosen, so the same failure reads the same however the events interleave."""
     for task, state in sorted((alloc.get("TaskStates") or {}).items()):
         events = [e for e in state.get("Events") or [] if e.get("DisplayMessage")]
-        if not state.get("Failed") or not events:
+        cause = _latest(events, lambda e: e.get("Type") in CAUSES)
+        verdict = _latest(events, lambda e: bool(e.get("FailsTask")))
+        said = [e for e in (cause, verdict) if e is not None]
+        if not state.get("Failed") or not said:
             continue
-        cause = next((e for e in reversed(events) if e["Type"] in FAILURE_EVENTS), events[-1])
-        last = events[-1]
-        after = f" ({last['Type']}: {last['DisplayMessage']})" if last is not cause else ""
-        return f"{task}: {cause['Type']}: {cause['DisplayMessage']}{after}"
+        first, *rest = said
+        after = "".join(f" ({e['Type']}: {e['DisplayMessage']})" for e in rest if e is not first)
+        return f"{task}: {first['Type']}: {first['DisplayMessage']}{after}"
     return str(alloc.get("ClientDescription") or alloc.get("ClientStatus"))
 
 
@@ -93,7 +109,7 @@ def _report_failed(follow: Follow, label: str, allocs: list[dict[str, Any]]) -> 
     for alloc in allocs:
         where = f"{label}: allocation {alloc['ID'][:8]} on {alloc['NodeName']}"
         if alloc["ClientStatus"] in ("failed", "lost"):
-            follow.say(f"{where} {alloc['ClientStatus']}: {_task_failure(alloc)}")
+            follow.say(f"{where} {alloc['ClientStatus']}: {task_failure(alloc)}")
         elif (alloc.get("DeploymentStatus") or {}).get("Healthy") is False:
             follow.say(f"{where} unhealthy: its checks did not pass within the healthy deadline")
         else:

@@ -34,7 +34,10 @@ def deregister(consul: ConsulAgent, service: str, node: str) -> None:
     consul.api("/v1/catalog/deregister", method="PUT", body={"Node": node, "ServiceID": f"{service}-{node}"})
 
 
-def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1) -> Any:
+def eventually(check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1) -> Any:
+    """Poll until check() is truthy (exceptions count as not yet) and return its value. The deadline only
+    bounds a failure: real Consul and Nomad on a loaded 2-core machine, or inside the emulated VM, take many
+    times longer than on an idle one, and a pass costs no more for a generous deadline."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:

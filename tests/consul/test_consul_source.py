@@ -65,6 +65,8 @@ def test_a_health_change_costs_one_notification_not_a_storm(consul_agent):
     try:
         eventually(lambda: len(source.snapshot().instances) == 5)
         eventually(lambda: source.state()["ok"])
+        # A service's data is in the snapshot a moment before its notification: wait for all five first.
+        eventually(lambda: sorted(changes.reasons) == [f"consul: svc{n} changed" for n in range(5)])
         before = len(changes.reasons)
         set_health(consul_agent, "svc3", "b1", "192.0.2.11", "critical")
         eventually(lambda: len(changes.reasons) > before)
@@ -87,8 +89,8 @@ def test_consul_going_away_keeps_the_last_catalog_and_resumes_when_it_returns(co
         assert instances(source) == {("web", "b1", "passing")}, "an outage must never empty the catalog"
         consul.start()
         set_health(consul, "web", "b1", "192.0.2.11", "critical")
-        eventually(lambda: instances(source) == {("web", "b1", "critical")}, timeout=40)
-        eventually(lambda: source.state()["ok"], timeout=40)
+        eventually(lambda: instances(source) == {("web", "b1", "critical")}, timeout=120)
+        eventually(lambda: source.state()["ok"], timeout=120)
     finally:
         source.stop()
 

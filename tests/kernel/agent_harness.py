@@ -124,11 +124,11 @@ class AgentHarness:
         return path.read_text() if path.exists() else ""
 
     @staticmethod
-    def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    def stop(proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
         proc.send_signal(signal.SIGTERM)
         return proc.wait(timeout)
 
-    def wait_log(self, node: Netns, text: str, timeout: float = 60, role: str = "director", since: int = 0) -> None:
+    def wait_log(self, node: Netns, text: str, timeout: float = 120, role: str = "director", since: int = 0) -> None:
         """Until `text` appears in the agent's log after its first `since` characters."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -50,8 +50,8 @@ Objects
     .plug() (bridge port down/up: a dead or isolated node).
 ``Director(Node)``.  ``Backend(Node)``: .tunnel_address, .serve(port=80, proto="tcp", name=None) -> Server
     (an echo server bound to 0.0.0.0:PORT answering with the backend's name; see below).
-``Client(Node)``: .via(director); .connect(vip, port, sports=None, n=None, timeout=10) -> list[Conn];
-    .udp(vip, port, sports, timeout=10) -> list[str]  (one datagram from each source port, the answers).
+``Client(Node)``: .via(director); .connect(vip, port, sports=None, n=None, timeout=30) -> list[Conn];
+    .udp(vip, port, sports, timeout=30) -> list[str]  (one datagram from each source port, the answers).
 ``Conn``: .sport, .backend (who answered on connect), .ask() -> str (send a line, return who answers now;
     raises OSError/TimeoutError if the connection is gone), .alive() -> bool, .close().
 ``Topology``: .prefix, .bridge, .directors, .backends, .clients, .client (= clients[0]), .nodes,
@@ -60,7 +60,7 @@ Objects
     .seed_backend(backend, vips)  - the hand configuration from the seed post (exact commands in the
     methods; ``flags`` go to ``ipvsadm -A ... -b``), for comparing the agent with the seed or as a baseline.
 Module helpers: ``vip(i)``, ``director_address(i)``, ``backend_address(i)``, ``client_address(i)``,
-``tunnel_address(i)``, ``spread(conns) -> Counter`` of backends, ``wait_until(predicate, timeout=10)``,
+``tunnel_address(i)``, ``spread(conns) -> Counter`` of backends, ``wait_until(predicate, timeout=60)``,
 ``run(argv)`` (in the VM's root namespace), ``VENV_PYTHON``, ``in_vm()``; import them with
 ``from .conftest import Topology, spread, vip`` (tests/kernel is a package).
 
@@ -375,7 +375,7 @@ class Conn:
     sport: int
     backend: str
     sock: socket.socket = field(repr=False)
-    timeout: float = 10.0
+    timeout: float = 30.0
 
     def _line(self) -> str:
         buf = b""
@@ -410,7 +410,7 @@ class Client(Node):
         self.ip("route", "replace", VIP_NET, "via", director.address, "dev", "eth0")
 
     def connect(self, vip: str, port: int = 80, sports: Iterable[int] | None = None, n: int | None = None,
-                timeout: float = 10.0) -> list[Conn]:
+                timeout: float = 30.0) -> list[Conn]:
         """Open TCP connections to vip:port (from the given source ports, or n ephemeral ones) and read
         each one's greeting.  Connections stay open (closed at teardown or by Conn.close())."""
         if sports is None:
@@ -432,7 +432,7 @@ class Client(Node):
             c.backend = c._line()
         return conns
 
-    def udp(self, vip: str, port: int, sports: Iterable[int], timeout: float = 10.0) -> list[str]:
+    def udp(self, vip: str, port: int, sports: Iterable[int], timeout: float = 30.0) -> list[str]:
         """Send one datagram to vip:port from each source port; return who answered each."""
         answers = []
         for sport in sports:
@@ -452,9 +452,10 @@ def spread(conns: Iterable[Conn]) -> Counter[str]:
     return Counter(c.backend for c in conns)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.2,
+def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2,
                what: str = "condition") -> Any:
-    """Poll until predicate() is truthy and return its value; fail after timeout seconds."""
+    """Poll until predicate() is truthy and return its value; fail after timeout seconds. Generous: Python
+    runs 9-13x slower under TCG, more on a loaded host, and the deadline only bounds a failure."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

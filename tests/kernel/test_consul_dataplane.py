@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import urllib.request
 
 import pytest
@@ -63,30 +62,29 @@ def test_consul_drives_the_kernel_and_its_outage_changes_nothing(topology, consu
 
         with d.entered():
             register(consul, b1)
-        agent.wait_log(d, "add real server", timeout=60)
+        agent.wait_log(d, "add real server", timeout=180)
         assert set(spread(topo.client.connect(vip(1), 80, sports=range(40000, 40020)))) == {"b1"}
 
         with d.entered():
             register(consul, b2)
-        agent.wait_log(d, "add real server 203.0.113.118:80", timeout=60)
+        agent.wait_log(d, "add real server 203.0.113.118:80", timeout=180)
         conns = topo.client.connect(vip(1), 80, sports=range(41000, 41040))
         assert set(spread(conns)) == {"b1", "b2"}
 
         mark = len(agent.log(d))
         with d.entered():
             agent_api(consul, "/v1/agent/check/fail/ttl-web-b2")
-        agent.wait_log(d, "set real server 203.0.113.118:80 weight 0", timeout=60, since=mark)
+        agent.wait_log(d, "set real server 203.0.113.118:80 weight 0", timeout=180, since=mark)
         assert all(c.ask() == c.backend for c in conns), "open connections to a failing backend keep working"
         assert "b2" not in spread(topo.client.connect(vip(1), 80, sports=range(42000, 42040)))
 
         # Consul goes away: nothing in the kernel changes, the agent says so, and it resumes afterwards.
         before = d.ipvsadm("-Ln", "--nosort")
-        with d.entered():
+        with d.entered():  # while it shuts down Consul may still answer "500 No cluster leader"; then nothing
             consul.stop()
-            time.sleep(8)
-            state = health(9119)
+            state = eventually(lambda: "unreachable" in json.dumps((s := health(9119))["catalog"]["errors"]) and s,
+                               timeout=180)
         assert state["ready"] and state["degraded"], state
-        assert "unreachable" in json.dumps(state["catalog"]["errors"])
         assert d.ipvsadm("-Ln", "--nosort") == before
         assert all(c.ask() == c.backend for c in conns)
         log_mark = len(agent.log(d))
@@ -94,17 +92,17 @@ def test_consul_drives_the_kernel_and_its_outage_changes_nothing(topology, consu
             consul.start()  # a restarted Consul agent restores TTL checks as critical until they are passed
             agent_api(consul, "/v1/agent/check/pass/ttl-web-b1")
             agent_api(consul, "/v1/agent/check/pass/ttl-web-b2")
-        eventually(lambda: re.findall(r"Route\s+1\s", d.ipvsadm("-Ln", "--nosort")) == ["Route   1 "] * 2, timeout=90)
+        eventually(lambda: re.findall(r"Route\s+1\s", d.ipvsadm("-Ln", "--nosort")) == ["Route   1 "] * 2, timeout=300)
         resumed = re.findall(r"^\S+ \S+ INFO maglev-bridge:   (\w+ .*)$", agent.log(d)[log_mark:], re.M)
         assert resumed and all(op.startswith("set real server") for op in resumed), resumed
         with d.entered():
-            eventually(lambda: not health(9119)["degraded"], timeout=60)
+            eventually(lambda: not health(9119)["degraded"], timeout=180)
 
         mark = len(agent.log(d))
         with d.entered():
             agent_api(consul, "/v1/agent/service/deregister/web-b2")
-        agent.wait_log(d, "set real server 203.0.113.118:80 weight 0", timeout=60, since=mark)
-        agent.wait_log(d, "delete real server 203.0.113.118:80", timeout=60, since=mark)
+        agent.wait_log(d, "set real server 203.0.113.118:80 weight 0", timeout=180, since=mark)
+        agent.wait_log(d, "delete real server 203.0.113.118:80", timeout=180, since=mark)
         assert "203.0.113.118" not in d.ipvsadm("-Ln", "--nosort")
         assert agent.stop(proc) == 0
     finally:

@@ -163,16 +163,16 @@ def test_restarting_the_agent_leaves_established_connections_untouched(topology)
     topo, agent = build(topology)
     d = topo.directors[0]
     proc = agent.start(d)
-    agent.wait_log(d, "start: applied", timeout=120)
+    agent.wait_log(d, "start: applied", timeout=240)
     conns = topo.client.connect(vip(1), 80, sports=SPORTS)
     listing = d.ipvsadm("-Ln", "--nosort")
     assert agent.stop(proc) == 0
     assert d.ipvsadm("-Ln", "--nosort") == listing, "shutting down must leave the kernel as it is"
     assert all(c.ask() == c.backend for c in conns)
     proc = agent.start(d)
-    agent.wait_log(d, "start: nothing to change", timeout=120)
+    agent.wait_log(d, "start: nothing to change", timeout=240)
     assert all(c.ask() == c.backend for c in conns)
     agent.set_status("web", topo.backends[1], "critical")
-    agent.wait_log(d, "weight 0 in 198.51.100.1:80/tcp", timeout=30)
+    agent.wait_log(d, "weight 0 in 198.51.100.1:80/tcp", timeout=120)
     assert agent.stop(proc) == 0
     assert all(c.ask() == c.backend for c in conns)

@@ -6,6 +6,7 @@ Each test cleans up the jobs it registered; the cluster is the session's.
 
 from __future__ import annotations
 
+import re
 import signal
 import urllib.request
 from collections import Counter
@@ -57,7 +58,9 @@ def ops_config(path: Path, cluster: NomadCluster, jobs_dir: Path, **nomad: Any) 
 
 
 def jobs(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """`maglev-bridge jobs ...` in this process; exit code, stdout, stderr."""
+    """`maglev-bridge jobs ...` in this process; exit code, stdout, stderr. `deploy` keeps its default
+    timeout (300 s per job): on a loaded machine a rolling update or three restarts of a crashing task take
+    well over a minute, and the timeout only bounds a failure."""
     code = main(["jobs", *args])
     out, err = capsys.readouterr()
     return code, out, err
@@ -69,7 +72,7 @@ def deploy_spec(
     """Write one spec, deploy it; the exit code and everything printed."""
     write_spec(tmp_path / "jobs", name, count, **extra)
     config = ops_config(tmp_path / "ops.yaml", cluster, tmp_path / "jobs")
-    code, out, err = jobs(capsys, "deploy", "--config", str(config), "--timeout", "90")
+    code, out, err = jobs(capsys, "deploy", "--config", str(config))
     return code, out + err
 
 
@@ -111,12 +114,12 @@ def test_agent_system_job_runs_one_healthy_director_per_lb_client_found_in_consu
         "consul": {"address": f"http://{consul.http_addr}", "service_name": "maglev-bridge-self"},
     }))  # fmt: skip
     var_file = tmp_path / "agent.vars.hcl"
-    var_file.write_text(f'venv = "{VENV}"\ndatacenters = ["dc1"]\nbackend_class = ""\nstagger = "5s"\n')
+    var_file.write_text(f'venv = "{VENV}"\ndatacenters = ["dc1"]\nbackend_class = ""\nstagger = "10s"\n')
     config = ops_config(tmp_path / "ops.yaml", cluster, REPO / "jobs")
     agent = ["--config", str(config), "--agent-config", str(agent_config), "--agent-var-file", str(var_file),
              "--agent-job", str(REPO / "hcl/maglev-bridge.nomad.hcl"), "--only", "maglev-bridge"]  # fmt: skip
 
-    code, out, err = jobs(capsys, "deploy", *agent, "--timeout", "90")
+    code, out, err = jobs(capsys, "deploy", *agent)
     assert code == 0, out + err
     assert out.splitlines()[-1] == "maglev-bridge: 2/2 running, 2 healthy"
 
@@ -145,18 +148,21 @@ def test_agent_system_job_runs_one_healthy_director_per_lb_client_found_in_consu
     assert code == 0 and out.count(" healthy") == 2 and "rack-a" in out and "rack-b" in out
 
     # A new configuration replaces the directors one at a time (max_parallel 1, stagger), and deploy waits
-    # for the last one.
+    # for the last one. Deploy sees one director on the older version from its first look until the stagger
+    # has passed, so the stagger is what keeps that line from depending on how fast this machine is today.
     agent_config.write_text(agent_config.read_text() + "drain_timeout: 30\n")
-    code, out, err = jobs(capsys, "deploy", *agent, "--timeout", "90")
+    code, out, err = jobs(capsys, "deploy", *agent)
     assert code == 0, out + err
     assert any(line.endswith(", 1 on an older version") for line in out.splitlines()), out
     assert out.splitlines()[-1] == "maglev-bridge: 2/2 running, 2 healthy"
     assert {a["JobVersion"] for a in running(cluster, "maglev-bridge")} == {1}
 
-    # Stopping the job sends SIGTERM: each agent deregisters itself from Consul before it exits.
-    assert passing(consul, "maglev-bridge-self")
+    # Stopping the job sends SIGTERM: each agent deregisters itself from Consul before it exits. (The new
+    # agents register themselves beside their data plane, and Consul's check of that registration first
+    # runs up to 5 s later: wait for it.)
+    eventually(lambda: passing(consul, "maglev-bridge-self"))
     cluster.api("/v1/job/maglev-bridge?purge=true", method="DELETE")
-    eventually(lambda: not consul.api("/v1/health/service/maglev-bridge-self"), timeout=30)
+    eventually(lambda: not consul.api("/v1/health/service/maglev-bridge-self"), timeout=120)
 
 
 # -- rack-distinct management jobs --------------------------------------------------------------------
@@ -221,11 +227,11 @@ def test_lost_client_gets_its_allocation_rescheduled_into_the_free_rack(
     free_rack = ({"rack-a", "rack-b", "rack-c"} - {RACKS[victim["NodeName"]], RACKS[survivor["NodeName"]]}).pop()
     client = next(c for c in cluster.client_agents if c.name == victim["NodeName"])
     client.signal(signal.SIGINT)  # SIGINT: the client leaves without draining; the server marks its node down
-    assert client.wait(15)
+    assert client.wait(60)
     try:
         replacement = eventually(
             lambda: [a for a in running(cluster, "spread-two") if a["ID"] not in (victim["ID"], survivor["ID"])],
-            timeout=90,
+            timeout=300,  # the server waits out the heartbeat TTL and grace before it marks the node down
         )[0]
         assert RACKS[replacement["NodeName"]] == free_rack
         assert replacement["NodeName"] != victim["NodeName"]
@@ -233,20 +239,24 @@ def test_lost_client_gets_its_allocation_rescheduled_into_the_free_rack(
         assert lost["ClientStatus"] == "lost"
     finally:
         client.start(nomad_binary)
-        cluster.wait_ready(60)
+        cluster.wait_ready(cluster.start_timeout)
 
 
 def test_deploy_stops_following_when_a_task_keeps_failing_and_says_why(
     cluster: NomadCluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Nomad would reschedule it and fail the deployment only at the progress deadline (5 min)."""
+    """Nomad would reschedule it and fail the deployment only at the progress deadline (5 min). Which of
+    Nomad's task events says what is Nomad's business (unit-tested on recorded events in
+    test_deploy_failure.py); here: one line naming the allocation, its node, the task and the exit code."""
     code, out = deploy_spec(cluster, tmp_path, capsys, "crashing", 1, command='/bin/sh -c "exit 3"')
     assert code == 1, out
     failed = [line for line in out.splitlines() if " failed: " in line]
-    assert len(failed) == 1 and failed[0].endswith(
-        "failed: crashing: Terminated: Exit Code: 3 "
-        '(Not Restarting: Exceeded allowed attempts 2 in interval 30m0s and mode is "fail")'
-    )
+    assert len(failed) == 1, out
+    said = re.fullmatch(r"crashing: allocation ([0-9a-f]{8}) on (nomad-c\d) failed: crashing: .*Exit Code: 3\b.*",
+                        failed[0])  # fmt: skip
+    assert said, failed[0]
+    alloc = next(a for a in cluster.api("/v1/job/crashing/allocations") if a["ID"].startswith(said[1]))
+    assert (alloc["NodeName"], alloc["ClientStatus"]) == (said[2], "failed")
     assert out.splitlines()[-1].endswith("failing; Nomad reschedules the failed allocations")
 
 
@@ -315,7 +325,7 @@ def test_jobs_over_mutual_tls_render_validate_plan_deploy(
         assert code == 0 and (tmp_path / "out/over-tls.nomad.hcl").is_file()
         assert jobs(capsys, "validate", "--config", config)[:2] == (0, "over-tls: valid\n")
         assert jobs(capsys, "plan", "--config", config)[0] == 1
-        code, out, err = jobs(capsys, "deploy", "--config", config, "--timeout", "90")
+        code, out, err = jobs(capsys, "deploy", "--config", config)
         assert code == 0, out + err
         assert out.splitlines()[-1] == "over-tls: deployment successful: 1/1 healthy"
         assert jobs(capsys, "plan", "--config", config)[0] == 0

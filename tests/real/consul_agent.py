@@ -94,7 +94,7 @@ class ConsulAgent:
         node_name: str = "maglev-test",
         grpc: bool = False,
         extra_config: dict[str, Any] | None = None,
-        start_timeout: float = 30.0,
+        start_timeout: float = 120.0,
         log_level: str = "INFO",
         tls: TLSFiles | None = None,
     ) -> None:
@@ -324,7 +324,7 @@ class ConsulAgent:
             return "(no log)"
 
     def api(self, path: str, method: str = "GET", body: Any = None) -> Any:
-        return http_json(f"{self.http_url}{path}", timeout=5.0, method=method, body=body)
+        return http_json(f"{self.http_url}{path}", timeout=30.0, method=method, body=body)
 
     def register_service(self, service: dict[str, Any]) -> None:
         """PUT /v1/agent/service/register (the agent's own node)."""

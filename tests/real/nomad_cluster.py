@@ -186,7 +186,7 @@ class NomadCluster:
         datacenter: str = "dc1",
         dynamic_port_base: int = 21000,
         dynamic_ports_per_client: int = 500,
-        start_timeout: float = 90.0,
+        start_timeout: float = 180.0,
         log_level: str = "INFO",
     ) -> None:
         self.binary = str(binary)
@@ -332,7 +332,7 @@ class NomadCluster:
     def api(self, path: str, method: str = "GET", body: Any = None, base: str | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(f"{base or self.api_url}{path}", data=data, method=method)
-        with urllib.request.urlopen(req, timeout=5.0, context=self.ssl_context()) as resp:
+        with urllib.request.urlopen(req, timeout=30.0, context=self.ssl_context()) as resp:
             raw = resp.read()
         return json.loads(raw) if raw else None
 
@@ -401,7 +401,7 @@ class NomadCluster:
         tails = "\n".join(a.log_tail(15) for a in (self.server, *self.client_agents))
         raise AgentStartError(f"nomad cluster not ready after {timeout}s ({last}):\n{tails}")
 
-    def stop_all_jobs(self, timeout: float = 20.0) -> None:
+    def stop_all_jobs(self, timeout: float = 120.0) -> None:
         """Deregister (purge) every job and wait until no allocation is running."""
         try:
             for job in self.api("/v1/jobs") or []:

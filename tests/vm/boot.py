@@ -98,7 +98,7 @@ if [ @NET@ = 1 ]; then
     modprobe virtio_net || fail "modprobe virtio_net"
     i=0
     while ! ip link show eth0 >/dev/null 2>&1; do
-        i=$((i + 1)); [ $i -gt 50 ] && fail "no eth0 (virtio-net) in the guest"; sleep 0.1
+        i=$((i + 1)); [ $i -gt 300 ] && fail "no eth0 (virtio-net) in the guest after 30 s"; sleep 0.1
     done
     ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 || fail "eth0 setup"
 fi
