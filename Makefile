@@ -1,5 +1,5 @@
 # maglev-bridge: `make demo` runs the built-in example in a throwaway VM; `make test` runs everything.
-# Both install what they need (Debian packages, the virtualenv, the test kernel, Consul and Nomad).
+# Both install what they need (Debian packages, the virtualenv, the test kernel, Consul, Nomad, Prometheus).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ export MAGLEV_CACHE ?= $(HOME)/.cache/maglev-bridge
 # bench/failover.py's recordings (written by the VM through boot.py --share; the picture is drawn from them)
 FAILOVER_OUT ?= /tmp/maglev-bench-failover
 
-.PHONY: venv kernel-image hashicorp lint unit real kernel test demo bench clean
+.PHONY: venv kernel-image hashicorp prometheus lint unit real kernel test demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ hashicorp:
 	bash scripts/build-hashicorp.sh consul >/dev/null
 	bash scripts/build-hashicorp.sh nomad >/dev/null
 
+# Prometheus with Consul discovery (Debian's package has none): PROMETHEUS_BIN, the PATH, the cache, or a build.
+prometheus:
+	bash scripts/build-prometheus.sh >/dev/null
+
 lint: venv
 	$(VENV)/bin/ruff check bridge tests bench
 	$(VENV)/bin/mypy bridge
@@ -32,7 +36,7 @@ lint: venv
 unit: venv
 	$(PYTEST) -q -m "not kernel and not consul and not nomad" tests
 
-real: venv hashicorp
+real: venv hashicorp prometheus
 	$(PYTEST) -q -m "(consul or nomad) and not kernel" tests
 
 # The VM's timeout only bounds a hang: under emulation on a loaded 2-core machine the kernel suite runs 2-3x
@@ -50,6 +54,7 @@ bench: venv kernel-image hashicorp
 	$(PY) bench/maglev_bench.py
 	$(PY) bench/agreement.py
 	$(PY) bench/consul_latency.py
+	$(PY) bench/metrics_bench.py
 	$(PY) -m tests.vm.boot --timeout 1500 -- $(PY) bench/apply_bench.py
 	mkdir -p $(FAILOVER_OUT)
 	$(PY) -m tests.vm.boot --timeout 2400 --share $(FAILOVER_OUT) -- $(PY) bench/failover.py --out $(FAILOVER_OUT)

@@ -30,10 +30,12 @@ from bridge.config import Config, ConfigError
 from bridge.dataplane.diff import Memory
 from bridge.dataplane.kernel import ApplyError, Kernel
 from bridge.dataplane.ops import VsKey
+from bridge.dataplane.state import LiveService
 from bridge.dataplane.view import Dataplane, KernelView, ShadowKernel
 from bridge.desired import DesiredBook
 from bridge.maintenance import maintenance_json, read_maintenance
-from bridge.model import Rejection, Snapshot
+from bridge.metrics import Metrics
+from bridge.model import DesiredState, Rejection, Snapshot
 from bridge.reconcile import PassOutcome, announce_decision, backend_pass, director_pass
 from bridge.render import rejections_text
 from bridge.store import Stored, load_state, recover_state, save_state
@@ -101,6 +103,12 @@ class Agent:
         self.gate_open = False
         """A full pass has been applied without failures: from now on any pass may add announcements."""
         self._maintenance_seen: FileStamp | None = None
+        self.catalog_at: float | None = None
+        """When the last complete catalog was read: its age is how stale a fail-static director is."""
+        self.desired: DesiredState | None = None
+        """The last pass's desired state (its weights are what /metrics compares the kernel's with)."""
+        self.metrics = Metrics()
+        self.metrics.watch(self)
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -154,9 +162,13 @@ class Agent:
                 self._said_waiting = True
             return None
         now = time.time()
+        self.catalog_at = now
         started = time.monotonic()
         outcome = self._pass(snapshot, full, now, stage)
         stage.name = "report"
+        whole = full or self.config.role == "backend"
+        self.metrics.observe(whole, time.monotonic() - started, len(outcome.steps), len(outcome.failed))
+        self.desired = outcome.desired or self.desired
         self._backend_failures = dict(outcome.failures)
         self.synced = True
         self.last_error = None
@@ -164,8 +176,7 @@ class Agent:
         self.last_pass_at = now
         self.passes += 1
         self._log(reason, outcome)
-        self.last_pass = {"reason": reason, "scope": "full" if full or self.config.role == "backend"
-                          else f"{self._scope_size} virtual service(s)",
+        self.last_pass = {"reason": reason, "scope": "full" if whole else f"{self._scope_size} virtual service(s)",
                           "milliseconds": round(1000 * (time.monotonic() - started), 1),
                           "operations": len(outcome.steps), "failed": len(outcome.failed),
                           "rejected": len(outcome.rejected)}
@@ -351,6 +362,20 @@ class Agent:
             self._maintenance_seen = seen
             self.request(f"maintenance {'on' if seen else 'off'}")
 
+    @property
+    def memory(self) -> Memory:
+        return self._memory or Memory()
+
+    @property
+    def rejected(self) -> tuple[Rejection, ...]:
+        """The claims the last pass refused."""
+        return self._rejected
+
+    def shadow_services(self) -> tuple[LiveService, ...] | None:
+        """Shadow mode's model of the IPVS table (what /metrics shows instead of the kernel's); else None."""
+        dataplane = self._dataplane
+        return tuple(dataplane.services.values()) if isinstance(dataplane, ShadowKernel) else None
+
     def state(self) -> dict[str, Any]:
         """For /health and status: ready only after the first complete pass."""
         catalog = self.source.state()
@@ -373,6 +398,9 @@ class Agent:
             "last_pass_at": self.last_pass_at,
             "last_pass": self.last_pass,
             "last_error": self.last_error,
+            "fail_static": self.synced and self.last_error is not None,
+            "catalog_at": self.catalog_at,
+            "pending_services": len(self._unapplied),
             "errors": {"passes_failed": self.errors, "last": self.last_failure,
                        "services": dict(sorted(failures.items())[:20])},
             "catalog": catalog,

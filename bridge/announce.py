@@ -1,5 +1,7 @@
 """The agent in Consul: registered as a service (role and rack as tags) with an HTTP check on its
-/health, so operators and `status --discover` find every director through Consul DNS.
+/health, so operators and `status --discover` find every director through Consul DNS, and Prometheus'
+consul_sd_configs finds every agent to scrape: the tag `metrics` and the meta `metrics_path` are what
+examples/prometheus.yml's relabel rules select.
 
 Registration runs beside the data plane, never in its way: it retries with backoff while Consul is
 away and re-registers when a restarted Consul agent has forgotten it.
@@ -18,6 +20,8 @@ from bridge.endpoint import summarize_body
 
 log = logging.getLogger("maglev-bridge.announce")
 CHECK_EVERY = 15.0
+METRICS_TAG = "metrics"
+METRICS_PATH = "/metrics"
 
 
 def service_id(config: Config) -> str:
@@ -26,7 +30,7 @@ def service_id(config: Config) -> str:
 
 
 def tags(config: Config) -> list[str]:
-    found = [f"role={config.role}", f"dataplane={config.dataplane}"]
+    found = [f"role={config.role}", f"dataplane={config.dataplane}", METRICS_TAG]
     if config.rack:
         found.append(f"rack={config.rack}")
     return found
@@ -59,7 +63,7 @@ class Announcer:
             address=address.host,
             port=address.port,
             tags=tags(self.config),
-            meta={"node": self.config.node_name, "role": self.config.role},
+            meta={"node": self.config.node_name, "role": self.config.role, "metrics_path": METRICS_PATH},
             check=consul.Check.http(f"http://{address.netloc}/health", interval="5s", timeout="2s",
                                     deregister="10m"),
         )

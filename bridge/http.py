@@ -1,12 +1,13 @@
 """The agent's small HTTP endpoint: /health for Consul's check (ready only after the first complete
 pass, 503 otherwise; 429 while the director is in maintenance, which Consul shows as a warning whether the
-agent registered itself or Nomad registered it) and /status, the same data as
-`maglev-bridge status --format json` plus the agent's own state.
+agent registered itself or Nomad registered it), /status, the same data as
+`maglev-bridge status --format json` plus the agent's own state, and /metrics for Prometheus
+(bridge.metrics).
 
 aiohttp (already here for the Consul watches) in one thread of its own, because nothing a client does may
 hold the agent: a connection costs a coroutine, not a thread, so many slow or silent clients do not keep
 /health from answering; a connection that has not sent a whole request within IDLE_SECONDS is closed;
-/status, which reads the kernel, runs on a pool of STATUS_WORKERS threads with a deadline. The stdlib
+/status and /metrics, which read the kernel, run on a pool of STATUS_WORKERS threads with a deadline. The stdlib
 server it replaces used a thread per connection, no timeout and a listen backlog of 5.
 """
 
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from bridge.config import ConfigError
+from bridge.metrics import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
     from bridge.agent import Agent
@@ -75,13 +77,22 @@ class HttpEndpoint:
             return _json(500, {"error": f"status failed: {exc.__class__.__name__}: {exc}"})
         return _json(200, data)
 
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        try:
+            body = await asyncio.wait_for(self._loop.run_in_executor(self._pool, self.agent.metrics.exposition),
+                                          STATUS_SECONDS)
+        except TimeoutError:
+            return web.Response(status=503, text=f"metrics did not complete within {STATUS_SECONDS:.0f} s\n")
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     async def _other(self, request: web.Request) -> web.Response:
-        return _json(404, {"error": f"no such endpoint {request.path[:100]}; try /health or /status"})
+        return _json(404, {"error": f"no such endpoint {request.path[:100]}; try /health, /status or /metrics"})
 
     async def _listen(self) -> None:
         app = web.Application()
         app.router.add_get("/health", self._health)
         app.router.add_get("/status", self._status)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", "/{tail:.*}", self._other)
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS, handle_signals=False,
                                      shutdown_timeout=SHUTDOWN_SECONDS)

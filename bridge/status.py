@@ -3,6 +3,7 @@ the last pass's report from the state file."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from bridge.config import Config
@@ -44,12 +45,19 @@ def live_view(config: Config, key: tuple[str, int, str]) -> ServiceView:
     return ServiceView(f"{key[0]}:{key[1]}/{key[2]}", service.flags, dests, backends, assumed)
 
 
+@lru_cache(maxsize=8192)
+def table_fingerprint(dests: tuple[Dest, ...], size: int) -> str:
+    """Cached: a table costs milliseconds to build, and every /metrics scrape asks for all of them, of which
+    only those whose real servers changed since the last scrape are new."""
+    return fingerprint(build_table(dests, size))
+
+
 def service_fingerprints(services: tuple[LiveService, ...], last_weights: dict[str, int], size: int) -> dict[str, str]:
     """A '?' marks a fingerprint that rests on an assumed remembered weight."""
     prints = {}
     for service in services:
         dests, assumed = live_dests(service, last_weights)
-        prints[f"{service.vip}:{service.port}/{service.protocol}"] = fingerprint(build_table(dests, size)) + (
+        prints[f"{service.vip}:{service.port}/{service.protocol}"] = table_fingerprint(dests, size) + (
             "?" if assumed else ""
         )
     return prints

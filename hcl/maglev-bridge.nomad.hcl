@@ -121,7 +121,12 @@ job "maglev-bridge" {
         name     = var.service_name
         port     = "http"
         provider = "consul"
-        tags     = ["role=${group.key}", "rack=$${meta.rack}"]
+        # "metrics" and meta.metrics_path are what Prometheus' consul_sd relabel rules select
+        # (examples/prometheus.yml); the agent registers itself the same way when it registers.
+        tags = ["role=${group.key}", "rack=$${meta.rack}", "metrics"]
+        meta {
+          metrics_path = "/metrics"
+        }
 
         check {
           type     = "http"

@@ -26,6 +26,7 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -114,6 +115,10 @@ class ConsulAnswerError(RuntimeError):
     """Consul answered with an error (no leader, overloaded, ...): never taken for an empty catalog."""
 
 
+class TooManyRequests(ConsulAnswerError):
+    """429: the local Consul agent refused the connection (limits.http_max_conns_per_client)."""
+
+
 class UnreadableName(ConsulAnswerError):
     """Consul refused the request's path itself (400, 404, 405): for a health watch, a service whose name
     cannot be asked for over the HTTP API (`..`, for one). Consul answers `[]` for a service that does not
@@ -128,7 +133,7 @@ def _parser(path: str) -> Callable[[Any], tuple[int, str]]:
         if response.code == 403:
             raise ConsulAccessError(f"{path}: 403 {endpoint.summarize_body(response.body)}")
         if response.code == 429:
-            raise ConsulAnswerError(
+            raise TooManyRequests(
                 f"{path}: 429 too many connections from this address; the agent holds one blocking query per "
                 "tagged service plus one: raise limits.http_max_conns_per_client on the local Consul agent")
         if response.code in (400, 404, 405):
@@ -207,6 +212,16 @@ def _describe_error(exc: Exception) -> str:
     return f"{exc.__class__.__name__}: {exc}"
 
 
+def error_kind(exc: Exception) -> str:
+    """A bounded name for what went wrong, for /metrics (metrics.CONSUL_ERROR_KINDS)."""
+    kinds: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+        (ConsulAccessError, "acl"), (aiohttp.ClientConnectorCertificateError, "tls"),
+        ((requests.ConnectionError, aiohttp.ClientConnectionError), "unreachable"), (asyncio.TimeoutError, "timeout"),
+        (TooManyRequests, "429"), (UnreadableName, "unreadable_name"), (ConsulAnswerError, "answer"),
+        ((CatalogFormatError, ValueError), "format"))
+    return next((kind for types, kind in kinds if isinstance(exc, types)), "other")
+
+
 class Watch:
     """One blocking query as an asyncio task, calling `fetch(index, wait)` until cancelled."""
 
@@ -263,6 +278,7 @@ class ConsulSource:
         self._bodies: dict[str, str] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._errors: dict[str, str] = {}
+        self._error_counts: Counter[str] = Counter()
         self._on_change: OnChange = lambda reason: None
         self._stopped = threading.Event()
         self.changes = 0
@@ -385,6 +401,7 @@ class ConsulSource:
     def _on_error(self, name: str, exc: Exception) -> None:
         message = _describe_error(exc)
         with self._lock:
+            self._error_counts[error_kind(exc)] += 1
             first = self._errors.get(name) != message
             self._errors[name] = message
         if first:
@@ -417,6 +434,8 @@ class ConsulSource:
                 "ok": not self._errors,
                 "errors": dict(sorted(self._errors.items())[:20]),
                 "tagged_services": len(self._tagged or ()),
+                "watches": len(self._tasks),
+                "error_counts": dict(self._error_counts),
                 "changes": self.changes,
             }
 

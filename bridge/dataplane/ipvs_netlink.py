@@ -9,7 +9,7 @@ import errno
 import socket
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyroute2.netlink.generic import GenericNetlinkSocket
 from pyroute2.netlink.generic.ipvs import ipvsmsg
@@ -24,7 +24,8 @@ ATTR_SERVICE, ATTR_DEST = 1, 2
 SVC_AF, SVC_PROTOCOL, SVC_ADDR, SVC_PORT, SVC_FWMARK = 1, 2, 3, 4, 5
 SVC_SCHED_NAME, SVC_FLAGS, SVC_TIMEOUT, SVC_NETMASK = 6, 7, 8, 9
 DEST_ADDR, DEST_PORT, DEST_FWD_METHOD, DEST_WEIGHT, DEST_U_THRESH, DEST_L_THRESH = 1, 2, 3, 4, 5, 6
-DEST_ACTIVE_CONNS, DEST_INACT_CONNS, DEST_ADDR_FAMILY = 7, 8, 11
+DEST_ACTIVE_CONNS, DEST_INACT_CONNS, DEST_ADDR_FAMILY, DEST_STATS64 = 7, 8, 11, 12
+STATS_CONNS, STATS_INPKTS, STATS_OUTPKTS, STATS_INBYTES, STATS_OUTBYTES = 1, 2, 3, 4, 5
 FWD_DIRECT_ROUTING = 3
 CMD_NEW_DAEMON, CMD_DEL_DAEMON, CMD_GET_DAEMON = 9, 10, 11
 ATTR_DAEMON = 3
@@ -47,12 +48,36 @@ class ServiceRecord:
 
 
 @dataclass(frozen=True)
+class DestStats:
+    """A real server's counters since it was added (IPVS_DEST_ATTR_STATS64): what /metrics exports."""
+
+    connections: int = 0
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+def _stats(data: bytes | None) -> DestStats:
+    if not data:
+        return DestStats()
+    stats = parse_attrs(data, 0, len(data))
+
+    def u64(kind: int) -> int:
+        value = stats.get(kind)
+        return int(struct.unpack("=Q", value[:8])[0]) if value and len(value) >= 8 else 0
+
+    return DestStats(u64(STATS_CONNS), u64(STATS_INPKTS), u64(STATS_OUTPKTS), u64(STATS_INBYTES), u64(STATS_OUTBYTES))
+
+
+@dataclass(frozen=True)
 class DestRecord:
     address: str
     port: int
     weight: int
     active_conns: int
     inactive_conns: int
+    stats: DestStats = field(default_factory=DestStats)
 
 
 @dataclass(frozen=True)
@@ -164,6 +189,7 @@ class IpvsNetlink:
                 weight=_u32_of(dest, DEST_WEIGHT),
                 active_conns=_u32_of(dest, DEST_ACTIVE_CONNS),
                 inactive_conns=_u32_of(dest, DEST_INACT_CONNS),
+                stats=_stats(dest.get(DEST_STATS64)),
             ))
         return found
 

@@ -135,7 +135,7 @@ class Kernel:
                 continue
             key: VsKey = (record.key.address, record.key.port, "udp" if protocol == "udp" else "tcp")
             dests = tuple(
-                LiveRealServer(d.address, d.port, d.weight, d.active_conns, d.inactive_conns)
+                LiveRealServer(d.address, d.port, d.weight, d.active_conns, d.inactive_conns, d.stats)
                 for d in self.ipvs.dests(record.key)
             )
             services.append(LiveService(key[0], key[1], key[2], record.scheduler, _flag_names(record.flags), dests))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from bridge.dataplane.ipvs_netlink import DestStats
 from bridge.model import Protocol, SyncDaemon
 
 
@@ -14,6 +15,7 @@ class LiveRealServer:
     weight: int
     active_conns: int = 0
     inactive_conns: int = 0
+    stats: DestStats = field(default_factory=DestStats)
 
 
 @dataclass(frozen=True)

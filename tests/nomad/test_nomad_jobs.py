@@ -135,6 +135,8 @@ def test_agent_system_job_runs_one_healthy_director_per_lb_client_found_in_consu
     assert sorted(t for e in healthy for t in e["Service"]["Tags"] if t.startswith("rack=")) == [
         "rack=rack-a", "rack=rack-b"
     ]  # fmt: skip
+    assert all("metrics" in e["Service"]["Tags"] and e["Service"]["Meta"]["metrics_path"] == "/metrics"
+               for e in healthy), "what examples/prometheus.yml's consul_sd rules select"
 
     r = resolver(consul)
     assert {rr.address for rr in r.resolve("maglev-bridge.service.consul", "A")} == {"127.0.0.1"}

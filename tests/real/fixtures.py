@@ -12,6 +12,8 @@ Scopes:
   ``scripts/build-hashicorp.sh``, which honours $CONSUL_BIN / $NOMAD_BIN, the PATH,
   then its cache, and builds from the Go module only when none has it.  A failed
   build fails the test (it is not skipped): these tests exist to run for real.
+* ``prometheus_binary`` (session): path from ``scripts/build-prometheus.sh`` (``$PROMETHEUS_BIN``,
+  the PATH if that build has Consul discovery, its cache, else a build); ``promtool`` is beside it.
 * ``consul_agent`` (function): a fresh ``consul agent -dev`` per test, so KV,
   catalog and the agent's ports never leak between tests; it starts in well under
   a second.  Tests may ``restart()``/``stop()`` it freely.
@@ -40,8 +42,13 @@ BUILD_SCRIPT = REPO / "scripts" / "build-hashicorp.sh"
 
 def hashicorp_binary(name: str) -> str:
     """Locate or build ``consul``/``nomad`` via scripts/build-hashicorp.sh; the path."""
+    return built_binary(BUILD_SCRIPT, name)
+
+
+def built_binary(script: Path, *args: str) -> str:
+    """The path the build script prints last; a failed build fails the test."""
     proc = subprocess.run(
-        ["bash", str(BUILD_SCRIPT), name],
+        ["bash", str(script), *args],
         capture_output=True,
         text=True,
         timeout=3600,
@@ -49,7 +56,7 @@ def hashicorp_binary(name: str) -> str:
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         pytest.fail(
-            f"scripts/build-hashicorp.sh {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}",
+            f"{script.name} {' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}",
             pytrace=False,
         )
     return lines[-1]
@@ -63,6 +70,11 @@ def consul_binary() -> str:
 @pytest.fixture(scope="session")
 def nomad_binary() -> str:
     return hashicorp_binary("nomad")
+
+
+@pytest.fixture(scope="session")
+def prometheus_binary() -> str:
+    return built_binary(REPO / "scripts" / "build-prometheus.sh")
 
 
 @pytest.fixture

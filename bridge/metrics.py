@@ -1,0 +1,269 @@
+"""/metrics: the agent in Prometheus' text format, with prometheus_client.
+
+Names follow what Prometheus users already graph: node_exporter's IPVS collector for the per-real-server
+numbers (`..._ipvs_backend_connections_active`, labels local_address, local_port, remote_address,
+remote_port, proto) and kube-proxy's sync metrics for passes (`..._sync_full_proxy_rules_duration_seconds`,
+`..._sync_partial_...`, `..._sync_proxy_rules_last_timestamp_seconds`, pending changes), all under the
+`maglev_bridge_` namespace so they never collide with node_exporter's own `node_ipvs_*` on the same host.
+
+Everything but the pass histograms is read at scrape time (a custom Collector): the agent's state(), the
+IPVS table with its counters (the kernel's, on a netlink socket of the scrape's own; in shadow mode the
+model the agent would have built), the drain deadlines it remembers and the desired weights of its last
+pass. A histogram is a history, so the reconcile worker observes each pass into one (`Metrics.observe`).
+
+`maglev_bridge_virtual_service_info{fingerprint=...}` carries the Maglev table fingerprint `status` prints:
+two directors whose fingerprints differ for one VIP send a flow to different backends, so a failover
+between them resets connections; `count by (local_address, local_port, proto) (count by (...,
+fingerprint) (...)) > 1` finds that (examples/alerts.yml).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from bridge.dataplane.diff import dest_id
+from bridge.dataplane.kernel import ApplyError, Kernel
+from bridge.dataplane.state import LiveService
+from bridge.model import DesiredState, Rejection
+from bridge.status import service_fingerprints
+from bridge.tags import KEYS
+
+if TYPE_CHECKING:
+    from bridge.agent import Agent
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "rejection_reason"]
+log = logging.getLogger("maglev-bridge.metrics")
+
+NAMESPACE = "maglev_bridge"
+PASS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Scoped passes take milliseconds, full passes of a large director seconds (README: plan and apply)."""
+VS_LABELS = ("local_address", "local_port", "proto")
+RS_LABELS = (*VS_LABELS, "remote_address", "remote_port")
+BACKEND_COUNTERS = (
+    ("connections_total", "connections", "Connections scheduled to the real server (IPVS counters)"),
+    ("incoming_packets_total", "packets_in", "Packets from clients to the real server"),
+    ("outgoing_packets_total", "packets_out", "Packets from the real server through the director (DSR: ~0)"),
+    ("incoming_bytes_total", "bytes_in", "Bytes from clients to the real server"),
+    ("outgoing_bytes_total", "bytes_out", "Bytes from the real server through the director (DSR: ~0)"),
+)
+
+
+def rejection_reason(rejection: Rejection, tag_prefix: str) -> str:
+    """A bounded label for a refused claim: the tag key it failed on (vip, weight, flags), `other_tag` for a
+    key of ours the grammar does not know, `catalog` for a registration Consul's answer could not carry
+    (no tag involved). Never the tag's value or the reason's text, which are unbounded user input."""
+    if not rejection.tag:
+        return "catalog"
+    key = rejection.tag.split("=", 1)[0].removeprefix(tag_prefix + ".")
+    return key if key in KEYS else "other_tag"
+
+
+class Metrics:
+    """The agent's registry: the pass instruments the worker observes, and the scrape-time collector."""
+
+    def __init__(self) -> None:
+        # no `_created` series beside every counter and histogram: noise that no dashboard reads
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry()
+        self.full = Histogram(f"{NAMESPACE}_sync_full_proxy_rules_duration_seconds",
+                              "Duration of full passes (read everything, plan, apply)", buckets=PASS_BUCKETS,
+                              registry=self.registry)
+        self.partial = Histogram(f"{NAMESPACE}_sync_partial_proxy_rules_duration_seconds",
+                                 "Duration of passes scoped to the virtual services a catalog change touched",
+                                 buckets=PASS_BUCKETS, registry=self.registry)
+        self.operations = PromCounter(f"{NAMESPACE}_sync_proxy_rules_operations",
+                                      "Kernel operations run by passes, by result (shadow mode: planned)",
+                                      ["result"], registry=self.registry)
+        self._scrape = threading.Lock()
+
+    def observe(self, full: bool, seconds: float, operations: int, failed: int) -> None:
+        (self.full if full else self.partial).observe(seconds)
+        self.operations.labels("ok").inc(operations - failed)
+        self.operations.labels("failed").inc(failed)
+
+    def watch(self, agent: Agent) -> None:
+        self.registry.register(AgentCollector(agent))
+
+    def exposition(self) -> bytes:
+        """One scrape at a time: each reads the whole IPVS table, and a second one in parallel would only
+        double the cost for the same numbers."""
+        with self._scrape:
+            return generate_latest(self.registry)
+
+
+class AgentCollector:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._kernel: Kernel | None = None
+        self._error: str | None = None
+
+    def _live(self) -> tuple[LiveService, ...] | None:
+        """The IPVS table and its counters: shadow mode's model, else the kernel on a socket of our own
+        (never the worker's, which a pass may be using). None when the kernel cannot be read: an error
+        metric (and one log line per new error), not a failed scrape, since the agent's own numbers are
+        worth more then, not less."""
+        shadow = self.agent.shadow_services()
+        if shadow is not None:
+            return shadow
+        try:
+            if self._kernel is not None and self._kernel.config is not self.agent.config:  # SIGHUP: vip_cidrs
+                self._kernel.close()
+                self._kernel = None
+            if self._kernel is None:
+                self._kernel = Kernel(self.agent.config)
+            services = self._kernel.read_services()
+        except (ApplyError, OSError) as exc:
+            if self._kernel is not None:
+                self._kernel.close()
+            self._kernel = None
+            error = f"{exc.__class__.__name__}: {exc}"
+            if error != self._error:
+                log.warning("/metrics: cannot read the IPVS table: %s", error)
+            self._error = error
+            return None
+        self._error = None
+        return services
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.agent.state()
+        yield from _agent_metrics(state, self.agent.rejected, self.agent.config.tag_prefix)
+        yield from _catalog_metrics(state["catalog"])
+        yield from _announce_metrics(state)
+        if self.agent.config.role != "director":
+            return
+        live = self._live()
+        yield _gauge("ipvs_read_ok", "1 when this scrape could read the IPVS table", 0 if live is None else 1)
+        services = live or ()
+        memory = self.agent.memory
+        yield from _service_metrics(services, dict(memory.last_weights), self.agent.config.mh_table_size,
+                                    self.agent.desired)
+        yield from _backend_metrics(services, self.agent.desired, memory.drain_deadlines)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{NAMESPACE}_{name}", doc, value=value)
+
+
+def _agent_metrics(state: dict[str, Any], rejected: tuple[Rejection, ...], tag_prefix: str) -> Iterator[Metric]:
+    info = InfoMetricFamily(f"{NAMESPACE}_agent", "The agent's data-plane mode (its role is the target label "
+                            "the Consul discovery sets)")
+    info.add_metric([], {"dataplane": state["dataplane"]})
+    yield info
+    yield _gauge("ready", "1 after the first complete pass (what /health says)", 1 if state["ready"] else 0)
+    yield _gauge("fail_static", "1 while the agent keeps the kernel as it is because the catalog is unavailable "
+                 "or passes fail", 1 if state["fail_static"] else 0)
+    yield CounterMetricFamily(f"{NAMESPACE}_sync_proxy_rules", "Passes completed", value=state["passes"])
+    yield CounterMetricFamily(f"{NAMESPACE}_sync_proxy_rules_failures", "Passes that failed (kernel kept as it was)",
+                              value=state["errors"]["passes_failed"])
+    last = GaugeMetricFamily(f"{NAMESPACE}_sync_proxy_rules_last_timestamp_seconds",
+                             "When the last pass completed (Unix time)")
+    if state["last_pass_at"] is not None:
+        last.add_metric([], state["last_pass_at"])
+    yield last
+    yield _gauge("sync_proxy_rules_pending_changes", "Virtual services changed in the catalog and not applied yet",
+                 state["pending_services"])
+    age = GaugeMetricFamily(f"{NAMESPACE}_catalog_age_seconds",
+                            "Seconds since the agent last read a complete catalog")
+    if state["catalog_at"] is not None:
+        age.add_metric([], max(0.0, time.time() - state["catalog_at"]))
+    yield age
+    by_reason = GaugeMetricFamily(f"{NAMESPACE}_rejected_claims", "Claims refused in the last pass, by reason",
+                                  labels=["reason"])
+    counts = Counter(rejection_reason(r, tag_prefix) for r in rejected)
+    for reason in (*KEYS, "other_tag", "catalog"):
+        by_reason.add_metric([reason], counts[reason])
+    yield by_reason
+
+
+CONSUL_ERROR_KINDS = ("acl", "tls", "unreachable", "timeout", "429", "answer", "unreadable_name", "format", "other")
+
+
+def _catalog_metrics(catalog: dict[str, Any]) -> Iterator[Metric]:
+    yield _gauge("catalog_ok", "1 when every catalog watch is answering", 1 if catalog.get("ok", True) else 0)
+    if catalog.get("source") != "consul":
+        return
+    yield _gauge("consul_watches", "Open Consul blocking queries", catalog["watches"])
+    yield _gauge("consul_tagged_services", "Consul services carrying the vip tag", catalog["tagged_services"])
+    errors = CounterMetricFamily(f"{NAMESPACE}_consul_watch_errors",
+                                 "Consul watch errors by kind (429: the local agent refused a connection)",
+                                 labels=["kind"])
+    for kind in CONSUL_ERROR_KINDS:
+        errors.add_metric([kind], catalog["error_counts"].get(kind, 0))
+    yield errors
+
+
+def _announce_metrics(state: dict[str, Any]) -> Iterator[Metric]:
+    """Maintenance and the announce gate, for agents whose state() carries them (the bgp: section)."""
+    maintenance = state.get("maintenance")
+    if maintenance is not None:
+        yield _gauge("maintenance", "1 while this director is in maintenance (its VIPs withdrawn)",
+                     1 if maintenance.get("on") else 0)
+    announcing = state.get("announcing")
+    if announcing is not None:
+        yield _gauge("announce_gate_open", "1 once a full pass applied without failures, so VIPs may be announced",
+                     1 if announcing.get("gate") == "open" else 0)
+
+
+def _vs_labels(service: LiveService) -> list[str]:
+    return [service.vip, str(service.port), service.protocol]
+
+
+def _service_metrics(services: tuple[LiveService, ...], last_weights: dict[str, int], size: int,
+                     desired: DesiredState | None) -> Iterator[Metric]:
+    names = {vs.key: vs.service for vs in desired.virtual_services} if desired else {}
+    info = InfoMetricFamily(f"{NAMESPACE}_virtual_service",
+                            "One per IPVS virtual service: its Consul service and Maglev table fingerprint "
+                            "(as `status` prints it; '?' when it rests on an assumed remembered weight)",
+                            labels=VS_LABELS)
+    prints = service_fingerprints(services, last_weights, size)
+    for service in services:
+        info.add_metric(_vs_labels(service), {
+            "service": names.get(service.key, ""), "scheduler": service.scheduler,
+            "fingerprint": prints[f"{service.vip}:{service.port}/{service.protocol}"],
+        })
+    yield info
+
+
+def _backend_metrics(services: tuple[LiveService, ...], desired: DesiredState | None,
+                     deadlines: Any) -> Iterator[Metric]:
+    wanted = {(vs.key, rs.address, rs.port): rs.weight for vs in (desired.virtual_services if desired else ())
+              for rs in vs.real_servers}
+    prefix = f"{NAMESPACE}_ipvs_backend_"
+    active = GaugeMetricFamily(prefix + "connections_active", "Active connections (IPVS ActiveConn)",
+                               labels=RS_LABELS)
+    inactive = GaugeMetricFamily(prefix + "connections_inactive", "Inactive connections (IPVS InActConn)",
+                                 labels=RS_LABELS)
+    weight = GaugeMetricFamily(prefix + "weight", "Weight in the kernel now", labels=RS_LABELS)
+    desired_weight = GaugeMetricFamily(prefix + "desired_weight", "Weight the catalog asks for (last pass)",
+                                       labels=RS_LABELS)
+    drain = GaugeMetricFamily(prefix + "drain_deadline_timestamp_seconds",
+                              "When a draining real server is removed (Unix time); absent when not draining",
+                              labels=RS_LABELS)
+    counters = [(CounterMetricFamily(prefix + name.removesuffix("_total"), doc, labels=RS_LABELS), field)
+                for name, field, doc in BACKEND_COUNTERS]
+    for service in services:
+        vs = _vs_labels(service)
+        for rs in service.real_servers:
+            labels = [*vs, rs.address, str(rs.port)]
+            active.add_metric(labels, rs.active_conns)
+            inactive.add_metric(labels, rs.inactive_conns)
+            weight.add_metric(labels, rs.weight)
+            target = wanted.get((service.key, rs.address, rs.port))
+            desired_weight.add_metric(labels, 0 if target is None else target)
+            deadline = deadlines.get(dest_id(service.key, rs.address, rs.port))
+            if deadline is not None:
+                drain.add_metric(labels, deadline)
+            for family, field in counters:
+                family.add_metric(labels, getattr(rs.stats, field))
+    yield from (active, inactive, weight, desired_weight, drain)
+    yield from (family for family, _ in counters)

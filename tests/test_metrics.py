@@ -1,0 +1,108 @@
+"""/metrics as Prometheus reads it (parsed back with prometheus_client's own parser), from a shadow-mode
+agent: per-real-server series with node_exporter's labels, kube-proxy-style pass metrics, the table
+fingerprint `status` prints, drains, and bounded rejection reasons."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge.catalog.consul import (
+    ConsulAccessError,
+    ConsulAnswerError,
+    TooManyRequests,
+    UnreadableName,
+    error_kind,
+)
+from bridge.catalog.consul_format import CatalogFormatError
+from bridge.catalog.source import CatalogUnavailable
+from bridge.metrics import CONSUL_ERROR_KINDS, rejection_reason
+from bridge.model import Rejection
+from bridge.status import service_fingerprints
+from tests.test_agent_passes import Catalog, shadow_agent, web
+
+
+def scrape(agent: Any) -> dict[str, list[tuple[dict[str, str], float]]]:
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(agent.metrics.exposition().decode()):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return found
+
+
+def test_every_real_server_has_node_exporter_labels_weights_and_counters(tmp_path):
+    agent = shadow_agent(tmp_path, Catalog([web(1), web(2)]))
+    agent.sync("start", full=True)
+    metrics = scrape(agent)
+    active = metrics["maglev_bridge_ipvs_backend_connections_active"]
+    assert {tuple(sorted(labels)) for labels, _ in active} == {
+        ("local_address", "local_port", "proto", "remote_address", "remote_port")}
+    assert sorted((labels["local_address"], labels["remote_address"]) for labels, _ in active) == [
+        ("198.51.100.2", "203.0.113.11"), ("198.51.100.3", "203.0.113.12")]
+    assert {v for _, v in metrics["maglev_bridge_ipvs_backend_weight"]} == {1}
+    assert {v for _, v in metrics["maglev_bridge_ipvs_backend_desired_weight"]} == {1}
+    assert len(metrics["maglev_bridge_ipvs_backend_incoming_bytes_total"]) == 2
+    assert metrics["maglev_bridge_ipvs_read_ok"] == [({}, 1)]
+    agent.close_dataplane()
+
+
+def test_passes_are_histograms_full_and_scoped_with_last_success_and_fail_static(tmp_path):
+    source = Catalog([web(1), web(2)])
+    agent = shadow_agent(tmp_path, source)
+    agent.sync("start", full=True)
+    source.entries[0] = web(1, "critical")
+    agent.sync("consul: svc-1 changed", full=False)
+    metrics = scrape(agent)
+    assert metrics["maglev_bridge_sync_full_proxy_rules_duration_seconds_count"] == [({}, 1)]
+    assert metrics["maglev_bridge_sync_partial_proxy_rules_duration_seconds_count"] == [({}, 1)]
+    assert metrics["maglev_bridge_sync_proxy_rules_total"] == [({}, 2)]
+    assert dict((labels["result"], v) for labels, v in metrics["maglev_bridge_sync_proxy_rules_operations_total"]) \
+        == {"ok": 2 + 2 * 2 + 2 * 3 + 1, "failed": 0}  # the director's two sysctls, then as before
+    assert metrics["maglev_bridge_sync_proxy_rules_last_timestamp_seconds"][0][1] == agent.last_pass_at
+    assert metrics["maglev_bridge_fail_static"] == [({}, 0)]
+    desired = {labels["remote_address"]: v for labels, v in metrics["maglev_bridge_ipvs_backend_desired_weight"]}
+    assert desired == {"203.0.113.11": 0, "203.0.113.12": 1}, "a critical real server is asked for weight 0"
+
+    source.entries.pop()
+    agent.sync("consul: svc-2 changed", full=False)
+    drains = scrape(agent)["maglev_bridge_ipvs_backend_drain_deadline_timestamp_seconds"]
+    assert [(labels["remote_address"], v) for labels, v in drains] == [
+        ("203.0.113.12", agent.memory.drain_deadlines["198.51.100.3:80/tcp>203.0.113.12:80"])]
+
+    def unavailable() -> None:
+        raise CatalogUnavailable("Consul away")
+
+    source.snapshot = unavailable  # type: ignore[method-assign]
+    agent.sync("resync", full=True)
+    assert scrape(agent)["maglev_bridge_fail_static"] == [({}, 1)]
+    agent.close_dataplane()
+
+
+def test_each_virtual_service_carries_the_fingerprint_status_prints(tmp_path):
+    agent = shadow_agent(tmp_path, Catalog([web(1), web(2)]))
+    agent.sync("start", full=True)
+    info = scrape(agent)["maglev_bridge_virtual_service_info"]
+    expected = service_fingerprints(agent.shadow_services(), dict(agent.memory.last_weights),
+                                    agent.config.mh_table_size)
+    assert {f"{labels['local_address']}:{labels['local_port']}/{labels['proto']}": labels["fingerprint"]
+            for labels, _ in info} == expected
+    assert {labels["service"] for labels, _ in info} == {"svc-1", "svc-2"}
+    agent.close_dataplane()
+
+
+def test_rejection_reasons_are_a_fixed_set_whatever_the_tags_say():
+    def reason(tag: str) -> str:
+        return rejection_reason(Rejection("s", "i", tag, "anything \x1b at all"), "maglev")
+
+    assert [reason("maglev.weight=²"), reason("maglev.vip=x"), reason("maglev.flags=y"), reason("maglev.zzz=1"),
+            reason("maglev.\x1b[2J"), reason("")] == ["weight", "vip", "flags", "other_tag", "other_tag", "catalog"]
+
+
+def test_consul_watch_errors_are_counted_by_a_fixed_set_of_kinds_429_its_own():
+    errors = [TooManyRequests("429"), ConsulAccessError("403"), UnreadableName("404"), ConsulAnswerError("500"),
+              TimeoutError(), aiohttp.ClientConnectionError(), CatalogFormatError("x"), RuntimeError("bug")]
+    kinds = [error_kind(e) for e in errors]
+    assert kinds == ["429", "acl", "unreadable_name", "answer", "timeout", "unreachable", "format", "other"]
+    assert set(kinds) <= set(CONSUL_ERROR_KINDS)
