@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 export MAGLEV_CACHE ?= $(HOME)/.cache/maglev-bridge
 
-.PHONY: venv kernel-image hashicorp lint unit real kernel test demo bench clean
+.PHONY: venv kernel-image hashicorp lint unit real kernel test demo bench dist clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,6 +15,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The agent as one file for the Nomad clients (scripts/dist.py): dist/maglev-bridge-<version>-<platform>.pyz
+# and its .sha256; `make dist VERSION=0.2.0` builds the same code under another version.
+dist: venv
+	$(PY) scripts/dist.py $(if $(VERSION),--version $(VERSION))
 
 kernel-image:
 	bash scripts/vm-kernel.sh >/dev/null
@@ -49,4 +54,4 @@ bench: venv kernel-image hashicorp
 	$(PY) -m tests.vm.boot --timeout 1500 -- $(PY) bench/apply_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist
