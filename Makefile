@@ -29,7 +29,7 @@ hashicorp:
 	bash scripts/build-hashicorp.sh nomad >/dev/null
 
 lint: venv
-	$(VENV)/bin/ruff check bridge tests bench
+	$(VENV)/bin/ruff check bridge tests bench scripts
 	$(VENV)/bin/mypy bridge
 
 unit: venv
