@@ -71,7 +71,9 @@ def _wait_evaluation(follow: Follow, eval_id: str) -> dict[str, Any]:
         time.sleep(POLL)
 
 
-FAILURE_EVENTS = ("Terminated", "Driver Failure", "Setup Failure", "Failed Validation", "Killed", "Template")
+ARTIFACT_FAILED = "Failed Artifact Download"
+FAILURE_EVENTS = ("Terminated", "Driver Failure", "Setup Failure", "Failed Validation", "Killed", "Template",
+                  ARTIFACT_FAILED)
 
 
 def _task_failure(alloc: dict[str, Any]) -> str:
@@ -87,6 +89,18 @@ def _task_failure(alloc: dict[str, Any]) -> str:
     return str(alloc.get("ClientDescription") or alloc.get("ClientStatus"))
 
 
+def _artifact_failure(alloc: dict[str, Any]) -> str | None:
+    """Why a task that never started could not fetch its artifact (a checksum that differs, a URL that does
+    not answer). Nomad retries the download under the restart policy and fails the allocation only after the
+    last attempt, a minute or more later; the cause is already known."""
+    for task, state in sorted((alloc.get("TaskStates") or {}).items()):
+        events = state.get("Events") or []
+        failures = [e for e in events if e.get("Type") == ARTIFACT_FAILED]
+        if failures and not any(e.get("Type") == "Started" for e in events):
+            return f"{task}: {ARTIFACT_FAILED}: {failures[-1].get('DisplayMessage')}"
+    return None
+
+
 def _report_failed(follow: Follow, label: str, allocs: list[dict[str, Any]]) -> bool:
     """Say why each failed or unhealthy allocation is; whether there was any."""
     bad = False
@@ -94,6 +108,8 @@ def _report_failed(follow: Follow, label: str, allocs: list[dict[str, Any]]) -> 
         where = f"{label}: allocation {alloc['ID'][:8]} on {alloc['NodeName']}"
         if alloc["ClientStatus"] in ("failed", "lost"):
             follow.say(f"{where} {alloc['ClientStatus']}: {_task_failure(alloc)}")
+        elif (artifact := _artifact_failure(alloc)) is not None:
+            follow.say(f"{where} cannot fetch its artifact: {artifact}")
         elif (alloc.get("DeploymentStatus") or {}).get("Healthy") is False:
             follow.say(f"{where} unhealthy: its checks did not pass within the healthy deadline")
         else:
