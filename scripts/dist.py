@@ -5,11 +5,11 @@
     dist/maglev-bridge-<version>-<cpython>-<os>_<machine>.pyz.sha256   `<hex>  <file name>`, as sha256sum
 
 Why a shiv zipapp: one file to serve and checksum (go-getter verifies one checksum per artifact), no
-installer to run on the client, and it starts like an installed package once unpacked. shiv unpacks it once
+installer to run on the client, and once unpacked it starts like an installed package. shiv unpacks it once
 per allocation into SHIV_ROOT (the job puts that in the task directory, so Nomad's garbage collection removes
-it with the allocation). pex was measured beside it and resolved and built markedly slower on this machine;
-a wheelhouse plus installer would create a virtualenv and run pip on every client at every start. The
-figures are in docs/nomad.md ("The agent's build").
+it with the allocation). Measured beside it: pex costs about 3x the CPU at every start (its bootstrap) and
+took 3x as long to build; a wheelhouse plus installer runs `python3 -m venv` and pip on every client for each
+new allocation (a minute or more on a loaded host). The figures are in docs/nomad.md ("The agent's build").
 
 The binary wheels (numpy, msgspec) are those of the CPython that runs this script, so the artifact runs on
 that CPython version and machine only: the name says which, and the artifact's preamble
