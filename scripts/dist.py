@@ -17,7 +17,8 @@ that CPython version and machine only: the name says which, and the artifact's p
 left out.
 
 `--version` builds the same code under another version number (tests roll one build over another).
-The build is reproducible: the same sources and dependency versions give the same checksum.
+Two builds of the same sources still differ (pip records the temporary source directory in the wheel's
+direct_url.json), so a build is known by its checksum file, not rebuilt to check it.
 """
 
 from __future__ import annotations
