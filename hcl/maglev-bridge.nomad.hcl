@@ -92,8 +92,8 @@ locals {
   build         = "$${NOMAD_TASK_DIR}/maglev-bridge.pyz"
   command       = local.from_artifact ? var.python : "${var.venv}/bin/maglev-bridge"
   launch        = local.from_artifact ? ["-I", local.build] : []
-  roles     = { for role, class in { director = var.director_class, backend = var.backend_class } : role => class if class != "" }
-  state_dir = var.state_dir != "" ? var.state_dir : "{{ env \"NOMAD_ALLOC_DIR\" }}/data"
+  roles         = { for role, class in { director = var.director_class, backend = var.backend_class } : role => class if class != "" }
+  state_dir     = var.state_dir != "" ? var.state_dir : "{{ env \"NOMAD_ALLOC_DIR\" }}/data"
 }
 
 job "maglev-bridge" {
