@@ -146,10 +146,24 @@ def _follow_deployment(follow: Follow, job: Job, deployment_id: str) -> bool:
         time.sleep(POLL)
 
 
+def groups_down(live: list[dict[str, Any]], passing: set[str]) -> set[str]:
+    """Task groups of several allocations none of which runs and passes its checks: with one allocation per
+    director, every director of the data centre is down at once."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for alloc in live:
+        groups.setdefault(alloc["TaskGroup"], []).append(alloc)
+    return {name for name, allocs in groups.items()
+            if len(allocs) > 1 and not any(a["ClientStatus"] == "running" and a["ID"] in passing for a in allocs)}
+
+
 def _follow_allocations(follow: Follow, job: Job, version: int) -> bool:
-    """Without a deployment: every allocation of this version running, and passing in Consul if known."""
+    """Without a deployment: every allocation of this version running, and passing in Consul if known.
+
+    Nomad 1.6 replaces a system job's allocations `stagger` apart without waiting for the new one to be healthy,
+    so a stagger shorter than the time to healthy takes a whole group down for a moment; that is said once."""
     label, last = job["ID"], ""
     names = service_names(job)
+    up: set[str] = set()
     while True:
         live = [a for a in follow.client.allocations(job["ID"]) if a.get("DesiredStatus") == "run"]
         allocs = [a for a in live if a.get("JobVersion") == version]
@@ -157,6 +171,12 @@ def _follow_allocations(follow: Follow, job: Job, version: int) -> bool:
         running = [a for a in allocs if a["ClientStatus"] == "running"]
         passing = follow.passing(names) if follow.passing is not None and names else None
         healthy = [a for a in running if passing is None or a["ID"] in passing]
+        if passing is not None:
+            down = groups_down(live, passing)
+            for group in sorted(down & up):
+                follow.say(f"{label}: no allocation of group '{group}' passes its checks: Nomad replaced the next one "
+                           "before the last was healthy; raise the job's stagger above an allocation's time to healthy")
+            up = {a["TaskGroup"] for a in live if a["ClientStatus"] == "running" and a["ID"] in passing}
         progress = f"{label}: {len(running)}/{len(allocs)} running, {len(healthy)} healthy"
         progress += f", {older} on an older version" if older else ""
         if passing is None:
