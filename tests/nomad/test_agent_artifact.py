@@ -40,6 +40,11 @@ class Build:
     url: str
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Each client's download would be a line on stderr."""
+
+
 @pytest.fixture(scope="session")
 def builds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Build]]:
     """Two versions of the same code, built once per session by `scripts/dist.py` (in parallel: each is
@@ -53,7 +58,7 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Build
     for proc in procs:
         output, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, output
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))
+    handler = functools.partial(QuietHandler, directory=str(out))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     found = {}
