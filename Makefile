@@ -51,6 +51,7 @@ bench: venv kernel-image hashicorp
 	$(PY) bench/maglev_bench.py
 	$(PY) bench/agreement.py
 	$(PY) bench/consul_latency.py
+	$(PY) bench/dist_bench.py
 	$(PY) -m tests.vm.boot --timeout 1500 -- $(PY) bench/apply_bench.py
 
 clean:
