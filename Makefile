@@ -8,7 +8,7 @@ export MAGLEV_CACHE ?= $(HOME)/.cache/maglev-bridge
 # bench/failover.py's recordings (written by the VM through boot.py --share; the picture is drawn from them)
 FAILOVER_OUT ?= /tmp/maglev-bench-failover
 
-.PHONY: venv kernel-image hashicorp prometheus lint unit real kernel test demo bench clean
+.PHONY: venv kernel-image hashicorp prometheus lint unit real kernel test demo bench dist clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The agent as one file for the Nomad clients (scripts/dist.py): dist/maglev-bridge-<version>-<platform>.pyz
+# and its .sha256; `make dist VERSION=0.2.0` builds the same code under another version.
+dist: venv
+	$(PY) scripts/dist.py $(if $(VERSION),--version $(VERSION))
 
 kernel-image:
 	bash scripts/vm-kernel.sh >/dev/null
@@ -30,7 +35,7 @@ prometheus:
 	bash scripts/build-prometheus.sh >/dev/null
 
 lint: venv
-	$(VENV)/bin/ruff check bridge tests bench
+	$(VENV)/bin/ruff check bridge tests bench scripts
 	$(VENV)/bin/mypy bridge
 
 unit: venv
@@ -55,10 +60,11 @@ bench: venv kernel-image hashicorp
 	$(PY) bench/agreement.py
 	$(PY) bench/consul_latency.py
 	$(PY) bench/metrics_bench.py
+	$(PY) bench/dist_bench.py
 	$(PY) -m tests.vm.boot --timeout 1500 -- $(PY) bench/apply_bench.py
 	mkdir -p $(FAILOVER_OUT)
 	$(PY) -m tests.vm.boot --timeout 2400 --share $(FAILOVER_OUT) -- $(PY) bench/failover.py --out $(FAILOVER_OUT)
 	$(PY) bench/failover_picture.py $(FAILOVER_OUT)/maintenance-run.json docs/failover.svg
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist

@@ -25,6 +25,7 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from bridge import version
 from bridge.catalog.source import CatalogSource, CatalogUnavailable, FileSource, FileStamp, file_stamp
 from bridge.config import Config, ConfigError
 from bridge.dataplane.diff import Memory
@@ -393,6 +394,7 @@ class Agent:
                         or bool(failures) or not catalog.get("ok", True),
             "synced": self.synced,
             "role": self.config.role,
+            "version": version(),
             "dataplane": self.config.dataplane,
             "passes": self.passes,
             "last_pass_at": self.last_pass_at,

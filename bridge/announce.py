@@ -14,6 +14,7 @@ import threading
 
 import consul
 
+from bridge import version
 from bridge.catalog.consul import make_client
 from bridge.config import Config
 from bridge.endpoint import summarize_body
@@ -63,7 +64,8 @@ class Announcer:
             address=address.host,
             port=address.port,
             tags=tags(self.config),
-            meta={"node": self.config.node_name, "role": self.config.role, "metrics_path": METRICS_PATH},
+            meta={"node": self.config.node_name, "role": self.config.role, "metrics_path": METRICS_PATH,
+                  "version": version()},
             check=consul.Check.http(f"http://{address.netloc}/health", interval="5s", timeout="2s",
                                     deregister="10m"),
         )

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
+from bridge import version
 from bridge.catalog.consul_format import CatalogFormatError
 from bridge.catalog.file import load_catalog
 from bridge.config import Config, ConfigError, load_config
@@ -148,6 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maglev-bridge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, catalog: bool = True, role: bool = True) -> None:

@@ -84,26 +84,27 @@ def discover(config: Config, datacenter: str | None = None) -> Discovery:
 
 
 def discovery_text(found: Discovery) -> str:
-    lines = [f"{'DIRECTOR':<22} {'ROLE':<9} {'STATE':<9} {'VIRTUAL SERVICE':<24} {'REAL':>4} {'TABLE':<17} AGREES"]
+    lines = [f"{'DIRECTOR':<22} {'ROLE':<9} {'VERSION':<12} {'STATE':<9} {'VIRTUAL SERVICE':<24} {'REAL':>4} "
+             f"{'TABLE':<17} AGREES"]
     bad = set(found.disagreeing)
     maintained: list[str] = []
     for d in found.directors:
         if d.status is None:
-            lines.append(f"{d.label:<22} {'?':<9} {'DOWN':<9} {d.error}")
+            lines.append(f"{d.label:<22} {'?':<9} {'?':<12} {'DOWN':<9} {d.error}")
             continue
         agent = d.status.get("agent", {})
         state = "degraded" if agent.get("degraded") else ("ready" if agent.get("ready") else "starting")
         if (agent.get("maintenance") or {}).get("on"):
             state = "maint"
             maintained.append(f"{d.label} {maintenance_text(agent['maintenance'])}")
+        who = f"{d.label:<22} {agent.get('role', '?'):<9} {agent.get('version', '?'):<12} {state:<9}"
         services = d.status.get("virtual_services", [])
         if not services:
-            lines.append(f"{d.label:<22} {agent.get('role', '?'):<9} {state:<9} (none)")
+            lines.append(f"{who} (none)")
         for vs in services:
             key = f"{vs['vip']}:{vs['port']}/{vs['protocol']}"
             agrees = "NO: tables differ" if key in bad else "yes"
-            lines.append(f"{d.label:<22} {agent.get('role', '?'):<9} {state:<9} {key:<24} "
-                         f"{len(vs['real_servers']):>4} {vs['fingerprint'] or '-':<17} {agrees}")
+            lines.append(f"{who} {key:<24} {len(vs['real_servers']):>4} {vs['fingerprint'] or '-':<17} {agrees}")
     lines.extend(f"maintenance: {line}" for line in maintained)
     lines.append(f"{len(found.directors)} director(s); " + (
         f"{len(bad)} virtual service(s) with differing tables: {', '.join(sorted(bad))}" if bad

@@ -1,10 +1,16 @@
 # The maglev-bridge agent as a Nomad system job: one director on every client of the director node class
 # and, optionally, one backend agent on every client of the class that hosts the balanced services.
 #
-#   maglev-bridge jobs deploy --agent-config agent.yaml --agent-var-file agent.vars.hcl --only maglev-bridge
+#   maglev-bridge jobs deploy --agent-config agent.yaml --agent-artifact URL --agent-artifact-checksum FILE \
+#       --agent-var-file agent.vars.hcl --only maglev-bridge
 #
-# (or `nomad job run -var-file=... -var config="$(cat agent.yaml)" hcl/maglev-bridge.nomad.hcl`). The agents
-# run with raw_exec: they program the host's IPVS, routes and FOU sockets, which no isolating driver allows.
+# (or `nomad job run -var-file=... -var config="$(cat agent.yaml)" -var artifact_url=URL
+# -var artifact_checksum=sha256:HEX hcl/maglev-bridge.nomad.hcl`). The job brings the agent with it: every
+# client fetches the build of `make dist` from artifact_url (go-getter refuses it unless its checksum is
+# artifact_checksum) and runs it from the allocation directory, so a new client gets its agent from Nomad and
+# an upgrade is a change of artifact_url, rolled one agent at a time. Without artifact_url the job runs the
+# agent from `venv`, for sites that install it by other means. The agents run with raw_exec: they program
+# the host's IPVS, routes and FOU sockets, which no isolating driver allows.
 #
 # BIRD runs next to the director agent as a host service, not in this job (Debian `bird2`, configured from
 # examples/bird-director.conf), so that an agent restart or upgrade never touches a BGP session: with a
@@ -24,10 +30,28 @@ variable "config" {
   EOT
 }
 
+variable "artifact_url" {
+  type        = string
+  default     = ""
+  description = "URL of the agent's build (make dist: maglev-bridge-<version>-<platform>.pyz); empty: run from venv."
+}
+
+variable "artifact_checksum" {
+  type        = string
+  default     = ""
+  description = "The build's checksum as go-getter takes it, sha256:<hex>; the client refuses a download that differs."
+}
+
+variable "python" {
+  type        = string
+  default     = "python3"
+  description = "The CPython that runs the build; its version and machine must be those in the build's name."
+}
+
 variable "venv" {
   type        = string
   default     = "/opt/maglev-bridge/venv"
-  description = "The virtualenv holding maglev-bridge on every client; the job runs <venv>/bin/maglev-bridge."
+  description = "Without artifact_url: the virtualenv holding maglev-bridge on every client (<venv>/bin/maglev-bridge)."
 }
 
 variable "datacenters" {
@@ -72,8 +96,14 @@ variable "stagger" {
 }
 
 locals {
-  roles     = { for role, class in { director = var.director_class, backend = var.backend_class } : role => class if class != "" }
-  state_dir = var.state_dir != "" ? var.state_dir : "{{ env \"NOMAD_ALLOC_DIR\" }}/data"
+  # The build fetched from artifact_url, unpacked by shiv into the task directory at its first start; or the
+  # virtualenv on the host.
+  from_artifact = var.artifact_url != ""
+  build         = "$${NOMAD_TASK_DIR}/maglev-bridge.pyz"
+  command       = local.from_artifact ? var.python : "${var.venv}/bin/maglev-bridge"
+  launch        = local.from_artifact ? ["-I", local.build] : []
+  roles         = { for role, class in { director = var.director_class, backend = var.backend_class } : role => class if class != "" }
+  state_dir     = var.state_dir != "" ? var.state_dir : "{{ env \"NOMAD_ALLOC_DIR\" }}/data"
 }
 
 job "maglev-bridge" {
@@ -139,9 +169,25 @@ job "maglev-bridge" {
       task "agent" {
         driver = "raw_exec"
 
+        dynamic "artifact" {
+          for_each = local.from_artifact ? [var.artifact_url] : []
+          content {
+            source      = artifact.value
+            destination = "local/maglev-bridge.pyz"
+            mode        = "file"
+            options {
+              checksum = var.artifact_checksum
+            }
+          }
+        }
+
         config {
-          command = "${var.venv}/bin/maglev-bridge"
-          args    = ["run", "--config", "$${NOMAD_TASK_DIR}/maglev-bridge.yaml", "--role", group.key]
+          command = local.command
+          args    = concat(local.launch, ["run", "--config", "$${NOMAD_TASK_DIR}/maglev-bridge.yaml", "--role", group.key])
+        }
+
+        env {
+          SHIV_ROOT = "$${NOMAD_TASK_DIR}/shiv"
         }
 
         # The agent leaves the kernel as it is and deregisters from Consul on SIGTERM; give it the time.

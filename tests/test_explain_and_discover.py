@@ -51,11 +51,12 @@ def test_explain_arguments_are_checked(text, parse):
         parse(text)
 
 
-def test_discovery_flags_directors_whose_tables_differ():
-    def status(fp):
-        return {"agent": {"role": "director", "ready": True}, "virtual_services": [
+def test_discovery_flags_directors_whose_tables_differ_and_shows_each_ones_version():
+    def status(fp, version):
+        return {"agent": {"role": "director", "ready": True, "version": version}, "virtual_services": [
             {"vip": "198.51.100.1", "port": 80, "protocol": "tcp", "fingerprint": fp, "real_servers": [{}, {}]}]}
-    found = Discovery([Director("192.0.2.11", 9119, status("aa")), Director("192.0.2.12", 9119, status("bb")),
+    found = Discovery([Director("192.0.2.11", 9119, status("aa", "0.1.0")),
+                       Director("192.0.2.12", 9119, status("bb", "0.2.0")),
                        Director("192.0.2.13", 9119, error="connection refused")])
     for d in found.directors:
         for vs in (d.status or {}).get("virtual_services", []):
@@ -63,6 +64,7 @@ def test_discovery_flags_directors_whose_tables_differ():
     text = discovery_text(found)
     assert found.disagreeing == ["198.51.100.1:80/tcp"]
     assert text.count("NO: tables differ") == 2 and "DOWN" in text
+    assert [line.split()[2] for line in text.splitlines()[1:3]] == ["0.1.0", "0.2.0"]
 
 
 def test_discovery_shows_a_director_in_maintenance_with_its_reason():

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import Config, ConfigError, NomadConfig, load_config
+from bridge.nomad.artifact import artifact_variables
 from bridge.nomad.client import Job, NomadClient, NomadError
 from bridge.nomad.deploy import Follow, PassingAllocs, consul_passing, deploy_job, service_names
 from bridge.nomad.plan import has_changes, plan_lines
@@ -64,7 +65,8 @@ def _agent_source(args: argparse.Namespace, nomad: NomadConfig) -> JobSource:
         hcl = Path(args.agent_job).read_text()
     except OSError as exc:
         raise ConfigError(f"{exc.filename}: cannot read: {exc.strerror}") from None
-    return JobSource(AGENT_JOB, nomad.region, hcl, args.agent_job, agent_variables(config_text, var_text))
+    artifact = artifact_variables(args.agent_artifact, args.agent_artifact_checksum, var_text)
+    return JobSource(AGENT_JOB, nomad.region, hcl, args.agent_job, agent_variables(config_text, var_text, artifact))
 
 
 def _context(args: argparse.Namespace, need_agent_hcl: bool = True) -> Context:
@@ -211,6 +213,10 @@ def add_jobs_commands(sub: Any) -> None:
         p.add_argument("--agent-config", metavar="FILE", help="the agents' configuration; includes the agent's job")
         p.add_argument("--agent-var-file", metavar="FILE", help="HCL variable file for the agent's job")
         p.add_argument("--agent-job", metavar="FILE", default=AGENT_HCL, help=f"the agent's job (default {AGENT_HCL})")
+        p.add_argument("--agent-artifact", metavar="URL",
+                       help="the agent's build (make dist) for the clients to fetch; sets the job's artifact_url")
+        p.add_argument("--agent-artifact-checksum", metavar="SHA256",
+                       help="sha256:<hex> of that build, or a local copy of it (or its .sha256 file) to compute it")
         if name == "render":
             p.add_argument("--out", metavar="DIR", help="write <job>.nomad.hcl (and <job>.vars.hcl) here")
         if name == "deploy":

@@ -71,8 +71,8 @@ def _wait_evaluation(follow: Follow, eval_id: str) -> dict[str, Any]:
         time.sleep(POLL)
 
 
-CAUSES = ("Driver Failure", "Setup Failure", "Failed Validation", "Failed Artifact Download", "Template", "Killed",
-          "Terminated")
+ARTIFACT_FAILED = "Failed Artifact Download"
+CAUSES = ("Driver Failure", "Setup Failure", "Failed Validation", ARTIFACT_FAILED, "Template", "Killed", "Terminated")
 """Event types that say how the task itself ended; "Terminated" carries the exit code."""
 
 
@@ -103,6 +103,18 @@ def task_failure(alloc: dict[str, Any]) -> str:
     return str(alloc.get("ClientDescription") or alloc.get("ClientStatus"))
 
 
+def _artifact_failure(alloc: dict[str, Any]) -> str | None:
+    """Why a task that never started could not fetch its artifact (a checksum that differs, a URL that does
+    not answer). Nomad retries the download under the restart policy and fails the allocation only after the
+    last attempt, a minute or more later; the cause is already known."""
+    for task, state in sorted((alloc.get("TaskStates") or {}).items()):
+        events = state.get("Events") or []
+        failures = [e for e in events if e.get("Type") == ARTIFACT_FAILED]
+        if failures and not any(e.get("Type") == "Started" for e in events):
+            return f"{task}: {ARTIFACT_FAILED}: {failures[-1].get('DisplayMessage')}"
+    return None
+
+
 def _report_failed(follow: Follow, label: str, allocs: list[dict[str, Any]]) -> bool:
     """Say why each failed or unhealthy allocation is; whether there was any."""
     bad = False
@@ -110,6 +122,8 @@ def _report_failed(follow: Follow, label: str, allocs: list[dict[str, Any]]) -> 
         where = f"{label}: allocation {alloc['ID'][:8]} on {alloc['NodeName']}"
         if alloc["ClientStatus"] in ("failed", "lost"):
             follow.say(f"{where} {alloc['ClientStatus']}: {task_failure(alloc)}")
+        elif (artifact := _artifact_failure(alloc)) is not None:
+            follow.say(f"{where} cannot fetch its artifact: {artifact}")
         elif (alloc.get("DeploymentStatus") or {}).get("Healthy") is False:
             follow.say(f"{where} unhealthy: its checks did not pass within the healthy deadline")
         else:
@@ -146,10 +160,24 @@ def _follow_deployment(follow: Follow, job: Job, deployment_id: str) -> bool:
         time.sleep(POLL)
 
 
+def groups_down(live: list[dict[str, Any]], passing: set[str]) -> set[str]:
+    """Task groups of several allocations none of which runs and passes its checks: with one allocation per
+    director, every director of the data centre is down at once."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for alloc in live:
+        groups.setdefault(alloc["TaskGroup"], []).append(alloc)
+    return {name for name, allocs in groups.items()
+            if len(allocs) > 1 and not any(a["ClientStatus"] == "running" and a["ID"] in passing for a in allocs)}
+
+
 def _follow_allocations(follow: Follow, job: Job, version: int) -> bool:
-    """Without a deployment: every allocation of this version running, and passing in Consul if known."""
+    """Without a deployment: every allocation of this version running, and passing in Consul if known.
+
+    Nomad 1.6 replaces a system job's allocations `stagger` apart without waiting for the new one to be healthy,
+    so a stagger shorter than the time to healthy takes a whole group down for a moment; that is said once."""
     label, last = job["ID"], ""
     names = service_names(job)
+    up: set[str] = set()
     while True:
         live = [a for a in follow.client.allocations(job["ID"]) if a.get("DesiredStatus") == "run"]
         allocs = [a for a in live if a.get("JobVersion") == version]
@@ -157,6 +185,12 @@ def _follow_allocations(follow: Follow, job: Job, version: int) -> bool:
         running = [a for a in allocs if a["ClientStatus"] == "running"]
         passing = follow.passing(names) if follow.passing is not None and names else None
         healthy = [a for a in running if passing is None or a["ID"] in passing]
+        if passing is not None:
+            down = groups_down(live, passing)
+            for group in sorted(down & up):
+                follow.say(f"{label}: no allocation of group '{group}' passes its checks: Nomad replaced the next one "
+                           "before the last was healthy; raise the job's stagger above an allocation's time to healthy")
+            up = {a["TaskGroup"] for a in live if a["ClientStatus"] == "running" and a["ID"] in passing}
         progress = f"{label}: {len(running)}/{len(allocs)} running, {len(healthy)} healthy"
         progress += f", {older} on an older version" if older else ""
         if passing is None:

@@ -154,7 +154,9 @@ def job_sources(spec: JobSpec, default_region: str | None) -> list[JobSource]:
     return [JobSource(spec.name, region, render_job(spec, region), spec.source) for region in regions]
 
 
-def agent_variables(config_text: str, var_file_text: str = "") -> str:
-    """The agent job's HCL variable file: the operator's own variables plus the agents' configuration."""
+def agent_variables(config_text: str, var_file_text: str = "", extra: dict[str, str] | None = None) -> str:
+    """The agent job's HCL variable file: the operator's own variables, the agents' configuration and any
+    `extra` string variables (the build's URL and checksum from the command line)."""
     parts = [var_file_text.rstrip("\n"), f"config = {hcl_literal(config_text)}"]
+    parts += [f"{name} = {hcl_literal(value)}" for name, value in (extra or {}).items()]
     return "\n".join(p for p in parts if p) + "\n"

@@ -3,6 +3,7 @@ constraint, resources, the service check and the reschedule policy; placement fa
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
+from bridge.config import ConfigError
+from bridge.nomad.artifact import artifact_checksum, artifact_variables
 from bridge.nomad.cli import AGENT_HCL, AGENT_JOB
 from bridge.nomad.placement import explain_failures
 from bridge.nomad.plan import diff_lines, has_changes
@@ -156,6 +159,52 @@ def test_hcl_strings_keep_nomad_interpolation_and_escape_hcl_directives() -> Non
 def test_agent_variables_carry_the_configuration_literally() -> None:
     text = agent_variables('consul:\n  token_file: "${HOME}/t"\n', 'venv = "/opt/v"\n')
     assert text == 'venv = "/opt/v"\nconfig = "consul:\\n  token_file: \\"$${HOME}/t\\"\\n"\n'
+
+
+def test_agent_variables_add_the_builds_url_and_checksum_after_the_configuration() -> None:
+    text = agent_variables("vip_cidrs: []\n", 'stagger = "5s"\n', {"artifact_url": "https://b/m.pyz",
+                                                                  "artifact_checksum": "sha256:ab"})
+    assert text.splitlines() == ['stagger = "5s"', 'config = "vip_cidrs: []\\n"', 'artifact_url = "https://b/m.pyz"',
+                                 'artifact_checksum = "sha256:ab"']  # fmt: skip
+
+
+DIGEST = hashlib.sha256(b"build").hexdigest()
+
+
+def test_artifact_checksum_is_given_or_computed_from_a_local_copy_or_its_sha256_file(tmp_path: Path) -> None:
+    build = tmp_path / "maglev-bridge-0.1.0-cp311-linux_x86_64.pyz"
+    build.write_bytes(b"build")
+    (tmp_path / f"{build.name}.sha256").write_text(f"{DIGEST}  {build.name}\n")
+    assert artifact_checksum(f"sha256:{DIGEST.upper()}") == f"sha256:{DIGEST}"
+    assert artifact_checksum(str(build)) == f"sha256:{DIGEST}"
+    assert artifact_checksum(f"{build}.sha256") == f"sha256:{DIGEST}"
+    assert artifact_variables(None, None, "") == {}
+    assert artifact_variables("http://127.0.0.1/b.pyz", str(build), 'stagger = "5s"') == {
+        "artifact_url": "http://127.0.0.1/b.pyz", "artifact_checksum": f"sha256:{DIGEST}"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("url", "checksum", "var_file", "message"),
+    [
+        ("http://b/m.pyz", None, "", "--agent-artifact-checksum: --agent-artifact needs the build's checksum"),
+        ("http://b/m.pyz", "sha256:12", "", "--agent-artifact-checksum: 'sha256:12': expected sha256: and 64 hex"),
+        ("http://b/m.pyz", "/nonexistent/m.pyz", "", "--agent-artifact-checksum: /nonexistent/m.pyz: cannot read"),
+        (None, f"sha256:{DIGEST}", "", "--agent-artifact-checksum: only with --agent-artifact URL"),
+        ("http://b/m.pyz", f"sha256:{DIGEST}", 'artifact_url = "x"', "the variable file sets artifact_url too"),
+    ],
+)
+def test_artifact_options_that_cannot_work_are_refused_naming_the_option(
+    url: str | None, checksum: str | None, var_file: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        artifact_variables(url, checksum, var_file)
+
+
+def test_agent_job_chooses_between_the_fetched_build_and_the_venv() -> None:
+    hcl = (REPO / AGENT_HCL).read_text()
+    assert 'for_each = local.from_artifact ? [var.artifact_url] : []' in hcl
+    assert 'checksum = var.artifact_checksum' in hcl
+    assert 'command       = local.from_artifact ? var.python : "${var.venv}/bin/maglev-bridge"' in hcl
 
 
 def test_agent_job_file_defines_the_job_the_cli_names() -> None:
