@@ -106,3 +106,15 @@ def test_foreign_objects_in_the_table_are_not_read_as_the_agents():
 
 def test_object_names_are_reversible_and_short():
     assert object_id(WEB) == "c633640a_tcp_80" and object_id(replace(vs(DNS, None)).key) == "c633640a_udp_53"
+
+
+def test_plan_and_status_show_the_filter():
+    from bridge.render import desired_json, desired_text, status_json, status_text
+
+    desired = state(vs(WEB, ("192.0.2.0/24",)), vs(DNS, None))
+    assert "allow 192.0.2.0/24" in desired_text(desired).splitlines()[0]
+    assert [v["allow"] for v in desired_json(desired)["virtual_services"]] == [["192.0.2.0/24"], None]
+    live = LiveState(filter=LiveFilter(True, (LiveAllow(WEB, ("192.0.2.0/24",), 4, True, 12),)))
+    text = status_text(status_json(live, {}, {}))
+    assert "filter (table inet maglev_bridge): 1 allow list(s)" in text
+    assert "198.51.100.10:80/tcp   allow 192.0.2.0/24  dropped 12 packet(s)" in text
