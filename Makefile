@@ -51,6 +51,7 @@ bench: venv kernel-image hashicorp
 	$(PY) bench/maglev_bench.py
 	$(PY) bench/agreement.py
 	$(PY) bench/consul_latency.py
+	$(PY) bench/filter_bench.py
 	$(PY) -m tests.vm.boot --timeout 1500 -- $(PY) bench/apply_bench.py
 	mkdir -p $(FAILOVER_OUT)
 	$(PY) -m tests.vm.boot --timeout 2400 --share $(FAILOVER_OUT) -- $(PY) bench/failover.py --out $(FAILOVER_OUT)
