@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from bridge.dataplane.diff import Memory, plan
 from bridge.dataplane.filter import plan_filter
 from bridge.dataplane.nft import commands, object_id, parse_table
@@ -118,3 +121,22 @@ def test_plan_and_status_show_the_filter():
     text = status_text(status_json(live, {}, {}))
     assert "filter (table inet maglev_bridge): 1 allow list(s)" in text
     assert "198.51.100.10:80/tcp   allow 192.0.2.0/24  dropped 12 packet(s)" in text
+
+
+prefix_lists = st.one_of(st.none(), st.lists(st.sampled_from(
+    ["192.0.2.0/24", "192.0.2.0/25", "10.0.0.0/8", "203.0.113.7/32", "198.18.0.0/15"]), min_size=1, max_size=3)
+    .map(lambda found: tuple(sorted(set(found)))))
+histories = st.lists(st.dictionaries(st.sampled_from([WEB, DNS, ("198.51.100.11", 443, "tcp")]), prefix_lists,
+                                     max_size=3), min_size=1, max_size=5)
+
+
+@given(histories)
+def test_any_history_of_lists_converges_in_one_plan_and_then_plans_nothing(history):
+    kernel = ShadowKernel()
+    for lists in history:
+        desired = state(*(vs(key, allow) for key, allow in sorted(lists.items())))
+        list(kernel.apply(plan(desired, kernel.read(), Memory(), 0.0, 0).ops))
+        live = kernel.read()
+        assert {e.key: e.prefixes for e in live.filter.allows} == {
+            key: allow for key, allow in lists.items() if allow is not None}
+        assert plan(desired, live, Memory(), 0.0, 0).ops == ()
