@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	bash scripts/venv-nftables.sh $(VENV)
 	touch $@
 
 venv: $(VENV)/.installed
@@ -61,6 +62,7 @@ bench: venv kernel-image hashicorp
 	$(PY) bench/consul_latency.py
 	$(PY) bench/metrics_bench.py
 	$(PY) bench/dist_bench.py
+	$(PY) bench/filter_bench.py
 	$(PY) -m tests.vm.boot --timeout 1500 -- $(PY) bench/apply_bench.py
 	mkdir -p $(FAILOVER_OUT)
 	$(PY) -m tests.vm.boot --timeout 2400 --share $(FAILOVER_OUT) -- $(PY) bench/failover.py --out $(FAILOVER_OUT)

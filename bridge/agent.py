@@ -47,7 +47,7 @@ RETRY_SECONDS = 5.0
 RETRY_MAX = 300.0
 STATE_RETRY_SECONDS = 10.0
 LIVE_KEYS = frozenset({"vip_cidrs", "tunnel_map", "local_address", "fou_port", "drain_timeout", "resync_interval",
-                       "default_flags", "warning_serves", "mh_table_size"})
+                       "default_flags", "default_allow", "warning_serves", "mh_table_size"})
 """What SIGHUP changes in a running agent: what each pass reads from the configuration. Everything else
 is built once at start (the catalog source, the HTTP endpoint, the state file and its lock, the data-plane
 mode, the Consul registration) or names what the agent owns in the kernel (route_protocol, link_prefix,

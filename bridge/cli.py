@@ -110,6 +110,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         view = ServiceView(
             args.vip, vs.flags, tuple(Dest(r.address, r.port, r.weight, r.last_weight) for r in vs.real_servers),
             {r.address: r.backend for r in vs.real_servers}, source=f"desired state of {config.catalog_file}",
+            allow=vs.allow, service=vs.service,
         )
     else:
         view = live_view(config, key)

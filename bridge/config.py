@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from bridge.allow import AllowList, PrefixError, collapse, parse_prefixes
 from bridge.endpoint import EndpointError, HostPort, Url, check_readable, parse_host_port, parse_url
 from bridge.maglev import TABLE_SIZES
 
@@ -176,6 +177,8 @@ class Config:
     drain_timeout: float = 60.0
     resync_interval: float = 300.0
     default_flags: tuple[str, ...] = KNOWN_FLAGS
+    default_allow: AllowList = None
+    """The allow list of a virtual service whose instances tag none (None: everyone, no filter)."""
     warning_serves: bool = True
     route_protocol: int = 245
     mh_table_size: int = 4093
@@ -251,6 +254,16 @@ def _flags(value: object) -> tuple[str, ...]:
     if unknown:
         raise ConfigError(f"default_flags: unknown flag(s) {unknown}; expected some of {list(KNOWN_FLAGS)}")
     return flags
+
+
+def _default_allow(value: object) -> AllowList:
+    """`default_allow: [<cidr>, ...]`; null or absent: everyone."""
+    if value is None:
+        return None
+    try:
+        return collapse(parse_prefixes(",".join(str(v) for v in _list("default_allow", value))))
+    except PrefixError as err:
+        raise ConfigError(f"default_allow: {err}") from None
 
 
 def _number(key: str, value: object, low: float, high: float) -> float:
@@ -348,6 +361,7 @@ _PARSERS: dict[str, Any] = {
     "drain_timeout": lambda v: _number("drain_timeout", v, 0, 86400),
     "resync_interval": lambda v: _number("resync_interval", v, 1, 86400),
     "default_flags": _flags,
+    "default_allow": _default_allow,
     "warning_serves": lambda v: _bool("warning_serves", v),
     "route_protocol": lambda v: _integer("route_protocol", v, 5, 254),
     "mh_table_size": lambda v: _choice("mh_table_size", v, TABLE_SIZES),

@@ -129,15 +129,22 @@ def _real_servers(backed: list[_Backed], port: int, config: Config) -> tuple[Rea
 
 
 def _virtual_service(key: VsKey, service: str, backed: list[_Backed], config: Config) -> VirtualService:
+    """Flags and allow list are the earliest instance's (lowest CreateIndex, then instance id): one rule for
+    every per-service setting, decided from the catalog alone. For the allow list this is also the safe
+    choice: a union would let any one instance, a stray or a typo, open the VIP to more sources than the
+    service's owner set, and an intersection would let one close it. A rolling change of the list takes
+    effect when the earliest instance is replaced."""
     vip, port, protocol = key
+    first = _first_claim(backed).claim
     return VirtualService(
         vip=vip,
         port=port,
         protocol="udp" if protocol == "udp" else "tcp",
         scheduler="mh",
-        flags=_first_claim(backed).claim.flags,
+        flags=first.flags,
         service=service,
         real_servers=_real_servers(backed, port, config),
+        allow=first.allow,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bridge.addr import ipv4_int
+from bridge.allow import AllowList, admits, describe
 from bridge.maglev import Choice, Dest, MaglevTable, address_key, build_table, fingerprint, lookup, shares
 
 
@@ -29,6 +30,9 @@ class ServiceView:
     assumed: tuple[str, ...] = ()
     """Real servers whose remembered weight had to be assumed."""
     source: str = "live kernel state"
+    allow: AllowList = None
+    """The service's allow list (None: everyone)."""
+    service: str = ""
 
 
 def parse_service(text: str) -> tuple[str, int, str]:
@@ -67,6 +71,10 @@ def explain_flow(view: ServiceView, client: str, port: int, size: int) -> tuple[
     mh_port, mh_fallback = "mh-port" in view.flags, "mh-fallback" in view.flags
     lines = [f"{view.label}  flags {','.join(view.flags) or '-'}  table {size} slots  ({view.source})",
              f"client {client}:{port}" + ("" if mh_port else "  (no mh-port: the source port is not hashed)")]
+    filtered = not admits(view.allow, client)
+    if filtered:
+        lines.append(f"source {client} is not in {view.service or view.label}'s allow list "
+                     f"({describe(view.allow)}): the filter drops it before IPVS; Maglev would choose:")
     choice = lookup(table, client, port, mh_port=mh_port, mh_fallback=mh_fallback)
     first = _first_slot(table, client, port if mh_port else 0)
     owner = int(table.slots[first])
@@ -81,6 +89,9 @@ def explain_flow(view: ServiceView, client: str, port: int, size: int) -> tuple[
         if choice.fallback_hops:
             lines.append(f"mh-fallback: {choice.fallback_hops} re-hash(es), ending at slot {choice.slot}")
         lines.append(f"=> {_name(view, table.dests[choice.dest_index])}")
+    if filtered:
+        lines.append(f"=> dropped by the filter (table inet maglev_bridge), source {client}")
+        choice = None
     lines.extend(_assumptions(view))
     return lines, choice
 

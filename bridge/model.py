@@ -93,6 +93,8 @@ class VirtualService:
     service: str
     real_servers: tuple[RealServer, ...] = field(default=())
     """Kernel list order, head first (descending `order_key`)."""
+    allow: tuple[str, ...] | None = None
+    """Source prefixes that may reach the service (bridge/allow.py); None: everyone."""
 
     @property
     def key(self) -> tuple[str, int, Protocol]:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+from bridge.allow import describe as describe_allow
 from bridge.dataplane.state import LiveState
 from bridge.maintenance import Maintenance
 from bridge.model import DesiredState, Rejection
@@ -26,6 +27,7 @@ def desired_json(desired: DesiredState) -> dict[str, Any]:
                 "scheduler": vs.scheduler,
                 "flags": list(vs.flags),
                 "service": vs.service,
+                "allow": None if vs.allow is None else list(vs.allow),
                 "real_servers": [
                     {"address": rs.address, "port": rs.port, "weight": rs.weight, "backend": rs.backend,
                      "node": rs.node, "last_weight": rs.last_weight}
@@ -57,7 +59,7 @@ def desired_text(desired: DesiredState) -> str:
     lines = []
     for vs in desired.virtual_services:
         lines.append(f"{vs.vip}:{vs.port}/{vs.protocol}  service {printable(vs.service)}  scheduler {vs.scheduler}"
-                     f"  flags {','.join(vs.flags) or '-'}")
+                     f"  flags {','.join(vs.flags) or '-'}  allow {describe_allow(vs.allow)}")
         for rs in vs.real_servers:
             note = "" if rs.weight == rs.last_weight else f" (remembers {rs.last_weight})"
             lines.append(f"  -> {rs.address}:{rs.port}  weight {rs.weight}{note}  backend {rs.backend} "
@@ -105,6 +107,10 @@ def status_json(live: LiveState, report: dict[str, Any], fingerprints: dict[str,
         "sysctls": dict(live.sysctls),
         "announced": list(live.announced),
         "sync_daemons": [asdict(d) for d in live.sync_daemons],
+        "filter": {"table": live.filter.table, "allows": [
+            {"vip": e.key[0], "port": e.key[1], "protocol": e.key[2],
+             "prefixes": None if e.prefixes is None else list(e.prefixes), "drops": e.drops, "whole": e.whole}
+            for e in live.filter.allows]},
         "last_pass": report,
     }
 
@@ -156,6 +162,14 @@ def _director_text(data: dict[str, Any]) -> list[str]:
         lines.append(f"maintenance: {maintenance_text(maintenance)}")
     lines.extend(f"connection sync {d['state']} on {d['interface']} syncid {d['syncid']}"
                  for d in data.get("sync_daemons", []))
+    table = data.get("filter") or {"table": False, "allows": []}
+    if table["table"] or table["allows"]:
+        lines.append(f"filter (table inet maglev_bridge): {len(table['allows'])} allow list(s); every other "
+                     "service accepts everyone")
+    for e in table["allows"]:
+        broken = "" if e["whole"] else "  (incomplete: the next pass rebuilds it)"
+        lines.append(f"  {e['vip']}:{e['port']}/{e['protocol']:<5} allow {','.join(e['prefixes'] or []) or '-'}"
+                     f"  dropped {e['drops']} packet(s){broken}")
     return lines
 
 

@@ -42,7 +42,9 @@ def live_view(config: Config, key: tuple[str, int, str]) -> ServiceView:
     remotes = {link.name: link.remote for link in live.links}
     backends = {r.dst: remotes[r.dev] or "" for r in live.routes if r.table == "main" and r.dev in remotes}
     dests, assumed = live_dests(service, dict(stored.memory.last_weights))
-    return ServiceView(f"{key[0]}:{key[1]}/{key[2]}", service.flags, dests, backends, assumed)
+    entry = next((e for e in live.filter.allows if e.key == key), None)
+    return ServiceView(f"{key[0]}:{key[1]}/{key[2]}", service.flags, dests, backends, assumed,
+                       allow=entry.prefixes if entry else None)
 
 
 @lru_cache(maxsize=8192)

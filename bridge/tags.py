@@ -3,6 +3,7 @@
     <prefix>.vip=<ipv4>[:<port>][/tcp|/udp]   repeatable; port defaults to the instance's port
     <prefix>.weight=<0..65535>                 default 1
     <prefix>.flags=<mh-port,mh-fallback>       default from configuration
+    <prefix>.allow=<cidr>[,<cidr>...]          repeatable; source prefixes the service accepts (bridge/allow.py)
 
 An instance without a vip tag is not ours. Any malformed tag of ours rejects the instance's whole claim:
 applying part of what an operator wrote would be a guess.
@@ -10,15 +11,17 @@ applying part of what an operator wrote would be a guess.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from bridge.addr import ipv4_int
+from bridge.allow import AllowList, PrefixError, collapse, parse_prefixes
 from bridge.config import KNOWN_FLAGS, Config
 from bridge.model import Instance, Protocol, Rejection
 
 MAX_WEIGHT = 65535
-KEYS = ("vip", "weight", "flags")
+KEYS = ("vip", "weight", "flags", "allow")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,11 @@ class InstanceClaim(NamedTuple):
     claims: tuple[Claim, ...]
     weight: int
     flags: tuple[str, ...]
+    allow: AllowList
+    """The instance's allow list: its allow tags merged, or the configured default when it has none."""
+
+
+Parsed = tuple[tuple[Claim, ...], int, tuple[str, ...], AllowList]
 
 
 class TagError(ValueError):
@@ -107,6 +115,13 @@ def parse_flags(tag: str, value: str) -> tuple[str, ...]:
     return tuple(sorted(set(flags)))
 
 
+def parse_allow(tag: str, value: str) -> tuple[ipaddress.IPv4Network, ...]:
+    try:
+        return parse_prefixes(value)
+    except PrefixError as err:
+        raise TagError(tag, f"{err}; expected <cidr>[,<cidr>...]") from None
+
+
 class TagParser:
     """Parses instances against one configuration, remembering each VIP tag it has understood: a large
     catalog repeats the same VIP tag on every instance behind it."""
@@ -116,7 +131,7 @@ class TagParser:
         self.prefix = config.tag_prefix + "."
         self.default_flags = tuple(sorted(config.default_flags))
         self._vips: dict[tuple[str, int], Claim | TagError] = {}
-        self._tag_sets: dict[tuple[tuple[str, ...], int], tuple[tuple[Claim, ...], int, tuple[str, ...]] | None] = {}
+        self._tag_sets: dict[tuple[tuple[str, ...], int], Parsed | None] = {}
 
     def cached(self) -> int:
         return len(self._vips) + len(self._tag_sets)
@@ -142,12 +157,14 @@ class TagParser:
             return None
         return InstanceClaim(instance, *parsed)
 
-    def _parse_tags(self, tags: tuple[str, ...], port: int) -> tuple[tuple[Claim, ...], int, tuple[str, ...]] | None:
-        """Claims, weight and flags of one tag set; raises TagError (not cached: rejections are rare)."""
+    def _parse_tags(self, tags: tuple[str, ...], port: int) -> Parsed | None:
+        """Claims, weight, flags and allow list of one tag set; raises TagError (not cached: rejections are
+        rare). Several allow tags add up: a long list may be split over tags (Consul limits a tag's length)."""
         prefix = self.prefix
         claims: list[Claim] = []
         weight: int | None = None
         flags: tuple[str, ...] | None = None
+        allowed: list[ipaddress.IPv4Network] | None = None
         for tag in tags:
             if not tag.startswith(prefix):
                 continue
@@ -165,13 +182,17 @@ class TagParser:
                 if flags is not None:
                     raise TagError(tag, "flags are given more than once")
                 flags = parse_flags(tag, value)
+            elif key == "allow":
+                allowed = [*(allowed or ()), *parse_allow(tag, value)]
             else:
-                raise TagError(tag, f"unknown key {key!r}; expected {prefix}vip, {prefix}weight or {prefix}flags")
+                raise TagError(tag, f"unknown key {key!r}; expected {prefix}vip, {prefix}weight, {prefix}flags "
+                                    f"or {prefix}allow")
         if not claims:
             return None
         if len(claims) > 1:
             claims = sorted({c.key: c for c in claims}.values(), key=lambda c: (ipv4_int(c.vip), c.port, c.protocol))
-        return (tuple(claims), 1 if weight is None else weight, self.default_flags if flags is None else flags)
+        return (tuple(claims), 1 if weight is None else weight, self.default_flags if flags is None else flags,
+                self.config.default_allow if allowed is None else collapse(allowed))
 
     def parse(self, instance: Instance) -> InstanceClaim | Rejection | None:
         """An instance's claim, a rejection naming the tag at fault, or None when the instance is not ours."""

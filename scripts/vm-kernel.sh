@@ -26,7 +26,7 @@ KDIR="$CACHE/kernel"
 STAMP="$KDIR/.maglev-kernel"
 
 # Debian packages the VM needs on the host (checked with dpkg-query, installed only when missing)
-HOST_PACKAGES=(qemu-system-x86 busybox-static kmod ipvsadm iproute2 nftables file)
+HOST_PACKAGES=(qemu-system-x86 busybox-static kmod ipvsadm iproute2 nftables iptables file)
 
 apt_updated=0
 apt_update_once() {

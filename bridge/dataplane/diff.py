@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bridge.bgp import Announcing, announcement_ops
+from bridge.dataplane.filter import plan_filter
 from bridge.dataplane.ops import (
     AddDest,
     AddLink,
@@ -266,7 +267,8 @@ def plan(desired: DesiredState, live: LiveState, memory: Memory, now: float, dra
 
     With `announce` (a `bgp` section is configured), withdrawals come first and announcements last
     (bridge/bgp.py says why). Sysctls and sync daemons come before the IPVS operations: a director must
-    carry moved flows (sloppy_tcp) before it serves any."""
+    carry moved flows (sloppy_tcp) before it serves any. Filter operations (bridge/dataplane/filter.py) come
+    before the services too, and together: the shell sends them as one nftables transaction."""
     drains = _Drains(memory.drain_deadlines, now, drain_timeout)
     wanted_services = desired.virtual_services
     live_services = live.services
@@ -306,8 +308,9 @@ def plan(desired: DesiredState, live: LiveState, memory: Memory, now: float, dra
         labels = {vs_label(key) for key in scope}
         deadlines.update((k, v) for k, v in memory.drain_deadlines.items() if not _in_scope(k, labels))
     withdraws, announces = announcement_ops(announce, live.announced) if announce else ([], [])
+    filters = plan_filter(wanted_services, live.filter, kept_services, scope)
     ops = [*withdraws, *plan_sysctls(desired, live), *plan_sync_daemons(desired, live), *link_ops, *route_adds,
-           *first, *dests, *last, *route_dels, *link_dels, *announces]
+           *filters, *first, *dests, *last, *route_dels, *link_dels, *announces]
     draining = tuple(f"{ident} until {deadline:.0f}" for ident, deadline in sorted(deadlines.items())
                      if deadline > now)
     return Plan(tuple(ops), deadlines, draining)

@@ -34,6 +34,7 @@ from bridge.dataplane.ipvs_netlink import (
     ServiceRecord,
 )
 from bridge.dataplane.netlink_batch import NLM_F_CREATE, NLM_F_EXCL, BatchSocket, attr, u32
+from bridge.dataplane.nft import FilterError, Nft
 from bridge.dataplane.ops import (
     AddDest,
     AddLink,
@@ -43,6 +44,7 @@ from bridge.dataplane.ops import (
     DelLink,
     DelRoute,
     DelService,
+    FilterOp,
     IpvsOp,
     Op,
     SetDest,
@@ -53,7 +55,7 @@ from bridge.dataplane.ops import (
     VsKey,
     Withdraw,
 )
-from bridge.dataplane.state import LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
+from bridge.dataplane.state import LiveFilter, LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
 
 FLAG_BITS = {"mh-fallback": 0x0008, "mh-port": 0x0010}
 PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
@@ -98,6 +100,7 @@ class Kernel:
         self.ipr = IPRoute()
         self._ipvs: IpvsNetlink | None = None
         self._routes: BatchSocket | None = None
+        self._nft: Nft | None = None
 
     def close(self) -> None:
         self.ipr.close()
@@ -113,6 +116,12 @@ class Kernel:
             except (NetlinkError, OSError) as exc:
                 raise ApplyError(f"IPVS is not available in this kernel (modprobe ip_vs ip_vs_mh): {exc}") from None
         return self._ipvs
+
+    @property
+    def nft(self) -> Nft:
+        if self._nft is None:
+            self._nft = Nft()
+        return self._nft
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -191,7 +200,19 @@ class Kernel:
         ipvs = self.read_services() if services else ()
         daemons = tuple(self.ipvs.daemons()) if services and self.config.conn_sync is not None else ()
         return LiveState(ipvs, self._parse_links(link_msgs), self._parse_routes(link_msgs), self.read_sysctls(),
-                         self.read_announced(), daemons)
+                         self.read_announced(), daemons, self.read_filter())
+
+    def read_filter(self) -> LiveFilter:
+        """The agent's nftables table, on a director. Without python3-nftables it reads as absent: a director
+        with no allow list then works as before, and one with a list gets the library's absence as the
+        error of its filter operations, every pass, rather than a crash."""
+        if self.config.role != "director":
+            return LiveFilter()
+        try:
+            nft = self.nft
+        except FilterError:
+            return LiveFilter()
+        return nft.read()
 
     def read_sysctls(self) -> tuple[tuple[str, int | None], ...]:
         """The listed sysctls of this network namespace (/proc/sys/net is per namespace: the reading
@@ -280,12 +301,15 @@ class Kernel:
         try:
             if _batch_kind(ops[0]) == "ipvs":
                 errors = self.ipvs.run([_ipvs_request(op) for op in ops if isinstance(op, IpvsOp)])
+            elif _batch_kind(ops[0]) == "nft":
+                self.nft.transaction(op for op in ops if isinstance(op, FilterOp))
+                errors = [None] * len(ops)
             else:
                 indexes = {msg.get_attr("IFLA_IFNAME"): msg["index"] for msg in self.ipr.get_links()}
                 errors = self.routes.run([self._announce_request(op) if isinstance(op, Announce | Withdraw)
                                           else self._route_request(op, indexes) for op in ops
                                           if isinstance(op, AddRoute | DelRoute | Announce | Withdraw)])
-        except (OSError, ApplyError, KeyError) as exc:
+        except (OSError, ApplyError, FilterError, KeyError) as exc:
             errors = [_reason(exc)] * len(ops)
         for op, error in zip(ops, errors, strict=True):
             yield OpResult(op, error)
@@ -330,6 +354,8 @@ def _batch_kind(op: Op) -> str | None:
         return "ipvs"
     if isinstance(op, AddRoute | DelRoute | Announce | Withdraw):
         return "route"
+    if isinstance(op, FilterOp):
+        return "nft"
     return None
 
 

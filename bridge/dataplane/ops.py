@@ -158,6 +158,56 @@ class StopSyncDaemon(_SyncDaemonOp):
     verb = "stop"
 
 
+@dataclass(frozen=True)
+class CreateFilter:
+    """The agent's table and its input base chain (nftables `add` leaves existing ones as they are)."""
+
+    def describe(self) -> str:
+        return "create nftables table inet maglev_bridge, chain input (hook input priority filter)"
+
+
+@dataclass(frozen=True)
+class AddAllow:
+    """A service's allow set, its drop counter and the rule dropping every source outside the set."""
+
+    key: VsKey
+    prefixes: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"filter {vs_label(self.key)}: allow only {','.join(self.prefixes)}"
+
+
+@dataclass(frozen=True)
+class ChangeAllow:
+    """One service's allow set refilled (flushed and filled in the same transaction: removing and adding
+    elements one by one could make a new prefix overlap an old one mid-way, which an interval set refuses);
+    nothing else is touched."""
+
+    key: VsKey
+    prefixes: tuple[str, ...]
+    old: tuple[str, ...]
+
+    def describe(self) -> str:
+        changes = [f"+{p}" for p in self.prefixes if p not in self.old]
+        changes += [f"-{p}" for p in self.old if p not in self.prefixes]
+        return f"filter {vs_label(self.key)}: allow list {' '.join(changes)}"
+
+
+@dataclass(frozen=True)
+class DelAllow:
+    """Whatever exists of a service's rule, set and counter."""
+
+    key: VsKey
+    rule: int | None
+    set: bool
+    counter: bool
+
+    def describe(self) -> str:
+        return f"filter {vs_label(self.key)}: remove (every source allowed)"
+
+
 IpvsOp = AddService | SetService | DelService | AddDest | SetDest | DelDest
 AnnounceOp = Announce | Withdraw
-Op = IpvsOp | AddLink | DelLink | AddRoute | DelRoute | SetSysctl | AnnounceOp | StartSyncDaemon | StopSyncDaemon
+FilterOp = CreateFilter | AddAllow | ChangeAllow | DelAllow
+Op = (IpvsOp | AddLink | DelLink | AddRoute | DelRoute | SetSysctl | AnnounceOp | StartSyncDaemon | StopSyncDaemon
+      | FilterOp)

@@ -54,6 +54,32 @@ class LiveRoute:
 
 
 @dataclass(frozen=True)
+class LiveAllow:
+    """One virtual service's entry in the agent's nftables table (bridge/dataplane/nft.py)."""
+
+    key: tuple[str, int, Protocol]
+    prefixes: tuple[str, ...] | None
+    """The set's elements as prefixes; None when the set is missing."""
+    rule: int | None
+    """The handle of the rule dropping other sources; None when it is missing."""
+    counter: bool
+    drops: int = 0
+    """Packets the rule dropped (its named counter)."""
+
+    @property
+    def whole(self) -> bool:
+        return self.prefixes is not None and self.rule is not None and self.counter
+
+
+@dataclass(frozen=True)
+class LiveFilter:
+    """The agent's nftables table as plain data; `table` is False until the table and its chain exist."""
+
+    table: bool = False
+    allows: tuple[LiveAllow, ...] = ()
+
+
+@dataclass(frozen=True)
 class LiveState:
     services: tuple[LiveService, ...] = ()
     links: tuple[LiveLink, ...] = ()
@@ -64,3 +90,5 @@ class LiveState:
     """VIPs with an announce route (agent's protocol, announce table), when a `bgp` section is set."""
     sync_daemons: tuple[SyncDaemon, ...] = ()
     """The IPVS connection sync daemons running, when a `conn_sync` section is set."""
+    filter: LiveFilter = LiveFilter()
+    """The agent's nftables table (a director's source allow lists)."""

@@ -19,11 +19,15 @@ from typing import Protocol
 from bridge.addr import ipv4_int
 from bridge.dataplane.kernel import Kernel, OpResult
 from bridge.dataplane.ops import (
+    AddAllow,
     AddDest,
     AddLink,
     AddRoute,
     AddService,
     Announce,
+    ChangeAllow,
+    CreateFilter,
+    DelAllow,
     DelDest,
     DelLink,
     DelRoute,
@@ -38,7 +42,7 @@ from bridge.dataplane.ops import (
     VsKey,
     Withdraw,
 )
-from bridge.dataplane.state import LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
+from bridge.dataplane.state import LiveAllow, LiveFilter, LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
 from bridge.model import SyncDaemon
 
 Scope = frozenset[VsKey] | None
@@ -94,6 +98,7 @@ class ShadowKernel:
         self.sysctls: dict[str, int | None] = dict(seed.sysctls)
         self.announced: set[str] = set(seed.announced)
         self.sync_daemons: set[SyncDaemon] = set(seed.sync_daemons)
+        self.filter = seed.filter
         self._network: tuple[tuple[LiveLink, ...], tuple[LiveRoute, ...]] | None = None
 
     def read(self, scope: Scope = None) -> LiveState:
@@ -104,7 +109,7 @@ class ShadowKernel:
                              tuple(sorted(self.routes, key=lambda r: (r.table, r.dst, r.dev))))
         return LiveState(tuple(services), *self._network, tuple(sorted(self.sysctls.items())),
                          tuple(sorted(self.announced, key=ipv4_int)),
-                         tuple(sorted(self.sync_daemons, key=lambda d: d.state)))
+                         tuple(sorted(self.sync_daemons, key=lambda d: d.state)), self.filter)
 
     def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:
         for op in ops:
@@ -142,6 +147,8 @@ class ShadowKernel:
             self.sync_daemons.add(op.daemon)
         elif isinstance(op, StopSyncDaemon):
             self.sync_daemons.discard(op.daemon)
+        elif isinstance(op, CreateFilter | AddAllow | ChangeAllow | DelAllow):
+            self.filter = _filtered(self.filter, op)
         return None
 
     def _apply_announce(self, op: Announce | Withdraw) -> str | None:
@@ -173,3 +180,13 @@ class ShadowKernel:
             servers = others
         self.services[op.key] = replace(svc, real_servers=servers)
         return None
+
+
+def _filtered(table: LiveFilter, op: CreateFilter | AddAllow | ChangeAllow | DelAllow) -> LiveFilter:
+    """The table after `op` (rule handles are made up: only their presence matters to the plan)."""
+    if isinstance(op, CreateFilter):
+        return LiveFilter(True, table.allows)
+    others = tuple(e for e in table.allows if e.key != op.key)
+    if isinstance(op, AddAllow | ChangeAllow):
+        return LiveFilter(table.table, (*others, LiveAllow(op.key, op.prefixes, 1, True)))
+    return LiveFilter(table.table, others)

@@ -1,0 +1,187 @@
+"""The director's packet filter: the agent's own nftables table, read and changed through libnftables' JSON
+API, one transaction per pass.
+
+Why libnftables (Debian's python3-nftables, a thin ctypes wrapper of libnftables.so.1) and not pyroute2:
+pyroute2's nftables module cannot put several objects in one batch, and the filter must change atomically
+(a set, its counter and its rule appear together or not at all). python3-nftables is not on PyPI; the
+project's virtualenv gets that one package, and nothing else of the system's, through
+scripts/venv-nftables.sh (make venv).
+
+Ownership: everything lives in `table inet maglev_bridge`; the agent never lists, flushes or changes any
+other table, so an operator's tables and iptables-nft rules are never touched. Inside its table, names say
+what belongs to which virtual service (`allow_<vip hex>_<proto>_<port>` for the set, `drop_...` for the
+counter) and the rule's comment names the service's VIP:port/protocol.
+
+Where the chain sits: a base chain on the input hook at priority `filter` (0). IPVS takes packets on
+NF_INET_LOCAL_IN at NF_IP_PRI_NAT_SRC - 2 and - 1 (98 and 99, net/netfilter/ipvs/ip_vs_core.c), so this
+chain sees every packet to a VIP before IPVS schedules it, and a drop here is final. An accept here (the
+chain's policy) decides nothing: an operator's drop in another table still drops.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import Any
+
+from bridge.addr import ipv4_int
+from bridge.dataplane.ops import AddAllow, ChangeAllow, CreateFilter, FilterOp, VsKey, vs_label
+from bridge.dataplane.state import LiveAllow, LiveFilter
+
+FAMILY = "inet"
+TABLE = "maglev_bridge"
+CHAIN = "input"
+COMMENT = "maglev-bridge"
+_OWNER = {"family": FAMILY, "table": TABLE}
+
+
+class FilterError(RuntimeError):
+    """libnftables is missing or refused a transaction; the message is its reason."""
+
+
+def object_id(key: VsKey) -> str:
+    """Reversible, and short enough for nftables' names (at most 255 bytes)."""
+    return f"{ipv4_int(key[0]):08x}_{key[2]}_{key[1]}"
+
+
+def _key(object_id: str) -> VsKey | None:
+    vip, _, rest = object_id.partition("_")
+    protocol, _, port = rest.partition("_")
+    if len(vip) != 8 or protocol not in ("tcp", "udp") or not port.isdigit():
+        return None
+    try:
+        address = str(ipaddress.IPv4Address(int(vip, 16)))
+    except ValueError:
+        return None
+    return (address, int(port), "udp" if protocol == "udp" else "tcp")
+
+
+def _element(prefix: str) -> dict[str, Any]:
+    address, _, length = prefix.partition("/")
+    return {"prefix": {"addr": address, "len": int(length)}}
+
+
+def _prefixes(elements: Iterable[Any]) -> tuple[str, ...]:
+    """The set's elements as the agent writes them: a /32 comes back as a bare address, a range that is no
+    prefix (written by someone else) as the prefixes covering it."""
+    found: list[ipaddress.IPv4Network] = []
+    for element in elements:
+        if isinstance(element, str):
+            found.append(ipaddress.IPv4Network(element))
+        elif "prefix" in element:
+            found.append(ipaddress.IPv4Network((element["prefix"]["addr"], element["prefix"]["len"])))
+        elif "range" in element:
+            low, high = (ipaddress.IPv4Address(a) for a in element["range"])
+            found.extend(ipaddress.summarize_address_range(low, high))
+    return tuple(str(n) for n in sorted(found))
+
+
+def _rule(key: VsKey) -> dict[str, Any]:
+    ident = object_id(key)
+    return {**_OWNER, "chain": CHAIN, "comment": f"{COMMENT} {vs_label(key)}", "expr": [
+        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": key[0]}},
+        {"match": {"op": "==", "left": {"payload": {"protocol": key[2], "field": "dport"}}, "right": key[1]}},
+        {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                   "right": f"@allow_{ident}"}},
+        {"counter": f"drop_{ident}"},
+        {"drop": None},
+    ]}
+
+
+def commands(op: FilterOp) -> list[dict[str, Any]]:
+    """One operation as libnftables JSON commands."""
+    if isinstance(op, CreateFilter):
+        return [{"add": {"table": {"family": FAMILY, "name": TABLE}}},
+                {"add": {"chain": {**_OWNER, "name": CHAIN, "type": "filter", "hook": "input", "prio": 0,
+                                   "policy": "accept"}}}]
+    ident = object_id(op.key)
+    allow = {**_OWNER, "name": f"allow_{ident}"}
+    if isinstance(op, AddAllow):
+        return [{"add": {"counter": {**_OWNER, "name": f"drop_{ident}", "comment": f"{COMMENT} {vs_label(op.key)}"}}},
+                {"add": {"set": {**allow, "type": "ipv4_addr", "flags": ["interval"]}}},
+                {"add": {"element": {**allow, "elem": [_element(p) for p in op.prefixes]}}},
+                {"add": {"rule": _rule(op.key)}}]
+    if isinstance(op, ChangeAllow):
+        return [{"flush": {"set": allow}}, {"add": {"element": {**allow, "elem": [_element(p) for p in op.prefixes]}}}]
+    found: list[dict[str, Any]] = []
+    if op.rule is not None:
+        found.append({"delete": {"rule": {**_OWNER, "chain": CHAIN, "handle": op.rule}}})
+    if op.set:
+        found.append({"delete": {"set": allow}})
+    if op.counter:
+        found.append({"delete": {"counter": {**_OWNER, "name": f"drop_{ident}"}}})
+    return found
+
+
+def parse_table(listing: Iterable[dict[str, Any]]) -> LiveFilter:
+    """`list table inet maglev_bridge` (JSON objects) as plain data. Rules are the agent's when their comment
+    is; sets and counters when their names are."""
+    table = chain = False
+    sets: dict[VsKey, tuple[str, ...]] = {}
+    counters: dict[VsKey, int] = {}
+    rules: dict[VsKey, int] = {}
+    for item in listing:
+        if "table" in item:
+            table = True
+        elif "chain" in item and item["chain"].get("name") == CHAIN:
+            chain = True
+        elif "set" in item and (key := _key(item["set"]["name"].removeprefix("allow_"))):
+            sets[key] = _prefixes(item["set"].get("elem", ()))
+        elif "counter" in item and (key := _key(item["counter"]["name"].removeprefix("drop_"))):
+            counters[key] = int(item["counter"].get("packets", 0))
+        elif "rule" in item and item["rule"].get("chain") == CHAIN:
+            key = _comment_key(str(item["rule"].get("comment", "")))
+            if key is not None:
+                rules[key] = int(item["rule"]["handle"])
+    keys = sorted(sets.keys() | rules.keys() | counters.keys(), key=lambda k: (ipv4_int(k[0]), k[1], k[2]))
+    allows = tuple(LiveAllow(key, sets.get(key), rules.get(key), key in counters, counters.get(key, 0))
+                   for key in keys)
+    return LiveFilter(table and chain, allows)
+
+
+def _comment_key(comment: str) -> VsKey | None:
+    """`maglev-bridge 198.51.100.10:80/tcp` -> that key; None for any other comment."""
+    prefix = COMMENT + " "
+    address, _, rest = comment.removeprefix(prefix).partition(":")
+    port, _, protocol = rest.partition("/")
+    if not comment.startswith(prefix) or protocol not in ("tcp", "udp") or not port.isdigit():
+        return None
+    try:
+        return _key(object_id((address, int(port), "udp" if protocol == "udp" else "tcp")))
+    except ValueError:
+        return None
+
+
+class Nft:
+    """One libnftables context. Built at first use: a director with no allow list never needs the library."""
+
+    def __init__(self) -> None:
+        try:
+            import nftables  # Debian's python3-nftables (see above)
+        except ImportError as exc:
+            raise FilterError(f"python3-nftables is not available ({exc}); run `make venv` "
+                              "(scripts/venv-nftables.sh)") from None
+        self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(True)
+
+    def _run(self, commands: list[dict[str, Any]]) -> Any:
+        rc, output, error = self._nft.json_cmd({"nftables": commands})
+        if rc != 0:
+            raise FilterError(" ".join(str(error).split()) or f"libnftables returned {rc}")
+        return output
+
+    def read(self) -> LiveFilter:
+        try:
+            output = self._run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}])
+        except FilterError as exc:
+            if "No such file or directory" in str(exc):
+                return LiveFilter()
+            raise
+        return parse_table(output.get("nftables", ()) if isinstance(output, dict) else ())
+
+    def transaction(self, ops: Iterable[FilterOp]) -> None:
+        """Every operation in one transaction: all of them take effect, or none (FilterError)."""
+        batch = [command for op in ops for command in commands(op)]
+        if batch:
+            self._run(batch)

@@ -1,0 +1,142 @@
+"""Planning the director's packet filter (bridge/dataplane/filter.py) and its nftables form
+(bridge/dataplane/nft.py), without a kernel: the real table is checked in tests/kernel/test_filter.py."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.dataplane.diff import Memory, plan
+from bridge.dataplane.filter import plan_filter
+from bridge.dataplane.nft import commands, object_id, parse_table
+from bridge.dataplane.ops import AddAllow, AddRoute, AddService, ChangeAllow, CreateFilter, DelAllow, DelService
+from bridge.dataplane.state import LiveAllow, LiveFilter, LiveState
+from bridge.dataplane.view import ShadowKernel
+from bridge.model import DesiredState, VirtualService
+
+WEB = ("198.51.100.10", 80, "tcp")
+DNS = ("198.51.100.10", 53, "udp")
+
+
+def vs(key, allow):
+    return VirtualService(key[0], key[1], key[2], "mh", (), "web", (), allow)
+
+
+def state(*services):
+    return DesiredState(tuple(services), (), (), ())
+
+
+def applied(desired, live=None):
+    """The live state after planning and carrying out the plan in the model kernel."""
+    live = live or LiveState()
+    kernel = ShadowKernel(live)
+    list(kernel.apply(plan(desired, live, Memory(), 0.0, 30).ops))
+    return kernel.read()
+
+
+def test_a_first_list_creates_the_table_then_the_entry_before_the_service():
+    ops = [op for op in plan(state(vs(WEB, ("192.0.2.0/24",))), LiveState(), Memory(), 0.0, 30).ops
+           if not isinstance(op, AddRoute)]
+    assert ops == [CreateFilter(), AddAllow(WEB, ("192.0.2.0/24",)), AddService(WEB, "mh", ())]
+
+
+def test_services_without_a_list_create_no_table():
+    ops = plan(state(vs(WEB, None)), LiveState(), Memory(), 0.0, 30).ops
+    assert not any(isinstance(op, CreateFilter | AddAllow) for op in ops)
+
+
+def test_an_unchanged_catalog_plans_nothing():
+    desired = state(vs(WEB, ("192.0.2.0/24",)), vs(DNS, None))
+    assert plan(desired, applied(desired), Memory(), 0.0, 30).ops == ()
+
+
+def test_a_changed_list_refills_that_set_only():
+    live = applied(state(vs(WEB, ("192.0.2.0/24",)), vs(DNS, ("10.0.0.0/8",))))
+    ops = plan(state(vs(WEB, ("192.0.2.0/25",)), vs(DNS, ("10.0.0.0/8",))), live, Memory(), 0.0, 30).ops
+    assert ops == (ChangeAllow(WEB, ("192.0.2.0/25",), ("192.0.2.0/24",)),)
+    assert ops[0].describe() == "filter 198.51.100.10:80/tcp: allow list +192.0.2.0/25 -192.0.2.0/24"
+
+
+def test_a_list_dropped_from_the_tags_removes_the_entry_and_keeps_the_table():
+    live = applied(state(vs(WEB, ("192.0.2.0/24",))))
+    assert plan(state(vs(WEB, None)), live, Memory(), 0.0, 30).ops == (DelAllow(WEB, 1, True, True),)
+    assert applied(state(vs(WEB, None)), live).filter == LiveFilter(True, ())
+
+
+def test_a_draining_service_keeps_its_list_until_it_is_deleted():
+    live = applied(state(vs(WEB, ("192.0.2.0/24",))))
+    draining = plan(state(), live, Memory(), 0.0, 30)
+    assert not any(isinstance(op, DelAllow) for op in draining.ops)
+    expired = plan(state(), live, Memory(draining.drain_deadlines), 31.0, 30).ops
+    assert DelAllow(WEB, 1, True, True) in expired and DelService(WEB) in expired
+
+
+def test_a_broken_entry_is_rebuilt_whole():
+    live = LiveFilter(True, (LiveAllow(WEB, ("192.0.2.0/24",), None, True),))
+    assert plan_filter([vs(WEB, ("192.0.2.0/24",))], live, {WEB}) == [
+        DelAllow(WEB, None, True, True), AddAllow(WEB, ("192.0.2.0/24",))]
+
+
+def test_a_scoped_plan_leaves_entries_outside_its_scope_alone():
+    live = LiveFilter(True, (LiveAllow(DNS, ("10.0.0.0/8",), 7, True),))
+    assert plan_filter([vs(WEB, ("192.0.2.0/24",))], live, set(), scope={WEB}) == [AddAllow(WEB, ("192.0.2.0/24",))]
+
+
+def test_the_table_listing_reads_back_what_the_commands_write():
+    written = [c for op in (CreateFilter(), AddAllow(WEB, ("192.0.2.5/32", "10.0.0.0/8"))) for c in commands(op)]
+    listing = [next(iter(c["add"].items())) for c in written]
+    objects = []
+    for kind, body in listing:
+        if kind == "element":
+            continue
+        if kind == "set":
+            body = {**body, "elem": ["192.0.2.5", {"prefix": {"addr": "10.0.0.0", "len": 8}}]}
+        if kind == "rule":
+            body = {**body, "handle": 4}
+        if kind == "chain":
+            body = {**body, "name": "input"}
+        objects.append({kind: body})
+    assert parse_table(objects) == LiveFilter(True, (LiveAllow(WEB, ("10.0.0.0/8", "192.0.2.5/32"), 4, True),))
+
+
+def test_foreign_objects_in_the_table_are_not_read_as_the_agents():
+    objects = [{"table": {}}, {"chain": {"name": "input"}}, {"set": {"name": "operators", "elem": []}},
+               {"rule": {"chain": "input", "handle": 9, "comment": "ssh"}}]
+    assert parse_table(objects) == LiveFilter(True, ())
+
+
+def test_object_names_are_reversible_and_short():
+    assert object_id(WEB) == "c633640a_tcp_80" and object_id(replace(vs(DNS, None)).key) == "c633640a_udp_53"
+
+
+def test_plan_and_status_show_the_filter():
+    from bridge.render import desired_json, desired_text, status_json, status_text
+
+    desired = state(vs(WEB, ("192.0.2.0/24",)), vs(DNS, None))
+    assert "allow 192.0.2.0/24" in desired_text(desired).splitlines()[0]
+    assert [v["allow"] for v in desired_json(desired)["virtual_services"]] == [["192.0.2.0/24"], None]
+    live = LiveState(filter=LiveFilter(True, (LiveAllow(WEB, ("192.0.2.0/24",), 4, True, 12),)))
+    text = status_text(status_json(live, {}, {}))
+    assert "filter (table inet maglev_bridge): 1 allow list(s)" in text
+    assert "198.51.100.10:80/tcp   allow 192.0.2.0/24  dropped 12 packet(s)" in text
+
+
+prefix_lists = st.one_of(st.none(), st.lists(st.sampled_from(
+    ["192.0.2.0/24", "192.0.2.0/25", "10.0.0.0/8", "203.0.113.7/32", "198.18.0.0/15"]), min_size=1, max_size=3)
+    .map(lambda found: tuple(sorted(set(found)))))
+histories = st.lists(st.dictionaries(st.sampled_from([WEB, DNS, ("198.51.100.11", 443, "tcp")]), prefix_lists,
+                                     max_size=3), min_size=1, max_size=5)
+
+
+@given(histories)
+def test_any_history_of_lists_converges_in_one_plan_and_then_plans_nothing(history):
+    kernel = ShadowKernel()
+    for lists in history:
+        desired = state(*(vs(key, allow) for key, allow in sorted(lists.items())))
+        list(kernel.apply(plan(desired, kernel.read(), Memory(), 0.0, 0).ops))
+        live = kernel.read()
+        assert {e.key: e.prefixes for e in live.filter.allows} == {
+            key: allow for key, allow in lists.items() if allow is not None}
+        assert plan(desired, live, Memory(), 0.0, 0).ops == ()
