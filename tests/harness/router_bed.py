@@ -119,7 +119,8 @@ class Bird:
 
 @dataclass
 class RouteWatcher:
-    """Every state of the router's route to one VIP, as (monotonic time, next-hop addresses).  A thread inside
+    """Every state of a node's route to one VIP (default: the router's, in its main table), as (monotonic
+    time, next-hop addresses).  A thread inside
     the router's namespace waits on a netlink socket subscribed to IPv4 route changes and, on each, reads the
     VIP's next hops again (no ip exec per sample: each costs ~0.1 s in the emulated VM).  The subscription
     is a plain stdlib socket because pyroute2 0.9's IPRoute does not deliver notifications to a thread other
@@ -127,6 +128,7 @@ class RouteWatcher:
 
     router: Node
     vip: str
+    table: int = 254
     changes: list[tuple[float, frozenset[str]]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _ready: threading.Event = field(default_factory=threading.Event)
@@ -144,15 +146,16 @@ class RouteWatcher:
 
     def _read(self) -> frozenset[str]:
         with IPRoute() as ipr:
-            routes = ipr.route("dump", dst=self.vip, dst_len=32, table=254)
+            routes = ipr.route("dump", dst=self.vip, dst_len=32, table=self.table)
         hops: set[str] = set()
         for r in routes:
             if r.get_attr("RTA_DST") != self.vip:
                 continue
-            if r.get_attr("RTA_GATEWAY"):
-                hops.add(r.get_attr("RTA_GATEWAY"))
-            for nh in r.get_attr("RTA_MULTIPATH") or []:
+            multipath = r.get_attr("RTA_MULTIPATH") or []
+            for nh in multipath:
                 hops.add(nh.get_attr("RTA_GATEWAY"))
+            if not multipath:  # one next hop, or none (the agent's blackhole announce route)
+                hops.add(r.get_attr("RTA_GATEWAY") or "no gateway")
         return frozenset(hops)
 
     def _loop(self) -> None:
