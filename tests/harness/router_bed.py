@@ -41,8 +41,9 @@ EXAMPLE_BFD = (100, 3)
 CALM_BFD = (500, 4)
 """BFD timing for what does not measure failure detection (maintenance, restart, first pass, drain): the
 examples' 100 ms x 3 declares every director down at once whenever the emulated VM stalls for more than
-300 ms, which on a loaded 2-core machine happened 54 times in 4 minutes (measured; see RouterBed.stalls):
-such a run would test the machine instead of the agent."""
+300 ms: on the loaded 2-core machine, 54 BFD sessions went down in one 4-minute test and, in another, 20
+times all at the same instant (measured; see RouterBed.stalls).  Such a run tests the machine, not the
+agent."""
 
 
 def render(template: Path, **values: object) -> str:
