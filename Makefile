@@ -36,7 +36,7 @@ real: venv hashicorp
 	$(PYTEST) -q -m "(consul or nomad) and not kernel" tests
 
 kernel: venv kernel-image hashicorp
-	$(PY) -m tests.vm.boot --timeout 1500 -- $(PYTEST) -q -m kernel tests
+	$(PY) -m tests.vm.boot --timeout 3000 -- $(PYTEST) -q -m kernel tests
 
 test: lint unit real kernel
 
