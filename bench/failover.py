@@ -48,9 +48,16 @@ def scenario(name: str, out: Path) -> tuple[Recording, list[tuple[float, str]], 
         events: list[tuple[float, str]] = []
         t0 = time.monotonic()
         if name == "maintenance":
+            announced = bed.watch_announcement(d1)
             events.append((t0, "maintenance on d1"))
             bed.maintenance(d1, "on")
-            events.append((bed.wait_route([d2, d3]), "router drops d1"))
+            bed.wait_route([d2, d3])
+            t_out = bed.dropped(d1, t0)
+            announced.stop()
+            t_withdrawn = announced.changes[-1][0]
+            print(f"  maintenance: d1's announce route deleted {t_withdrawn - t0:.3f} s after the command started, "
+                  f"router's route changed {t_out - t_withdrawn:.3f} s after that", flush=True)
+            events.append((t_out, "router drops d1"))
             bed.hold(4)
             events.append((time.monotonic(), "maintenance off d1"))
             bed.maintenance(d1, "off")
@@ -58,7 +65,8 @@ def scenario(name: str, out: Path) -> tuple[Recording, list[tuple[float, str]], 
         else:
             events.append((t0, "d1 unplugged"))
             d1.unplug()
-            events.append((bed.wait_route([d2, d3], timeout=60), "router drops d1"))
+            bed.wait_route([d2, d3], timeout=60)
+            events.append((bed.dropped(d1, t0), "router drops d1"))
         bed.hold(4)
         rec = bed.stop_traffic()
         if bed.watcher:

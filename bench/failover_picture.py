@@ -68,7 +68,8 @@ def picture(rec: Recording, events: list[tuple[float, str]], title: str, lo: flo
     rows0 = top0 + TOP_H + GAP_H
     backends = sorted({f.backend for f in rows})
     out.append(f'<text x="{LEFT}" y="{rows0 - 8}">each of {len(rows)} connections (one row each, coloured by '
-               f'its backend; red: no answer for more than {BREAK:g} s; black: reset)</text>')
+               f'its backend; red: no answer for more than {BREAK:g} s; black: reset; grey: the recorder itself '
+               f'was not scheduled)</text>')
     for row, flow in enumerate(rows):
         y = rows0 + row * ROW_H
         colour = BACKEND_COLOURS[backends.index(flow.backend) % len(BACKEND_COLOURS)]
@@ -87,6 +88,10 @@ def picture(rec: Recording, events: list[tuple[float, str]], title: str, lo: flo
         if flow.reset is not None and lo <= flow.reset <= hi:
             out.append(f'<rect x="{x(flow.reset):.1f}" y="{y}" width="{x(hi) - x(flow.reset):.1f}" '
                        f'height="{ROW_H - 1}" fill="black"/>')
+    for a, b in rec.stalls:  # the recorder itself was not running: no answer could be read, whatever the network did
+        if b > lo and a < hi:
+            out.append(f'<rect x="{x(max(a, lo)):.1f}" y="{rows0}" width="{x(min(b, hi)) - x(max(a, lo)):.1f}" '
+                       f'height="{len(rows) * ROW_H}" fill="#888" fill-opacity="0.45"/>')
     for i, b in enumerate(backends):
         out.append(f'<text x="{WIDTH - RIGHT - 40 * (len(backends) - i)}" y="{rows0 - 24}" '
                    f'fill="{BACKEND_COLOURS[i % len(BACKEND_COLOURS)]}">{b}</text>')
@@ -98,9 +103,9 @@ def picture(rec: Recording, events: list[tuple[float, str]], title: str, lo: flo
     out.append(f'<text x="{LEFT + plot_w / 2}" y="{bottom + 32}" text-anchor="middle">seconds</text>')
     for i, (t, label) in enumerate(events):
         if lo <= t <= hi:
-            out.append(f'<line x1="{x(t):.1f}" y1="{top0 + 14}" x2="{x(t):.1f}" y2="{bottom}" stroke="#444" '
+            out.append(f'<line x1="{x(t):.1f}" y1="{top0 + 16}" x2="{x(t):.1f}" y2="{bottom}" stroke="#444" '
                        f'stroke-dasharray="4,3"/>')
-            out.append(f'<text x="{x(t) + 3:.1f}" y="{top0 + 14 + 12 * (i % 4)}">{escape(label)}</text>')
+            out.append(f'<text x="{x(t) + 3:.1f}" y="{top0 + 26 + 12 * (i % 4)}">{escape(label)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

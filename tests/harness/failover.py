@@ -88,6 +88,18 @@ class FailoverBed:
     def stop_agent(self, director: Director) -> int:
         return self.agents.stop(self.procs.pop(director.label))
 
+    def dropped(self, director: Director, since: float) -> float:
+        """When the router's route first went without this director after `since` (wait_route first)."""
+        assert self.watcher is not None
+        return next(t for t, hops in self.watcher.changes if t > since and director.address not in hops)
+
+    def watch_announcement(self, director: Director) -> RouteWatcher:
+        """The director's own announce route (its table that BIRD learns), to time a withdraw's way from the
+        director's kernel to the router's.  Stopped at teardown by the caller (watcher.stop())."""
+        watcher = RouteWatcher(director, VIP, table=ANNOUNCE_TABLE)
+        watcher.start()
+        return watcher
+
     def wait_route(self, directors: Iterable[Director], timeout: float = 60) -> float:
         """Until the router's route to the VIP goes over exactly these directors; returns when it did."""
         want = frozenset(d.address for d in directors)

@@ -41,8 +41,9 @@ EXAMPLE_BFD = (100, 3)
 CALM_BFD = (500, 4)
 """BFD timing for what does not measure failure detection (maintenance, restart, first pass, drain): the
 examples' 100 ms x 3 declares every director down at once whenever the emulated VM stalls for more than
-300 ms, which on a loaded 2-core machine happened 54 times in 4 minutes (measured; see RouterBed.stalls):
-such a run would test the machine instead of the agent."""
+300 ms: on the loaded 2-core machine, 54 BFD sessions went down in one 4-minute test and, in another, 20
+times all at the same instant (measured; see RouterBed.stalls).  Such a run tests the machine, not the
+agent."""
 
 
 def render(template: Path, **values: object) -> str:
@@ -119,7 +120,8 @@ class Bird:
 
 @dataclass
 class RouteWatcher:
-    """Every state of the router's route to one VIP, as (monotonic time, next-hop addresses).  A thread inside
+    """Every state of a node's route to one VIP (default: the router's, in its main table), as (monotonic
+    time, next-hop addresses).  A thread inside
     the router's namespace waits on a netlink socket subscribed to IPv4 route changes and, on each, reads the
     VIP's next hops again (no ip exec per sample: each costs ~0.1 s in the emulated VM).  The subscription
     is a plain stdlib socket because pyroute2 0.9's IPRoute does not deliver notifications to a thread other
@@ -127,6 +129,7 @@ class RouteWatcher:
 
     router: Node
     vip: str
+    table: int = 254
     changes: list[tuple[float, frozenset[str]]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _ready: threading.Event = field(default_factory=threading.Event)
@@ -144,15 +147,16 @@ class RouteWatcher:
 
     def _read(self) -> frozenset[str]:
         with IPRoute() as ipr:
-            routes = ipr.route("dump", dst=self.vip, dst_len=32, table=254)
+            routes = ipr.route("dump", dst=self.vip, dst_len=32, table=self.table)
         hops: set[str] = set()
         for r in routes:
             if r.get_attr("RTA_DST") != self.vip:
                 continue
-            if r.get_attr("RTA_GATEWAY"):
-                hops.add(r.get_attr("RTA_GATEWAY"))
-            for nh in r.get_attr("RTA_MULTIPATH") or []:
+            multipath = r.get_attr("RTA_MULTIPATH") or []
+            for nh in multipath:
                 hops.add(nh.get_attr("RTA_GATEWAY"))
+            if not multipath:  # one next hop, or none (the agent's blackhole announce route)
+                hops.add(r.get_attr("RTA_GATEWAY") or "no gateway")
         return frozenset(hops)
 
     def _loop(self) -> None:
