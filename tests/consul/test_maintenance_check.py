@@ -44,4 +44,4 @@ def test_maintenance_turns_the_agents_consul_check_to_warning_and_off_turns_it_b
         eventually(lambda: check_status(consul_agent, sid) == "passing", timeout=30)
     finally:
         announcer.stop()
-        server.shutdown()
+        server.stop()
