@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -140,3 +141,22 @@ def test_any_history_of_lists_converges_in_one_plan_and_then_plans_nothing(histo
         assert {e.key: e.prefixes for e in live.filter.allows} == {
             key: allow for key, allow in lists.items() if allow is not None}
         assert plan(desired, live, Memory(), 0.0, 0).ops == ()
+
+
+def test_a_table_nftables_cannot_list_is_an_apply_error_naming_the_table():
+    """So `status` and `apply` say it in one line, and the agent's pass logs it without a traceback."""
+    from bridge.dataplane.kernel import ApplyError, Kernel
+    from bridge.dataplane.nft import FilterError
+    from tests.test_diff import CONFIG
+
+    class Refusing:
+        def read(self) -> LiveFilter:
+            raise FilterError("Operation not permitted")
+
+    kernel = Kernel(replace(CONFIG, role="director"))
+    try:
+        kernel._nft = Refusing()  # type: ignore[assignment]
+        with pytest.raises(ApplyError, match="inet maglev_bridge: Operation not permitted"):
+            kernel.read_filter()
+    finally:
+        kernel.close()

@@ -205,14 +205,19 @@ class Kernel:
     def read_filter(self) -> LiveFilter:
         """The agent's nftables table, on a director. Without python3-nftables it reads as absent: a director
         with no allow list then works as before, and one with a list gets the library's absence as the
-        error of its filter operations, every pass, rather than a crash."""
+        error of its filter operations, every pass, rather than a crash. A table libnftables cannot list is
+        an ApplyError like any other unreadable kernel state, so `status`, `apply` and the agent's pass
+        report it in one line instead of a traceback."""
         if self.config.role != "director":
             return LiveFilter()
         try:
             nft = self.nft
         except FilterError:
             return LiveFilter()
-        return nft.read()
+        try:
+            return nft.read()
+        except FilterError as exc:
+            raise ApplyError(f"cannot read nftables table inet maglev_bridge: {exc}") from None
 
     def read_sysctls(self) -> tuple[tuple[str, int | None], ...]:
         """The listed sysctls of this network namespace (/proc/sys/net is per namespace: the reading
