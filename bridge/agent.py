@@ -478,7 +478,8 @@ class Agent:
         self._stopping.set()
         self._wanted.set()
         self.source.stop()
-        self.scheduler.shutdown(wait=False)
+        if self.scheduler.running:  # a SIGTERM during start-up comes before the scheduler runs
+            self.scheduler.shutdown(wait=False)
 
     def _handle_signals(self) -> None:
         """SIGTERM/SIGINT stop (the kernel stays as it is); SIGHUP (systemd's reload, Nomad's change_mode
@@ -519,12 +520,21 @@ class Agent:
         self.start()
         log.info("agent started: role %s, dataplane %s, http %s, pid %d", self.config.role, self.config.dataplane,
                  self.config.http_address.netloc, os.getpid())
-        self.work()
+        # The worker has a thread of its own and this one only waits: Python runs a signal handler in the
+        # main thread between two of its bytecodes, and a handler that sets `_wanted` while that same thread
+        # holds the Event's lock (inside the worker's own wait or clear) would wait for itself forever.
+        worker = threading.Thread(target=self.work, name="worker")
+        worker.start()
+        worker.join()
+        crashed = not self._stopping.is_set()
+        if crashed:
+            log.error("the worker stopped unexpectedly (see the traceback above); stopping")
+            self.stop()
         if announcer is not None:
             announcer.stop()
         server.stop()
         log.info("stopped")
-        return 0
+        return 1 if crashed else 0
 
 
 def source_for(config: Config) -> CatalogSource:

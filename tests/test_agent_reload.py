@@ -56,3 +56,11 @@ def test_keys_built_into_the_running_agent_need_a_restart(tmp_path, caplog, key)
         agent.reload_config()
     assert getattr(agent.config, key) != getattr(changed, key)
     assert f"changed key(s) {key} need a restart" in caplog.text
+
+
+def test_a_sigterm_before_the_scheduler_runs_stops_the_agent_without_an_error(tmp_path):
+    """Nomad may stop an allocation while the agent is still starting; the handler runs stop() then."""
+    agent = agent_with(tmp_path, None)
+    agent.source.stop = lambda: None  # type: ignore[attr-defined]
+    agent.stop()
+    agent.work()  # returns at once: the stop is kept for the worker
