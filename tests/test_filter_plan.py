@@ -160,3 +160,16 @@ def test_a_table_nftables_cannot_list_is_an_apply_error_naming_the_table():
             kernel.read_filter()
     finally:
         kernel.close()
+
+
+def test_closing_the_kernel_closes_every_socket_it_opened_nftables_included():
+    import os
+
+    from bridge.dataplane.kernel import Kernel
+    from tests.test_diff import CONFIG
+
+    before = len(os.listdir("/proc/self/fd"))
+    kernel = Kernel(replace(CONFIG, role="director"))
+    assert kernel.nft is not None
+    kernel.close()
+    assert len(os.listdir("/proc/self/fd")) == before

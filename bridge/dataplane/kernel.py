@@ -107,6 +107,7 @@ class Kernel:
         for sock in (self._ipvs, self._routes):
             if sock is not None:
                 sock.close()
+        self._nft = None  # libnftables frees its context, and the netlink socket it holds, with the object
 
     @property
     def ipvs(self) -> IpvsNetlink:
