@@ -173,3 +173,35 @@ def test_closing_the_kernel_closes_every_socket_it_opened_nftables_included():
     assert kernel.nft is not None
     kernel.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_new_service_whose_allow_list_could_not_be_put_in_place_is_not_added():
+    """Added anyway it would serve every source on a VIP already announced (its other port is served)."""
+    from collections.abc import Iterable, Iterator
+
+    from bridge.dataplane.kernel import OpResult
+    from bridge.dataplane.ops import AddDest, FilterOp, Op
+    from bridge.model import RealServer
+    from bridge.reconcile import UNFILTERED, director_pass
+    from tests.test_diff import CONFIG
+
+    class NoFilter(ShadowKernel):
+        def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:
+            for op in ops:
+                if isinstance(op, FilterOp):
+                    yield OpResult(op, "Operation not supported")
+                else:
+                    yield from super().apply([op])
+
+    server = RealServer("10.1.0.5", 8080, 1, 1, "10.1.0.5", "app1", 0)
+    other = replace(vs(("198.51.100.10", 443, "tcp"), None), real_servers=(server,))
+    desired = state(other, replace(vs(WEB, ("192.0.2.0/24",)), real_servers=(server,)))
+    kernel = NoFilter()
+    outcome, _ = director_pass(desired, CONFIG, kernel, Memory(), apply=True, now=0.0)
+    assert set(kernel.services) == {other.key}, "the service without a list is served; the one with a list waits"
+    assert (AddService(WEB, "mh", ()).describe(), UNFILTERED) in [(s.description, s.error) for s in outcome.steps]
+    assert (AddDest(WEB, "10.1.0.5", 8080, 1).describe(), UNFILTERED) in [
+        (s.description, s.error) for s in outcome.steps]
+    working = ShadowKernel(kernel.read())
+    director_pass(desired, CONFIG, working, Memory(), apply=True, now=1.0)
+    assert WEB in working.services and working.filter.allows[0].key == WEB, "the next pass adds both"
