@@ -381,9 +381,9 @@ class Agent:
         """For /health and status: ready only after the first complete pass."""
         catalog = self.source.state()
         failures = {**self.book.failures, **self._backend_failures}
-        bgp = self.config.bgp
+        bgp = self.config.bgp if self.config.role == "director" else None  # a backend announces nothing
         announcing: dict[str, Any] | None = None
-        if bgp is not None and self.config.role == "director":
+        if bgp is not None:
             announcing = {"table": bgp.table, "gate": "open" if self.gate_open
                           else "closed: waiting for a full pass applied without failures"}
         return {

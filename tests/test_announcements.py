@@ -169,6 +169,17 @@ def test_health_answers_429_in_maintenance_and_says_why(tmp_path):
         server.stop()
 
 
+def test_a_backend_agent_is_never_in_maintenance_even_with_the_directors_bgp_section(tmp_path):
+    """The Nomad job gives both roles one configuration; a backend announces nothing, so its /health must not
+    turn to 429 (a warning that holds up a deploy) over a maintenance file on its host."""
+    agent = director(tmp_path, Catalog([web(1)]))
+    agent.config = replace(agent.config, role="backend")
+    assert agent.config.bgp is not None
+    write_maintenance(agent.config.bgp.maintenance_file, Maintenance("kernel upgrade", 1.0, "ops@lb1"))
+    state = agent.state()
+    assert state["maintenance"] == {"on": False} and state["announcing"] is None
+
+
 def test_a_maintenance_file_is_on_whatever_its_content(tmp_path):
     path = tmp_path / "maintenance"
     assert read_maintenance(path) is None
