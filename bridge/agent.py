@@ -173,7 +173,7 @@ class Agent:
         self._backend_failures = dict(outcome.failures)
         self.synced = True
         self.last_error = None
-        self._failures = 0
+        self._failures = self._failures + 1 if outcome.failed else 0
         self.last_pass_at = now
         self.passes += 1
         self._log(reason, outcome)
@@ -187,7 +187,7 @@ class Agent:
             stage.name = "state save"
             self._save_state(now, outcome)
         if outcome.failed:
-            self._retry_in(RETRY_SECONDS)
+            self._retry_in(self._retry_delay())
         stage.name = "drain schedule"
         self._schedule_drain()
         return outcome
@@ -229,6 +229,12 @@ class Agent:
             self.state_lost = warning
         return stored.memory
 
+    def _retry_delay(self) -> float:
+        """One backoff for a pass that raised and one whose operations failed: an operation that fails for
+        good (someone's nftables rule holding the agent's set) must not cost a full pass, a full kernel
+        read and a failing transaction every 5 s forever."""
+        return min(RETRY_SECONDS * 2.0 ** (self._failures - 1), RETRY_MAX)
+
     def _pass_failed(self, reason: str, full: bool, stage: str, exc: Exception) -> None:
         """Count and show the failure; re-read the kernel before the next pass (it may have applied part of
         its operations), which follows after a backoff that grows while the failure repeats."""
@@ -237,7 +243,7 @@ class Agent:
         message = f"{stage}: {exc.__class__.__name__}: {exc}"
         self.last_error = f"pass failed in {message}"
         self.last_failure = {"at": time.time(), "reason": reason, "stage": stage, "error": message}
-        delay = min(RETRY_SECONDS * 2 ** (self._failures - 1), RETRY_MAX)
+        delay = self._retry_delay()
         if isinstance(exc, ApplyError | OSError):
             log.error("%s: pass failed in %s, retrying in %.0f s: %s", reason, stage, delay, exc)
         else:

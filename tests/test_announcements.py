@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
@@ -235,3 +236,32 @@ def test_sync_daemons_are_started_restarted_on_a_change_and_left_alone_without_c
         StopSyncDaemon(old), StartSyncDaemon(master))
     unowned = compute_desired(Snapshot(()), replace(config, conn_sync=None), "192.0.2.1")
     assert plan(unowned, LiveState(sync_daemons=(old,)), Memory(), 0.0, 30).ops == ()
+
+
+def test_a_pass_whose_operations_keep_failing_is_retried_with_the_pass_failures_backoff(tmp_path):
+    """Not a full pass every 5 s forever: the same 5 s doubling to 5 min as a pass that raised."""
+    class Refusing(ShadowKernel):
+        def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:
+            for op in ops:
+                yield OpResult(op, "EPERM") if isinstance(op, SetSysctl) else next(super().apply([op]))
+
+    agent = director(tmp_path, Catalog([web(1)]), Refusing())
+
+    def retry_in() -> float:
+        job = agent.scheduler.get_job("retry")
+        return (job.trigger.run_date.timestamp() - time.time()) if job else 0.0
+
+    delays = []
+    agent.scheduler.start()
+    try:
+        for _ in range(3):
+            agent.sync("retry", full=True)
+            delays.append(retry_in())
+        agent._dataplane = ShadowKernel(agent._dataplane.read())  # type: ignore[union-attr]
+        agent.sync("retry", full=True)
+        agent._dataplane = Refusing(replace(agent._dataplane.read(), sysctls=()))
+        agent.sync("sysctl changed by hand", full=True)
+        delays.append(retry_in())
+    finally:
+        agent.scheduler.shutdown(wait=False)
+    assert [round(d) for d in delays] == [5, 10, 20, 5], "a pass without failures starts the backoff again"
