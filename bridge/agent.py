@@ -362,7 +362,8 @@ class Agent:
     def watch_maintenance(self) -> None:
         """Once a second (a stat): `maintenance on|off` asks for a pass at once; the pass reads the file. A
         full one: `maintenance on` has already deleted the announcements itself, so the cached view of the
-        announce table is stale, and withdrawing what is gone would fail."""
+        announce table is stale (a small pass before this one withdraws what is gone, which is not an error:
+        kernel.GONE)."""
         assert self.config.bgp is not None
         seen = file_stamp(self.config.bgp.maintenance_file)
         if seen != self._maintenance_seen:

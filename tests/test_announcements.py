@@ -265,3 +265,13 @@ def test_a_pass_whose_operations_keep_failing_is_retried_with_the_pass_failures_
     finally:
         agent.scheduler.shutdown(wait=False)
     assert [round(d) for d in delays] == [5, 10, 20, 5], "a pass without failures starts the backoff again"
+
+
+def test_withdrawing_a_route_already_gone_is_done_not_failed():
+    """`maintenance on` deletes the announcements itself; a small pass planned from the cached announce table
+    then withdraws routes already gone, which is what it wanted, not a failure that holds up the next pass.
+    The model agrees with the kernel (Kernel._flush takes ESRCH of a withdrawal as done)."""
+    kernel = ShadowKernel(LiveState(announced=("198.51.100.2",)))
+    kernel.announced.clear()  # what `maintenance on` did, behind the pass's back
+    results = list(kernel.apply([Withdraw("198.51.100.2", TABLE)]))
+    assert [r.error for r in results] == [None] and kernel.announced == set()

@@ -7,6 +7,7 @@ route protocol number.
 
 from __future__ import annotations
 
+import errno
 import re
 import socket
 import struct
@@ -33,7 +34,7 @@ from bridge.dataplane.ipvs_netlink import (
     ServiceKey,
     ServiceRecord,
 )
-from bridge.dataplane.netlink_batch import NLM_F_CREATE, NLM_F_EXCL, BatchSocket, attr, u32
+from bridge.dataplane.netlink_batch import NLM_F_CREATE, NLM_F_EXCL, BatchSocket, attr, describe, u32
 from bridge.dataplane.nft import FilterError, Nft
 from bridge.dataplane.ops import (
     AddDest,
@@ -317,6 +318,8 @@ class Kernel:
                 errors = self.routes.run([self._announce_request(op) if isinstance(op, Announce | Withdraw)
                                           else self._route_request(op, indexes) for op in ops
                                           if isinstance(op, AddRoute | DelRoute | Announce | Withdraw)])
+                errors = [None if isinstance(op, Withdraw) and error == GONE else error
+                          for op, error in zip(ops, errors, strict=True)]
         except (OSError, ApplyError, FilterError, KeyError) as exc:
             errors = [_reason(exc)] * len(ops)
         for op, error in zip(ops, errors, strict=True):
@@ -351,6 +354,11 @@ class Kernel:
         if isinstance(op, Announce):
             return RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body
         return RTM_DELROUTE, 0, body
+
+
+GONE = describe(errno.ESRCH)
+"""A withdrawal of a route already gone has done what it was for: `maintenance on` deletes the announcements
+itself, and a pass that began before the agent saw the file still plans their withdrawal."""
 
 
 def _sysctl_path(name: str) -> Path:

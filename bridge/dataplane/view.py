@@ -163,9 +163,7 @@ class ShadowKernel:
                 return "EEXIST"
             self.announced.add(op.vip)
             return None
-        if op.vip not in self.announced:
-            return "ESRCH"
-        self.announced.discard(op.vip)
+        self.announced.discard(op.vip)  # a withdrawal of what is gone is done (kernel.GONE)
         return None
 
     def _apply_dest(self, op: AddDest | SetDest | DelDest) -> str | None:
