@@ -443,6 +443,9 @@ class Agent:
         except (ConfigError, OSError) as exc:
             log.error("SIGHUP: the new configuration is not valid, keeping the running one: %s", exc)
             return
+        except Exception:  # a bug in reading it must not end the worker, which runs the reload between passes
+            log.exception("SIGHUP: the new configuration could not be read, keeping the running one")
+            return
         changed = [f.name for f in fields(Config) if getattr(new, f.name) != getattr(self.config, f.name)]
         live = [key for key in changed if key in LIVE_KEYS]
         restart = [key for key in changed if key not in LIVE_KEYS]

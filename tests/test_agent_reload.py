@@ -64,3 +64,15 @@ def test_a_sigterm_before_the_scheduler_runs_stops_the_agent_without_an_error(tm
     agent.source.stop = lambda: None  # type: ignore[attr-defined]
     agent.stop()
     agent.work()  # returns at once: the stop is kept for the worker
+
+
+def test_a_reload_that_fails_unexpectedly_keeps_the_running_configuration_and_the_worker(tmp_path, caplog):
+    """The reload runs in the worker, outside the pass boundary: a bug there must not end the agent."""
+    def broken() -> Config:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    agent = agent_with(tmp_path, broken)
+    before = agent.config
+    with caplog.at_level(logging.ERROR, logger="maglev-bridge"):
+        agent.reload_config()
+    assert agent.config is before and "could not be read, keeping the running one" in caplog.text
