@@ -173,7 +173,7 @@ class Agent:
         self._backend_failures = dict(outcome.failures)
         self.synced = True
         self.last_error = None
-        self._failures = 0
+        self._failures = self._failures + 1 if outcome.failed else 0
         self.last_pass_at = now
         self.passes += 1
         self._log(reason, outcome)
@@ -187,7 +187,7 @@ class Agent:
             stage.name = "state save"
             self._save_state(now, outcome)
         if outcome.failed:
-            self._retry_in(RETRY_SECONDS)
+            self._retry_in(self._retry_delay())
         stage.name = "drain schedule"
         self._schedule_drain()
         return outcome
@@ -229,6 +229,12 @@ class Agent:
             self.state_lost = warning
         return stored.memory
 
+    def _retry_delay(self) -> float:
+        """One backoff for a pass that raised and one whose operations failed: an operation that fails for
+        good (someone's nftables rule holding the agent's set) must not cost a full pass, a full kernel
+        read and a failing transaction every 5 s forever."""
+        return min(RETRY_SECONDS * 2.0 ** (self._failures - 1), RETRY_MAX)
+
     def _pass_failed(self, reason: str, full: bool, stage: str, exc: Exception) -> None:
         """Count and show the failure; re-read the kernel before the next pass (it may have applied part of
         its operations), which follows after a backoff that grows while the failure repeats."""
@@ -237,7 +243,7 @@ class Agent:
         message = f"{stage}: {exc.__class__.__name__}: {exc}"
         self.last_error = f"pass failed in {message}"
         self.last_failure = {"at": time.time(), "reason": reason, "stage": stage, "error": message}
-        delay = min(RETRY_SECONDS * 2 ** (self._failures - 1), RETRY_MAX)
+        delay = self._retry_delay()
         if isinstance(exc, ApplyError | OSError):
             log.error("%s: pass failed in %s, retrying in %.0f s: %s", reason, stage, delay, exc)
         else:
@@ -356,7 +362,8 @@ class Agent:
     def watch_maintenance(self) -> None:
         """Once a second (a stat): `maintenance on|off` asks for a pass at once; the pass reads the file. A
         full one: `maintenance on` has already deleted the announcements itself, so the cached view of the
-        announce table is stale, and withdrawing what is gone would fail."""
+        announce table is stale (a small pass before this one withdraws what is gone, which is not an error:
+        kernel.GONE)."""
         assert self.config.bgp is not None
         seen = file_stamp(self.config.bgp.maintenance_file)
         if seen != self._maintenance_seen:
@@ -381,9 +388,9 @@ class Agent:
         """For /health and status: ready only after the first complete pass."""
         catalog = self.source.state()
         failures = {**self.book.failures, **self._backend_failures}
-        bgp = self.config.bgp
+        bgp = self.config.bgp if self.config.role == "director" else None  # a backend announces nothing
         announcing: dict[str, Any] | None = None
-        if bgp is not None and self.config.role == "director":
+        if bgp is not None:
             announcing = {"table": bgp.table, "gate": "open" if self.gate_open
                           else "closed: waiting for a full pass applied without failures"}
         return {
@@ -436,6 +443,9 @@ class Agent:
         except (ConfigError, OSError) as exc:
             log.error("SIGHUP: the new configuration is not valid, keeping the running one: %s", exc)
             return
+        except Exception:  # a bug in reading it must not end the worker, which runs the reload between passes
+            log.exception("SIGHUP: the new configuration could not be read, keeping the running one")
+            return
         changed = [f.name for f in fields(Config) if getattr(new, f.name) != getattr(self.config, f.name)]
         live = [key for key in changed if key in LIVE_KEYS]
         restart = [key for key in changed if key not in LIVE_KEYS]
@@ -478,7 +488,8 @@ class Agent:
         self._stopping.set()
         self._wanted.set()
         self.source.stop()
-        self.scheduler.shutdown(wait=False)
+        if self.scheduler.running:  # a SIGTERM during start-up comes before the scheduler runs
+            self.scheduler.shutdown(wait=False)
 
     def _handle_signals(self) -> None:
         """SIGTERM/SIGINT stop (the kernel stays as it is); SIGHUP (systemd's reload, Nomad's change_mode
@@ -519,12 +530,21 @@ class Agent:
         self.start()
         log.info("agent started: role %s, dataplane %s, http %s, pid %d", self.config.role, self.config.dataplane,
                  self.config.http_address.netloc, os.getpid())
-        self.work()
+        # The worker has a thread of its own and this one only waits: Python runs a signal handler in the
+        # main thread between two of its bytecodes, and a handler that sets `_wanted` while that same thread
+        # holds the Event's lock (inside the worker's own wait or clear) would wait for itself forever.
+        worker = threading.Thread(target=self.work, name="worker")
+        worker.start()
+        worker.join()
+        crashed = not self._stopping.is_set()
+        if crashed:
+            log.error("the worker stopped unexpectedly (see the traceback above); stopping")
+            self.stop()
         if announcer is not None:
             announcer.stop()
         server.stop()
         log.info("stopped")
-        return 0
+        return 1 if crashed else 0
 
 
 def source_for(config: Config) -> CatalogSource:

@@ -1,4 +1,4 @@
-"""Source allow-lists: which client prefixes may reach a virtual service.
+"""Source allow lists: which client prefixes may reach a virtual service.
 
 An allow list is a tuple of prefixes in CIDR text, merged (no prefix inside another, adjacent ones joined)
 and sorted, so two directors that read the same tags hold equal values and the nftables set they build is

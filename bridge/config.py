@@ -340,11 +340,11 @@ def _check_client(name: str, section: ConsulConfig | NomadConfig) -> None:
 
 def _sysctls(value: object) -> tuple[tuple[str, int], ...]:
     if not isinstance(value, Mapping):
-        raise ConfigError(f"sysctls: expected a mapping of sysctl name to integer, got {value!r}")
+        raise ConfigError(f"sysctls: expected a mapping of sysctl name to integer, got {_show(value)}")
     found = []
     for name, item in value.items():
         if not isinstance(name, str) or not re.fullmatch(re.escape(SYSCTL_PREFIX) + r"[a-z0-9_]+", name):
-            raise ConfigError(f"sysctls: {name!r}: only IPVS sysctls of the director's namespace "
+            raise ConfigError(f"sysctls: {_show(name)}: only IPVS sysctls of the director's namespace "
                               f"({SYSCTL_PREFIX}<name>) are managed")
         found.append((name, _integer(f"sysctls.{name}", item, 0, 2**31 - 1)))
     return tuple(sorted(found))

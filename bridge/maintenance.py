@@ -9,12 +9,12 @@ why); its presence alone decides, so a file an operator truncated by hand still 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from bridge.store import write_durably
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,9 @@ def read_maintenance(path: str | Path) -> Maintenance | None:
 
 
 def write_maintenance(path: str | Path, maintenance: Maintenance) -> None:
-    """Atomic replace, so the agent never reads half a file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".maintenance-")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(asdict(maintenance)) + "\n")
-    os.replace(tmp, target)
+    """Atomic, so the agent never reads half a file, and durable: maintenance is often for a reboot, and a
+    crash right after `maintenance on` must not bring the director back into rotation."""
+    write_durably(path, (json.dumps(asdict(maintenance)) + "\n").encode(), prefix=".maintenance-")
 
 
 def clear_maintenance(path: str | Path) -> bool:

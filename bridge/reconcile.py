@@ -17,7 +17,7 @@ from bridge.config import Config
 from bridge.dataplane.backend import BackendKernel, plan_backend
 from bridge.dataplane.diff import Memory, plan, remember
 from bridge.dataplane.kernel import ApplyError, OpResult, open_kernel
-from bridge.dataplane.ops import Announce
+from bridge.dataplane.ops import AddAllow, AddDest, AddService, Announce, FilterOp, Op
 from bridge.dataplane.view import Dataplane, KernelView, Scope, ShadowKernel
 from bridge.desired import claims_of_node, compute_desired
 from bridge.maintenance import read_maintenance
@@ -61,6 +61,7 @@ class PassOutcome:
 
 
 SKIPPED = "skipped: an earlier operation of this pass failed"
+UNFILTERED = "not added: its allow list could not be put in place (filter operation failed)"
 
 
 def director_pass(desired: DesiredState, config: Config, dataplane: Dataplane, memory: Memory, *, apply: bool,
@@ -75,7 +76,7 @@ def director_pass(desired: DesiredState, config: Config, dataplane: Dataplane, m
         steps = tuple(StepResult(op.describe(), None) for op in result.ops)
         return PassOutcome("director", False, steps, desired.rejected, result.draining, desired), memory
     announces = [op for op in result.ops if isinstance(op, Announce)]
-    results = list(dataplane.apply(op for op in result.ops if not isinstance(op, Announce)))
+    results = _apply_filtered_first(dataplane, [op for op in result.ops if not isinstance(op, Announce)])
     if any(r.error for r in results):
         results += [OpResult(op, SKIPPED) for op in announces]
     else:
@@ -84,6 +85,20 @@ def director_pass(desired: DesiredState, config: Config, dataplane: Dataplane, m
                        desired.rejected, result.draining, desired)
     succeeded = [r.op for r in results if r.error is None]
     return done, Memory(result.drain_deadlines, remember(memory.last_weights, succeeded))
+
+
+def _apply_filtered_first(dataplane: Dataplane, ops: list[Op]) -> list[OpResult]:
+    """The plan up to its filter operations first (they are contiguous: one nftables transaction), then the
+    rest, without the new services whose allow list could not be put in place: such a service added anyway
+    would serve every source on a VIP that is already announced (another port, another director). They are
+    reported as not done, so the pass failed, its announcements wait, and the next pass tries again."""
+    cut = max((i + 1 for i, op in enumerate(ops) if isinstance(op, FilterOp)), default=0)
+    results = list(dataplane.apply(ops[:cut]))
+    unfiltered = {r.op.key for r in results if r.error and isinstance(r.op, AddAllow)}
+    new = {op.key for op in ops[cut:] if isinstance(op, AddService) and op.key in unfiltered}
+    held = [op for op in ops[cut:] if isinstance(op, AddService | AddDest) and op.key in new]
+    results += dataplane.apply(op for op in ops[cut:] if not (isinstance(op, AddService | AddDest) and op.key in new))
+    return results + [OpResult(op, UNFILTERED) for op in held]
 
 
 def announce_decision(desired: DesiredState, config: Config, *, full_pass: bool,

@@ -101,20 +101,25 @@ def _what_it_held(path: Path) -> str:
 
 
 def save_state(path: str | Path, stored: Stored) -> None:
-    """Atomic and durable: the new file is written and fsynced under a temporary name, renamed over the
-    old one, and the directory fsynced, so a crash or power loss leaves either the old or the new file,
-    never a truncated one. Raises OSError (read-only or full disk, directory gone); the caller retries."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    payload = msgspec.json.encode({
+    """Atomic and durable (`write_durably`). Raises OSError (read-only or full disk, directory gone); the
+    caller retries."""
+    write_durably(path, msgspec.json.encode({
         "drain_deadlines": dict(stored.memory.drain_deadlines),
         "last_weights": dict(stored.memory.last_weights),
         "report": stored.report,
-    }, order="sorted")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".state-")
+    }, order="sorted"), prefix=".state-")
+
+
+def write_durably(path: str | Path, data: bytes, *, prefix: str) -> None:
+    """The agent's files (the state file, the maintenance file): written and fsynced under a temporary name,
+    renamed over the old one, and the directory fsynced, so a crash or power loss leaves either the old or
+    the new file, never a truncated one, and a file that was renamed into place is still there after it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=prefix)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)

@@ -35,16 +35,22 @@ def test_live_keys_take_effect_and_the_others_wait_for_a_restart(tmp_path, caplo
     assert agent._take_request() == ("configuration reloaded", True)
 
 
-def test_a_configuration_that_does_not_validate_changes_nothing(tmp_path, caplog):
+@pytest.mark.parametrize(("error", "said"), [
+    (ConfigError("fou_port: expected an integer from 1 to 65535, got 0"),
+     "keeping the running one: fou_port: expected an integer"),
+    # the reload runs in the worker, outside the pass boundary: a bug there must not end the agent
+    (RecursionError("maximum recursion depth exceeded"), "could not be read, keeping the running one"),
+], ids=["invalid", "unexpected error"])
+def test_a_configuration_that_does_not_validate_changes_nothing(tmp_path, caplog, error, said):
     def bad() -> Config:
-        raise ConfigError("fou_port: expected an integer from 1 to 65535, got 0")
+        raise error
 
     agent = agent_with(tmp_path, bad)
     before = agent.config
     with caplog.at_level(logging.ERROR, logger="maglev-bridge"):
         agent.reload_config()
     assert agent.config is before
-    assert "keeping the running one: fou_port: expected an integer" in caplog.text
+    assert said in caplog.text
 
 
 @pytest.mark.parametrize("key", ["tag_prefix", "route_protocol", "link_prefix", "state_file", "dataplane"])
@@ -56,3 +62,12 @@ def test_keys_built_into_the_running_agent_need_a_restart(tmp_path, caplog, key)
         agent.reload_config()
     assert getattr(agent.config, key) != getattr(changed, key)
     assert f"changed key(s) {key} need a restart" in caplog.text
+
+
+def test_a_sigterm_before_the_scheduler_runs_stops_the_agent_without_an_error(tmp_path):
+    """Nomad may stop an allocation while the agent is still starting; the handler runs stop() then."""
+    agent = agent_with(tmp_path, None)
+    agent.source.stop = lambda: None  # type: ignore[attr-defined]
+    agent.stop()
+    agent.work()  # returns at once: the stop is kept for the worker
+

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
@@ -169,6 +170,17 @@ def test_health_answers_429_in_maintenance_and_says_why(tmp_path):
         server.stop()
 
 
+def test_a_backend_agent_is_never_in_maintenance_even_with_the_directors_bgp_section(tmp_path):
+    """The Nomad job gives both roles one configuration; a backend announces nothing, so its /health must not
+    turn to 429 (a warning that holds up a deploy) over a maintenance file on its host."""
+    agent = director(tmp_path, Catalog([web(1)]))
+    agent.config = replace(agent.config, role="backend")
+    assert agent.config.bgp is not None
+    write_maintenance(agent.config.bgp.maintenance_file, Maintenance("kernel upgrade", 1.0, "ops@lb1"))
+    state = agent.state()
+    assert state["maintenance"] == {"on": False} and state["announcing"] is None
+
+
 def test_a_maintenance_file_is_on_whatever_its_content(tmp_path):
     path = tmp_path / "maintenance"
     assert read_maintenance(path) is None
@@ -224,3 +236,42 @@ def test_sync_daemons_are_started_restarted_on_a_change_and_left_alone_without_c
         StopSyncDaemon(old), StartSyncDaemon(master))
     unowned = compute_desired(Snapshot(()), replace(config, conn_sync=None), "192.0.2.1")
     assert plan(unowned, LiveState(sync_daemons=(old,)), Memory(), 0.0, 30).ops == ()
+
+
+def test_a_pass_whose_operations_keep_failing_is_retried_with_the_pass_failures_backoff(tmp_path):
+    """Not a full pass every 5 s forever: the same 5 s doubling to 5 min as a pass that raised."""
+    class Refusing(ShadowKernel):
+        def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:
+            for op in ops:
+                yield OpResult(op, "EPERM") if isinstance(op, SetSysctl) else next(super().apply([op]))
+
+    agent = director(tmp_path, Catalog([web(1)]), Refusing())
+
+    def retry_in() -> float:
+        job = agent.scheduler.get_job("retry")
+        return (job.trigger.run_date.timestamp() - time.time()) if job else 0.0
+
+    delays = []
+    agent.scheduler.start()
+    try:
+        for _ in range(3):
+            agent.sync("retry", full=True)
+            delays.append(retry_in())
+        agent._dataplane = ShadowKernel(agent._dataplane.read())  # type: ignore[union-attr]
+        agent.sync("retry", full=True)
+        agent._dataplane = Refusing(replace(agent._dataplane.read(), sysctls=()))
+        agent.sync("sysctl changed by hand", full=True)
+        delays.append(retry_in())
+    finally:
+        agent.scheduler.shutdown(wait=False)
+    assert [round(d) for d in delays] == [5, 10, 20, 5], "a pass without failures starts the backoff again"
+
+
+def test_withdrawing_a_route_already_gone_is_done_not_failed():
+    """`maintenance on` deletes the announcements itself; a small pass planned from the cached announce table
+    then withdraws routes already gone, which is what it wanted, not a failure that holds up the next pass.
+    The model agrees with the kernel (Kernel._flush takes ESRCH of a withdrawal as done)."""
+    kernel = ShadowKernel(LiveState(announced=("198.51.100.2",)))
+    kernel.announced.clear()  # what `maintenance on` did, behind the pass's back
+    results = list(kernel.apply([Withdraw("198.51.100.2", TABLE)]))
+    assert [r.error for r in results] == [None] and kernel.announced == set()

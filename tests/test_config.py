@@ -170,9 +170,11 @@ def test_yaml_aliases_are_refused_before_anything_expands_them(tmp_path):
         load_config(path)
 
 
-def test_a_huge_value_makes_a_short_message():
+@pytest.mark.parametrize("document", [{"fou_port": "x" * 1_000_000, "ignored": 1}, {"sysctls": "x" * 1_000_000},
+                                      {"sysctls": {"x" * 1_000_000: 1}}], ids=["fou_port", "sysctls", "sysctl name"])
+def test_a_huge_value_makes_a_short_message(document):
     with pytest.raises(ConfigError) as err:
-        parse_config({"fou_port": "x" * 1_000_000, "ignored": 1})
+        parse_config(document)
     assert len(str(err.value)) < 300
 
 

@@ -1,4 +1,5 @@
-"""The state file: validated on load, moved aside when bad, written durably, locked by one agent."""
+"""The state file: validated on load, moved aside when bad, written durably (like the maintenance file),
+locked by one agent."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import pytest
 
 from bridge.dataplane.diff import Memory
+from bridge.maintenance import Maintenance, write_maintenance
 from bridge.store import StateLock, StateLocked, Stored, load_state, recover_state, save_state
 
 MEMORY = Memory(drain_deadlines={"198.51.100.1:80/tcp 203.0.113.1:80": 1700000000.5},
@@ -64,7 +66,16 @@ def test_readers_that_change_nothing_see_a_bad_file_as_empty_and_leave_it(tmp_pa
     assert path.read_text() == "[]"
 
 
-def test_save_fsyncs_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+WRITERS = {
+    "state": lambda path: save_state(path, Stored(MEMORY)),
+    "maintenance": lambda path: write_maintenance(path, Maintenance("kernel upgrade", 1.0, "ops@lb1")),
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_the_agents_files_are_fsynced_before_the_rename_and_the_directory_after(tmp_path, monkeypatch, writer):
+    """The maintenance file too: maintenance is often for a reboot, and a crash right after `maintenance on`
+    must not bring the director back into rotation."""
     events: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -78,7 +89,7 @@ def test_save_fsyncs_the_file_before_the_rename_and_the_directory_after(tmp_path
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    save_state(tmp_path / "state.json", Stored(MEMORY))
+    WRITERS[writer](tmp_path / "file")
     assert events == ["fsync file", "rename", "fsync dir"]
 
 

@@ -32,6 +32,7 @@ from bridge.dataplane.ops import (
     DelLink,
     DelRoute,
     DelService,
+    FilterOp,
     IpvsOp,
     Op,
     SetDest,
@@ -76,15 +77,20 @@ class KernelView:
         return replace(self._rest, services=self.kernel.read_services(scope))
 
     def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:
-        network_changed = False
+        """The cached part is read again after a pass changed any of it; the nftables table only when the
+        pass sent it a transaction (a new VIP's route and announcement cannot change it)."""
+        network_changed = filter_changed = False
         for result in self.kernel.apply(ops):
             network_changed = network_changed or _changes_network(result.op)
+            filter_changed = filter_changed or isinstance(result.op, FilterOp)
             yield result
         if network_changed and self._rest is not None:
             daemons = self._rest.sync_daemons
             if self.kernel.config.conn_sync is not None:
                 daemons = tuple(self.kernel.ipvs.daemons())
-            self._rest = replace(self.kernel.read(services=False), sync_daemons=daemons)
+            rest = self.kernel.read(services=False, filter_table=filter_changed)
+            kept = rest.filter if filter_changed else self._rest.filter
+            self._rest = replace(rest, sync_daemons=daemons, filter=kept)
 
 
 class ShadowKernel:
@@ -157,9 +163,7 @@ class ShadowKernel:
                 return "EEXIST"
             self.announced.add(op.vip)
             return None
-        if op.vip not in self.announced:
-            return "ESRCH"
-        self.announced.discard(op.vip)
+        self.announced.discard(op.vip)  # a withdrawal of what is gone is done (kernel.GONE)
         return None
 
     def _apply_dest(self, op: AddDest | SetDest | DelDest) -> str | None:
