@@ -7,6 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.catalog.consul import (
@@ -18,8 +22,18 @@ from bridge.catalog.consul import (
 )
 from bridge.catalog.consul_format import CatalogFormatError
 from bridge.catalog.source import CatalogUnavailable
-from bridge.metrics import CONSUL_ERROR_KINDS, rejection_reason
-from bridge.model import Rejection
+from bridge.dataplane.diff import dest_id
+from bridge.dataplane.ipvs_netlink import DestStats
+from bridge.dataplane.state import LiveRealServer, LiveService
+from bridge.metrics import (
+    BACKEND_FAMILIES,
+    BACKEND_PREFIX,
+    CONSUL_ERROR_KINDS,
+    DRAIN_DOC,
+    backend_text,
+    rejection_reason,
+)
+from bridge.model import DesiredState, RealServer, Rejection, VirtualService
 from bridge.status import service_fingerprints
 from tests.test_agent_passes import Catalog, shadow_agent, web
 
@@ -106,3 +120,68 @@ def test_consul_watch_errors_are_counted_by_a_fixed_set_of_kinds_429_its_own():
     kinds = [error_kind(e) for e in errors]
     assert kinds == ["429", "acl", "unreadable_name", "answer", "timeout", "unreachable", "format", "other"]
     assert set(kinds) <= set(CONSUL_ERROR_KINDS)
+
+
+def reference_backend_families(services: tuple[LiveService, ...], desired: DesiredState | None,
+                               deadlines: dict[str, float]) -> list[Metric]:
+    """The per-real-server families as prometheus_client builds them: what backend_text must equal (and what
+    bench/metrics_bench.py measures it against)."""
+    wanted = {(vs.key, rs.address, rs.port): rs.weight for vs in (desired.virtual_services if desired else ())
+              for rs in vs.real_servers}
+    labels = ["local_address", "local_port", "proto", "remote_address", "remote_port"]
+    families: list[Metric] = [
+        (CounterMetricFamily(BACKEND_PREFIX + suffix.removesuffix("_total"), doc, labels=labels) if kind == "counter"
+         else GaugeMetricFamily(BACKEND_PREFIX + suffix, doc, labels=labels)) for suffix, kind, doc in BACKEND_FAMILIES]
+    drain = GaugeMetricFamily(BACKEND_PREFIX + "drain_deadline_timestamp_seconds", DRAIN_DOC, labels=labels)
+    for service in services:
+        for rs in service.real_servers:
+            values = [service.vip, str(service.port), service.protocol, rs.address, str(rs.port)]
+            stats = rs.stats
+            row = (rs.active_conns, rs.inactive_conns, rs.weight, wanted.get((service.key, rs.address, rs.port), 0),
+                   stats.connections, stats.packets_in, stats.packets_out, stats.bytes_in, stats.bytes_out)
+            for family, value in zip(families, row, strict=True):
+                family.add_metric(values, value)
+            deadline = deadlines.get(dest_id(service.key, rs.address, rs.port))
+            if deadline is not None:
+                drain.add_metric(values, deadline)
+    return [*families[:4], drain, *families[4:]]
+
+
+def reference_text(families: list[Metric]) -> str:
+    class Families:
+        def collect(self) -> list[Metric]:
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Families())  # type: ignore[arg-type]
+    return generate_latest(registry).decode()
+
+
+AWKWARD = st.text(alphabet=st.sampled_from('a1.:"\\\n{}=, \u00e9\u2603#'), max_size=8)
+COUNT = st.one_of(st.integers(0, 2_000_000), st.integers(0, 2**64 - 1), st.sampled_from([999_999, 1_000_000]))
+REAL_SERVER = st.builds(LiveRealServer, address=AWKWARD, port=st.integers(0, 65535), weight=st.integers(0, 65535),
+                        active_conns=COUNT, inactive_conns=COUNT,
+                        stats=st.builds(DestStats, COUNT, COUNT, COUNT, COUNT, COUNT))
+SERVICE = st.builds(LiveService, vip=AWKWARD, port=st.integers(0, 65535), protocol=st.sampled_from(["tcp", "udp"]),
+                    scheduler=st.just("mh"), flags=st.just(()),
+                    real_servers=st.lists(REAL_SERVER, max_size=4).map(tuple))
+
+
+@settings(max_examples=150, deadline=None)
+@given(services=st.lists(SERVICE, max_size=5).map(tuple), data=st.data())
+def test_the_per_real_server_text_is_prometheus_clients_own_byte_for_byte_and_parses_the_same(services, data):
+    pairs = [(s, rs) for s in services for rs in s.real_servers]
+    chosen = data.draw(st.lists(st.sampled_from(pairs), unique_by=lambda p: id(p[1])) if pairs else st.just([]))
+    deadlines = {dest_id(s.key, rs.address, rs.port): data.draw(st.floats(0, 4e9, allow_nan=False))
+                 for s, rs in chosen}
+    desired = DesiredState(virtual_services=tuple(
+        VirtualService(s.vip, s.port, s.protocol, "mh", (), "svc", real_servers=tuple(
+            RealServer(rs.address, rs.port, weight, weight, "b", "n", 0)
+            for rs in s.real_servers[:data.draw(st.integers(0, len(s.real_servers)))]
+            for weight in [data.draw(st.integers(0, 256))]))
+        for s in services[:data.draw(st.integers(0, len(services)))]), tunnels=(), vip_routes=(), rejected=())
+    fast = backend_text(services, desired, deadlines)
+    slow = reference_text(reference_backend_families(services, desired, deadlines))
+    assert fast == slow
+    assert [(f.name, f.type, f.documentation, f.samples) for f in text_string_to_metric_families(fast)] == \
+        [(f.name, f.type, f.documentation, f.samples) for f in text_string_to_metric_families(slow)]

@@ -24,6 +24,7 @@ import yaml
 from tests.consul.helpers import deregister, eventually, register
 from tests.real.consul_agent import ConsulAgent, free_port
 from tests.real.prometheus import Prometheus
+from tests.test_agent_passes import Catalog, shadow_agent, web
 
 pytestmark = pytest.mark.consul
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,6 +59,22 @@ def test_promtool_accepts_the_alerts_and_every_dashboard_expression(prometheus_b
     for path in (ROOT / "examples" / "alerts.yml", tmp_path / "dashboard.rules.yml"):
         checked = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
         assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_promtool_accepts_a_directors_scrape_with_a_drain_in_progress(prometheus_binary: str, tmp_path: Path):
+    """The per-real-server families are written by bridge.metrics, not prometheus_client: Prometheus' own
+    checker reads the whole scrape, and finds nothing to lint in it."""
+    source = Catalog([web(1), web(2)])
+    agent = shadow_agent(tmp_path, source)
+    agent.sync("start", full=True)
+    source.entries.pop()
+    agent.sync("consul: svc-2 changed", full=False)
+    scrape = agent.metrics.exposition()
+    agent.close_dataplane()
+    assert b"maglev_bridge_ipvs_backend_drain_deadline_timestamp_seconds{" in scrape
+    promtool = str(Path(prometheus_binary).parent / "promtool")
+    checked = subprocess.run([promtool, "check", "metrics"], input=scrape, capture_output=True, timeout=60)
+    assert (checked.returncode, checked.stdout + checked.stderr) == (0, b"")
 
 
 def start_agent(tmp_path: Path, consul: ConsulAgent, node: str, catalog_file: Path | None) -> tuple[Any, int]:
