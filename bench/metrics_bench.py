@@ -81,8 +81,9 @@ def main() -> None:
         start = time.perf_counter()
         agent.sync("start", full=True)
         full_pass = time.perf_counter() - start
-        services = agent.shadow_services()
-        assert services is not None
+        shadow = agent.shadow_state()
+        assert shadow is not None
+        services = shadow.services
         real_servers = sum(len(s.real_servers) for s in services)
         deadlines = dict(agent.memory.drain_deadlines)
         first, first_wall, _ = timed(agent.metrics.exposition, rounds=1)

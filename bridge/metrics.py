@@ -7,11 +7,11 @@ remote_port, proto) and kube-proxy's sync metrics for passes (`..._sync_full_pro
 `maglev_bridge_` namespace so they never collide with node_exporter's own `node_ipvs_*` on the same host.
 
 Everything but the pass histograms is read at scrape time (a custom Collector): the agent's state(), the
-IPVS table with its counters (the kernel's, on a netlink socket of the scrape's own; in shadow mode the
-model the agent would have built), the drain deadlines it remembers and the desired weights of its last
-pass. A histogram is a history, so the reconcile worker observes each pass into one (`Metrics.observe`).
-The dense per-real-server families are not metric families but text this module writes (backend_text says
-why), appended to prometheus_client's text of the rest.
+IPVS table with its counters, the announced VIPs and the allow lists' drop counters (the kernel's, on
+sockets of the scrape's own; in shadow mode the model the agent would have built), the drain deadlines
+it remembers and the desired weights of its last pass. A histogram is a history, so the reconcile worker
+observes each pass into one (`Metrics.observe`). The dense per-real-server families are not metric families
+but text this module writes (backend_text says why), appended to prometheus_client's text of the rest.
 
 `maglev_bridge_virtual_service_info{fingerprint=...}` carries the Maglev table fingerprint `status` prints:
 two directors whose fingerprints differ for one VIP send a flow to different backends, so a failover
@@ -25,18 +25,21 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
+from pyroute2.netlink.exceptions import NetlinkError
 
 from bridge.dataplane.diff import dest_id
 from bridge.dataplane.kernel import ApplyError, Kernel
-from bridge.dataplane.state import LiveService
+from bridge.dataplane.nft import FilterError
+from bridge.dataplane.state import LiveFilter, LiveService
 from bridge.model import DesiredState, Rejection
 from bridge.status import service_fingerprints
 from bridge.tags import KEYS
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "rejection_reason"]
 log = logging.getLogger("maglev-bridge.metrics")
+T = TypeVar("T")
 
 NAMESPACE = "maglev_bridge"
 PASS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -118,40 +122,56 @@ class Metrics:
             return text
 
 
+@dataclass(frozen=True)
+class Reading:
+    """What one scrape read of the data plane: the IPVS table with its counters, the announced VIPs (with a
+    bgp section) and the filter's drop counters. None: that part could not be read."""
+
+    services: tuple[LiveService, ...] | None
+    announced: tuple[str, ...] | None
+    filter: LiveFilter | None
+
+
 class AgentCollector:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self._kernel: Kernel | None = None
-        self._error: str | None = None
+        self._errors: dict[str, str] = {}
+        """The last error of each kernel read, so a lasting one is logged once."""
         self._table: tuple[LiveService, ...] | None = None
         """The IPVS table collect() read, for backend_text() in the same scrape; None off a director."""
 
-    def _live(self) -> tuple[LiveService, ...] | None:
-        """The IPVS table and its counters: shadow mode's model, else the kernel on a socket of our own
-        (never the worker's, which a pass may be using). None when the kernel cannot be read: an error
-        metric (and one log line per new error), not a failed scrape, since the agent's own numbers are
-        worth more then, not less."""
-        shadow = self.agent.shadow_services()
-        if shadow is not None:
-            return shadow
+    def _read(self, what: str, read: Callable[[Kernel], T]) -> T | None:
+        """One read of the kernel on a socket of our own (never the worker's, which a pass may be using).
+        None when it cannot be read: an error metric (and one log line per new error), not a failed
+        scrape, since the agent's own numbers are worth more then, not less."""
         try:
             if self._kernel is not None and self._kernel.config is not self.agent.config:  # SIGHUP: vip_cidrs
                 self._kernel.close()
                 self._kernel = None
             if self._kernel is None:
                 self._kernel = Kernel(self.agent.config)
-            services = self._kernel.read_services()
-        except (ApplyError, OSError) as exc:
+            found = read(self._kernel)
+        except (ApplyError, FilterError, NetlinkError, OSError) as exc:
             if self._kernel is not None:
                 self._kernel.close()
             self._kernel = None
             error = f"{exc.__class__.__name__}: {exc}"
-            if error != self._error:
-                log.warning("/metrics: cannot read the IPVS table: %s", error)
-            self._error = error
+            if error != self._errors.get(what):
+                log.warning("/metrics: cannot read the %s: %s", what, error)
+            self._errors[what] = error
             return None
-        self._error = None
-        return services
+        self._errors.pop(what, None)
+        return found
+
+    def _live(self) -> Reading:
+        """Shadow mode's model of the data plane, else the kernel's."""
+        shadow = self.agent.shadow_state()
+        if shadow is not None:
+            return Reading(shadow.services, shadow.announced, shadow.filter)
+        return Reading(self._read("IPVS table", Kernel.read_services),
+                       self._read("announced VIPs", Kernel.read_announced),
+                       self._read("nftables filter", Kernel.read_filter))
 
     def collect(self) -> Iterator[Metric]:
         self._table = None
@@ -162,8 +182,14 @@ class AgentCollector:
         if self.agent.config.role != "director":
             return
         live = self._live()
-        yield _gauge("ipvs_read_ok", "1 when this scrape could read the IPVS table", 0 if live is None else 1)
-        self._table = live or ()
+        yield _gauge("ipvs_read_ok", "1 when this scrape could read the IPVS table", 0 if live.services is None else 1)
+        if self.agent.config.bgp is not None and live.announced is not None:
+            yield _gauge("announced_vips", "VIPs this director announces now (its routes in the table BIRD "
+                         "exports)", len(live.announced))
+        yield _gauge("filter_read_ok", "1 when this scrape could read the agent's nftables table",
+                     0 if live.filter is None else 1)
+        yield from filter_metrics(live.filter)
+        self._table = live.services or ()
         yield from _service_metrics(self._table, dict(self.agent.memory.last_weights),
                                     self.agent.config.mh_table_size, self.agent.desired)
 
@@ -234,6 +260,12 @@ def _announce_metrics(state: dict[str, Any]) -> Iterator[Metric]:
     if maintenance is not None:
         yield _gauge("maintenance", "1 while this director is in maintenance (its VIPs withdrawn)",
                      1 if maintenance.get("on") else 0)
+        since = GaugeMetricFamily(f"{NAMESPACE}_maintenance_since_timestamp_seconds",
+                                  "When this director went into maintenance (Unix time, the maintenance "
+                                  "file's); absent when not in maintenance or the file gives no time")
+        if maintenance.get("on") and maintenance.get("since"):
+            since.add_metric([], maintenance["since"])
+        yield since
     announcing = state.get("announcing")
     if announcing is not None:
         yield _gauge("announce_gate_open", "1 once a full pass applied without failures, so VIPs may be announced",
@@ -242,6 +274,18 @@ def _announce_metrics(state: dict[str, Any]) -> Iterator[Metric]:
 
 def _vs_labels(service: LiveService) -> list[str]:
     return [service.vip, str(service.port), service.protocol]
+
+
+def filter_metrics(table: LiveFilter | None) -> Iterator[Metric]:
+    """The packets each virtual service's allow list dropped (its named counter, what `status` shows), with
+    the per-virtual-service labels of the IPVS families; absent for a service without a list."""
+    drops = CounterMetricFamily(f"{NAMESPACE}_filter_dropped_packets",
+                                "Packets to the virtual service dropped because their source is outside its "
+                                "allow list (maglev.allow)", labels=VS_LABELS)
+    for entry in table.allows if table else ():
+        if entry.counter:
+            drops.add_metric([entry.key[0], str(entry.key[1]), entry.key[2]], entry.drops)
+    yield drops
 
 
 def _service_metrics(services: tuple[LiveService, ...], last_weights: dict[str, int], size: int,

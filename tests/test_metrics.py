@@ -24,18 +24,22 @@ from bridge.catalog.consul_format import CatalogFormatError
 from bridge.catalog.source import CatalogUnavailable
 from bridge.dataplane.diff import dest_id
 from bridge.dataplane.ipvs_netlink import DestStats
-from bridge.dataplane.state import LiveRealServer, LiveService
+from bridge.dataplane.state import LiveAllow, LiveFilter, LiveRealServer, LiveService
+from bridge.maintenance import Maintenance, write_maintenance
 from bridge.metrics import (
     BACKEND_FAMILIES,
     BACKEND_PREFIX,
     CONSUL_ERROR_KINDS,
     DRAIN_DOC,
     backend_text,
+    filter_metrics,
     rejection_reason,
 )
 from bridge.model import DesiredState, RealServer, Rejection, VirtualService
 from bridge.status import service_fingerprints
+from tests.catalog_builder import health_entry
 from tests.test_agent_passes import Catalog, shadow_agent, web
+from tests.test_announcements import director
 
 
 def scrape(agent: Any) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -98,7 +102,7 @@ def test_each_virtual_service_carries_the_fingerprint_status_prints(tmp_path):
     agent = shadow_agent(tmp_path, Catalog([web(1), web(2)]))
     agent.sync("start", full=True)
     info = scrape(agent)["maglev_bridge_virtual_service_info"]
-    expected = service_fingerprints(agent.shadow_services(), dict(agent.memory.last_weights),
+    expected = service_fingerprints(agent.shadow_state().services, dict(agent.memory.last_weights),
                                     agent.config.mh_table_size)
     assert {f"{labels['local_address']}:{labels['local_port']}/{labels['proto']}": labels["fingerprint"]
             for labels, _ in info} == expected
@@ -185,3 +189,42 @@ def test_the_per_real_server_text_is_prometheus_clients_own_byte_for_byte_and_pa
     assert fast == slow
     assert [(f.name, f.type, f.documentation, f.samples) for f in text_string_to_metric_families(fast)] == \
         [(f.name, f.type, f.documentation, f.samples) for f in text_string_to_metric_families(slow)]
+
+
+def test_a_director_exports_its_announced_vips_maintenance_since_when_and_each_allow_lists_drops(tmp_path):
+    allowed = health_entry("svc-9", "b9", "192.0.2.19", 80, ["maglev.vip=198.51.100.9:80", "maglev.allow=10.0.0.0/8"])
+    source = Catalog([web(1), web(2), allowed])
+    agent = director(tmp_path, source)
+    agent.sync("start", full=True)
+    metrics = scrape(agent)
+    assert metrics["maglev_bridge_announced_vips"] == [({}, 3)]
+    assert metrics["maglev_bridge_announce_gate_open"] == [({}, 1)]
+    assert metrics["maglev_bridge_maintenance"] == [({}, 0)]
+    assert "maglev_bridge_maintenance_since_timestamp_seconds" not in metrics
+    assert metrics["maglev_bridge_filter_read_ok"] == [({}, 1)]
+    assert metrics["maglev_bridge_filter_dropped_packets_total"] == [
+        ({"local_address": "198.51.100.9", "local_port": "80", "proto": "tcp"}, 0)], "only a service with a list"
+
+    assert agent.config.bgp is not None
+    write_maintenance(agent.config.bgp.maintenance_file, Maintenance("kernel upgrade", 1_700_000_000.5, "ops@lb1"))
+    agent.watch_maintenance()
+    agent.sync(*agent._take_request())
+    metrics = scrape(agent)
+    assert metrics["maglev_bridge_maintenance"] == [({}, 1)]
+    assert metrics["maglev_bridge_maintenance_since_timestamp_seconds"] == [({}, 1_700_000_000.5)]
+    assert metrics["maglev_bridge_announced_vips"] == [({}, 0)], "maintenance withdraws every VIP"
+    agent.close_dataplane()
+
+
+def test_drops_are_the_named_counters_packets_per_virtual_service():
+    table = LiveFilter(True, (LiveAllow(("198.51.100.9", 443, "tcp"), ("10.0.0.0/8",), 7, True, 12345),
+                              LiveAllow(("198.51.100.9", 53, "udp"), ("10.0.0.0/8",), 8, True, 0),
+                              LiveAllow(("198.51.100.10", 80, "tcp"), ("10.0.0.0/8",), None, False)))
+    (family,) = text_string_to_metric_families(reference_text(list(filter_metrics(table))))
+    assert [(s.name, s.labels, s.value) for s in family.samples] == [
+        ("maglev_bridge_filter_dropped_packets_total",
+         {"local_address": "198.51.100.9", "local_port": "443", "proto": "tcp"}, 12345),
+        ("maglev_bridge_filter_dropped_packets_total",
+         {"local_address": "198.51.100.9", "local_port": "53", "proto": "udp"}, 0)], "no counter, no series"
+    (unread,) = text_string_to_metric_families(reference_text(list(filter_metrics(None))))
+    assert unread.samples == []

@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from bridge.maintenance import Maintenance, write_maintenance
 from tests.consul.helpers import deregister, eventually, register
 from tests.real.consul_agent import ConsulAgent, free_port
 from tests.real.prometheus import Prometheus
@@ -84,6 +86,7 @@ def start_agent(tmp_path: Path, consul: ConsulAgent, node: str, catalog_file: Pa
         "dataplane": "shadow", "node_name": node, "vip_cidrs": ["198.51.100.0/24"], "local_address": "192.0.2.1",
         "tunnel_map": [{"backend": "10.20.0.0/16", "tunnel": "100.64.0.0/16"}], "drain_timeout": 3600,
         "state_file": str(tmp_path / f"{node}.state.json"), "http_bind": f"127.0.0.1:{port}",
+        "bgp": {"table": 249, "maintenance_file": str(tmp_path / f"{node}.maintenance")},
         "consul": {"address": f"http://{consul.http_addr}", "wait": "5s", "register": True},
         **({"catalog_file": str(catalog_file)} if catalog_file else {}),
     }))
@@ -123,7 +126,8 @@ def write_catalog(path: Path, consul: ConsulAgent, swap_order: bool = False) -> 
 @pytest.fixture
 def agents(consul_agent: ConsulAgent, tmp_path: Path) -> Iterator[Path]:
     for n in (1, 2, 3):
-        register(consul_agent, "web", f"b{n}", f"10.20.0.{n}", 80, ["maglev.vip=198.51.100.10:80"])
+        register(consul_agent, "web", f"b{n}", f"10.20.0.{n}", 80,
+                 ["maglev.vip=198.51.100.10:80", "maglev.allow=203.0.113.0/24"])
     catalog_b = tmp_path / "catalog-b.json"
     write_catalog(catalog_b, consul_agent)
     started = [start_agent(tmp_path, consul_agent, "dir-a", None),
@@ -144,7 +148,7 @@ def firing(prometheus: Prometheus, name: str) -> list[dict[str, str]]:
 
 
 def test_prometheus_finds_the_agents_in_consul_and_alerts_while_directors_disagree(
-        consul_agent: ConsulAgent, prometheus_binary: str, agents: Path) -> None:
+        consul_agent: ConsulAgent, prometheus_binary: str, agents: Path, tmp_path: Path) -> None:
     rules = {"alerts.yml": immediate_alerts()}
     with Prometheus(prometheus_binary, prometheus_config(consul_agent), rules) as prometheus:
         targets = eventually(lambda: {(s["metric"]["node"], s["metric"]["role"]) for s in
@@ -174,6 +178,11 @@ def test_prometheus_finds_the_agents_in_consul_and_alerts_while_directors_disagr
             return [expr for expr in dashboard_exprs() if not prometheus.query(expr)]
 
         eventually(lambda: empty() == [], timeout=120)
+        assert not firing(prometheus, "MaglevMaintenanceForgotten")
+        # dir-a put in maintenance five hours ago and forgotten there
+        write_maintenance(tmp_path / "dir-a.maintenance", Maintenance("kernel upgrade", time.time() - 5 * 3600, "ops"))
+        forgotten = eventually(lambda: firing(prometheus, "MaglevMaintenanceForgotten"), timeout=120)
+        assert [a["node"] for a in forgotten] == ["dir-a"]
         for rule in alert_rules():
             for name in set(re.findall(r"\b(?:maglev_bridge_\w+|up)\b", rule["expr"])):
                 assert prometheus.query(name), f"{rule['alert']}: no series of {name}"
