@@ -86,7 +86,8 @@ def start_agent(tmp_path: Path, consul: ConsulAgent, node: str, catalog_file: Pa
         "dataplane": "shadow", "node_name": node, "vip_cidrs": ["198.51.100.0/24"], "local_address": "192.0.2.1",
         "tunnel_map": [{"backend": "10.20.0.0/16", "tunnel": "100.64.0.0/16"}], "drain_timeout": 3600,
         "state_file": str(tmp_path / f"{node}.state.json"), "http_bind": f"127.0.0.1:{port}",
-        "bgp": {"table": 249, "maintenance_file": str(tmp_path / f"{node}.maintenance")},
+        "bgp": {"table": 249, "maintenance_file": str(tmp_path / f"{node}.maintenance"),
+                "bird_socket": str(tmp_path / "no-bird.ctl")},
         "consul": {"address": f"http://{consul.http_addr}", "wait": "5s", "register": True},
         **({"catalog_file": str(catalog_file)} if catalog_file else {}),
     }))
