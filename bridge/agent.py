@@ -31,7 +31,7 @@ from bridge.config import Config, ConfigError
 from bridge.dataplane.diff import Memory
 from bridge.dataplane.kernel import ApplyError, Kernel
 from bridge.dataplane.ops import VsKey
-from bridge.dataplane.state import LiveService
+from bridge.dataplane.state import LiveState
 from bridge.dataplane.view import Dataplane, KernelView, ShadowKernel
 from bridge.desired import DesiredBook
 from bridge.maintenance import maintenance_json, read_maintenance
@@ -379,10 +379,14 @@ class Agent:
         """The claims the last pass refused."""
         return self._rejected
 
-    def shadow_services(self) -> tuple[LiveService, ...] | None:
-        """Shadow mode's model of the IPVS table (what /metrics shows instead of the kernel's); else None."""
+    def shadow_state(self) -> LiveState | None:
+        """Shadow mode's model of what /metrics reads from the kernel (the IPVS table, announced VIPs, the
+        filter); else None."""
         dataplane = self._dataplane
-        return tuple(dataplane.services.values()) if isinstance(dataplane, ShadowKernel) else None
+        if not isinstance(dataplane, ShadowKernel):
+            return None
+        return LiveState(tuple(dataplane.services.values()), announced=tuple(dataplane.announced),
+                         filter=dataplane.filter)
 
     def state(self) -> dict[str, Any]:
         """For /health and status: ready only after the first complete pass."""

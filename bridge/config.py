@@ -140,6 +140,8 @@ class BgpConfig:
     maintenance_file: str = "/var/lib/maglev-bridge/maintenance"
     """Present = maintenance on. Kept on disk (not /run) on purpose: a director put in maintenance and
     rebooted must stay out of rotation until an operator says `maintenance off`."""
+    bird_socket: str = "/run/bird/bird.ctl"
+    """BIRD's control socket (Debian's bird2 default), read by /metrics for the BGP sessions' state."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.table <= 252:

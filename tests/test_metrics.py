@@ -7,6 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.catalog.consul import (
@@ -18,10 +22,24 @@ from bridge.catalog.consul import (
 )
 from bridge.catalog.consul_format import CatalogFormatError
 from bridge.catalog.source import CatalogUnavailable
-from bridge.metrics import CONSUL_ERROR_KINDS, rejection_reason
-from bridge.model import Rejection
+from bridge.dataplane.diff import dest_id
+from bridge.dataplane.ipvs_netlink import DestStats
+from bridge.dataplane.state import LiveAllow, LiveFilter, LiveRealServer, LiveService
+from bridge.maintenance import Maintenance, write_maintenance
+from bridge.metrics import (
+    BACKEND_FAMILIES,
+    BACKEND_PREFIX,
+    CONSUL_ERROR_KINDS,
+    DRAIN_DOC,
+    backend_text,
+    filter_metrics,
+    rejection_reason,
+)
+from bridge.model import DesiredState, RealServer, Rejection, VirtualService
 from bridge.status import service_fingerprints
+from tests.catalog_builder import health_entry
 from tests.test_agent_passes import Catalog, shadow_agent, web
+from tests.test_announcements import director
 
 
 def scrape(agent: Any) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -84,7 +102,7 @@ def test_each_virtual_service_carries_the_fingerprint_status_prints(tmp_path):
     agent = shadow_agent(tmp_path, Catalog([web(1), web(2)]))
     agent.sync("start", full=True)
     info = scrape(agent)["maglev_bridge_virtual_service_info"]
-    expected = service_fingerprints(agent.shadow_services(), dict(agent.memory.last_weights),
+    expected = service_fingerprints(agent.shadow_state().services, dict(agent.memory.last_weights),
                                     agent.config.mh_table_size)
     assert {f"{labels['local_address']}:{labels['local_port']}/{labels['proto']}": labels["fingerprint"]
             for labels, _ in info} == expected
@@ -106,3 +124,107 @@ def test_consul_watch_errors_are_counted_by_a_fixed_set_of_kinds_429_its_own():
     kinds = [error_kind(e) for e in errors]
     assert kinds == ["429", "acl", "unreadable_name", "answer", "timeout", "unreachable", "format", "other"]
     assert set(kinds) <= set(CONSUL_ERROR_KINDS)
+
+
+def reference_backend_families(services: tuple[LiveService, ...], desired: DesiredState | None,
+                               deadlines: dict[str, float]) -> list[Metric]:
+    """The per-real-server families as prometheus_client builds them: what backend_text must equal (and what
+    bench/metrics_bench.py measures it against)."""
+    wanted = {(vs.key, rs.address, rs.port): rs.weight for vs in (desired.virtual_services if desired else ())
+              for rs in vs.real_servers}
+    labels = ["local_address", "local_port", "proto", "remote_address", "remote_port"]
+    families: list[Metric] = [
+        (CounterMetricFamily(BACKEND_PREFIX + suffix.removesuffix("_total"), doc, labels=labels) if kind == "counter"
+         else GaugeMetricFamily(BACKEND_PREFIX + suffix, doc, labels=labels)) for suffix, kind, doc in BACKEND_FAMILIES]
+    drain = GaugeMetricFamily(BACKEND_PREFIX + "drain_deadline_timestamp_seconds", DRAIN_DOC, labels=labels)
+    for service in services:
+        for rs in service.real_servers:
+            values = [service.vip, str(service.port), service.protocol, rs.address, str(rs.port)]
+            stats = rs.stats
+            row = (rs.active_conns, rs.inactive_conns, rs.weight, wanted.get((service.key, rs.address, rs.port), 0),
+                   stats.connections, stats.packets_in, stats.packets_out, stats.bytes_in, stats.bytes_out)
+            for family, value in zip(families, row, strict=True):
+                family.add_metric(values, value)
+            deadline = deadlines.get(dest_id(service.key, rs.address, rs.port))
+            if deadline is not None:
+                drain.add_metric(values, deadline)
+    return [*families[:4], drain, *families[4:]]
+
+
+def reference_text(families: list[Metric]) -> str:
+    class Families:
+        def collect(self) -> list[Metric]:
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Families())  # type: ignore[arg-type]
+    return generate_latest(registry).decode()
+
+
+AWKWARD = st.text(alphabet=st.sampled_from('a1.:"\\\n{}=, \u00e9\u2603#'), max_size=8)
+COUNT = st.one_of(st.integers(0, 2_000_000), st.integers(0, 2**64 - 1), st.sampled_from([999_999, 1_000_000]))
+REAL_SERVER = st.builds(LiveRealServer, address=AWKWARD, port=st.integers(0, 65535), weight=st.integers(0, 65535),
+                        active_conns=COUNT, inactive_conns=COUNT,
+                        stats=st.builds(DestStats, COUNT, COUNT, COUNT, COUNT, COUNT))
+SERVICE = st.builds(LiveService, vip=AWKWARD, port=st.integers(0, 65535), protocol=st.sampled_from(["tcp", "udp"]),
+                    scheduler=st.just("mh"), flags=st.just(()),
+                    real_servers=st.lists(REAL_SERVER, max_size=4).map(tuple))
+
+
+@settings(max_examples=150, deadline=None)
+@given(services=st.lists(SERVICE, max_size=5).map(tuple), data=st.data())
+def test_the_per_real_server_text_is_prometheus_clients_own_byte_for_byte_and_parses_the_same(services, data):
+    pairs = [(s, rs) for s in services for rs in s.real_servers]
+    chosen = data.draw(st.lists(st.sampled_from(pairs), unique_by=lambda p: id(p[1])) if pairs else st.just([]))
+    deadlines = {dest_id(s.key, rs.address, rs.port): data.draw(st.floats(0, 4e9, allow_nan=False))
+                 for s, rs in chosen}
+    desired = DesiredState(virtual_services=tuple(
+        VirtualService(s.vip, s.port, s.protocol, "mh", (), "svc", real_servers=tuple(
+            RealServer(rs.address, rs.port, weight, weight, "b", "n", 0)
+            for rs in s.real_servers[:data.draw(st.integers(0, len(s.real_servers)))]
+            for weight in [data.draw(st.integers(0, 256))]))
+        for s in services[:data.draw(st.integers(0, len(services)))]), tunnels=(), vip_routes=(), rejected=())
+    fast = backend_text(services, desired, deadlines)
+    slow = reference_text(reference_backend_families(services, desired, deadlines))
+    assert fast == slow
+    assert [(f.name, f.type, f.documentation, f.samples) for f in text_string_to_metric_families(fast)] == \
+        [(f.name, f.type, f.documentation, f.samples) for f in text_string_to_metric_families(slow)]
+
+
+def test_a_director_exports_its_announced_vips_maintenance_since_when_and_each_allow_lists_drops(tmp_path):
+    allowed = health_entry("svc-9", "b9", "192.0.2.19", 80, ["maglev.vip=198.51.100.9:80", "maglev.allow=10.0.0.0/8"])
+    source = Catalog([web(1), web(2), allowed])
+    agent = director(tmp_path, source)
+    agent.sync("start", full=True)
+    metrics = scrape(agent)
+    assert metrics["maglev_bridge_announced_vips"] == [({}, 3)]
+    assert metrics["maglev_bridge_announce_gate_open"] == [({}, 1)]
+    assert metrics["maglev_bridge_maintenance"] == [({}, 0)]
+    assert "maglev_bridge_maintenance_since_timestamp_seconds" not in metrics
+    assert metrics["maglev_bridge_filter_read_ok"] == [({}, 1)]
+    assert metrics["maglev_bridge_filter_dropped_packets_total"] == [
+        ({"local_address": "198.51.100.9", "local_port": "80", "proto": "tcp"}, 0)], "only a service with a list"
+
+    assert agent.config.bgp is not None
+    write_maintenance(agent.config.bgp.maintenance_file, Maintenance("kernel upgrade", 1_700_000_000.5, "ops@lb1"))
+    agent.watch_maintenance()
+    agent.sync(*agent._take_request())
+    metrics = scrape(agent)
+    assert metrics["maglev_bridge_maintenance"] == [({}, 1)]
+    assert metrics["maglev_bridge_maintenance_since_timestamp_seconds"] == [({}, 1_700_000_000.5)]
+    assert metrics["maglev_bridge_announced_vips"] == [({}, 0)], "maintenance withdraws every VIP"
+    agent.close_dataplane()
+
+
+def test_drops_are_the_named_counters_packets_per_virtual_service():
+    table = LiveFilter(True, (LiveAllow(("198.51.100.9", 443, "tcp"), ("10.0.0.0/8",), 7, True, 12345),
+                              LiveAllow(("198.51.100.9", 53, "udp"), ("10.0.0.0/8",), 8, True, 0),
+                              LiveAllow(("198.51.100.10", 80, "tcp"), ("10.0.0.0/8",), None, False)))
+    (family,) = text_string_to_metric_families(reference_text(list(filter_metrics(table))))
+    assert [(s.name, s.labels, s.value) for s in family.samples] == [
+        ("maglev_bridge_filter_dropped_packets_total",
+         {"local_address": "198.51.100.9", "local_port": "443", "proto": "tcp"}, 12345),
+        ("maglev_bridge_filter_dropped_packets_total",
+         {"local_address": "198.51.100.9", "local_port": "53", "proto": "udp"}, 0)], "no counter, no series"
+    (unread,) = text_string_to_metric_families(reference_text(list(filter_metrics(None))))
+    assert unread.samples == []

@@ -14,6 +14,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,11 @@ from typing import Any
 import pytest
 import yaml
 
+from bridge.maintenance import Maintenance, write_maintenance
 from tests.consul.helpers import deregister, eventually, register
 from tests.real.consul_agent import ConsulAgent, free_port
 from tests.real.prometheus import Prometheus
+from tests.test_agent_passes import Catalog, shadow_agent, web
 
 pytestmark = pytest.mark.consul
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +63,22 @@ def test_promtool_accepts_the_alerts_and_every_dashboard_expression(prometheus_b
         assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_promtool_accepts_a_directors_scrape_with_a_drain_in_progress(prometheus_binary: str, tmp_path: Path):
+    """The per-real-server families are written by bridge.metrics, not prometheus_client: Prometheus' own
+    checker reads the whole scrape, and finds nothing to lint in it."""
+    source = Catalog([web(1), web(2)])
+    agent = shadow_agent(tmp_path, source)
+    agent.sync("start", full=True)
+    source.entries.pop()
+    agent.sync("consul: svc-2 changed", full=False)
+    scrape = agent.metrics.exposition()
+    agent.close_dataplane()
+    assert b"maglev_bridge_ipvs_backend_drain_deadline_timestamp_seconds{" in scrape
+    promtool = str(Path(prometheus_binary).parent / "promtool")
+    checked = subprocess.run([promtool, "check", "metrics"], input=scrape, capture_output=True, timeout=60)
+    assert (checked.returncode, checked.stdout + checked.stderr) == (0, b"")
+
+
 def start_agent(tmp_path: Path, consul: ConsulAgent, node: str, catalog_file: Path | None) -> tuple[Any, int]:
     port = free_port()
     config = tmp_path / f"{node}.yaml"
@@ -67,6 +86,8 @@ def start_agent(tmp_path: Path, consul: ConsulAgent, node: str, catalog_file: Pa
         "dataplane": "shadow", "node_name": node, "vip_cidrs": ["198.51.100.0/24"], "local_address": "192.0.2.1",
         "tunnel_map": [{"backend": "10.20.0.0/16", "tunnel": "100.64.0.0/16"}], "drain_timeout": 3600,
         "state_file": str(tmp_path / f"{node}.state.json"), "http_bind": f"127.0.0.1:{port}",
+        "bgp": {"table": 249, "maintenance_file": str(tmp_path / f"{node}.maintenance"),
+                "bird_socket": str(tmp_path / "no-bird.ctl")},
         "consul": {"address": f"http://{consul.http_addr}", "wait": "5s", "register": True},
         **({"catalog_file": str(catalog_file)} if catalog_file else {}),
     }))
@@ -106,7 +127,8 @@ def write_catalog(path: Path, consul: ConsulAgent, swap_order: bool = False) -> 
 @pytest.fixture
 def agents(consul_agent: ConsulAgent, tmp_path: Path) -> Iterator[Path]:
     for n in (1, 2, 3):
-        register(consul_agent, "web", f"b{n}", f"10.20.0.{n}", 80, ["maglev.vip=198.51.100.10:80"])
+        register(consul_agent, "web", f"b{n}", f"10.20.0.{n}", 80,
+                 ["maglev.vip=198.51.100.10:80", "maglev.allow=203.0.113.0/24"])
     catalog_b = tmp_path / "catalog-b.json"
     write_catalog(catalog_b, consul_agent)
     started = [start_agent(tmp_path, consul_agent, "dir-a", None),
@@ -127,7 +149,7 @@ def firing(prometheus: Prometheus, name: str) -> list[dict[str, str]]:
 
 
 def test_prometheus_finds_the_agents_in_consul_and_alerts_while_directors_disagree(
-        consul_agent: ConsulAgent, prometheus_binary: str, agents: Path) -> None:
+        consul_agent: ConsulAgent, prometheus_binary: str, agents: Path, tmp_path: Path) -> None:
     rules = {"alerts.yml": immediate_alerts()}
     with Prometheus(prometheus_binary, prometheus_config(consul_agent), rules) as prometheus:
         targets = eventually(lambda: {(s["metric"]["node"], s["metric"]["role"]) for s in
@@ -157,6 +179,11 @@ def test_prometheus_finds_the_agents_in_consul_and_alerts_while_directors_disagr
             return [expr for expr in dashboard_exprs() if not prometheus.query(expr)]
 
         eventually(lambda: empty() == [], timeout=120)
+        assert not firing(prometheus, "MaglevMaintenanceForgotten")
+        # dir-a put in maintenance five hours ago and forgotten there
+        write_maintenance(tmp_path / "dir-a.maintenance", Maintenance("kernel upgrade", time.time() - 5 * 3600, "ops"))
+        forgotten = eventually(lambda: firing(prometheus, "MaglevMaintenanceForgotten"), timeout=120)
+        assert [a["node"] for a in forgotten] == ["dir-a"]
         for rule in alert_rules():
             for name in set(re.findall(r"\b(?:maglev_bridge_\w+|up)\b", rule["expr"])):
                 assert prometheus.query(name), f"{rule['alert']}: no series of {name}"

@@ -41,7 +41,8 @@ class RoutedAgents(AgentHarness):
             return {}
         label = getattr(node, "label", node.name)
         extra: dict[str, Any] = {"bgp": {"table": ANNOUNCE_TABLE,
-                                         "maintenance_file": str(self.dir / f"{label}-maintenance")}}
+                                         "maintenance_file": str(self.dir / f"{label}-maintenance"),
+                                         "bird_socket": str(self.dir / f"bird-{label}.ctl")}}  # RouterBed's
         if self.conn_sync:
             extra["conn_sync"] = {"interface": "eth0", "syncid": 1}
         if label in self.catalog_of:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness.failover import CONNECTIONS, FailoverBed
 from tests.harness.router_bed import CALM_BFD, EXAMPLE_BFD
@@ -69,9 +71,20 @@ def running(failover: Callable[..., FailoverBed], **kwargs: object) -> FailoverB
     return bed
 
 
+def bgp_on_metrics(director) -> dict[str, float]:
+    """The director's /metrics: whether it read its BIRD, and each BGP session's state by peer."""
+    with director.entered(), urllib.request.urlopen("http://127.0.0.1:9119/metrics", timeout=30) as answer:
+        families = text_string_to_metric_families(answer.read().decode())
+    return {s.labels.get("peer", s.name): s.value for f in families for s in f.samples
+            if s.name in ("maglev_bridge_bgp_session_up", "maglev_bridge_bird_read_ok")}
+
+
 def test_maintenance_moves_a_director_out_of_rotation_and_back_without_harming_a_connection(failover):
     bed = running(failover)
     d1, d2, d3 = bed.directors
+    sessions = bgp_on_metrics(d1)
+    assert sessions.pop("maglev_bridge_bird_read_ok") == 1 and sessions and set(sessions.values()) == {1}, \
+        f"/metrics reads the director's BIRD, whose BGP sessions are up: {sessions}"
     announced = bed.watch_announcement(d1)
     bed.hold(2)
     t_on = time.monotonic()

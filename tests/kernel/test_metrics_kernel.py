@@ -1,5 +1,6 @@
 """/metrics on a real kernel: after traffic through a VIP, each real server's connection, packet and byte
-counters and its active/inactive connections on /metrics are what `ipvsadm -Ln --stats` shows."""
+counters and its active/inactive connections on /metrics are what `ipvsadm -Ln --stats` shows, and the
+scrape reads the IPVS table and the agent's nftables table."""
 
 from __future__ import annotations
 
@@ -33,11 +34,14 @@ def witness(director):
     return {address: (stats[address], conns[address]) for address in stats}
 
 
-def scraped(director):
+def scrape_text(director):
     with director.entered(), urllib.request.urlopen("http://127.0.0.1:9119/metrics", timeout=30) as answer:
-        text = answer.read().decode()
+        return answer.read().decode()
+
+
+def scraped(director):
     samples = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(scrape_text(director)):
         for s in family.samples:
             if s.labels.get("local_address") == vip(1) and "remote_address" in s.labels:
                 samples[(s.name.removeprefix("maglev_bridge_ipvs_backend_"), s.labels["remote_address"])] = int(s.value)
@@ -67,5 +71,9 @@ def test_per_real_server_counters_on_metrics_match_ipvsadm_after_traffic(topolog
         assert all(stats[1] > 0 and stats[3] > 0 and stats[2] == 0 for stats, _ in by_server.values()), \
             "every real server got packets and bytes in; none out through the director (DSR)"
         assert sum(active for _, (active, _) in by_server.values()) == len(SPORTS), "all connections still open"
+        read_ok = {s.name: s.value for f in text_string_to_metric_families(scrape_text(director)) for s in f.samples
+                   if s.name.endswith("_read_ok")}
+        assert read_ok == {"maglev_bridge_ipvs_read_ok": 1, "maglev_bridge_filter_read_ok": 1}, \
+            "the scrape reads the agent's nftables table on its own socket too"
     finally:
         agent.stop(proc)
