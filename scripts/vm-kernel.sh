@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch and unpack the Debian 6.1 kernel that the kernel-test VM boots, and make sure the host has the
-# tools the VM needs (qemu, busybox-static, kmod, ipvsadm, iproute2, nftables, file).
+# tools the VM needs (qemu, busybox-static, kmod, ipvsadm, iproute2, nftables, iptables, bird2, file).
 #
 # Prints the path of the unpacked vmlinuz as the only line on stdout; everything else goes to stderr.
 # Idempotent: a second run only checks a stamp file and `dpkg-query`, and prints the path.
@@ -26,7 +26,7 @@ KDIR="$CACHE/kernel"
 STAMP="$KDIR/.maglev-kernel"
 
 # Debian packages the VM needs on the host (checked with dpkg-query, installed only when missing)
-HOST_PACKAGES=(qemu-system-x86 busybox-static kmod ipvsadm iproute2 nftables iptables file)
+HOST_PACKAGES=(qemu-system-x86 busybox-static kmod ipvsadm iproute2 nftables iptables bird2 file)
 
 apt_updated=0
 apt_update_once() {
