@@ -35,9 +35,11 @@ hashicorp:
 prometheus:
 	bash scripts/build-prometheus.sh >/dev/null
 
+# The import rule (pyproject.toml [tool.importlinter]): the folders follow the pipeline, the core is pure.
 lint: venv
 	$(VENV)/bin/ruff check bridge tests bench scripts
 	$(VENV)/bin/mypy bridge
+	$(VENV)/bin/lint-imports
 
 unit: venv
 	$(PYTEST) -q -m "not kernel and not consul and not nomad" tests

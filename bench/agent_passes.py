@@ -16,10 +16,10 @@ import statistics
 import time
 from typing import Any
 
-from bridge.agent import Agent
+from bridge.agent.shell import Agent
 from bridge.catalog.consul_format import snapshot_from_services
-from bridge.config import Config
-from bridge.model import Instance, Snapshot
+from bridge.core.config import Config
+from bridge.core.model import Instance, Snapshot
 
 
 class StaticSource:

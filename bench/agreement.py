@@ -8,7 +8,7 @@ at the end, one is down for a stretch in the middle and restarted (keeping its k
 it also loses its state file).  Each runs either the agent's planner (`compute_desired` + `plan`) or a
 naive strategy (add real servers in catalog order, critical ones at weight 0, edit weights in place,
 delete on deregistration, no order rule), on a simulated kernel list (tests/fake_kernel.py).  Each
-director's table is built with `bridge.maglev` from its final list and remembered weights; the figure is
+director's table is built with `bridge.core.maglev` from its final list and remembered weights; the figure is
 the share of random flows that all three send to the same real server (a drop everywhere counts as
 agreeing), at the last event (drains still pending) and settled (after the drain timeout).
 
@@ -37,10 +37,10 @@ import numpy.typing as npt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bridge.catalog.consul_format import snapshot_from_services
-from bridge.dataplane.diff import Memory, dest_id
-from bridge.dataplane.ops import AddDest, AddService, DelDest, Op, SetDest
-from bridge.desired import compute_desired
-from bridge.maglev import DEFAULT_TABLE_SIZE, Dest, MaglevTable, address_key, build_table, lookup_many
+from bridge.core.desired import compute_desired
+from bridge.core.maglev import DEFAULT_TABLE_SIZE, Dest, MaglevTable, address_key, build_table, lookup_many
+from bridge.core.memory import Memory, dest_id
+from bridge.core.ops import AddDest, AddService, DelDest, Op, SetDest
 from tests.catalog_builder import catalog
 from tests.fake_kernel import FakeKernel
 from tests.test_diff import CONFIG, KEY, Director, entry

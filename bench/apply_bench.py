@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.agent_passes import replay  # noqa: E402
 from bridge.catalog.file import load_catalog  # noqa: E402
-from bridge.cli import main as cli  # noqa: E402
-from bridge.config import load_config  # noqa: E402
-from bridge.desired import compute_desired  # noqa: E402
+from bridge.cli.main import main as cli  # noqa: E402
+from bridge.core.config import load_config  # noqa: E402
+from bridge.core.desired import compute_desired  # noqa: E402
 from tests.catalog_builder import health_entry  # noqa: E402
 
 VIPS = int(os.environ.get("BENCH_VIPS", 500))

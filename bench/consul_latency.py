@@ -50,7 +50,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge.config import Config, ConsulConfig  # noqa: E402
+from bridge.core.config import Config, ConsulConfig  # noqa: E402
 from tests.real.consul_agent import ConsulAgent, free_port  # noqa: E402
 
 SERVICES = int(os.environ.get("BENCH_SERVICES", 2000))
@@ -349,7 +349,7 @@ def wait_synced(http_port: int, reader: LogReader, proc: subprocess.Popen[str], 
 def replay_passes(config_path: Path, client: Client, tmp: Path) -> tuple[dict[str, float], str]:
     """The agent's passes on the same catalog, in this process (bench/agent_passes.py)."""
     from bench.agent_passes import replay
-    from bridge.config import load_config
+    from bridge.core.config import load_config
 
     config = replace(load_config(config_path), state_file=str(tmp / "replay-state.json"))
     names = sorted({f"svc-{v:04d}" for v in range(SERVICES)})

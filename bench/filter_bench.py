@@ -26,10 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge.dataplane.filter import plan_filter  # noqa: E402
+from bridge.core.filter import plan_filter  # noqa: E402
+from bridge.core.model import VirtualService  # noqa: E402
+from bridge.core.ops import ChangeAllow  # noqa: E402
 from bridge.dataplane.nft import TABLE, Nft  # noqa: E402
-from bridge.dataplane.ops import ChangeAllow  # noqa: E402
-from bridge.model import VirtualService  # noqa: E402
 
 VIPS = int(os.environ.get("BENCH_VIPS", 2000))
 PREFIXES = int(os.environ.get("BENCH_PREFIXES", 20))

@@ -1,4 +1,4 @@
-"""Speed of bridge.maglev against the straightforward pure-Python port of ip_vs_mh.c, in one run.
+"""Speed of bridge.core.maglev against the straightforward pure-Python port of ip_vs_mh.c, in one run.
 
     .venv/bin/python bench/maglev_bench.py [--servers 1000] [--size 131071] [--flows 1000000]
 
@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bridge.maglev import (
+from bridge.core.maglev import (
     Dest,
     _populate_sequentially,
     address_key,
@@ -62,7 +62,7 @@ def bench_build(dests: list[Dest], size: int, label: str) -> None:
     tight_s, _ = best(2, lambda: _populate_sequentially(offsets_list, skips_list, claims, size))
     first_s, _ = best(1, lambda: build_table(dests, size))  # includes numba's compilation for big tables
     ours_s, table = best(5, lambda: build_table(dests, size))
-    assert table.slots.tolist() == naive, "bridge.maglev disagrees with the kernel port"
+    assert table.slots.tolist() == naive, "bridge.core.maglev disagrees with the kernel port"
     print(f"build {label}: {len(dests)} servers, {size} slots")
     print(f"  straightforward port of ip_vs_mh.c  {naive_s * 1e3:8.1f} ms")
     print(f"  tightened claim-by-claim loop       {tight_s * 1e3:8.1f} ms   ({naive_s / tight_s:4.1f}x)")

@@ -3,7 +3,7 @@ the same collector code, the table read from the agent's model instead of netlin
 same run: the same per-real-server series formatted as plain text lines, the way node_exporter's IPVS
 collector writes them (no library, no fingerprints). Measures, in the same run, the scrape as it was with
 prometheus_client formatting every family (the per-real-server ones built as metric families and written by
-generate_latest, split into building and formatting) and as it is (bridge.metrics.backend_text for those).
+generate_latest, split into building and formatting) and as it is (bridge.inspect.metrics.backend_text for those).
 CPU time of this process is the figure (the machine is shared); wall time beside it.
 
     .venv/bin/python bench/metrics_bench.py        # BENCH_VIPS / BENCH_BACKENDS to change the size
@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.agent_passes import StaticSource  # noqa: E402
-from bridge.agent import Agent  # noqa: E402
-from bridge.dataplane.state import LiveService  # noqa: E402
-from bridge.metrics import BACKEND_FAMILIES, BACKEND_PREFIX, backend_text  # noqa: E402
+from bridge.agent.shell import Agent  # noqa: E402
+from bridge.core.live import LiveService  # noqa: E402
+from bridge.inspect.metrics import BACKEND_FAMILIES, BACKEND_PREFIX, backend_text  # noqa: E402
 from tests.catalog_builder import health_entry  # noqa: E402
 from tests.test_diff import CONFIG  # noqa: E402
 from tests.test_metrics import reference_backend_families, reference_text  # noqa: E402

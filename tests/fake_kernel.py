@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from bridge.dataplane.diff import dest_id
-from bridge.dataplane.ops import AddDest, DelDest, Op, SetDest
-from bridge.dataplane.view import ShadowKernel
+from bridge.core.memory import dest_id
+from bridge.core.ops import AddDest, DelDest, Op, SetDest
+from bridge.dataplane.shadow import ShadowKernel
 
 
 class FakeKernel(ShadowKernel):

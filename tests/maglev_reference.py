@@ -1,4 +1,4 @@
-"""A line-by-line port of net/netfilter/ipvs/ip_vs_mh.c (Linux 6.1), the oracle for bridge.maglev.
+"""A line-by-line port of net/netfilter/ipvs/ip_vs_mh.c (Linux 6.1), the oracle for bridge.core.maglev.
 
 It shares nothing with the module under test except the scalar `hsiphash`, which the kernel's own test
 vectors pin down, and it keeps the kernel's shape on purpose (a dest_setup record per real server, the
@@ -13,7 +13,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bridge.maglev import HASH1_KEY, HASH2_KEY, TABLE_SIZES, Dest, address_key, hsiphash
+from bridge.core.maglev import HASH1_KEY, HASH2_KEY, Dest, address_key, hsiphash
+from bridge.core.model import TABLE_SIZES
 
 
 def hashkey(addr: int, port: int, key: tuple[int, int], offset: int) -> int:

@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from bridge.agent import Agent
+from bridge.agent.shell import Agent
 from bridge.catalog.consul_format import snapshot_from_services
-from bridge.dataplane.ops import SetDest
-from bridge.model import Snapshot
-from bridge.store import load_state
+from bridge.core.model import Snapshot
+from bridge.core.ops import SetDest
+from bridge.files.store import load_state
 from tests.catalog_builder import catalog, health_entry
 from tests.test_diff import CONFIG
 

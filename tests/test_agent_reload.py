@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from bridge.agent import Agent
-from bridge.config import Config, ConfigError
+from bridge.agent.shell import Agent
+from bridge.core.config import Config, ConfigError
 from tests.test_agent_passes import Catalog, web
 from tests.test_diff import CONFIG
 

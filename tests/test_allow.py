@@ -1,4 +1,4 @@
-"""The allow tag and the allow list of a virtual service (bridge/allow.py, bridge/tags.py, bridge/desired.py)."""
+"""The allow tag and the allow list of a virtual service (bridge/core: allow.py, tags.py, desired.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.allow import admits, collapse, parse_prefixes
-from bridge.config import ConfigError, parse_config
-from bridge.explain import explain_flow
+from bridge.core.allow import admits, collapse, parse_prefixes
+from bridge.core.config import ConfigError, parse_config
+from bridge.inspect.explain import explain_flow
 from tests.test_tags_and_desired import CONFIG, desired, web
 
 VIP = "maglev.vip=198.51.100.10:80"

@@ -10,19 +10,19 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
-from bridge.agent import Agent
-from bridge.bgp import Announcing
-from bridge.config import BgpConfig
-from bridge.dataplane.diff import Memory, plan
-from bridge.dataplane.kernel import OpResult
-from bridge.dataplane.ops import Announce, DelService, Op, SetDest, SetSysctl, Withdraw
-from bridge.dataplane.state import LiveState
-from bridge.dataplane.view import ShadowKernel
-from bridge.desired import compute_desired
-from bridge.http import serve
-from bridge.maintenance import Maintenance, clear_maintenance, read_maintenance, write_maintenance
-from bridge.model import Snapshot
-from bridge.reconcile import SKIPPED, director_pass
+from bridge.agent.http import serve
+from bridge.agent.reconcile import SKIPPED, director_pass
+from bridge.agent.shell import Agent
+from bridge.core.announce import Announcing
+from bridge.core.config import BgpConfig
+from bridge.core.desired import compute_desired
+from bridge.core.live import LiveState
+from bridge.core.memory import Memory
+from bridge.core.model import Snapshot
+from bridge.core.ops import Announce, DelService, Op, OpResult, SetDest, SetSysctl, Withdraw
+from bridge.core.plan import plan
+from bridge.dataplane.shadow import ShadowKernel
+from bridge.files.maintenance import Maintenance, clear_maintenance, read_maintenance, write_maintenance
 from tests.real.consul_agent import free_port
 from tests.test_agent_passes import Catalog, web
 from tests.test_diff import CONFIG
@@ -206,7 +206,7 @@ def test_without_a_bgp_section_the_announce_table_is_never_touched(tmp_path):
 
 
 def test_the_maintenance_command_works_without_a_running_agent(tmp_path, capsys):
-    from bridge.cli import main
+    from bridge.cli.main import main
 
     config = tmp_path / "config.yaml"
     config.write_text(f"http_bind: 127.0.0.1:1\nbgp:\n  maintenance_file: {tmp_path / 'm'}\n  table: 251\n")
@@ -223,9 +223,9 @@ def test_the_maintenance_command_works_without_a_running_agent(tmp_path, capsys)
 
 
 def test_sync_daemons_are_started_restarted_on_a_change_and_left_alone_without_conn_sync():
-    from bridge.config import ConnSyncConfig
-    from bridge.dataplane.ops import StartSyncDaemon, StopSyncDaemon
-    from bridge.model import SyncDaemon
+    from bridge.core.config import ConnSyncConfig
+    from bridge.core.model import SyncDaemon
+    from bridge.core.ops import StartSyncDaemon, StopSyncDaemon
 
     config = replace(CONFIG, sysctls=(), conn_sync=ConnSyncConfig("eth0", 7))
     state = compute_desired(Snapshot(()), config, "192.0.2.1")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.bird import BirdError, bgp_sessions, read_bgp_sessions
+from bridge.inspect.bird import BirdError, bgp_sessions, read_bgp_sessions
 from tests.test_agent_passes import Catalog, web
 from tests.test_announcements import director
 from tests.test_metrics import scrape

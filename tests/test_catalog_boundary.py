@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.catalog.consul_format import CatalogFormatError, parse_catalog, parse_service
-from bridge.desired import compute_desired
-from bridge.model import Snapshot
-from bridge.printable import printable
-from bridge.render import desired_text
+from bridge.core.desired import compute_desired
+from bridge.core.model import Snapshot
+from bridge.core.printable import printable
+from bridge.inspect.text import desired_text
 from tests.catalog_builder import catalog, health_entry
 from tests.test_tags_and_desired import CONFIG
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import ConfigError, load_config, parse_config
+from bridge.core.config import ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -14,7 +14,7 @@ def test_example_configuration_file_is_valid_and_documents_every_key():
     config = load_config(ROOT / "maglev-bridge.example.yaml")
     assert config.fou_port == 5555 and config.tag_prefix == "maglev"
     text = (ROOT / "maglev-bridge.example.yaml").read_text()
-    from bridge.config import _PARSERS
+    from bridge.core.config import _PARSERS
     missing = [key for key in _PARSERS if f"{key}:" not in text]
     assert missing == []
 
@@ -50,7 +50,7 @@ def test_bad_configuration_is_one_clear_message_naming_the_key(raw, message):
 
 
 def test_tunnel_map_keeps_host_bits():
-    from bridge.addr import ipv4_int, ipv4_text
+    from bridge.core.addr import ipv4_int, ipv4_text
     config = parse_config({"tunnel_map": [{"backend": "10.20.0.0/16", "tunnel": "100.64.0.0/16"}]})
     assert ipv4_text(config.tunnel_address(ipv4_int("10.20.3.4"))) == "100.64.3.4"
     assert config.tunnel_address(ipv4_int("10.21.3.4")) is None
@@ -64,7 +64,7 @@ def test_bad_yaml_names_the_file(tmp_path):
 
 
 def test_cli_reports_a_bad_configuration_with_exit_code_2(tmp_path, capsys):
-    from bridge.cli import main
+    from bridge.cli.main import main
     path = tmp_path / "c.yaml"
     path.write_text("fou_port: 0\n")
     assert main(["plan", "--config", str(path), "--catalog", str(ROOT / "examples/demo-catalog.json")]) == 2
@@ -208,14 +208,15 @@ def test_token_file_wins_over_the_environment_for_consul_and_nomad(tmp_path, mon
 
 
 def test_a_token_file_gone_after_load_is_an_error_naming_the_key(tmp_path):
-    from bridge.endpoint import EndpointError, read_token
+    from bridge.clients import read_token
+    from bridge.core.addr import EndpointError
 
     with pytest.raises(EndpointError, match=r"consul.token_file: cannot read .*/gone: No such file"):
         read_token("consul.token_file", str(tmp_path / "gone"), "CONSUL_HTTP_TOKEN")
 
 
 def test_error_bodies_are_summarised_never_repeated():
-    from bridge.endpoint import summarize_body
+    from bridge.clients import summarize_body
 
     body = ("rpc error: ACL not found\r\nX-Consul-Token: 5f3c8e2a-1b2c-4d5e-8f90-123456789abc\x1b[31m"
             + "padding " * 500)
@@ -230,7 +231,7 @@ def test_error_bodies_are_summarised_never_repeated():
 def _documents():
     from hypothesis import strategies as st
 
-    from bridge.config import _PARSERS, ConsulConfig, NomadConfig
+    from bridge.core.config import _PARSERS, ConsulConfig, NomadConfig
 
     scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=30)
     scalars |= st.sampled_from(

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from bridge.catalog.consul_format import snapshot_from_services
-from bridge.desired import DesiredBook, compute_desired
+from bridge.core.desired import DesiredBook, compute_desired
 from tests.catalog_builder import catalog, health_entry
 from tests.test_tags_and_desired import CONFIG
 

@@ -5,9 +5,10 @@ import random
 from dataclasses import replace
 
 from bridge.catalog.consul_format import snapshot_from_services
-from bridge.config import Config, TunnelMapping
-from bridge.dataplane.diff import Memory, plan, remember
-from bridge.dataplane.ops import (
+from bridge.core.config import Config, TunnelMapping
+from bridge.core.desired import compute_desired
+from bridge.core.memory import Memory, remember
+from bridge.core.ops import (
     AddDest,
     AddLink,
     AddRoute,
@@ -19,7 +20,7 @@ from bridge.dataplane.ops import (
     SetDest,
     SetSysctl,
 )
-from bridge.desired import compute_desired
+from bridge.core.plan import plan
 from tests.catalog_builder import catalog, health_entry
 from tests.fake_kernel import FakeKernel
 

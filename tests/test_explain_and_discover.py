@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.discover import Director, Discovery, discovery_text
-from bridge.explain import ExplainError, ServiceView, explain_flow, explain_shares, parse_client, parse_service
-from bridge.maglev import Dest
+from bridge.core.maglev import Dest
+from bridge.inspect.discover import Director, Discovery, discovery_text
+from bridge.inspect.explain import ExplainError, ServiceView, explain_flow, explain_shares, parse_client, parse_service
 
 
 def view(flags=("mh-fallback", "mh-port"), weights=(1, 1, 2)):

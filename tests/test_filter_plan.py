@@ -1,4 +1,4 @@
-"""Planning the director's packet filter (bridge/dataplane/filter.py) and its nftables form
+"""Planning the director's packet filter (bridge/core/filter.py) and its nftables form
 (bridge/dataplane/nft.py), without a kernel: the real table is checked in tests/kernel/test_filter.py."""
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.dataplane.diff import Memory, plan
-from bridge.dataplane.filter import plan_filter
+from bridge.core.filter import plan_filter
+from bridge.core.live import LiveAllow, LiveFilter, LiveState
+from bridge.core.memory import Memory
+from bridge.core.model import DesiredState, VirtualService
+from bridge.core.ops import AddAllow, AddRoute, AddService, ChangeAllow, CreateFilter, DelAllow, DelService
+from bridge.core.plan import plan
 from bridge.dataplane.nft import commands, object_id, parse_table
-from bridge.dataplane.ops import AddAllow, AddRoute, AddService, ChangeAllow, CreateFilter, DelAllow, DelService
-from bridge.dataplane.state import LiveAllow, LiveFilter, LiveState
-from bridge.dataplane.view import ShadowKernel
-from bridge.model import DesiredState, VirtualService
+from bridge.dataplane.shadow import ShadowKernel
 
 WEB = ("198.51.100.10", 80, "tcp")
 DNS = ("198.51.100.10", 53, "udp")
@@ -113,7 +114,7 @@ def test_object_names_are_reversible_and_short():
 
 
 def test_plan_and_status_show_the_filter():
-    from bridge.render import desired_json, desired_text, status_json, status_text
+    from bridge.inspect.text import desired_json, desired_text, status_json, status_text
 
     desired = state(vs(WEB, ("192.0.2.0/24",)), vs(DNS, None))
     assert "allow 192.0.2.0/24" in desired_text(desired).splitlines()[0]
@@ -179,10 +180,9 @@ def test_a_new_service_whose_allow_list_could_not_be_put_in_place_is_not_added()
     """Added anyway it would serve every source on a VIP already announced (its other port is served)."""
     from collections.abc import Iterable, Iterator
 
-    from bridge.dataplane.kernel import OpResult
-    from bridge.dataplane.ops import AddDest, FilterOp, Op
-    from bridge.model import RealServer
-    from bridge.reconcile import UNFILTERED, director_pass
+    from bridge.agent.reconcile import UNFILTERED, director_pass
+    from bridge.core.model import RealServer
+    from bridge.core.ops import AddDest, FilterOp, Op, OpResult
     from tests.test_diff import CONFIG
 
     class NoFilter(ShadowKernel):
@@ -211,8 +211,7 @@ def test_the_kernel_view_lists_the_nftables_table_again_only_after_a_filter_tran
     """Listing 2,000 sets costs 0.6-1.7 s; a new VIP's route and announcement cannot change the table."""
     from collections.abc import Iterable, Iterator
 
-    from bridge.dataplane.kernel import OpResult
-    from bridge.dataplane.ops import Announce, Op
+    from bridge.core.ops import Announce, Op, OpResult
     from bridge.dataplane.view import KernelView
     from tests.test_diff import CONFIG
 

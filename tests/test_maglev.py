@@ -1,4 +1,4 @@
-"""bridge.maglev against the kernel's own hash vectors and a literal port of ip_vs_mh.c."""
+"""bridge.core.maglev against the kernel's own hash vectors and a literal port of ip_vs_mh.c."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from bridge.maglev import (
+from bridge.core.maglev import (
     DEFAULT_TABLE_SIZE,
-    TABLE_SIZES,
     Dest,
     MaglevTable,
     _populate_compiled,
@@ -27,6 +26,7 @@ from bridge.maglev import (
     siphash,
     turns,
 )
+from bridge.core.model import TABLE_SIZES
 from tests import maglev_reference as ref
 
 # lib/test_siphash.c: key bytes 00..0f, input bytes 00..(n-1) for n = 0..63.
@@ -211,7 +211,7 @@ def test_big_table_without_the_fast_extra_fills_in_python_with_the_same_result(
     rng = random.Random(11)
     dests = [Dest.added(d.address, d.port, rng.choice([1, 2])) for d in random_dests(rng, 50)]
     compiled = build_table(dests, 16381).slots.tolist()
-    monkeypatch.setattr("bridge.maglev._compiled_fill", lambda: None)
+    monkeypatch.setattr("bridge.core.maglev._compiled_fill", lambda: None)
     assert build_table(dests, 16381).slots.tolist() == compiled == ref.populate(dests, 16381)
 
 

@@ -22,11 +22,11 @@ from bridge.catalog.consul import (
 )
 from bridge.catalog.consul_format import CatalogFormatError
 from bridge.catalog.source import CatalogUnavailable
-from bridge.dataplane.diff import dest_id
-from bridge.dataplane.ipvs_netlink import DestStats
-from bridge.dataplane.state import LiveAllow, LiveFilter, LiveRealServer, LiveService
-from bridge.maintenance import Maintenance, write_maintenance
-from bridge.metrics import (
+from bridge.core.live import DestStats, LiveAllow, LiveFilter, LiveRealServer, LiveService
+from bridge.core.memory import dest_id
+from bridge.core.model import DesiredState, RealServer, Rejection, VirtualService
+from bridge.files.maintenance import Maintenance, write_maintenance
+from bridge.inspect.metrics import (
     BACKEND_FAMILIES,
     BACKEND_PREFIX,
     CONSUL_ERROR_KINDS,
@@ -35,8 +35,7 @@ from bridge.metrics import (
     filter_metrics,
     rejection_reason,
 )
-from bridge.model import DesiredState, RealServer, Rejection, VirtualService
-from bridge.status import service_fingerprints
+from bridge.inspect.status import service_fingerprints
 from tests.catalog_builder import health_entry
 from tests.test_agent_passes import Catalog, shadow_agent, web
 from tests.test_announcements import director

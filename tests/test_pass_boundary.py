@@ -8,16 +8,16 @@ from dataclasses import replace
 
 import pytest
 
-import bridge.agent
-import bridge.desired
-import bridge.reconcile
+import bridge.agent.reconcile
+import bridge.agent.shell
+import bridge.core.desired
 from bridge.catalog.consul_format import snapshot_from_services
+from bridge.core.desired import DesiredBook
+from bridge.core.model import Snapshot
+from bridge.core.outcome import PassOutcome
+from bridge.core.tags import TagParser
 from bridge.dataplane.backend import BackendLive
-from bridge.dataplane.view import ShadowKernel
-from bridge.desired import DesiredBook
-from bridge.model import Snapshot
-from bridge.reconcile import PassOutcome
-from bridge.tags import TagParser
+from bridge.dataplane.shadow import ShadowKernel
 from tests.catalog_builder import catalog, health_entry
 from tests.consul.helpers import eventually
 from tests.test_agent_passes import Catalog, shadow_agent, web
@@ -35,9 +35,9 @@ def boom(*_args, **_kwargs):
 STAGES = {
     "catalog snapshot": (Catalog, "snapshot"),
     "desired state": (DesiredBook, "state"),
-    "plan and apply": (bridge.reconcile, "plan"),
+    "plan and apply": (bridge.agent.reconcile, "plan"),
     "apply": (ShadowKernel, "apply"),
-    "state save": (bridge.agent, "save_state"),
+    "state save": (bridge.agent.shell, "save_state"),
     "report": (PassOutcome, "report"),
 }
 
@@ -162,11 +162,11 @@ def test_the_backend_role_keeps_its_vips_when_a_service_on_it_cannot_be_computed
         health_entry("svc-0", "b1", "192.0.2.10", 80, ["maglev.vip=198.51.100.1:80"]),
         health_entry("svc-2", "b1", "192.0.2.10", 80, ["maglev.vip=198.51.100.3:80"]),
     ))
-    monkeypatch.setattr(bridge.reconcile, "BackendKernel", FakeBackendKernel)
-    plain = bridge.reconcile.backend_pass(snap, config, dry_run=True, now=0.0)
+    monkeypatch.setattr(bridge.agent.reconcile, "BackendKernel", FakeBackendKernel)
+    plain = bridge.agent.reconcile.backend_pass(snap, config, dry_run=True, now=0.0)
     assert [s.description for s in plain.steps] == ["add vip 198.51.100.3", "delete vip 198.51.100.9"]
     break_parsing_of(monkeypatch, "svc-2")
-    kept = bridge.reconcile.backend_pass(snap, config, dry_run=True, now=0.0)
+    kept = bridge.agent.reconcile.backend_pass(snap, config, dry_run=True, now=0.0)
     assert kept.steps == (), "nothing is deleted while a service's claims are unknown"
     assert kept.failures == (("svc-2", "Boom: injected in svc-2"),)
     assert kept.notes == (

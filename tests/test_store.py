@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from bridge.dataplane.diff import Memory
-from bridge.maintenance import Maintenance, write_maintenance
-from bridge.store import StateLock, StateLocked, Stored, load_state, recover_state, save_state
+from bridge.core.memory import Memory
+from bridge.files.maintenance import Maintenance, write_maintenance
+from bridge.files.store import StateLock, StateLocked, Stored, load_state, recover_state, save_state
 
 MEMORY = Memory(drain_deadlines={"198.51.100.1:80/tcp 203.0.113.1:80": 1700000000.5},
                 last_weights={"198.51.100.1:80/tcp 203.0.113.1:80": 3})

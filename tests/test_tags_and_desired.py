@@ -5,8 +5,8 @@ import ipaddress
 import pytest
 
 from bridge.catalog.consul_format import snapshot_from_services
-from bridge.config import Config, TunnelMapping
-from bridge.desired import claims_of_node, compute_desired
+from bridge.core.config import Config, TunnelMapping
+from bridge.core.desired import claims_of_node, compute_desired
 from tests.catalog_builder import catalog, health_entry
 
 CONFIG = Config(

@@ -38,12 +38,12 @@ import consul.aio
 import consul.base
 import requests
 
-from bridge import endpoint
+from bridge import clients
 from bridge.catalog.consul_format import WHOLE_SERVICE, CatalogFormatError, parse_service
 from bridge.catalog.source import CatalogUnavailable, OnChange
-from bridge.config import Config, ConsulConfig
-from bridge.model import Instance, Rejection, Snapshot
-from bridge.printable import printable
+from bridge.core.config import Config, ConsulConfig
+from bridge.core.model import Instance, Rejection, Snapshot
+from bridge.core.printable import printable
 
 log = logging.getLogger("maglev-bridge.consul")
 BACKOFF_START = 0.5
@@ -58,7 +58,7 @@ class ConsulAccessError(RuntimeError):
 
 def read_token(config: ConsulConfig) -> str | None:
     """`token_file` first, else CONSUL_HTTP_TOKEN (as documented). Never logged."""
-    return endpoint.read_token("consul.token_file", config.token_file, "CONSUL_HTTP_TOKEN")
+    return clients.read_token("consul.token_file", config.token_file, "CONSUL_HTTP_TOKEN")
 
 
 def _client_options(config: ConsulConfig) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def _client_options(config: ConsulConfig) -> dict[str, Any]:
     return {
         "host": url.where.netloc.rpartition(":")[0], "port": url.where.port, "scheme": url.scheme,
         "token": read_token(config), "dc": config.datacenter, "verify": config.ca_file or True,
-        "cert": endpoint.client_cert(config.cert_file, config.key_file),
+        "cert": clients.client_cert(config.cert_file, config.key_file),
         "consistency": "stale" if config.stale else "default",
     }
 
@@ -82,7 +82,7 @@ def make_client(config: ConsulConfig) -> consul.Consul:
     options = _client_options(config)
     client = _with_token(consul.Consul(**options), options["token"])
     if config.tls_server_name and config.url.scheme == "https":
-        client.http.session.mount("https://", endpoint.ServerNameAdapter(config.tls_server_name))
+        client.http.session.mount("https://", clients.ServerNameAdapter(config.tls_server_name))
     return client
 
 
@@ -131,7 +131,7 @@ def _parser(path: str) -> Callable[[Any], tuple[int, str]]:
 
     def parse(response: Any) -> tuple[int, str]:
         if response.code == 403:
-            raise ConsulAccessError(f"{path}: 403 {endpoint.summarize_body(response.body)}")
+            raise ConsulAccessError(f"{path}: 403 {clients.summarize_body(response.body)}")
         if response.code == 429:
             raise TooManyRequests(
                 f"{path}: 429 too many connections from this address; the agent holds one blocking query per "
@@ -139,7 +139,7 @@ def _parser(path: str) -> Callable[[Any], tuple[int, str]]:
         if response.code in (400, 404, 405):
             raise UnreadableName(f"{path}: {response.code}")
         if response.code >= 400:
-            raise ConsulAnswerError(f"{path}: {response.code} {endpoint.summarize_body(response.body)}")
+            raise ConsulAnswerError(f"{path}: {response.code} {clients.summarize_body(response.body)}")
         if str(response.headers.get("X-Consul-Results-Filtered-By-ACLs", "")).lower() == "true":
             raise ConsulAccessError(f"{path}: results were filtered by ACLs")
         return int(response.headers.get("X-Consul-Index", 0)), str(response.body)

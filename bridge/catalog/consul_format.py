@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from bridge.model import Health, Instance, Rejection, Snapshot
+from bridge.core.model import Health, Instance, Rejection, Snapshot
 
 _SEVERITY: dict[str, int] = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 2}
 _BY_SEVERITY: dict[int, Health] = {0: "passing", 1: "warning", 2: "critical"}

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from bridge.catalog.consul_format import CatalogFormatError, parse_catalog
-from bridge.gcpause import gc_paused
-from bridge.model import Snapshot
+from bridge.core.gcpause import gc_paused
+from bridge.core.model import Snapshot
 
 
 def load_catalog(path: str | Path) -> Snapshot:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bridge.catalog.file import load_catalog
-from bridge.model import Snapshot
+from bridge.core.model import Snapshot
 
 OnChange = Callable[[str], None]
 

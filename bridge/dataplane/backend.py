@@ -16,8 +16,8 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from bridge.addr import ipv4_int
-from bridge.config import Config
+from bridge.core.addr import ipv4_int
+from bridge.core.config import Config
 from bridge.dataplane.fou import IPPROTO_IPIP, Fou
 
 TUNNEL_LINK = "tunl0"

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pyroute2.netlink.generic import GenericNetlinkSocket
 from pyroute2.netlink.generic.ipvs import ipvsmsg
 
+from bridge.core.live import DestStats
+from bridge.core.model import SyncDaemon
 from bridge.dataplane.netlink_batch import BatchSocket, attr, be16, parse_attrs, u16, u32
-from bridge.model import SyncDaemon
 
 NETLINK_GENERIC = 16
 CMD_NEW_SERVICE, CMD_SET_SERVICE, CMD_DEL_SERVICE, CMD_GET_SERVICE = 1, 2, 3, 4
@@ -45,17 +46,6 @@ class ServiceRecord:
     key: ServiceKey
     scheduler: str
     flags: int
-
-
-@dataclass(frozen=True)
-class DestStats:
-    """A real server's counters since it was added (IPVS_DEST_ATTR_STATS64): what /metrics exports."""
-
-    connections: int = 0
-    packets_in: int = 0
-    packets_out: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
 
 
 def _stats(data: bytes | None) -> DestStats:

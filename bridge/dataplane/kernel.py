@@ -13,15 +13,36 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from bridge.addr import ipv4_int
-from bridge.config import Config
+from bridge.core.addr import ipv4_int
+from bridge.core.config import Config
+from bridge.core.live import LiveFilter, LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
+from bridge.core.ops import (
+    AddDest,
+    AddLink,
+    AddRoute,
+    AddService,
+    Announce,
+    DelLink,
+    DelRoute,
+    DelService,
+    FilterOp,
+    IpvsOp,
+    Op,
+    OpResult,
+    SetDest,
+    SetService,
+    SetSysctl,
+    StartSyncDaemon,
+    StopSyncDaemon,
+    VsKey,
+    Withdraw,
+)
 from bridge.dataplane.ipvs_netlink import (
     CMD_DEL_DEST,
     CMD_DEL_SERVICE,
@@ -36,27 +57,6 @@ from bridge.dataplane.ipvs_netlink import (
 )
 from bridge.dataplane.netlink_batch import NLM_F_CREATE, NLM_F_EXCL, BatchSocket, attr, describe, u32
 from bridge.dataplane.nft import FilterError, Nft
-from bridge.dataplane.ops import (
-    AddDest,
-    AddLink,
-    AddRoute,
-    AddService,
-    Announce,
-    DelLink,
-    DelRoute,
-    DelService,
-    FilterOp,
-    IpvsOp,
-    Op,
-    SetDest,
-    SetService,
-    SetSysctl,
-    StartSyncDaemon,
-    StopSyncDaemon,
-    VsKey,
-    Withdraw,
-)
-from bridge.dataplane.state import LiveFilter, LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
 
 FLAG_BITS = {"mh-fallback": 0x0008, "mh-port": 0x0010}
 PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
@@ -76,12 +76,6 @@ RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
 
 class ApplyError(RuntimeError):
     """A failed operation, named, with the kernel's reason."""
-
-
-@dataclass(frozen=True)
-class OpResult:
-    op: Op
-    error: str | None
 
 
 def _flag_names(bits: int) -> tuple[str, ...]:

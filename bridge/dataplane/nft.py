@@ -24,9 +24,9 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-from bridge.addr import ipv4_int
-from bridge.dataplane.ops import AddAllow, ChangeAllow, CreateFilter, FilterOp, VsKey, vs_label
-from bridge.dataplane.state import LiveAllow, LiveFilter
+from bridge.core.addr import ipv4_int
+from bridge.core.live import LiveAllow, LiveFilter
+from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter, FilterOp, VsKey, vs_label
 
 FAMILY = "inet"
 TABLE = "maglev_bridge"

@@ -9,7 +9,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from bridge.config import ConfigError
+from bridge.core.config import ConfigError
 
 OPTION = "--agent-artifact-checksum"
 SHA256 = re.compile(r"sha256:[0-9a-f]{64}")

@@ -10,8 +10,9 @@ import nomad
 import requests
 from nomad.api.exceptions import BaseNomadException
 
-from bridge import endpoint
-from bridge.config import NomadConfig
+from bridge import clients
+from bridge.core.addr import EndpointError
+from bridge.core.config import NomadConfig
 from bridge.nomad.render import JobSource
 
 Job = dict[str, Any]
@@ -24,22 +25,22 @@ class NomadError(RuntimeError):
 def read_token(config: NomadConfig) -> str | None:
     """`token_file` first, else NOMAD_TOKEN. Never logged."""
     try:
-        return endpoint.read_token("nomad.token_file", config.token_file, "NOMAD_TOKEN")
-    except endpoint.EndpointError as exc:
+        return clients.read_token("nomad.token_file", config.token_file, "NOMAD_TOKEN")
+    except EndpointError as exc:
         raise NomadError(str(exc)) from None
 
 
 def make_api(config: NomadConfig, region: str | None = None) -> nomad.Nomad:
     session = requests.Session()
     if config.tls_server_name and config.url.scheme == "https":
-        session.mount("https://", endpoint.ServerNameAdapter(config.tls_server_name))
+        session.mount("https://", clients.ServerNameAdapter(config.tls_server_name))
     return nomad.Nomad(
         address=config.url.text,
         region=region or config.region,
         namespace=config.namespace,
         token=read_token(config),
         verify=config.ca_file or True,
-        cert=endpoint.client_cert(config.cert_file, config.key_file) or (),
+        cert=clients.client_cert(config.cert_file, config.key_file) or (),
         timeout=15,
         session=session,
     )
@@ -48,7 +49,7 @@ def make_api(config: NomadConfig, region: str | None = None) -> nomad.Nomad:
 def _describe(exc: BaseNomadException) -> str:
     resp = exc.nomad_resp
     if isinstance(resp, requests.Response):
-        return f"HTTP {resp.status_code}: {endpoint.summarize_body(resp.text, limit=1000)}"
+        return f"HTTP {resp.status_code}: {clients.summarize_body(resp.text, limit=1000)}"
     return str(resp)
 
 

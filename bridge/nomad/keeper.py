@@ -8,7 +8,7 @@ frees up, instead of being re-registered every interval.
 
 from __future__ import annotations
 
-from bridge.config import Config, NomadConfig
+from bridge.core.config import Config, NomadConfig
 from bridge.nomad.client import NomadClient, NomadError
 from bridge.nomad.plan import has_changes
 from bridge.nomad.render import JobSource, job_sources

@@ -9,7 +9,7 @@ import pytest
 
 from bridge.catalog.consul import ConsulSource
 from bridge.catalog.source import CatalogUnavailable
-from bridge.config import Config, ConsulConfig
+from bridge.core.config import Config, ConsulConfig
 from tests.consul.helpers import deregister, eventually, register, set_health
 from tests.real.consul_agent import ConsulAgent
 

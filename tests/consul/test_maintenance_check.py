@@ -7,11 +7,11 @@ from dataclasses import replace
 
 import pytest
 
-from bridge.announce import Announcer, service_id
-from bridge.config import BgpConfig, ConsulConfig
-from bridge.dataplane.view import ShadowKernel
-from bridge.http import serve
-from bridge.maintenance import Maintenance, clear_maintenance, write_maintenance
+from bridge.agent.http import serve
+from bridge.catalog.registration import Announcer, service_id
+from bridge.core.config import BgpConfig, ConsulConfig
+from bridge.dataplane.shadow import ShadowKernel
+from bridge.files.maintenance import Maintenance, clear_maintenance, write_maintenance
 from tests.consul.helpers import eventually
 from tests.real.consul_agent import ConsulAgent, free_port
 from tests.test_agent_passes import Catalog, web

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.maintenance import Maintenance, write_maintenance
+from bridge.files.maintenance import Maintenance, write_maintenance
 from tests.consul.helpers import deregister, eventually, register
 from tests.real.consul_agent import ConsulAgent, free_port
 from tests.real.prometheus import Prometheus
@@ -64,7 +64,7 @@ def test_promtool_accepts_the_alerts_and_every_dashboard_expression(prometheus_b
 
 
 def test_promtool_accepts_a_directors_scrape_with_a_drain_in_progress(prometheus_binary: str, tmp_path: Path):
-    """The per-real-server families are written by bridge.metrics, not prometheus_client: Prometheus' own
+    """The per-real-server families are written by bridge.inspect.metrics, not prometheus_client: Prometheus' own
     checker reads the whole scrape, and finds nothing to lint in it."""
     source = Catalog([web(1), web(2)])
     agent = shadow_agent(tmp_path, source)

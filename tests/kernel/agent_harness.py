@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from bridge.cli import main
+from bridge.cli.main import main
 from tests.catalog_builder import health_entry
 from tests.kernel.conftest import VENV_PYTHON, Backend, Director, Netns, Topology, vip
 

@@ -1,4 +1,4 @@
-"""bridge.maglev is bit-exact against the kernel's ip_vs_mh: for every flow sent, the real server the kernel
+"""bridge.core.maglev is bit-exact against the kernel's ip_vs_mh: for every flow sent, the real server the kernel
 picks (or its drop) is the one the model predicts from the same real-server history.
 
 `explain`, the directors' fingerprints and the agreement benchmark all trust the model; the unit tests only
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bridge.maglev import (
+from bridge.core.maglev import (
     DEFAULT_TABLE_SIZE,
     Dest,
     IntArray,

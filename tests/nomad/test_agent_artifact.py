@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bridge.config import load_config
-from bridge.discover import discover, discovery_text
+from bridge.core.config import load_config
+from bridge.inspect.discover import discover, discovery_text
 from tests.consul.helpers import eventually
 from tests.nomad.test_nomad_jobs import REPO, http_port, jobs, ops_config, passing, running
 from tests.real.nomad_cluster import NomadCluster

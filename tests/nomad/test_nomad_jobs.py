@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.cli import main
-from bridge.config import parse_config
+from bridge.cli.main import main
+from bridge.core.config import parse_config
 from bridge.nomad.keeper import keep_jobs
 from tests.consul.helpers import eventually
 from tests.real.consul_agent import ConsulAgent

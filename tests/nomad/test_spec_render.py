@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.config import ConfigError
+from bridge.cli.jobs import AGENT_HCL, AGENT_JOB
+from bridge.core.config import ConfigError
 from bridge.nomad.artifact import artifact_checksum, artifact_variables
-from bridge.nomad.cli import AGENT_HCL, AGENT_JOB
 from bridge.nomad.placement import explain_failures
 from bridge.nomad.plan import diff_lines, has_changes
 from bridge.nomad.render import agent_variables, hcl_string, job_sources, render_job

@@ -1,0 +1,134 @@
+"""Addresses: fast IPv4 text <-> integer helpers, and the host:port and URL forms the configuration writes.
+
+A catalog repeats the same few thousand addresses across 100,000 instances; `ipaddress` objects for each of
+them cost more than the rest of planning together. The host:port and URL parsers are shared by the Consul
+and Nomad clients and the agent's own HTTP endpoint, so an IPv6 address or a scheme none of them speaks is
+refused when the configuration is read, not inside a watch thread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+@lru_cache(maxsize=65536)
+def ipv4_int(text: str) -> int:
+    """The address as an integer; ValueError unless `text` is a strict dotted quad."""
+    try:
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except (OSError, TypeError):
+        raise ValueError(f"{text!r} is not an IPv4 address") from None
+
+
+def ipv4_text(value: int) -> str:
+    return socket.inet_ntop(socket.AF_INET, value.to_bytes(4, "big"))
+
+
+SCHEMES = ("http", "https")
+
+
+class EndpointError(ValueError):
+    """An address, token or file that the clients cannot use; the message names the key."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    """An IP literal or a DNS name, without brackets."""
+    port: int
+
+    @property
+    def netloc(self) -> str:
+        """host:port as a URL needs it: IPv6 literals in brackets."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Url:
+    scheme: str
+    where: HostPort
+
+    @property
+    def text(self) -> str:
+        return f"{self.scheme}://{self.where.netloc}"
+
+
+def _port(key: str, text: str | None, default: int | None) -> int:
+    if text is None or text == "":
+        if default is None:
+            raise EndpointError(f"{key}: a port is needed (host:port)")
+        return default
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
+        raise EndpointError(f"{key}: port {text!r} must be a number from 1 to 65535")
+    return int(text)
+
+
+def _host(key: str, text: str, *, literal: bool) -> str:
+    """An IP literal, or (unless `literal`) a DNS name of letters, digits, dots and dashes."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if literal:
+        raise EndpointError(f"{key}: {text!r} is not an IP address (IPv6 in brackets: [::1]:9119)")
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", text) or ".." in text:
+        raise EndpointError(f"{key}: {text!r} is neither an IP address nor a host name")
+    return text
+
+
+def parse_host_port(key: str, text: str, *, default_port: int | None = None, literal: bool = False) -> HostPort:
+    """`host:port`, `[v6]:port` (or `host` alone with a default port). `literal` refuses names: a socket
+    to bind or a DNS server to ask needs an address."""
+    if not isinstance(text, str) or not text:
+        raise EndpointError(f"{key}: expected host:port, got {text!r}")
+    if text.startswith("["):
+        inside, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise EndpointError(f"{key}: {text!r}: expected [IPv6]:port")
+        address = inside
+        try:
+            if not isinstance(ipaddress.ip_address(address), ipaddress.IPv6Address):
+                raise ValueError
+        except ValueError:
+            raise EndpointError(f"{key}: {address!r} in brackets is not an IPv6 address") from None
+        return HostPort(str(ipaddress.ip_address(address)), _port(key, rest[1:] or None, default_port))
+    if text.count(":") > 1:
+        raise EndpointError(f"{key}: {text!r}: an IPv6 address needs brackets, as in [::1]:9119")
+    host, sep, port = text.partition(":")
+    if sep and not port:
+        raise EndpointError(f"{key}: {text!r}: the port after ':' is missing")
+    return HostPort(_host(key, host, literal=literal), _port(key, port if sep else None, default_port))
+
+
+def parse_url(key: str, text: str, default_port: int) -> Url:
+    """`scheme://host[:port]` (scheme http or https, as both clients speak them), or `host[:port]` meaning
+    http, as CONSUL_HTTP_ADDR allows. No path, user or query: the clients would drop or misuse them."""
+    if not isinstance(text, str) or not text:
+        raise EndpointError(f"{key}: expected an address like http://127.0.0.1:{default_port}, got {text!r}")
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "http", text
+    if scheme.lower() not in SCHEMES:
+        raise EndpointError(f"{key}: scheme {scheme!r} is not supported; use http:// or https://")
+    parts = urlsplit(f"//{rest}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in rest:
+        raise EndpointError(f"{key}: {text!r}: only scheme://host:port is allowed (no path, user or query)")
+    return Url(scheme.lower(), parse_host_port(key, rest.rstrip("/"), default_port=default_port))
+
+
+def check_readable(key: str, path: str) -> None:
+    """A file the agent will open later (token, CA, certificate, key): refused now rather than at use."""
+    file = Path(path)
+    if not file.exists():
+        raise EndpointError(f"{key}: {path} does not exist")
+    if not file.is_file():
+        raise EndpointError(f"{key}: {path} is not a regular file")
+    if not os.access(file, os.R_OK):
+        raise EndpointError(f"{key}: {path} is not readable by this user")

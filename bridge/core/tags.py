@@ -1,0 +1,208 @@
+"""The tag grammar, the agent's user interface in Consul:
+
+    <prefix>.vip=<ipv4>[:<port>][/tcp|/udp]   repeatable; port defaults to the instance's port
+    <prefix>.weight=<0..65535>                 default 1
+    <prefix>.flags=<mh-port,mh-fallback>       default from configuration
+    <prefix>.allow=<cidr>[,<cidr>...]          repeatable; source prefixes the service accepts (bridge/core/allow.py)
+
+An instance without a vip tag is not ours. Any malformed tag of ours rejects the instance's whole claim:
+applying part of what an operator wrote would be a guess.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from bridge.core.addr import ipv4_int
+from bridge.core.allow import AllowList, PrefixError, collapse, parse_prefixes
+from bridge.core.config import KNOWN_FLAGS, Config
+from bridge.core.model import Instance, Protocol, Rejection
+
+MAX_WEIGHT = 65535
+KEYS = ("vip", "weight", "flags", "allow")
+
+
+@dataclass(frozen=True)
+class Claim:
+    vip: str
+    port: int
+    protocol: Protocol
+    tag: str
+
+    @property
+    def key(self) -> tuple[str, int, Protocol]:
+        return (self.vip, self.port, self.protocol)
+
+
+class InstanceClaim(NamedTuple):
+    """What one instance asks for, once its tags have been understood. A NamedTuple rather than a frozen
+    dataclass: one is made per instance, and a 100,000-instance catalog must plan in about a second."""
+
+    instance: Instance
+    claims: tuple[Claim, ...]
+    weight: int
+    flags: tuple[str, ...]
+    allow: AllowList
+    """The instance's allow list: its allow tags merged, or the configured default when it has none."""
+
+
+Parsed = tuple[tuple[Claim, ...], int, tuple[str, ...], AllowList]
+
+
+class TagError(ValueError):
+    def __init__(self, tag: str, reason: str) -> None:
+        super().__init__(reason)
+        self.tag = tag
+        self.reason = reason
+
+
+def ascii_number(text: str, high: int) -> int | None:
+    """`text` as a number from 0 to `high` when it is nothing but ASCII digits, else None. `str.isdigit()`
+    alone accepts '²' and the digits of every script (which `int()` refuses or silently converts), and an
+    unbounded digit string makes `int()` raise past Python's 4,300-digit limit."""
+    if not text.isascii() or not text.isdigit() or len(text) > len(str(high)):
+        return None
+    value = int(text)
+    return value if value <= high else None
+
+
+def _port(tag: str, text: str) -> int:
+    port = ascii_number(text, 65535)
+    if not port:
+        raise TagError(tag, f"port {text!r} is not a number from 1 to 65535")
+    return port
+
+
+def parse_vip(tag: str, value: str, default_port: int, config: Config) -> Claim:
+    rest, slash, proto = value.partition("/")
+    if slash and proto not in ("tcp", "udp"):
+        raise TagError(tag, f"protocol {proto!r} is not tcp or udp")
+    protocol: Protocol = "udp" if proto == "udp" else "tcp"
+    if rest.startswith("[") or rest.count(":") > 1:
+        raise TagError(tag, "IPv6 VIPs are not supported yet; expected <ipv4>[:<port>][/tcp|/udp]")
+    host, colon, port_text = rest.partition(":")
+    try:
+        address = ipv4_int(host)
+    except ValueError:
+        raise TagError(tag, f"{host!r} is not an IPv4 address; expected <ipv4>[:<port>][/tcp|/udp]") from None
+    if not config.is_vip_allowed(address):
+        allowed = ", ".join(str(n) for n in config.vip_cidrs) or "none configured"
+        raise TagError(tag, f"VIP {host} is outside vip_cidrs ({allowed})")
+    if colon:
+        port = _port(tag, port_text)
+    elif 1 <= default_port <= 65535:
+        port = default_port
+    else:
+        raise TagError(tag, f"no port in the tag and the instance's port {default_port} is not usable")
+    return Claim(host, port, protocol, tag)
+
+
+def parse_weight(tag: str, value: str) -> int:
+    weight = ascii_number(value, MAX_WEIGHT)
+    if weight is None:
+        raise TagError(tag, f"weight {value!r} is not an integer from 0 to {MAX_WEIGHT}")
+    return weight
+
+
+def parse_flags(tag: str, value: str) -> tuple[str, ...]:
+    flags = tuple(f.strip() for f in value.split(",") if f.strip())
+    unknown = [f for f in flags if f not in KNOWN_FLAGS]
+    if unknown:
+        raise TagError(tag, f"unknown flag(s) {', '.join(map(repr, unknown))}; "
+                            f"expected a comma list of {', '.join(KNOWN_FLAGS)}")
+    return tuple(sorted(set(flags)))
+
+
+def parse_allow(tag: str, value: str) -> tuple[ipaddress.IPv4Network, ...]:
+    try:
+        return parse_prefixes(value)
+    except PrefixError as err:
+        raise TagError(tag, f"{err}; expected <cidr>[,<cidr>...]") from None
+
+
+class TagParser:
+    """Parses instances against one configuration, remembering each VIP tag it has understood: a large
+    catalog repeats the same VIP tag on every instance behind it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.prefix = config.tag_prefix + "."
+        self.default_flags = tuple(sorted(config.default_flags))
+        self._vips: dict[tuple[str, int], Claim | TagError] = {}
+        self._tag_sets: dict[tuple[tuple[str, ...], int], Parsed | None] = {}
+
+    def cached(self) -> int:
+        return len(self._vips) + len(self._tag_sets)
+
+    def _vip(self, tag: str, value: str, default_port: int) -> Claim:
+        known = self._vips.get((tag, default_port))
+        if known is None:
+            try:
+                known = parse_vip(tag, value, default_port, self.config)
+            except TagError as err:
+                known = err
+            self._vips[(tag, default_port)] = known
+        if isinstance(known, TagError):
+            raise known
+        return known
+
+    def _parse(self, instance: Instance) -> InstanceClaim | None:
+        key = (instance.tags, instance.port)
+        if key not in self._tag_sets:
+            self._tag_sets[key] = self._parse_tags(instance.tags, instance.port)
+        parsed = self._tag_sets[key]
+        if parsed is None:
+            return None
+        return InstanceClaim(instance, *parsed)
+
+    def _parse_tags(self, tags: tuple[str, ...], port: int) -> Parsed | None:
+        """Claims, weight, flags and allow list of one tag set; raises TagError (not cached: rejections are
+        rare). Several allow tags add up: a long list may be split over tags (Consul limits a tag's length)."""
+        prefix = self.prefix
+        claims: list[Claim] = []
+        weight: int | None = None
+        flags: tuple[str, ...] | None = None
+        allowed: list[ipaddress.IPv4Network] | None = None
+        for tag in tags:
+            if not tag.startswith(prefix):
+                continue
+            key, eq, value = tag[len(prefix) :].partition("=")
+            if not eq:
+                shown = key if key in KEYS else "<key>"
+                raise TagError(tag, f"expected {prefix}{shown}=<value>")
+            if key == "vip":
+                claims.append(self._vip(tag, value, port))
+            elif key == "weight":
+                if weight is not None:
+                    raise TagError(tag, "weight is given more than once")
+                weight = parse_weight(tag, value)
+            elif key == "flags":
+                if flags is not None:
+                    raise TagError(tag, "flags are given more than once")
+                flags = parse_flags(tag, value)
+            elif key == "allow":
+                allowed = [*(allowed or ()), *parse_allow(tag, value)]
+            else:
+                raise TagError(tag, f"unknown key {key!r}; expected {prefix}vip, {prefix}weight, {prefix}flags "
+                                    f"or {prefix}allow")
+        if not claims:
+            return None
+        if len(claims) > 1:
+            claims = sorted({c.key: c for c in claims}.values(), key=lambda c: (ipv4_int(c.vip), c.port, c.protocol))
+        return (tuple(claims), 1 if weight is None else weight, self.default_flags if flags is None else flags,
+                self.config.default_allow if allowed is None else collapse(allowed))
+
+    def parse(self, instance: Instance) -> InstanceClaim | Rejection | None:
+        """An instance's claim, a rejection naming the tag at fault, or None when the instance is not ours."""
+        try:
+            return self._parse(instance)
+        except TagError as err:
+            if not any(t.startswith(self.prefix + "vip") for t in instance.tags):
+                return None
+            return Rejection(instance.service, instance.instance_id, err.tag, err.reason)
+
+
+def parse_instance(instance: Instance, config: Config) -> InstanceClaim | Rejection | None:
+    return TagParser(config).parse(instance)

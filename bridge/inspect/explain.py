@@ -1,0 +1,129 @@
+"""`explain`: which backend this director's kernel picks for a flow, and why, from the Maglev model.
+
+Works from the live kernel (what this director does now) or from the desired state of a catalog (what
+every director should do). The kernel never reports a real server's remembered weight; where live
+state forces a guess, the explanation says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bridge.core.addr import ipv4_int
+from bridge.core.allow import AllowList, admits, describe
+from bridge.core.maglev import Choice, Dest, MaglevTable, address_key, build_table, fingerprint, lookup, shares
+
+
+class ExplainError(ValueError):
+    """The question cannot be answered: names what is missing."""
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """One virtual service as the model needs it, with where its real servers lead."""
+
+    label: str
+    flags: tuple[str, ...]
+    dests: tuple[Dest, ...]
+    backends: dict[str, str] = field(default_factory=dict)
+    """real-server address -> backend (underlay) address, where known."""
+    assumed: tuple[str, ...] = ()
+    """Real servers whose remembered weight had to be assumed."""
+    source: str = "live kernel state"
+    allow: AllowList = None
+    """The service's allow list (None: everyone)."""
+    service: str = ""
+
+
+def parse_service(text: str) -> tuple[str, int, str]:
+    rest, _, proto = text.partition("/")
+    proto = proto or "tcp"
+    host, colon, port = rest.rpartition(":")
+    if not colon or not port.isdigit() or proto not in ("tcp", "udp"):
+        raise ExplainError(f"{text!r}: expected <vip>:<port>[/tcp|/udp]")
+    try:
+        ipv4_int(host)
+    except ValueError:
+        raise ExplainError(f"{text!r}: {host!r} is not an IPv4 address") from None
+    return host, int(port), proto
+
+
+def parse_client(text: str) -> tuple[str, int]:
+    host, colon, port = text.partition(":")
+    try:
+        ipv4_int(host)
+    except ValueError:
+        raise ExplainError(f"{text!r}: expected <client-ip>[:<port>]") from None
+    if colon and not (port.isdigit() and int(port) <= 65535):
+        raise ExplainError(f"{text!r}: port {port!r} is not a number from 0 to 65535")
+    return host, int(port) if colon else 0
+
+
+def _name(view: ServiceView, dest: Dest) -> str:
+    backend = view.backends.get(dest.address)
+    via = f" (backend {backend})" if backend else ""
+    state = "" if dest.available else f", unavailable: weight 0, remembers {dest.last_weight}"
+    return f"{dest.address}:{dest.port}{via}{state}"
+
+
+def explain_flow(view: ServiceView, client: str, port: int, size: int) -> tuple[list[str], Choice | None]:
+    table = build_table(view.dests, size)
+    mh_port, mh_fallback = "mh-port" in view.flags, "mh-fallback" in view.flags
+    lines = [f"{view.label}  flags {','.join(view.flags) or '-'}  table {size} slots  ({view.source})",
+             f"client {client}:{port}" + ("" if mh_port else "  (no mh-port: the source port is not hashed)")]
+    filtered = not admits(view.allow, client)
+    if filtered:
+        lines.append(f"source {client} is not in {view.service or view.label}'s allow list "
+                     f"({describe(view.allow)}): the filter drops it before IPVS; Maglev would choose:")
+    choice = lookup(table, client, port, mh_port=mh_port, mh_fallback=mh_fallback)
+    first = _first_slot(table, client, port if mh_port else 0)
+    owner = int(table.slots[first])
+    if owner < 0:
+        lines.append(f"slot {first} is empty (no real server has weight): the kernel drops the flow")
+        return lines, None
+    lines.append(f"slot {first} -> {_name(view, table.dests[owner])}")
+    if choice is None:
+        why = "no mh-fallback" if not mh_fallback else "no real server is available"
+        lines.append(f"=> dropped ({why})")
+    else:
+        if choice.fallback_hops:
+            lines.append(f"mh-fallback: {choice.fallback_hops} re-hash(es), ending at slot {choice.slot}")
+        lines.append(f"=> {_name(view, table.dests[choice.dest_index])}")
+    if filtered:
+        lines.append(f"=> dropped by the filter (table inet maglev_bridge), source {client}")
+        choice = None
+    lines.extend(_assumptions(view))
+    return lines, choice
+
+
+def _first_slot(table: MaglevTable, client: str, port: int) -> int:
+    from bridge.core.maglev import HASH1_KEY, hash_input, hsiphash_u32
+
+    return int(hsiphash_u32(hash_input(address_key(client), port), HASH1_KEY) % table.size)
+
+
+def _assumptions(view: ServiceView) -> list[str]:
+    if not view.assumed:
+        return []
+    return [f"note: the kernel does not report remembered weights; assumed 0 for {', '.join(view.assumed)} "
+            "(this agent has no record of them)"]
+
+
+def explain_shares(view: ServiceView, size: int) -> list[str]:
+    table = build_table(view.dests, size)
+    lines = [f"{view.label}  table {size} slots  fingerprint {fingerprint(table)}  ({view.source})",
+             f"{'REAL SERVER':<24} {'WEIGHT':>7} {'SLOTS':>6} {'TABLE':>8} {'WEIGHT%':>8} {'GAP':>8}"]
+    worst: tuple[float, str] | None = None
+    for share in shares(table):
+        d = share.dest
+        gap = share.distortion
+        gap_text = "-" if gap is None else f"{gap:+.1%}"
+        lines.append(f"{d.address + ':' + str(d.port):<24} {d.last_weight:>7} {share.slots:>6} "
+                     f"{share.slot_share:>8.2%} {share.weight_share:>8.2%} {gap_text:>8}")
+        if gap is not None and (worst is None or abs(gap) > abs(worst[0])):
+            worst = (gap, d.address)
+    if worst is not None:
+        lines.append(f"worst gap: {worst[1]} gets {worst[0]:+.1%} of its weight's share "
+                     "(table size and the kernel's weight shifting)")
+    lines.extend(_assumptions(view))
+    return lines
