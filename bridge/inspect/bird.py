@@ -129,8 +129,9 @@ def _ask(sock: socket.socket, command: bytes) -> str:
 
 
 def read_sessions(path: str, timeout: float = 2.0) -> Sessions:
-    """Ask the BIRD at `path` (OSError when it is not there or slower than `timeout` per reply, BirdError
-    when it answers wrong): `show protocols`, then `show bfd sessions` when a BFD protocol runs."""
+    """Ask the BIRD at `path` (OSError when it is not there or silent for `timeout`, BirdError when it
+    answers wrong): `show protocols`, then `show bfd sessions` when a BFD protocol runs (one stopped between
+    the two makes that one read an error, which the next scrape does not repeat)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
