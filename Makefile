@@ -8,7 +8,7 @@ export MAGLEV_CACHE ?= $(HOME)/.cache/maglev-bridge
 # bench/failover.py's recordings (written by the VM through boot.py --share; the picture is drawn from them)
 FAILOVER_OUT ?= /tmp/maglev-bench-failover
 
-.PHONY: venv kernel-image hashicorp prometheus lint unit real kernel test demo bench dist clean
+.PHONY: venv kernel-image host-packages hashicorp prometheus lint unit real kernel test demo bench dist clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ dist: venv
 kernel-image:
 	bash scripts/vm-kernel.sh >/dev/null
 
+# The Debian packages of scripts/vm-kernel.sh (HOST_PACKAGES) without the kernel: `make real` runs BIRD.
+host-packages:
+	bash scripts/vm-kernel.sh --packages-only
+
 hashicorp:
 	bash scripts/build-hashicorp.sh consul >/dev/null
 	bash scripts/build-hashicorp.sh nomad >/dev/null
@@ -44,7 +48,7 @@ lint: venv
 unit: venv
 	$(PYTEST) -q -m "not kernel and not consul and not nomad" tests
 
-real: venv hashicorp prometheus
+real: venv hashicorp prometheus host-packages
 	$(PYTEST) -q -m "(consul or nomad) and not kernel" tests
 
 # The VM's timeout only bounds a hang: under emulation on a loaded 2-core machine the kernel suite runs 2-3x

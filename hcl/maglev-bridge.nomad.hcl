@@ -151,11 +151,14 @@ job "maglev-bridge" {
         name     = var.service_name
         port     = "http"
         provider = "consul"
-        # "metrics" and meta.metrics_path are what Prometheus' consul_sd relabel rules select
-        # (examples/prometheus.yml); the agent registers itself the same way when it registers.
+        # "metrics" and meta.metrics_path are what Prometheus' consul_sd relabel rules select, meta.node
+        # and meta.role the labels they give each target (examples/prometheus.yml); the agent registers
+        # itself the same way when it registers.
         tags = ["role=${group.key}", "rack=$${meta.rack}", "metrics"]
         meta {
           metrics_path = "/metrics"
+          node         = "$${node.unique.name}"
+          role         = "${group.key}"
         }
 
         check {

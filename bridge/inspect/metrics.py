@@ -43,7 +43,7 @@ from bridge.core.model import DesiredState, Rejection
 from bridge.core.tags import KEYS
 from bridge.dataplane.kernel import ApplyError, Kernel
 from bridge.dataplane.nft import FilterError
-from bridge.inspect.bird import BirdError, read_bgp_sessions
+from bridge.inspect.bird import BirdError, Sessions, read_sessions
 from bridge.inspect.status import service_fingerprints
 
 
@@ -209,7 +209,7 @@ class AgentCollector:
             return
         bgp = self.agent.config.bgp
         if bgp is not None:
-            yield from _bgp_metrics(self._read("BGP sessions from BIRD", lambda: read_bgp_sessions(bgp.bird_socket)))
+            yield from _bird_metrics(self._read("sessions on BIRD's socket", lambda: read_sessions(bgp.bird_socket)))
         live = self._live()
         yield _gauge("ipvs_read_ok", "1 when this scrape could read the IPVS table", 0 if live.services is None else 1)
         if self.agent.config.bgp is not None and live.announced is not None:
@@ -301,14 +301,21 @@ def _announce_metrics(state: dict[str, Any]) -> Iterator[Metric]:
                      1 if announcing.get("gate") == "open" else 0)
 
 
-def _bgp_metrics(sessions: dict[str, bool] | None) -> Iterator[Metric]:
-    yield _gauge("bird_read_ok", "1 when this scrape could read the BGP sessions on BIRD's control socket "
-                 "(bgp.bird_socket)", 0 if sessions is None else 1)
+def _bird_metrics(sessions: Sessions | None) -> Iterator[Metric]:
+    """BIRD's sessions; none at all when BIRD could not be read (an unread session is not a down one)."""
+    yield _gauge("bird_read_ok", "1 when this scrape could read the BGP and BFD sessions on BIRD's control "
+                 "socket (bgp.bird_socket)", 0 if sessions is None else 1)
     up = GaugeMetricFamily(f"{NAMESPACE}_bgp_session_up", "1 while BIRD's BGP session is established; peer is "
                            "the BIRD protocol's name", labels=["peer"])
-    for peer, established in sorted((sessions or {}).items()):
+    for peer, established in sorted(sessions.bgp.items() if sessions else ()):
         up.add_metric([peer], 1 if established else 0)
     yield up
+    bfd = GaugeMetricFamily(f"{NAMESPACE}_bfd_session_up", "1 while BIRD's BFD session to the neighbor is Up; "
+                            "protocol is the BIRD BFD protocol's name, interface empty for a multihop session",
+                            labels=["protocol", "neighbor", "interface"])
+    for session, session_up in sorted(sessions.bfd.items() if sessions else ()):
+        bfd.add_metric(list(session), 1 if session_up else 0)
+    yield bfd
 
 
 def _vs_labels(service: LiveService) -> list[str]:

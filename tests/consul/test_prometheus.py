@@ -5,7 +5,12 @@ servers in another order and clears when it is fixed.
 
 Both agents run in shadow mode (this host has no IPVS; tests/kernel/test_metrics_kernel.py checks the IPVS
 numbers). Director A reads the catalog from Consul; director B from a file that is Consul's own answer, so
-the test can hand B the same catalog with the real servers' CreateIndex (their kernel order) swapped."""
+the test can hand B the same catalog with the real servers' CreateIndex (their kernel order) swapped.
+
+Director A's BIRD is a real BIRD on loopback (tests/real/bird.py) with two BGP sessions: one established
+with a second real BIRD, one to a neighbour nobody answers for, so the BGP alert fires for that one only;
+with BFD on the established one, which the second BIRD does not answer (one BFD speaker per host), so the
+BFD alert fires for it. Director B has no BIRD at its socket, so the unreadable-BIRD alert fires for it."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import yaml
 
 from bridge.files.maintenance import Maintenance, write_maintenance
 from tests.consul.helpers import deregister, eventually, register
+from tests.real.bird import HostBird, bgp_protocol
 from tests.real.consul_agent import ConsulAgent, free_port
 from tests.real.prometheus import Prometheus
 from tests.test_agent_passes import Catalog, shadow_agent, web
@@ -79,7 +85,8 @@ def test_promtool_accepts_a_directors_scrape_with_a_drain_in_progress(prometheus
     assert (checked.returncode, checked.stdout + checked.stderr) == (0, b"")
 
 
-def start_agent(tmp_path: Path, consul: ConsulAgent, node: str, catalog_file: Path | None) -> tuple[Any, int]:
+def start_agent(tmp_path: Path, consul: ConsulAgent, node: str, catalog_file: Path | None,
+                bird_socket: Path) -> tuple[Any, int]:
     port = free_port()
     config = tmp_path / f"{node}.yaml"
     config.write_text(json.dumps({
@@ -87,7 +94,7 @@ def start_agent(tmp_path: Path, consul: ConsulAgent, node: str, catalog_file: Pa
         "tunnel_map": [{"backend": "10.20.0.0/16", "tunnel": "100.64.0.0/16"}], "drain_timeout": 3600,
         "state_file": str(tmp_path / f"{node}.state.json"), "http_bind": f"127.0.0.1:{port}",
         "bgp": {"table": 249, "maintenance_file": str(tmp_path / f"{node}.maintenance"),
-                "bird_socket": str(tmp_path / "no-bird.ctl")},
+                "bird_socket": str(bird_socket)},
         "consul": {"address": f"http://{consul.http_addr}", "wait": "5s", "register": True},
         **({"catalog_file": str(catalog_file)} if catalog_file else {}),
     }))
@@ -125,14 +132,27 @@ def write_catalog(path: Path, consul: ConsulAgent, swap_order: bool = False) -> 
 
 
 @pytest.fixture
-def agents(consul_agent: ConsulAgent, tmp_path: Path) -> Iterator[Path]:
+def director_bird() -> Iterator[HostBird]:
+    """Director A's BIRD, with BGP sessions `uplink_up` (to a second BIRD, established; BFD on) and
+    `uplink_down` (to 127.0.0.3, where nothing listens)."""
+    port_a, port_b, port_nobody = free_port(), free_port(), free_port()
+    director = ("protocol bfd { multihop { }; }\n"
+                + bgp_protocol("uplink_up", "127.0.0.1", port_a, 65001, "127.0.0.2", port_b, 65002, bfd=True)
+                + bgp_protocol("uplink_down", "127.0.0.1", port_a, 65001, "127.0.0.3", port_nobody, 65003))
+    router = bgp_protocol("director_a", "127.0.0.2", port_b, 65002, "127.0.0.1", port_a, 65001)
+    with HostBird("director", "192.0.2.1", director) as bird, HostBird("router", "192.0.2.2", router):
+        yield bird
+
+
+@pytest.fixture
+def agents(consul_agent: ConsulAgent, director_bird: HostBird, tmp_path: Path) -> Iterator[Path]:
     for n in (1, 2, 3):
         register(consul_agent, "web", f"b{n}", f"10.20.0.{n}", 80,
                  ["maglev.vip=198.51.100.10:80", "maglev.allow=203.0.113.0/24"])
     catalog_b = tmp_path / "catalog-b.json"
     write_catalog(catalog_b, consul_agent)
-    started = [start_agent(tmp_path, consul_agent, "dir-a", None),
-               start_agent(tmp_path, consul_agent, "dir-b", catalog_b)]
+    started = [start_agent(tmp_path, consul_agent, "dir-a", None, director_bird.socket),
+               start_agent(tmp_path, consul_agent, "dir-b", catalog_b, tmp_path / "no-bird.ctl")]
     try:
         yield catalog_b
     finally:
@@ -159,6 +179,15 @@ def test_prometheus_finds_the_agents_in_consul_and_alerts_while_directors_disagr
         same = 'count by (fingerprint) (maglev_bridge_virtual_service_info{local_address="198.51.100.10"})'
         eventually(lambda: [int(s["value"][1]) for s in prometheus.query(same)] == [2], timeout=120)
         assert not firing(prometheus, "MaglevDirectorsDisagree")
+
+        def down(alert: str, *labels: str) -> list[tuple[str, ...]]:
+            return sorted(tuple(a[label] for label in labels) for a in firing(prometheus, alert))
+
+        eventually(lambda: prometheus.query('maglev_bridge_bgp_session_up{node="dir-a",peer="uplink_up"} == 1'),
+                   timeout=120)
+        eventually(lambda: down("MaglevBgpSessionDown", "node", "peer") == [("dir-a", "uplink_down")], timeout=120)
+        eventually(lambda: down("MaglevBfdSessionDown", "node", "neighbor") == [("dir-a", "127.0.0.2")], timeout=120)
+        eventually(lambda: down("MaglevBirdUnreadable", "node") == [("dir-b",)], timeout=120)
 
         write_catalog(agents, consul_agent, swap_order=True)
         alerts = eventually(lambda: firing(prometheus, "MaglevDirectorsDisagree"), timeout=120)
@@ -188,3 +217,5 @@ def test_prometheus_finds_the_agents_in_consul_and_alerts_while_directors_disagr
             for name in set(re.findall(r"\b(?:maglev_bridge_\w+|up)\b", rule["expr"])):
                 assert prometheus.query(name), f"{rule['alert']}: no series of {name}"
         assert not firing(prometheus, "MaglevFailStatic")
+        assert down("MaglevBgpSessionDown", "node", "peer") == [("dir-a", "uplink_down")], \
+            "an established session never fires"

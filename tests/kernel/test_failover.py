@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.harness.failover import CONNECTIONS, FailoverBed
 from tests.harness.router_bed import CALM_BFD, EXAMPLE_BFD
 from tests.harness.traffic import Recording
-from tests.kernel.conftest import _Bed, wait_until
+from tests.kernel.conftest import ROUTER_ADDRESS, _Bed, wait_until
 
 pytestmark = pytest.mark.kernel
 MAX_GAP = 1.0
@@ -71,20 +71,24 @@ def running(failover: Callable[..., FailoverBed], **kwargs: object) -> FailoverB
     return bed
 
 
-def bgp_on_metrics(director) -> dict[str, float]:
-    """The director's /metrics: whether it read its BIRD, and each BGP session's state by peer."""
+def sessions_on_metrics(director) -> dict[str, float]:
+    """The director's /metrics: whether it read its BIRD, each BGP session's state by peer and each BFD
+    session's by neighbour."""
     with director.entered(), urllib.request.urlopen("http://127.0.0.1:9119/metrics", timeout=30) as answer:
         families = text_string_to_metric_families(answer.read().decode())
-    return {s.labels.get("peer", s.name): s.value for f in families for s in f.samples
-            if s.name in ("maglev_bridge_bgp_session_up", "maglev_bridge_bird_read_ok")}
+    return {s.labels.get("peer", s.labels.get("neighbor", s.name)): s.value for f in families for s in f.samples
+            if s.name in ("maglev_bridge_bgp_session_up", "maglev_bridge_bfd_session_up",
+                          "maglev_bridge_bird_read_ok")}
 
 
 def test_maintenance_moves_a_director_out_of_rotation_and_back_without_harming_a_connection(failover):
     bed = running(failover)
     d1, d2, d3 = bed.directors
-    sessions = bgp_on_metrics(d1)
-    assert sessions.pop("maglev_bridge_bird_read_ok") == 1 and sessions and set(sessions.values()) == {1}, \
-        f"/metrics reads the director's BIRD, whose BGP sessions are up: {sessions}"
+    wait_until(lambda: sessions_on_metrics(d1).get(ROUTER_ADDRESS) == 1, timeout=60,
+               what="d1's BFD session to the router Up on its /metrics")
+    sessions = sessions_on_metrics(d1)
+    assert sessions.pop("maglev_bridge_bird_read_ok") == 1 and set(sessions.values()) == {1}, \
+        f"/metrics reads the director's BIRD, whose BGP session and its BFD session to the router are up: {sessions}"
     announced = bed.watch_announcement(d1)
     bed.hold(2)
     t_on = time.monotonic()

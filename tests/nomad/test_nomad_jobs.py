@@ -137,6 +137,8 @@ def test_agent_system_job_runs_one_healthy_director_per_lb_client_found_in_consu
     ]  # fmt: skip
     assert all("metrics" in e["Service"]["Tags"] and e["Service"]["Meta"]["metrics_path"] == "/metrics"
                for e in healthy), "what examples/prometheus.yml's consul_sd rules select"
+    assert sorted((e["Service"]["Meta"]["node"], e["Service"]["Meta"]["role"]) for e in healthy) == [
+        ("nomad-c1", "director"), ("nomad-c3", "director")], "the node and role labels Prometheus gives each target"
 
     r = resolver(consul)
     assert {rr.address for rr in r.resolve("maglev-bridge.service.consul", "A")} == {"127.0.0.1"}

@@ -3,20 +3,19 @@ ready when /-/ready answers; `query` and `alerts` read its HTTP API."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import tempfile
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from .consul_agent import LOOPBACK, free_port, http_json
+from .daemon import Daemon
 
 
-class Prometheus:
+class Prometheus(Daemon):
     def __init__(self, binary: str, config: str, files: dict[str, str] | None = None) -> None:
         """`files`: written beside the configuration (rule files are named relative to it)."""
         self.binary = binary
@@ -60,21 +59,3 @@ class Prometheus:
 
     def alerts(self) -> list[dict[str, Any]]:
         return list(http_json(f"{self.url}/api/v1/alerts", timeout=10)["data"]["alerts"])
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
