@@ -281,3 +281,17 @@ def test_the_kernel_view_moves_its_table_by_each_transaction_and_lists_it_again_
     kernel.refusing = True
     list(view.apply([DelAllow(WEB, 7, True, True)]))
     assert kernel.filter_reads == 2 and view.read(frozenset()).filter == table
+
+
+def test_a_dry_run_shows_the_filter_changes_it_would_make_and_makes_none():
+    """`apply --dry-run` is a pass that does not apply: its steps name the table and each list."""
+    from bridge.agent.reconcile import director_pass
+    from bridge.inspect.text import outcome_text
+    from tests.test_diff import CONFIG
+
+    kernel = ShadowKernel()
+    outcome, _ = director_pass(state(vs(WEB, ("192.0.2.0/24",))), CONFIG, kernel, Memory(), apply=False, now=0.0)
+    text = outcome_text(outcome)
+    assert "create nftables table inet maglev_bridge, chain input (hook input priority filter)" in text
+    assert "filter 198.51.100.10:80/tcp: allow only 192.0.2.0/24" in text
+    assert kernel.read(None).filter == LiveFilter()
