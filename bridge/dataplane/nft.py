@@ -38,7 +38,7 @@ _OWNER = {"family": FAMILY, "table": TABLE}
 
 
 class FilterError(RuntimeError):
-    """libnftables is missing or refused a transaction; the message is its reason."""
+    """libnftables is missing, cannot list the table, or the kernel refused a transaction; the message says which."""
 
 
 def object_id(key: VsKey) -> str:
