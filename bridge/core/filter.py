@@ -9,11 +9,13 @@ IPVS, the filter stays as it is when the agent stops (fail static).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Collection, Iterable
 
+from bridge.core.addr import ipv4_int
 from bridge.core.live import LiveAllow, LiveFilter
 from bridge.core.model import VirtualService
-from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter, DelAllow, Op, VsKey
+from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter, DelAllow, FilterOp, Op, VsKey
 
 
 def _remove(entry: LiveAllow) -> DelAllow:
@@ -42,3 +44,30 @@ def plan_filter(desired: Iterable[VirtualService], live: LiveFilter, kept: Colle
     if ops and not live.table and any(isinstance(op, AddAllow) for op in ops):
         ops.insert(0, CreateFilter())
     return ops
+
+
+def applied(table: LiveFilter, op: FilterOp, rule: int | None) -> LiveFilter:
+    """The table after `op` took effect, so a pass need not list the table again (listing 2,000 sets costs
+    0.5-1.5 s). `rule`: the handle the kernel gave a rule `op` added (any number serves a model). Entries
+    stay in the listing's order (VIP, port, protocol). Drop counts are not tracked: what reads them
+    (status, metrics) lists the table."""
+    if isinstance(op, CreateFilter):
+        return LiveFilter(True, table.allows)
+    allows = list(table.allows)
+    index = next((i for i, e in enumerate(allows) if e.key == op.key), None)
+    old = None if index is None else allows.pop(index)
+    if isinstance(op, DelAllow):
+        return LiveFilter(table.table, tuple(allows))
+    if isinstance(op, ChangeAllow) and old is not None:
+        entry = LiveAllow(op.key, op.prefixes, old.rule, old.counter, old.drops)
+    else:
+        entry = LiveAllow(op.key, op.prefixes, rule, True)
+    if index is None:
+        index = bisect.bisect(allows, listing_order(op.key), key=lambda e: listing_order(e.key))
+    allows.insert(index, entry)
+    return LiveFilter(table.table, tuple(allows))
+
+
+def listing_order(key: VsKey) -> tuple[int, int, str]:
+    """The order of the table's entries as read and as kept: VIP, port, protocol."""
+    return ipv4_int(key[0]), key[1], key[2]

@@ -96,13 +96,17 @@ class Kernel:
         self._ipvs: IpvsNetlink | None = None
         self._routes: BatchSocket | None = None
         self._nft: Nft | None = None
+        self.rule_handles: dict[VsKey, int] = {}
+        """The handles of the filter rules the last nftables transaction added, by service."""
 
     def close(self) -> None:
         self.ipr.close()
         for sock in (self._ipvs, self._routes):
             if sock is not None:
                 sock.close()
-        self._nft = None  # libnftables frees its context, and the netlink socket it holds, with the object
+        if self._nft is not None:
+            self._nft.close()
+            self._nft = None
 
     @property
     def ipvs(self) -> IpvsNetlink:
@@ -305,7 +309,7 @@ class Kernel:
             if _batch_kind(ops[0]) == "ipvs":
                 errors = self.ipvs.run([_ipvs_request(op) for op in ops if isinstance(op, IpvsOp)])
             elif _batch_kind(ops[0]) == "nft":
-                self.nft.transaction(op for op in ops if isinstance(op, FilterOp))
+                self.rule_handles = self.nft.transaction(op for op in ops if isinstance(op, FilterOp))
                 errors = [None] * len(ops)
             else:
                 indexes = {msg.get_attr("IFLA_IFNAME"): msg["index"] for msg in self.ipr.get_links()}

@@ -1,11 +1,11 @@
-"""The director's packet filter: the agent's own nftables table, read and changed through libnftables' JSON
-API, one transaction per pass.
+"""The director's packet filter: the agent's own nftables table, read through libnftables' JSON API and
+changed by one nf_tables netlink transaction per pass (bridge/dataplane/nft_netlink.py says why libnftables
+does not write it).
 
-Why libnftables (Debian's python3-nftables, a thin ctypes wrapper of libnftables.so.1) and not pyroute2:
-pyroute2's nftables module cannot put several objects in one batch, and the filter must change atomically
-(a set, its counter and its rule appear together or not at all). python3-nftables is not on PyPI; the
-project's virtualenv gets that one package, and nothing else of the system's, through
-scripts/venv-nftables.sh (make venv).
+Reading with libnftables (Debian's python3-nftables, a thin ctypes wrapper of libnftables.so.1) rather than
+pyroute2: it turns a table into plain JSON (interval sets back into prefixes, comments, counters) exactly as
+`nft list` shows it to an operator. python3-nftables is not on PyPI; the project's virtualenv gets that one
+package, and nothing else of the system's, through scripts/venv-nftables.sh (make venv).
 
 Ownership: everything lives in `table inet maglev_bridge`; the agent never lists, flushes or changes any
 other table, so an operator's tables and iptables-nft rules are never touched. Inside its table, names say
@@ -25,8 +25,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from bridge.core.addr import ipv4_int
+from bridge.core.filter import listing_order
 from bridge.core.live import LiveAllow, LiveFilter
-from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter, FilterOp, VsKey, vs_label
+from bridge.core.ops import CreateFilter, FilterOp, VsKey, vs_label
+from bridge.dataplane.nft_netlink import NftSocket, TransactionError, messages
 
 FAMILY = "inet"
 TABLE = "maglev_bridge"
@@ -36,7 +38,7 @@ _OWNER = {"family": FAMILY, "table": TABLE}
 
 
 class FilterError(RuntimeError):
-    """libnftables is missing or refused a transaction; the message is its reason."""
+    """libnftables is missing, cannot list the table, or the kernel refused a transaction; the message says which."""
 
 
 def object_id(key: VsKey) -> str:
@@ -56,11 +58,6 @@ def _key(object_id: str) -> VsKey | None:
     return (address, int(port), "udp" if protocol == "udp" else "tcp")
 
 
-def _element(prefix: str) -> dict[str, Any]:
-    address, _, length = prefix.partition("/")
-    return {"prefix": {"addr": address, "len": int(length)}}
-
-
 def _prefixes(elements: Iterable[Any]) -> tuple[str, ...]:
     """The set's elements as the agent writes them: a /32 comes back as a bare address, a range that is no
     prefix (written by someone else) as the prefixes covering it."""
@@ -74,43 +71,6 @@ def _prefixes(elements: Iterable[Any]) -> tuple[str, ...]:
             low, high = (ipaddress.IPv4Address(a) for a in element["range"])
             found.extend(ipaddress.summarize_address_range(low, high))
     return tuple(str(n) for n in sorted(found))
-
-
-def _rule(key: VsKey) -> dict[str, Any]:
-    ident = object_id(key)
-    return {**_OWNER, "chain": CHAIN, "comment": f"{COMMENT} {vs_label(key)}", "expr": [
-        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": key[0]}},
-        {"match": {"op": "==", "left": {"payload": {"protocol": key[2], "field": "dport"}}, "right": key[1]}},
-        {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
-                   "right": f"@allow_{ident}"}},
-        {"counter": f"drop_{ident}"},
-        {"drop": None},
-    ]}
-
-
-def commands(op: FilterOp) -> list[dict[str, Any]]:
-    """One operation as libnftables JSON commands."""
-    if isinstance(op, CreateFilter):
-        return [{"add": {"table": {"family": FAMILY, "name": TABLE}}},
-                {"add": {"chain": {**_OWNER, "name": CHAIN, "type": "filter", "hook": "input", "prio": 0,
-                                   "policy": "accept"}}}]
-    ident = object_id(op.key)
-    allow = {**_OWNER, "name": f"allow_{ident}"}
-    if isinstance(op, AddAllow):
-        return [{"add": {"counter": {**_OWNER, "name": f"drop_{ident}", "comment": f"{COMMENT} {vs_label(op.key)}"}}},
-                {"add": {"set": {**allow, "type": "ipv4_addr", "flags": ["interval"]}}},
-                {"add": {"element": {**allow, "elem": [_element(p) for p in op.prefixes]}}},
-                {"add": {"rule": _rule(op.key)}}]
-    if isinstance(op, ChangeAllow):
-        return [{"flush": {"set": allow}}, {"add": {"element": {**allow, "elem": [_element(p) for p in op.prefixes]}}}]
-    found: list[dict[str, Any]] = []
-    if op.rule is not None:
-        found.append({"delete": {"rule": {**_OWNER, "chain": CHAIN, "handle": op.rule}}})
-    if op.set:
-        found.append({"delete": {"set": allow}})
-    if op.counter:
-        found.append({"delete": {"counter": {**_OWNER, "name": f"drop_{ident}"}}})
-    return found
 
 
 def parse_table(listing: Iterable[dict[str, Any]]) -> LiveFilter:
@@ -133,7 +93,7 @@ def parse_table(listing: Iterable[dict[str, Any]]) -> LiveFilter:
             key = _comment_key(str(item["rule"].get("comment", "")))
             if key is not None:
                 rules[key] = int(item["rule"]["handle"])
-    keys = sorted(sets.keys() | rules.keys() | counters.keys(), key=lambda k: (ipv4_int(k[0]), k[1], k[2]))
+    keys = sorted(sets.keys() | rules.keys() | counters.keys(), key=listing_order)
     allows = tuple(LiveAllow(key, sets.get(key), rules.get(key), key in counters, counters.get(key, 0))
                    for key in keys)
     return LiveFilter(table and chain, allows)
@@ -153,7 +113,8 @@ def _comment_key(comment: str) -> VsKey | None:
 
 
 class Nft:
-    """One libnftables context. Built at first use: a director with no allow list never needs the library."""
+    """One libnftables context for reading and one netfilter netlink socket for writing. Built at first use:
+    a director with no allow list never needs the library."""
 
     def __init__(self) -> None:
         try:
@@ -164,24 +125,38 @@ class Nft:
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(True)
+        self._socket: NftSocket | None = None
 
-    def _run(self, commands: list[dict[str, Any]]) -> Any:
-        rc, output, error = self._nft.json_cmd({"nftables": commands})
-        if rc != 0:
-            raise FilterError(" ".join(str(error).split()) or f"libnftables returned {rc}")
-        return output
+    def close(self) -> None:
+        """The netlink socket; libnftables frees its context, and the socket it holds, with the object."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     def read(self) -> LiveFilter:
-        try:
-            output = self._run([{"list": {"table": {"family": FAMILY, "name": TABLE}}}])
-        except FilterError as exc:
-            if "No such file or directory" in str(exc):
+        rc, output, error = self._nft.json_cmd({"nftables": [{"list": {"table": {"family": FAMILY, "name": TABLE}}}]})
+        if rc != 0:
+            if "No such file or directory" in str(error):
                 return LiveFilter()
-            raise
+            raise FilterError(" ".join(str(error).split()) or f"libnftables returned {rc}")
         return parse_table(output.get("nftables", ()) if isinstance(output, dict) else ())
 
-    def transaction(self, ops: Iterable[FilterOp]) -> None:
-        """Every operation in one transaction: all of them take effect, or none (FilterError)."""
-        batch = [command for op in ops for command in commands(op)]
-        if batch:
-            self._run(batch)
+    def transaction(self, ops: Iterable[FilterOp]) -> dict[VsKey, int]:
+        """Every operation in one kernel transaction: all of them take effect, or none (FilterError naming
+        the operation the kernel refused). Returns the handle of each rule it added, by service."""
+        requests, owners = [], []
+        for op in ops:
+            ident, label = ("", "") if isinstance(op, CreateFilter) else (object_id(op.key), vs_label(op.key))
+            for request in messages(op, TABLE, CHAIN, COMMENT, ident, label):
+                requests.append(request)
+                owners.append(op)
+        if not requests:
+            return {}
+        if self._socket is None:
+            self._socket = NftSocket()
+        try:
+            handles = self._socket.transaction(requests)
+        except TransactionError as exc:
+            refused = "the commit" if exc.index is None else owners[exc.index].describe()
+            raise FilterError(f"{refused}: {exc} (the transaction changed nothing)") from None
+        return {key: handle for comment, handle in handles.items() if (key := _comment_key(comment)) is not None}

@@ -11,7 +11,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 from bridge.core.addr import ipv4_int
-from bridge.core.live import LiveAllow, LiveFilter, LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
+from bridge.core.filter import applied
+from bridge.core.live import LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
 from bridge.core.model import SyncDaemon
 from bridge.core.ops import (
     AddAllow,
@@ -102,7 +103,7 @@ class ShadowKernel:
         elif isinstance(op, StopSyncDaemon):
             self.sync_daemons.discard(op.daemon)
         elif isinstance(op, CreateFilter | AddAllow | ChangeAllow | DelAllow):
-            self.filter = _filtered(self.filter, op)
+            self.filter = applied(self.filter, op, 1)
         return None
 
     def _apply_announce(self, op: Announce | Withdraw) -> str | None:
@@ -132,13 +133,3 @@ class ShadowKernel:
             servers = others
         self.services[op.key] = replace(svc, real_servers=servers)
         return None
-
-
-def _filtered(table: LiveFilter, op: CreateFilter | AddAllow | ChangeAllow | DelAllow) -> LiveFilter:
-    """The table after `op` (rule handles are made up: only their presence matters to the plan)."""
-    if isinstance(op, CreateFilter):
-        return LiveFilter(True, table.allows)
-    others = tuple(e for e in table.allows if e.key != op.key)
-    if isinstance(op, AddAllow | ChangeAllow):
-        return LiveFilter(table.table, (*others, LiveAllow(op.key, op.prefixes, 1, True)))
-    return LiveFilter(table.table, others)

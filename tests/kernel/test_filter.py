@@ -4,6 +4,7 @@ table and iptables-nft rules, through `maglev-bridge apply` and `run`. Witnesses
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 
@@ -61,17 +62,22 @@ def filter_steps(output: str) -> list[str]:
             if ". filter " in line or ". create nftables" in line]
 
 
-def echo_answered(client, address: str) -> bool:
-    """An ICMP echo request from the client to address is answered (a raw socket: the VM has no ping)."""
-    body = struct.pack("!BBHHH", 8, 0, 0, 0x4D47, 1) + b"maglev"
+def icmp_socket(client, body: bytes, address: str) -> socket.socket:
+    """A raw ICMP socket in the client's namespace (the VM has no ping) that has sent `body` (an ICMP message
+    with a zero checksum, of even length) to address, its checksum filled in."""
     total = sum(struct.unpack(f"!{len(body) // 2}H", body))
     total = (total >> 16) + (total & 0xFFFF)
     packet = body[:2] + struct.pack("!H", ~(total + (total >> 16)) & 0xFFFF) + body[4:]
     with client.entered():
         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    with s:
+    s.sendto(packet, (address, 0))
+    return s
+
+
+def echo_answered(client, address: str) -> bool:
+    """An ICMP echo request from the client to address is answered."""
+    with icmp_socket(client, struct.pack("!BBHHH", 8, 0, 0, 0x4D47, 1) + b"maglev", address) as s:
         s.settimeout(10)
-        s.sendto(packet, (address, 0))
         while True:
             data, (source, _) = s.recvfrom(1500)
             header = (data[0] & 0x0F) * 4
@@ -173,3 +179,104 @@ def test_the_filter_chain_runs_before_ipvs(topology):
     assert refused(topo.client, vip(1)) == "timeout"
     wait_until(lambda: drops(agent, d, vip(1)) > 0, timeout=60, what="the drop counted")
     assert d.ipvs_stats(vip(1), 80).conns == 0
+
+
+def test_the_agent_writes_the_table_element_for_element_as_nft_would(netns):
+    """The transaction is nf_tables netlink written by the agent (bridge/dataplane/nft_netlink.py), not
+    libnftables: the kernel must hold what `nft -f` of the table's own listing holds, expressions, element
+    flags and comments included (`nft --debug=netlink list` prints the kernel's objects; only the rule
+    handles, which number objects in creation order, may differ)."""
+    from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter
+    from bridge.dataplane.nft import Nft
+
+    ns = netns("nft")
+    web, dns = (vip(1), 80, "tcp"), (vip(2), 53, "udp")
+    with ns.entered():
+        nft = Nft()
+        try:
+            handles = nft.transaction([CreateFilter(), AddAllow(web, ("10.0.0.0/8", "192.0.2.7/32")),
+                                       AddAllow(dns, ("0.0.0.0/8", "203.0.113.0/24", "240.0.0.0/4"))])
+            assert nft.read().allows[0].rule == handles[web], "the echoed handle is the rule's"
+
+            def netlink() -> str:
+                listing = ns.run("nft", "--debug=netlink", "list", "table", "inet", "maglev_bridge").stdout
+                return re.sub(r"(?m)^(inet maglev_bridge input) \d+( \d+)?$", r"\1", listing)
+
+            written = netlink()
+            text = ns.run("nft", "list", "table", "inet", "maglev_bridge").stdout
+            ns.run("nft", "delete", "table", "inet", "maglev_bridge")
+            ns.run("nft", "-f", "-", input=text)
+            assert netlink() == written
+            assert "203.0.113.0/24" in text and "240.0.0.0/4" in text and "192.0.2.7" in text
+
+            nft.transaction([ChangeAllow(web, ("0.0.0.0/0",), ("10.0.0.0/8", "192.0.2.7/32"))])
+            assert [e.prefixes for e in nft.read().allows] == [("0.0.0.0/0",), ("0.0.0.0/8", "203.0.113.0/24",
+                                                                                  "240.0.0.0/4")]
+        finally:
+            nft.close()
+
+
+def test_fragmentation_needed_from_a_refused_source_passes_the_filter(topology):
+    """Path MTU discovery through the encapsulation needs ICMP fragmentation-needed to reach the VIP from
+    any router or client, listed or not. The agent's rules match `tcp dport`/`udp dport` only; the witness
+    is an operator's counter in a chain after ours (priority 10) that sees the message arrive."""
+    topo = topology(directors=1, backends=1, clients=1)
+    d, outsider = topo.directors[0], topo.client
+    agent = AgentHarness(topo)
+    agent.instance("web", topo.backends[0], tags=[WEB, "maglev.allow=192.0.2.0/24"])
+    agent.apply(d)
+    d.run("nft", "-f", "-", input="""table inet witness {
+    chain input {
+        type filter hook input priority 10; policy accept;
+        icmp type destination-unreachable icmp code frag-needed counter
+    }
+}
+""")
+    # The message quotes the VIP's TCP segment to the client that was too big for the path (MTU 1400).
+    quoted = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 1500, 1, 0, 64, socket.IPPROTO_TCP, 0,
+                         socket.inet_aton(vip(1)), socket.inet_aton(outsider.address)) + struct.pack("!HHI", 80,
+                                                                                                        40000, 1)
+    icmp_socket(outsider, struct.pack("!BBHHH", 3, 4, 0, 0, 1400) + quoted, vip(1)).close()
+
+    def witnessed() -> bool:
+        return "counter packets 0 " not in d.run("nft", "list", "table", "inet", "witness").stdout
+
+    wait_until(witnessed, timeout=60, what="the operator's chain after ours saw the fragmentation-needed")
+    assert drops(agent, d, vip(1)) == 0
+
+
+def test_a_running_agent_keeps_its_copy_of_the_table_as_a_listing_would_show_it(netns):
+    """Between full passes the agent does not list the table (2,000 sets cost 0.5-3 s): its copy moves by
+    each transaction that took effect, with the rule handles the kernel echoed. That copy must be what a
+    listing says, and a removal later sent with a handle from it must work."""
+    from dataclasses import replace
+
+    from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter, DelAllow
+    from bridge.dataplane.kernel import Kernel
+    from bridge.dataplane.view import KernelView
+    from tests.test_diff import CONFIG
+
+    ns = netns("view")
+    web, dns = (vip(1), 80, "tcp"), (vip(2), 53, "udp")
+    with ns.entered():
+        kernel = Kernel(replace(CONFIG, role="director"))
+        try:
+            view = KernelView(kernel)
+            view.read(None)
+
+            def kept():
+                return view.read(frozenset()).filter
+
+            def listed():
+                table = kernel.read_filter()
+                return replace(table, allows=tuple(replace(e, drops=0) for e in table.allows))
+
+            for ops in ([CreateFilter(), AddAllow(web, ("192.0.2.0/24",))],
+                        [AddAllow(dns, ("10.0.0.0/8",)), ChangeAllow(web, ("203.0.113.0/24",), ("192.0.2.0/24",))]):
+                assert [r.error for r in view.apply(ops)] == [None] * len(ops)
+                assert kept() == listed()
+            rule = next(e.rule for e in kept().allows if e.key == dns)
+            assert [r.error for r in view.apply([DelAllow(dns, rule, True, True)])] == [None]
+            assert kept() == listed() and [e.key for e in listed().allows] == [web]
+        finally:
+            kernel.close()
