@@ -30,10 +30,10 @@ from bridge.agent.reconcile import announce_decision, backend_pass, director_pas
 from bridge.catalog.source import CatalogSource, CatalogUnavailable, FileSource, FileStamp, file_stamp
 from bridge.core.config import Config, ConfigError
 from bridge.core.desired import DesiredBook
+from bridge.core.keys import ServiceKey
 from bridge.core.live import LiveState
 from bridge.core.memory import Memory
 from bridge.core.model import DesiredState, Rejection, Snapshot
-from bridge.core.ops import VsKey
 from bridge.core.outcome import PassOutcome
 from bridge.dataplane.kernel import ApplyError, Kernel
 from bridge.dataplane.shadow import ShadowKernel
@@ -87,7 +87,7 @@ class Agent:
         self._kernel: Kernel | None = None
         self._local_address = "0.0.0.0"
         self._memory: Memory | None = None
-        self._unapplied: set[VsKey] = set()
+        self._unapplied: set[ServiceKey] = set()
         self._scope_size = 0
         self.synced = False
         self._said_waiting = False

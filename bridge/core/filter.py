@@ -11,17 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 
+from bridge.core.keys import ServiceKey
 from bridge.core.live import LiveAllow, LiveFilter
 from bridge.core.model import VirtualService
-from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter, DelAllow, Op, VsKey
+from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter, DelAllow, Op
 
 
 def _remove(entry: LiveAllow) -> DelAllow:
     return DelAllow(entry.key, entry.rule, entry.prefixes is not None, entry.counter)
 
 
-def plan_filter(desired: Iterable[VirtualService], live: LiveFilter, kept: Collection[VsKey],
-                scope: Collection[VsKey] | None = None) -> list[Op]:
+def plan_filter(desired: Iterable[VirtualService], live: LiveFilter, kept: Collection[ServiceKey],
+                scope: Collection[ServiceKey] | None = None) -> list[Op]:
     """`desired`: the virtual services planned (already restricted to a scope); `kept`: keys of live IPVS
     services that stay after this pass (draining ones keep their entry as it is); `scope`: only entries of
     these keys are looked at, none is removed outside it."""

@@ -25,8 +25,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from bridge.core.addr import ipv4_int
+from bridge.core.keys import ServiceKey
 from bridge.core.live import LiveAllow, LiveFilter
-from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter, FilterOp, VsKey, vs_label
+from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter, FilterOp
 
 FAMILY = "inet"
 TABLE = "maglev_bridge"
@@ -39,12 +40,12 @@ class FilterError(RuntimeError):
     """libnftables is missing or refused a transaction; the message is its reason."""
 
 
-def object_id(key: VsKey) -> str:
+def object_id(key: ServiceKey) -> str:
     """Reversible, and short enough for nftables' names (at most 255 bytes)."""
-    return f"{ipv4_int(key[0]):08x}_{key[2]}_{key[1]}"
+    return f"{ipv4_int(key.vip):08x}_{key.protocol}_{key.port}"
 
 
-def _key(object_id: str) -> VsKey | None:
+def _key(object_id: str) -> ServiceKey | None:
     vip, _, rest = object_id.partition("_")
     protocol, _, port = rest.partition("_")
     if len(vip) != 8 or protocol not in ("tcp", "udp") or not port.isdigit():
@@ -53,7 +54,7 @@ def _key(object_id: str) -> VsKey | None:
         address = str(ipaddress.IPv4Address(int(vip, 16)))
     except ValueError:
         return None
-    return (address, int(port), "udp" if protocol == "udp" else "tcp")
+    return ServiceKey(address, int(port), "udp" if protocol == "udp" else "tcp")
 
 
 def _element(prefix: str) -> dict[str, Any]:
@@ -76,11 +77,11 @@ def _prefixes(elements: Iterable[Any]) -> tuple[str, ...]:
     return tuple(str(n) for n in sorted(found))
 
 
-def _rule(key: VsKey) -> dict[str, Any]:
+def _rule(key: ServiceKey) -> dict[str, Any]:
     ident = object_id(key)
-    return {**_OWNER, "chain": CHAIN, "comment": f"{COMMENT} {vs_label(key)}", "expr": [
-        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": key[0]}},
-        {"match": {"op": "==", "left": {"payload": {"protocol": key[2], "field": "dport"}}, "right": key[1]}},
+    return {**_OWNER, "chain": CHAIN, "comment": f"{COMMENT} {key}", "expr": [
+        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": key.vip}},
+        {"match": {"op": "==", "left": {"payload": {"protocol": key.protocol, "field": "dport"}}, "right": key.port}},
         {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
                    "right": f"@allow_{ident}"}},
         {"counter": f"drop_{ident}"},
@@ -97,7 +98,7 @@ def commands(op: FilterOp) -> list[dict[str, Any]]:
     ident = object_id(op.key)
     allow = {**_OWNER, "name": f"allow_{ident}"}
     if isinstance(op, AddAllow):
-        return [{"add": {"counter": {**_OWNER, "name": f"drop_{ident}", "comment": f"{COMMENT} {vs_label(op.key)}"}}},
+        return [{"add": {"counter": {**_OWNER, "name": f"drop_{ident}", "comment": f"{COMMENT} {op.key}"}}},
                 {"add": {"set": {**allow, "type": "ipv4_addr", "flags": ["interval"]}}},
                 {"add": {"element": {**allow, "elem": [_element(p) for p in op.prefixes]}}},
                 {"add": {"rule": _rule(op.key)}}]
@@ -117,9 +118,9 @@ def parse_table(listing: Iterable[dict[str, Any]]) -> LiveFilter:
     """`list table inet maglev_bridge` (JSON objects) as plain data. Rules are the agent's when their comment
     is; sets and counters when their names are."""
     table = chain = False
-    sets: dict[VsKey, tuple[str, ...]] = {}
-    counters: dict[VsKey, int] = {}
-    rules: dict[VsKey, int] = {}
+    sets: dict[ServiceKey, tuple[str, ...]] = {}
+    counters: dict[ServiceKey, int] = {}
+    rules: dict[ServiceKey, int] = {}
     for item in listing:
         if "table" in item:
             table = True
@@ -133,21 +134,19 @@ def parse_table(listing: Iterable[dict[str, Any]]) -> LiveFilter:
             key = _comment_key(str(item["rule"].get("comment", "")))
             if key is not None:
                 rules[key] = int(item["rule"]["handle"])
-    keys = sorted(sets.keys() | rules.keys() | counters.keys(), key=lambda k: (ipv4_int(k[0]), k[1], k[2]))
+    keys = sorted(sets.keys() | rules.keys() | counters.keys(), key=ServiceKey.listing_order)
     allows = tuple(LiveAllow(key, sets.get(key), rules.get(key), key in counters, counters.get(key, 0))
                    for key in keys)
     return LiveFilter(table and chain, allows)
 
 
-def _comment_key(comment: str) -> VsKey | None:
+def _comment_key(comment: str) -> ServiceKey | None:
     """`maglev-bridge 198.51.100.10:80/tcp` -> that key; None for any other comment."""
     prefix = COMMENT + " "
-    address, _, rest = comment.removeprefix(prefix).partition(":")
-    port, _, protocol = rest.partition("/")
-    if not comment.startswith(prefix) or protocol not in ("tcp", "udp") or not port.isdigit():
+    if not comment.startswith(prefix):
         return None
     try:
-        return _key(object_id((address, int(port), "udp" if protocol == "udp" else "tcp")))
+        return ServiceKey.parse(comment.removeprefix(prefix))
     except ValueError:
         return None
 

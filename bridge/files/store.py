@@ -23,7 +23,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from bridge.core.memory import Memory
+from bridge.core.keys import DestKey
+from bridge.core.memory import Memory, parse_draining
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,17 @@ def read_state(path: str | Path) -> Stored:
     except msgspec.DecodeError as exc:
         what = "is empty" if not data.strip() else f"is not a state file ({exc})"
         raise StateFileError(f"{what} ({len(data)} bytes)") from None
-    return Stored(Memory(drain_deadlines=raw.drain_deadlines, last_weights=raw.last_weights), raw.report)
+    return Stored(_memory(raw), raw.report)
+
+
+def _memory(raw: _StateFile) -> Memory:
+    """The file's text keys as the typed keys the agent works with (the file's format stays as it was: the
+    keys' own text forms). A key that is not one is a file that does not have the expected shape."""
+    try:
+        return Memory(drain_deadlines={parse_draining(k): v for k, v in raw.drain_deadlines.items()},
+                      last_weights={DestKey.parse(k): v for k, v in raw.last_weights.items()})
+    except ValueError as exc:
+        raise StateFileError(f"has a key that is not one the agent writes: {exc}") from None
 
 
 def load_state(path: str | Path) -> Stored:
@@ -104,8 +115,8 @@ def save_state(path: str | Path, stored: Stored) -> None:
     """Atomic and durable (`write_durably`). Raises OSError (read-only or full disk, directory gone); the
     caller retries."""
     write_durably(path, msgspec.json.encode({
-        "drain_deadlines": dict(stored.memory.drain_deadlines),
-        "last_weights": dict(stored.memory.last_weights),
+        "drain_deadlines": {str(k): v for k, v in stored.memory.drain_deadlines.items()},
+        "last_weights": {str(k): v for k, v in stored.memory.last_weights.items()},
         "report": stored.report,
     }, order="sorted"), prefix=".state-")
 
