@@ -23,7 +23,7 @@ class Catalog:
     def snapshot(self) -> Snapshot:
         return snapshot_from_services(catalog(*self.entries))
 
-    def state(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         return {"ok": True}
 
 

@@ -271,7 +271,7 @@ class Agent:
             self._memory = self._recover_memory()
         stage.name = "desired state"
         scope = None if full else frozenset(self._unapplied)
-        desired = self.book.state(self._local_address)
+        desired = self.book.desired(self._local_address)
         if scope is None and self.book.unknown:
             # a service never computed may own kernel state: plan only what is known, delete nothing else
             scope = frozenset(vs.key for vs in desired.virtual_services)
@@ -392,7 +392,7 @@ class Agent:
 
     def state(self) -> dict[str, Any]:
         """For /health and status: ready only after the first complete pass."""
-        catalog = self.source.state()
+        catalog = self.source.health()
         failures = {**self.book.failures, **self._backend_failures}
         bgp = self.config.bgp if self.config.role == "director" else None  # a backend announces nothing
         announcing: dict[str, Any] | None = None

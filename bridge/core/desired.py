@@ -150,7 +150,7 @@ def _virtual_service(key: ServiceKey, service: str, backed: list[_Backed], confi
 def compute_desired(snapshot: Snapshot, config: Config, local_address: str) -> DesiredState:
     book = DesiredBook(config)
     book.update(snapshot)
-    return book.state(local_address)
+    return book.desired(local_address)
 
 
 @dataclass(frozen=True)
@@ -305,7 +305,7 @@ class DesiredBook:
             else:
                 del self._backends[pair]
 
-    def state(self, local_address: str) -> DesiredState:
+    def desired(self, local_address: str) -> DesiredState:
         if self._desired is not None and self._desired[0] == local_address:
             return self._desired[1]
         if self._order is None:
