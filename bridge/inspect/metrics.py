@@ -363,6 +363,16 @@ def _family(name: str, kind: str, doc: str, lines: list[str]) -> str:
     return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n" + "".join(lines)
 
 
+def _dest_deadlines(deadlines: Mapping[Draining, float]) -> dict[ServiceKey, dict[tuple[str, int], float]]:
+    """The real servers' drain deadlines per virtual service: a scrape then makes no key per real server
+    (most have no deadline)."""
+    found: dict[ServiceKey, dict[tuple[str, int], float]] = {}
+    for key, deadline in deadlines.items():
+        if isinstance(key, DestKey):
+            found.setdefault(key.service, {})[(key.address, key.port)] = deadline
+    return found
+
+
 def backend_text(services: tuple[LiveService, ...], desired: DesiredState | None,
                  deadlines: Mapping[Draining, float]) -> str:
     """The dense per-real-server families (9-10 samples per real server) in the text format, written here
@@ -378,23 +388,26 @@ def backend_text(services: tuple[LiveService, ...], desired: DesiredState | None
     tests/test_metrics.py proves the output identical to prometheus_client's for randomized tables with
     awkward label values; everything else in /metrics (small families, the pass histograms) stays
     prometheus_client's."""
-    wanted = {DestKey(vs.key, rs.address, rs.port): rs.weight
-              for vs in (desired.virtual_services if desired else ()) for rs in vs.real_servers}
+    wanted = {vs.key: {rs.address: rs for rs in vs.real_servers}
+              for vs in (desired.virtual_services if desired else ())}
+    drain_at = _dest_deadlines(deadlines)
     labels: list[str] = []
     rows: list[tuple[int, ...]] = []
     drains: list[str] = []
     for service in services:
         vs = (f'{{local_address="{_escape(service.vip)}",local_port="{service.port}",'
               f'proto="{_escape(service.protocol)}",remote_address="')
-        key = service.key
+        targets = wanted.get(service.key, {})
+        drain_here = drain_at.get(service.key)
         for rs in service.real_servers:
             label = f'{vs}{_escape(rs.address)}",remote_port="{rs.port}"}} '
             labels.append(label)
             stats = rs.stats
-            dest = DestKey(key, rs.address, rs.port)
-            rows.append((rs.active_conns, rs.inactive_conns, rs.weight, wanted.get(dest, 0), stats.connections,
+            target = targets.get(rs.address)
+            rows.append((rs.active_conns, rs.inactive_conns, rs.weight,
+                         target.weight if target is not None and target.port == rs.port else 0, stats.connections,
                          stats.packets_in, stats.packets_out, stats.bytes_in, stats.bytes_out))
-            deadline = deadlines.get(dest)
+            deadline = drain_here.get((rs.address, rs.port)) if drain_here else None
             if deadline is not None:
                 drains.append(f"{BACKEND_PREFIX}drain_deadline_timestamp_seconds{label}{_sample_value(deadline)}\n")
     columns = list(zip(*rows, strict=True)) or [()] * len(BACKEND_FAMILIES)
