@@ -364,8 +364,8 @@ def _family(name: str, kind: str, doc: str, lines: list[str]) -> str:
 
 
 def _dest_deadlines(deadlines: Mapping[Draining, float]) -> dict[ServiceKey, dict[tuple[str, int], float]]:
-    """The real servers' drain deadlines per virtual service: a scrape then makes no key per real server
-    (most have no deadline)."""
+    """The real servers' drain deadlines per virtual service, so that a scrape makes no DestKey per real
+    server (most have no deadline)."""
     found: dict[ServiceKey, dict[tuple[str, int], float]] = {}
     for key, deadline in deadlines.items():
         if isinstance(key, DestKey):
@@ -388,8 +388,9 @@ def backend_text(services: tuple[LiveService, ...], desired: DesiredState | None
     tests/test_metrics.py proves the output identical to prometheus_client's for randomized tables with
     awkward label values; everything else in /metrics (small families, the pass histograms) stays
     prometheus_client's."""
-    wanted = {vs.key: {rs.address: rs for rs in vs.real_servers}
-              for vs in (desired.virtual_services if desired else ())}
+    wanted: dict[ServiceKey, dict[tuple[str, int], int]] = {}
+    for virtual in desired.virtual_services if desired else ():
+        wanted.setdefault(virtual.key, {}).update({(rs.address, rs.port): rs.weight for rs in virtual.real_servers})
     drain_at = _dest_deadlines(deadlines)
     labels: list[str] = []
     rows: list[tuple[int, ...]] = []
@@ -403,11 +404,10 @@ def backend_text(services: tuple[LiveService, ...], desired: DesiredState | None
             label = f'{vs}{_escape(rs.address)}",remote_port="{rs.port}"}} '
             labels.append(label)
             stats = rs.stats
-            target = targets.get(rs.address)
-            rows.append((rs.active_conns, rs.inactive_conns, rs.weight,
-                         target.weight if target is not None and target.port == rs.port else 0, stats.connections,
+            dest = (rs.address, rs.port)
+            rows.append((rs.active_conns, rs.inactive_conns, rs.weight, targets.get(dest, 0), stats.connections,
                          stats.packets_in, stats.packets_out, stats.bytes_in, stats.bytes_out))
-            deadline = drain_here.get((rs.address, rs.port)) if drain_here else None
+            deadline = drain_here.get(dest) if drain_here else None
             if deadline is not None:
                 drains.append(f"{BACKEND_PREFIX}drain_deadline_timestamp_seconds{label}{_sample_value(deadline)}\n")
     columns = list(zip(*rows, strict=True)) or [()] * len(BACKEND_FAMILIES)
