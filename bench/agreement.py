@@ -117,7 +117,7 @@ class Naive:
                 ops.append(SetDest(KEY, rs.address, rs.port, rs.weight))
         wanted = {rs.address for rs in in_catalog_order}
         ops += [DelDest(KEY, r.address, r.port) for r in live.values() if r.address not in wanted]
-        self.kernel.apply(tuple(ops))
+        self.kernel.run(ops)
 
 
 def restart(director: Director | Naive, keep_state: bool) -> Director | Naive:
