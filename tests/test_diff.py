@@ -239,3 +239,15 @@ def test_scoped_plan_keeps_deadlines_outside_its_scope_and_deletes_no_link_or_ro
     full = plan(desired, d.kernel.read(), d.memory, 100.0, CONFIG.drain_timeout)
     assert DelDest(OTHER_KEY, "203.0.113.22", 80) in full.ops
     assert any(isinstance(op, DelLink) for op in full.ops)
+
+
+def test_remembered_weights_stay_the_same_mapping_when_no_operation_moves_one():
+    d = Director()
+    d.sync([entry(11), entry(12)])
+    weights = d.memory.last_weights
+    d.sync([entry(11, status="critical"), entry(12)])
+    assert d.memory.last_weights is weights, "weight 0 keeps the remembered weight"
+    d.sync([entry(11), entry(12)])
+    assert d.memory.last_weights is weights, "back to the weight it remembers"
+    d.sync([entry(11, weight=3), entry(12)])
+    assert d.memory.last_weights is not weights and d.memory.last_weights[DestKey(KEY, "203.0.113.11", 80)] == 3

@@ -37,24 +37,34 @@ class Memory:
     last_weights: Mapping[DestKey, int] = field(default_factory=dict)
 
 
-def remember_op(last_weights: MutableMapping[DestKey, int], op: Op) -> None:
+def remember_op(last_weights: MutableMapping[DestKey, int], op: Op) -> bool:
     """The kernel's last_weight bookkeeping after `op` succeeded (ip_vs_ctl.c: set on add, and on edits to a
-    non-zero weight; gone with the real server or its service)."""
+    non-zero weight; gone with the real server or its service). True when it changed `last_weights`."""
     if isinstance(op, AddDest) or (isinstance(op, SetDest) and op.weight != 0):
-        last_weights[DestKey(op.key, op.address, op.port)] = op.weight
-    elif isinstance(op, DelDest):
-        last_weights.pop(DestKey(op.key, op.address, op.port), None)
-    elif isinstance(op, DelService):
-        for key in [k for k in last_weights if k.service == op.key]:
+        key = DestKey(op.key, op.address, op.port)
+        if last_weights.get(key) == op.weight:
+            return False
+        last_weights[key] = op.weight
+        return True
+    if isinstance(op, DelDest):
+        return last_weights.pop(DestKey(op.key, op.address, op.port), None) is not None
+    if isinstance(op, DelService):
+        gone = [k for k in last_weights if k.service == op.key]
+        for key in gone:
             del last_weights[key]
+        return bool(gone)
+    return False
 
 
-def remember(last_weights: Mapping[DestKey, int], ops: Iterable[Op]) -> dict[DestKey, int]:
-    """`last_weights` after `ops` succeeded (a new mapping; `remember_op` for each)."""
+def remember(last_weights: Mapping[DestKey, int], ops: Iterable[Op]) -> Mapping[DestKey, int]:
+    """`last_weights` after `ops` succeeded: a new mapping, or `last_weights` itself when no operation moved
+    a remembered weight (most passes: a real server set to 0 and back keeps its weight), which lets the state
+    file skip re-writing the keys' text (bridge/files/store.py)."""
     updated = dict(last_weights)
+    changed = False
     for op in ops:
-        remember_op(updated, op)
-    return updated
+        changed = remember_op(updated, op) or changed
+    return updated if changed else last_weights
 
 
 def last_weight(service: ServiceKey, live: LiveRealServer, last_weights: Mapping[DestKey, int]) -> int | None:

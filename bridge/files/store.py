@@ -17,14 +17,17 @@ import fcntl
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
 from bridge.core.keys import DestKey
 from bridge.core.memory import Memory, parse_draining
+
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -115,10 +118,27 @@ def save_state(path: str | Path, stored: Stored) -> None:
     """Atomic and durable (`write_durably`). Raises OSError (read-only or full disk, directory gone); the
     caller retries."""
     write_durably(path, msgspec.json.encode({
-        "drain_deadlines": {str(k): v for k, v in stored.memory.drain_deadlines.items()},
-        "last_weights": {str(k): v for k, v in stored.memory.last_weights.items()},
+        "drain_deadlines": _as_text("drain_deadlines", stored.memory.drain_deadlines),
+        "last_weights": _as_text("last_weights", stored.memory.last_weights),
         "report": stored.report,
     }, order="sorted"), prefix=".state-")
+
+
+_written: dict[str, tuple[Mapping[Any, Any], dict[str, Any]]] = {}
+"""Per field, the last mapping written and its text-keyed copy."""
+
+
+def _as_text(name: str, values: Mapping[Any, V]) -> dict[str, V]:
+    """`values` keyed by the keys' text, as the file holds them. The agent writes the file after every pass
+    that changed something, with every remembered weight, but most passes leave that mapping as it was
+    (`remember` then returns the very same object): its keys are not formatted again. Formatting them costs
+    ~0.4 us a key, four times what encoding and sorting the file costs (40,000 keys: 21 ms against 5 ms)."""
+    last = _written.get(name)
+    if last is not None and last[0] is values:
+        return last[1]
+    texts = {str(key): value for key, value in values.items()}
+    _written[name] = (values, texts)
+    return texts
 
 
 def write_durably(path: str | Path, data: bytes, *, prefix: str) -> None:
