@@ -16,8 +16,7 @@ import dns.query
 import dns.rdatatype
 
 from bridge.core.config import Config, ConfigError
-from bridge.core.keys import ServiceKey
-from bridge.inspect.text import maintenance_text
+from bridge.inspect.text import maintenance_text, service_label
 
 
 @dataclass(frozen=True)
@@ -74,18 +73,13 @@ def fetch_status(address: str, port: int, timeout: float = 5.0) -> Director:
         return Director(address, port, error=str(exc))
 
 
-def _label(vs: dict[str, Any]) -> str:
-    """A virtual service of a director's /status as text (the key's own form)."""
-    return ServiceKey(vs["vip"], vs["port"], vs["protocol"]).text
-
-
 def discover(config: Config, datacenter: str | None = None) -> Discovery:
     found = Discovery()
     for address, port in srv_records(config, datacenter):
         director = fetch_status(address, port)
         found.directors.append(director)
         for vs in (director.status or {}).get("virtual_services", []):
-            found.fingerprints[_label(vs)][director.label] = vs["fingerprint"]
+            found.fingerprints[service_label(vs)][director.label] = vs["fingerprint"]
     return found
 
 
@@ -108,7 +102,7 @@ def discovery_text(found: Discovery) -> str:
         if not services:
             lines.append(f"{who} (none)")
         for vs in services:
-            key = _label(vs)
+            key = service_label(vs)
             agrees = "NO: tables differ" if key in bad else "yes"
             lines.append(f"{who} {key:<24} {len(vs['real_servers']):>4} {vs['fingerprint'] or '-':<17} {agrees}")
     lines.extend(f"maintenance: {line}" for line in maintained)

@@ -116,10 +116,15 @@ def status_json(live: LiveState, report: dict[str, Any], fingerprints: Mapping[S
     }
 
 
+def service_label(found: dict[str, Any]) -> str:
+    """A virtual service of a /status answer (this agent's or another director's) as its key's text."""
+    return ServiceKey(found["vip"], found["port"], found["protocol"]).text
+
+
 def status_text(data: dict[str, Any]) -> str:
     lines = [f"{'VIRTUAL SERVICE':<26} {'SCHED':<6} {'FLAGS':<20} {'TABLE':<17} REAL SERVERS (kernel list order)"]
     for s in data["virtual_services"]:
-        label = ServiceKey(s["vip"], s["port"], s["protocol"]).text
+        label = service_label(s)
         flags = ",".join(s["flags"]) or "-"
         lines.append(f"{label:<26} {s['scheduler']:<6} {flags:<20} {s['fingerprint'] or '-':<17} "
                      f"{len(s['real_servers'])}")
@@ -169,7 +174,8 @@ def _director_text(data: dict[str, Any]) -> list[str]:
                      "service accepts everyone")
     for e in table["allows"]:
         broken = "" if e["whole"] else "  (incomplete: the next pass rebuilds it)"
-        lines.append(f"  {e['vip']}:{e['port']}/{e['protocol']:<5} allow {','.join(e['prefixes'] or []) or '-'}"
+        pad = " " * (5 - len(e["protocol"]))  # as it always was: the protocol padded to 5
+        lines.append(f"  {service_label(e)}{pad} allow {','.join(e['prefixes'] or []) or '-'}"
                      f"  dropped {e['drops']} packet(s){broken}")
     return lines
 
