@@ -4,10 +4,11 @@ Each key is the one place its text form is written and read back, as kube-proxy'
 is: "198.51.100.10:80/tcp" and "198.51.100.10:80/tcp>203.0.113.11:8080" appear in plans, status, /metrics,
 nftables comments, `explain` and the state file, and are parsed only by `parse` here.
 
-NamedTuples rather than dataclasses: the planner and /metrics make one per real server of a 100,000-instance
-catalog, and a NamedTuple is the cheapest immutable, hashable value Python has (its hash and comparisons run
-in C). Their order is the tuple's (VIP as text, then port, then protocol), the order every sorted output
-already had; `listing_order` is the kernel's (VIP as a number).
+NamedTuples rather than dataclasses: the planner makes one per virtual service and per draining or weight-0
+real server of a 100,000-instance catalog, the state file one per remembered weight, and a NamedTuple is the
+cheapest immutable, hashable value Python has (its hash and comparisons run in C). Their order is the
+tuple's (VIP as text, then port, then protocol), the order every sorted output already had; `listing_order`
+is the kernel's (VIP as a number).
 """
 
 from __future__ import annotations
