@@ -36,7 +36,7 @@ class StaticSource:
     def snapshot(self) -> Snapshot:
         return Snapshot(tuple(i for name in self.names for i in self.cached[name]))
 
-    def state(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         return {}
 
     def flip(self, rng: random.Random) -> None:

@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bridge.catalog.consul_format import snapshot_from_services
 from bridge.core.desired import compute_desired
+from bridge.core.keys import DestKey
 from bridge.core.maglev import DEFAULT_TABLE_SIZE, Dest, MaglevTable, address_key, build_table, lookup_many
-from bridge.core.memory import Memory, dest_id
+from bridge.core.memory import Memory
 from bridge.core.ops import AddDest, AddService, DelDest, Op, SetDest
 from tests.catalog_builder import catalog
 from tests.fake_kernel import FakeKernel
@@ -116,7 +117,7 @@ class Naive:
                 ops.append(SetDest(KEY, rs.address, rs.port, rs.weight))
         wanted = {rs.address for rs in in_catalog_order}
         ops += [DelDest(KEY, r.address, r.port) for r in live.values() if r.address not in wanted]
-        self.kernel.apply(tuple(ops))
+        self.kernel.run(ops)
 
 
 def restart(director: Director | Naive, keep_state: bool) -> Director | Naive:
@@ -132,7 +133,7 @@ def kernel_routes(kernel: FakeKernel, keys: U64, ports: U64) -> Routes:
     """The director's table from its list and the weights its kernel remembers, applied to the flows."""
     service = kernel.services.get(KEY)
     listed = service.real_servers if service else ()
-    dests = [Dest(r.address, r.port, r.weight, kernel.last_weight[dest_id(KEY, r.address, r.port)]) for r in listed]
+    dests = [Dest(r.address, r.port, r.weight, kernel.last_weight[DestKey(KEY, r.address, r.port)]) for r in listed]
     return routes(build_table(dests, DEFAULT_TABLE_SIZE), service.flags if service else FLAGS, keys, ports)
 
 

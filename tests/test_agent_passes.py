@@ -8,6 +8,7 @@ from typing import Any
 
 from bridge.agent.shell import Agent
 from bridge.catalog.consul_format import snapshot_from_services
+from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.model import Snapshot
 from bridge.core.ops import SetDest
 from bridge.files.store import load_state
@@ -22,7 +23,7 @@ class Catalog:
     def snapshot(self) -> Snapshot:
         return snapshot_from_services(catalog(*self.entries))
 
-    def state(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         return {"ok": True}
 
 
@@ -45,7 +46,7 @@ def test_one_health_change_is_a_small_pass_with_one_operation(tmp_path):
     source.entries[7] = web(7, "critical")
     small = agent.sync("consul: svc-7 changed", full=False)
     assert small is not None and [s.description for s in small.steps] == [
-        SetDest(("198.51.100.8", 80, "tcp"), "203.0.113.17", 80, 0).describe()]
+        SetDest(ServiceKey("198.51.100.8", 80, "tcp"), "203.0.113.17", 80, 0).describe()]
     assert not small.applied, "shadow mode never claims to have applied anything"
     last = agent.state()["last_pass"]
     assert (last["scope"], last["operations"], last["reason"]) == ("1 virtual service(s)", 1, "consul: svc-7 changed")
@@ -61,8 +62,9 @@ def test_the_agent_keeps_its_memory_in_the_state_file_after_each_pass(tmp_path):
     source.entries.pop()
     agent.sync("consul: svc-2 changed", full=False)
     stored = load_state(tmp_path / "state.json")
-    assert list(stored.memory.drain_deadlines) == ["198.51.100.3:80/tcp", "198.51.100.3:80/tcp>203.0.113.12:80"]
-    assert stored.memory.last_weights["198.51.100.2:80/tcp>203.0.113.11:80"] == 1
+    assert list(stored.memory.drain_deadlines) == [ServiceKey.parse("198.51.100.3:80/tcp"),
+                                                   DestKey.parse("198.51.100.3:80/tcp>203.0.113.12:80")]
+    assert stored.memory.last_weights[DestKey.parse("198.51.100.2:80/tcp>203.0.113.11:80")] == 1
     assert [op["description"] for op in stored.report["operations"]] == [
         "set real server 203.0.113.12:80 weight 0 in 198.51.100.3:80/tcp"]
     agent.close_dataplane()

@@ -101,7 +101,7 @@ def test_a_vip_that_loses_its_last_claim_is_withdrawn_first_and_its_service_dele
     gone = agent.sync("resync", full=True)
     assert steps(gone)[0] == Withdraw("198.51.100.3", TABLE).describe()
     assert ("198.51.100.3", 80, "tcp") in agent._dataplane.services, "the service drains; it is not deleted yet"
-    desired = agent.book.state("192.0.2.1")
+    desired = agent.book.desired("192.0.2.1")
     assert agent._memory is not None
     after = max(agent._memory.drain_deadlines.values()) + 1
     deleted = plan(desired, agent._dataplane.read(), agent._memory, now=after, drain_timeout=30,

@@ -60,12 +60,12 @@ def test_book_that_followed_a_history_equals_a_fresh_computation(seed):
     rng = random.Random(seed)
     book = DesiredBook(CONFIG)
     state: dict[str, list[dict[str, object]]] = {}
-    previous = book.state("192.0.2.1")
+    previous = book.desired("192.0.2.1")
     for _ in range(60):
         random_catalog(rng, state)
         snapshot = snapshot_from_services(unique_ids(state))
         changed = book.update(snapshot)
-        got = book.state("192.0.2.1")
+        got = book.desired("192.0.2.1")
         assert got == compute_desired(snapshot, CONFIG, "192.0.2.1")
         before = {vs.key: vs for vs in previous.virtual_services}
         after = {vs.key: vs for vs in got.virtual_services}
@@ -88,8 +88,8 @@ def test_withdrawing_the_winner_of_a_contested_vip_hands_it_to_the_next_service(
     second = health_entry("beta", "b2", "192.0.2.4", 80, ["maglev.vip=198.51.100.10:80"], create_index=9)
     book = DesiredBook(CONFIG)
     book.update(snapshot_from_services(catalog(first, second)))
-    assert [vs.service for vs in book.state("192.0.2.1").virtual_services] == ["alpha"]
-    assert [r.service for r in book.state("192.0.2.1").rejected] == ["beta"]
+    assert [vs.service for vs in book.desired("192.0.2.1").virtual_services] == ["alpha"]
+    assert [r.service for r in book.desired("192.0.2.1").rejected] == ["beta"]
     assert book.update(snapshot_from_services(catalog(second))) == {("198.51.100.10", 80, "tcp")}
-    state = book.state("192.0.2.1")
+    state = book.desired("192.0.2.1")
     assert [vs.service for vs in state.virtual_services] == ["beta"] and state.rejected == ()

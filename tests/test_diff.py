@@ -7,6 +7,7 @@ from dataclasses import replace
 from bridge.catalog.consul_format import snapshot_from_services
 from bridge.core.config import Config, TunnelMapping
 from bridge.core.desired import compute_desired
+from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.memory import Memory, remember
 from bridge.core.ops import (
     AddDest,
@@ -30,7 +31,7 @@ CONFIG = Config(
     drain_timeout=30,
 )
 VIP = "maglev.vip=198.51.100.10:80"
-KEY = ("198.51.100.10", 80, "tcp")
+KEY = ServiceKey("198.51.100.10", 80, "tcp")
 
 
 def entry(n, *, status="passing", weight=1, index=None, vip=VIP):
@@ -210,7 +211,7 @@ def test_a_director_that_lost_its_state_file_never_assumes_what_the_kernel_remem
 
 
 OTHER_VIP = "maglev.vip=198.51.100.20:80"
-OTHER_KEY = ("198.51.100.20", 80, "tcp")
+OTHER_KEY = ServiceKey("198.51.100.20", 80, "tcp")
 
 
 def test_scoped_plan_of_one_health_change_is_the_full_plan_of_that_change():
@@ -229,7 +230,7 @@ def test_scoped_plan_keeps_deadlines_outside_its_scope_and_deletes_no_link_or_ro
     d = Director()
     d.sync([entry(11), entry(21, vip=OTHER_VIP), entry(22, vip=OTHER_VIP)], now=0.0)
     d.sync([entry(11), entry(21, vip=OTHER_VIP)], now=1.0)  # 22 drains until 31
-    assert set(d.memory.drain_deadlines) == {"198.51.100.20:80/tcp>203.0.113.22:80"}
+    assert set(d.memory.drain_deadlines) == {DestKey.parse("198.51.100.20:80/tcp>203.0.113.22:80")}
     desired = compute_desired(snapshot_from_services(catalog(entry(11, status="critical"), entry(21, vip=OTHER_VIP))),
                               CONFIG, "192.0.2.1")
     scoped = plan(desired, d.kernel.read(frozenset({KEY})), d.memory, 100.0, CONFIG.drain_timeout, frozenset({KEY}))
@@ -238,3 +239,15 @@ def test_scoped_plan_keeps_deadlines_outside_its_scope_and_deletes_no_link_or_ro
     full = plan(desired, d.kernel.read(), d.memory, 100.0, CONFIG.drain_timeout)
     assert DelDest(OTHER_KEY, "203.0.113.22", 80) in full.ops
     assert any(isinstance(op, DelLink) for op in full.ops)
+
+
+def test_remembered_weights_stay_the_same_mapping_when_no_operation_moves_one():
+    d = Director()
+    d.sync([entry(11), entry(12)])
+    weights = d.memory.last_weights
+    d.sync([entry(11, status="critical"), entry(12)])
+    assert d.memory.last_weights is weights, "weight 0 keeps the remembered weight"
+    d.sync([entry(11), entry(12)])
+    assert d.memory.last_weights is weights, "back to the weight it remembers"
+    d.sync([entry(11, weight=3), entry(12)])
+    assert d.memory.last_weights is not weights and d.memory.last_weights[DestKey(KEY, "203.0.113.11", 80)] == 3

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.core.filter import plan_filter
+from bridge.core.keys import ServiceKey
 from bridge.core.live import LiveAllow, LiveFilter, LiveState
 from bridge.core.memory import Memory
 from bridge.core.model import DesiredState, VirtualService
@@ -32,8 +33,8 @@ from bridge.dataplane.nft import object_id, parse_table
 from bridge.dataplane.nft_netlink import interval_elements, messages
 from bridge.dataplane.shadow import ShadowKernel
 
-WEB = ("198.51.100.10", 80, "tcp")
-DNS = ("198.51.100.10", 53, "udp")
+WEB = ServiceKey("198.51.100.10", 80, "tcp")
+DNS = ServiceKey("198.51.100.10", 53, "udp")
 
 
 def vs(key, allow):
@@ -153,7 +154,7 @@ def test_plan_and_status_show_the_filter():
 prefix_lists = st.one_of(st.none(), st.lists(st.sampled_from(
     ["192.0.2.0/24", "192.0.2.0/25", "10.0.0.0/8", "203.0.113.7/32", "198.18.0.0/15"]), min_size=1, max_size=3)
     .map(lambda found: tuple(sorted(set(found)))))
-histories = st.lists(st.dictionaries(st.sampled_from([WEB, DNS, ("198.51.100.11", 443, "tcp")]), prefix_lists,
+histories = st.lists(st.dictionaries(st.sampled_from([WEB, DNS, ServiceKey("198.51.100.11", 443, "tcp")]), prefix_lists,
                                      max_size=3), min_size=1, max_size=5)
 
 
@@ -222,7 +223,7 @@ def test_a_new_service_whose_allow_list_could_not_be_put_in_place_is_not_added()
                     yield from super().apply([op])
 
     server = RealServer("10.1.0.5", 8080, 1, 1, "10.1.0.5", "app1", 0)
-    other = replace(vs(("198.51.100.10", 443, "tcp"), None), real_servers=(server,))
+    other = replace(vs(ServiceKey("198.51.100.10", 443, "tcp"), None), real_servers=(server,))
     desired = state(other, replace(vs(WEB, ("192.0.2.0/24",)), real_servers=(server,)))
     kernel = NoFilter()
     outcome, _ = director_pass(desired, CONFIG, kernel, Memory(), apply=True, now=0.0)

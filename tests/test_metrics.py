@@ -22,8 +22,8 @@ from bridge.catalog.consul import (
 )
 from bridge.catalog.consul_format import CatalogFormatError
 from bridge.catalog.source import CatalogUnavailable
+from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.live import DestStats, LiveAllow, LiveFilter, LiveRealServer, LiveService
-from bridge.core.memory import dest_id
 from bridge.core.model import DesiredState, RealServer, Rejection, VirtualService
 from bridge.files.maintenance import Maintenance, write_maintenance
 from bridge.inspect.metrics import (
@@ -86,7 +86,7 @@ def test_passes_are_histograms_full_and_scoped_with_last_success_and_fail_static
     agent.sync("consul: svc-2 changed", full=False)
     drains = scrape(agent)["maglev_bridge_ipvs_backend_drain_deadline_timestamp_seconds"]
     assert [(labels["remote_address"], v) for labels, v in drains] == [
-        ("203.0.113.12", agent.memory.drain_deadlines["198.51.100.3:80/tcp>203.0.113.12:80"])]
+        ("203.0.113.12", agent.memory.drain_deadlines[DestKey.parse("198.51.100.3:80/tcp>203.0.113.12:80")])]
 
     def unavailable() -> None:
         raise CatalogUnavailable("Consul away")
@@ -101,8 +101,8 @@ def test_each_virtual_service_carries_the_fingerprint_status_prints(tmp_path):
     agent = shadow_agent(tmp_path, Catalog([web(1), web(2)]))
     agent.sync("start", full=True)
     info = scrape(agent)["maglev_bridge_virtual_service_info"]
-    expected = service_fingerprints(agent.shadow_state().services, dict(agent.memory.last_weights),
-                                    agent.config.mh_table_size)
+    prints = service_fingerprints(agent.shadow_state().services, agent.memory.last_weights, agent.config.mh_table_size)
+    expected = {key.text: fingerprint for key, fingerprint in prints.items()}
     assert {f"{labels['local_address']}:{labels['local_port']}/{labels['proto']}": labels["fingerprint"]
             for labels, _ in info} == expected
     assert {labels["service"] for labels, _ in info} == {"svc-1", "svc-2"}
@@ -144,7 +144,7 @@ def reference_backend_families(services: tuple[LiveService, ...], desired: Desir
                    stats.connections, stats.packets_in, stats.packets_out, stats.bytes_in, stats.bytes_out)
             for family, value in zip(families, row, strict=True):
                 family.add_metric(values, value)
-            deadline = deadlines.get(dest_id(service.key, rs.address, rs.port))
+            deadline = deadlines.get(DestKey(service.key, rs.address, rs.port))
             if deadline is not None:
                 drain.add_metric(values, deadline)
     return [*families[:4], drain, *families[4:]]
@@ -175,7 +175,7 @@ SERVICE = st.builds(LiveService, vip=AWKWARD, port=st.integers(0, 65535), protoc
 def test_the_per_real_server_text_is_prometheus_clients_own_byte_for_byte_and_parses_the_same(services, data):
     pairs = [(s, rs) for s in services for rs in s.real_servers]
     chosen = data.draw(st.lists(st.sampled_from(pairs), unique_by=lambda p: id(p[1])) if pairs else st.just([]))
-    deadlines = {dest_id(s.key, rs.address, rs.port): data.draw(st.floats(0, 4e9, allow_nan=False))
+    deadlines = {DestKey(s.key, rs.address, rs.port): data.draw(st.floats(0, 4e9, allow_nan=False))
                  for s, rs in chosen}
     desired = DesiredState(virtual_services=tuple(
         VirtualService(s.vip, s.port, s.protocol, "mh", (), "svc", real_servers=tuple(
@@ -216,9 +216,9 @@ def test_a_director_exports_its_announced_vips_maintenance_since_when_and_each_a
 
 
 def test_drops_are_the_named_counters_packets_per_virtual_service():
-    table = LiveFilter(True, (LiveAllow(("198.51.100.9", 443, "tcp"), ("10.0.0.0/8",), 7, True, 12345),
-                              LiveAllow(("198.51.100.9", 53, "udp"), ("10.0.0.0/8",), 8, True, 0),
-                              LiveAllow(("198.51.100.10", 80, "tcp"), ("10.0.0.0/8",), None, False)))
+    table = LiveFilter(True, (LiveAllow(ServiceKey("198.51.100.9", 443, "tcp"), ("10.0.0.0/8",), 7, True, 12345),
+                              LiveAllow(ServiceKey("198.51.100.9", 53, "udp"), ("10.0.0.0/8",), 8, True, 0),
+                              LiveAllow(ServiceKey("198.51.100.10", 80, "tcp"), ("10.0.0.0/8",), None, False)))
     (family,) = text_string_to_metric_families(reference_text(list(filter_metrics(table))))
     assert [(s.name, s.labels, s.value) for s in family.samples] == [
         ("maglev_bridge_filter_dropped_packets_total",

@@ -34,7 +34,7 @@ def boom(*_args, **_kwargs):
 
 STAGES = {
     "catalog snapshot": (Catalog, "snapshot"),
-    "desired state": (DesiredBook, "state"),
+    "desired state": (DesiredBook, "desired"),
     "plan and apply": (bridge.agent.reconcile, "plan"),
     "apply": (ShadowKernel, "apply"),
     "state save": (bridge.agent.shell, "save_state"),

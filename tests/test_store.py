@@ -8,12 +8,16 @@ import os
 
 import pytest
 
+from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.memory import Memory
 from bridge.files.maintenance import Maintenance, write_maintenance
 from bridge.files.store import StateLock, StateLocked, Stored, load_state, recover_state, save_state
 
-MEMORY = Memory(drain_deadlines={"198.51.100.1:80/tcp 203.0.113.1:80": 1700000000.5},
-                last_weights={"198.51.100.1:80/tcp 203.0.113.1:80": 3})
+DEST = DestKey(ServiceKey("198.51.100.1", 80, "tcp"), "203.0.113.1", 80)
+MEMORY = Memory(drain_deadlines={DEST: 1700000000.5, ServiceKey("198.51.100.2", 53, "udp"): 1700000001.0},
+                last_weights={DEST: 3})
+WEIGHTS_TEXT = {"198.51.100.1:80/tcp>203.0.113.1:80": 3}
+"""MEMORY's last weights as the file holds them: the keys' text forms (the file's format did not change)."""
 
 
 def test_a_saved_state_reads_back_the_same(tmp_path):
@@ -50,13 +54,24 @@ def test_a_bad_state_file_is_moved_aside_with_a_warning_saying_what_was_lost(tmp
     assert not path.exists()
 
 
+@pytest.mark.parametrize("key", ["198.51.100.1:80/tcp 203.0.113.1:80", "198.51.100.1:80>203.0.113.1:80",
+                                 "198.51.100.1:80/tcp>203.0.113.1"])
+def test_a_state_file_with_a_key_the_agent_does_not_write_is_moved_aside_naming_it(tmp_path, key):
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"drain_deadlines": {}, "last_weights": {key: 3}}))
+    stored, warning = recover_state(path)
+    assert stored == Stored()
+    assert warning is not None and repr(key) in warning and "expected" in warning
+    assert "Lost: 0 drain deadlines, 1 last weights" in warning
+
+
 def test_a_directory_in_place_of_the_state_file_is_moved_aside_and_saving_works_again(tmp_path):
     path = tmp_path / "state.json"
     path.mkdir()
     stored, warning = recover_state(path)
     assert stored == Stored() and warning is not None and "cannot read it" in warning
     save_state(path, Stored(MEMORY))
-    assert json.loads(path.read_text())["last_weights"] == dict(MEMORY.last_weights)
+    assert json.loads(path.read_text())["last_weights"] == WEIGHTS_TEXT
 
 
 def test_readers_that_change_nothing_see_a_bad_file_as_empty_and_leave_it(tmp_path):

@@ -30,10 +30,10 @@ from bridge.agent.reconcile import announce_decision, backend_pass, director_pas
 from bridge.catalog.source import CatalogSource, CatalogUnavailable, FileSource, FileStamp, file_stamp
 from bridge.core.config import Config, ConfigError
 from bridge.core.desired import DesiredBook
+from bridge.core.keys import ServiceKey
 from bridge.core.live import LiveState
 from bridge.core.memory import Memory
 from bridge.core.model import DesiredState, Rejection, Snapshot
-from bridge.core.ops import VsKey
 from bridge.core.outcome import PassOutcome
 from bridge.dataplane.kernel import ApplyError, Kernel
 from bridge.dataplane.shadow import ShadowKernel
@@ -87,7 +87,7 @@ class Agent:
         self._kernel: Kernel | None = None
         self._local_address = "0.0.0.0"
         self._memory: Memory | None = None
-        self._unapplied: set[VsKey] = set()
+        self._unapplied: set[ServiceKey] = set()
         self._scope_size = 0
         self.synced = False
         self._said_waiting = False
@@ -271,7 +271,7 @@ class Agent:
             self._memory = self._recover_memory()
         stage.name = "desired state"
         scope = None if full else frozenset(self._unapplied)
-        desired = self.book.state(self._local_address)
+        desired = self.book.desired(self._local_address)
         if scope is None and self.book.unknown:
             # a service never computed may own kernel state: plan only what is known, delete nothing else
             scope = frozenset(vs.key for vs in desired.virtual_services)
@@ -392,7 +392,7 @@ class Agent:
 
     def state(self) -> dict[str, Any]:
         """For /health and status: ready only after the first complete pass."""
-        catalog = self.source.state()
+        catalog = self.source.health()
         failures = {**self.book.failures, **self._backend_failures}
         bgp = self.config.bgp if self.config.role == "director" else None  # a backend announces nothing
         announcing: dict[str, Any] | None = None

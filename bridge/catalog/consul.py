@@ -426,7 +426,7 @@ class ConsulSource:
             return Snapshot.of_services({name: self._instances[name] for name in self._tagged},
                                         tuple(r for name in sorted(self._tagged) for r in self._rejected[name]))
 
-    def state(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         with self._lock:
             return {
                 "source": "consul",

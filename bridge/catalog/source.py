@@ -26,7 +26,7 @@ class CatalogSource(Protocol):
     def snapshot(self) -> Snapshot:
         """The current complete snapshot, or CatalogUnavailable."""
 
-    def state(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         """Health of the source, for /health and status."""
 
     def stop(self) -> None: ...
@@ -77,7 +77,7 @@ class FileSource:
         self._error = None
         return snap
 
-    def state(self) -> dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         return {"source": "file", "path": self.path, "ok": self._error is None, "error": self._error}
 
     def stop(self) -> None:

@@ -31,6 +31,16 @@ def ipv4_text(value: int) -> str:
     return socket.inet_ntop(socket.AF_INET, value.to_bytes(4, "big"))
 
 
+def ascii_number(text: str, high: int) -> int | None:
+    """`text` as a number from 0 to `high` when it is nothing but ASCII digits, else None. `str.isdigit()`
+    alone accepts '²' and the digits of every script (which `int()` refuses or silently converts), and an
+    unbounded digit string makes `int()` raise past Python's 4,300-digit limit."""
+    if not text.isascii() or not text.isdigit() or len(text) > len(str(high)):
+        return None
+    value = int(text)
+    return value if value <= high else None
+
+
 SCHEMES = ("http", "https")
 
 

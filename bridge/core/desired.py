@@ -17,10 +17,10 @@ from typing import NamedTuple
 from bridge.core.addr import ipv4_int, ipv4_text
 from bridge.core.config import Config
 from bridge.core.gcpause import gc_paused
+from bridge.core.keys import ServiceKey
 from bridge.core.model import (
     DesiredState,
     Instance,
-    Protocol,
     RealServer,
     Rejection,
     Snapshot,
@@ -34,7 +34,6 @@ from bridge.core.tags import Claim, InstanceClaim, TagParser
 log = logging.getLogger("maglev-bridge")
 INT32_MAX = 2**31 - 1
 CACHE_LIMIT = 500_000
-VsKey = tuple[str, int, Protocol]
 
 
 class _Backed(NamedTuple):
@@ -77,13 +76,13 @@ def _first_claim(backed: Iterable[_Backed]) -> _Backed:
 
 
 def _resolve_conflicts(
-    by_key: dict[VsKey, dict[str, list[_Backed]]],
-) -> tuple[dict[VsKey, tuple[str, list[_Backed]]], list[Rejection]]:
+    by_key: dict[ServiceKey, dict[str, list[_Backed]]],
+) -> tuple[dict[ServiceKey, tuple[str, list[_Backed]]], list[Rejection]]:
     """The service registered earliest (lowest CreateIndex, then name) keeps a contested VIP:port/proto.
 
     Only catalog facts decide, never which claim this director happened to see first.
     """
-    winners: dict[VsKey, tuple[str, list[_Backed]]] = {}
+    winners: dict[ServiceKey, tuple[str, list[_Backed]]] = {}
     rejected: list[Rejection] = []
     for key, services in by_key.items():
         ranked = sorted(services, key=lambda s: (_first_claim(services[s]).claim.instance.create_index, s))
@@ -95,7 +94,7 @@ def _resolve_conflicts(
                 rejected.append(
                     Rejection(
                         loser, backed.claim.instance.instance_id, claim.tag,
-                        f"{key[0]}:{key[1]}/{key[2]} is already claimed by service {winner!r}, registered earlier",
+                        f"{key} is already claimed by service {winner!r}, registered earlier",
                     )
                 )
     return winners, rejected
@@ -128,7 +127,7 @@ def _real_servers(backed: list[_Backed], port: int, config: Config) -> tuple[Rea
     return tuple(servers)
 
 
-def _virtual_service(key: VsKey, service: str, backed: list[_Backed], config: Config) -> VirtualService:
+def _virtual_service(key: ServiceKey, service: str, backed: list[_Backed], config: Config) -> VirtualService:
     """Flags and allow list are the earliest instance's (lowest CreateIndex, then instance id): one rule for
     every per-service setting, decided from the catalog alone. For the allow list this is also the safe
     choice: a union would let any one instance, a stray or a typo, open the VIP to more sources than the
@@ -139,7 +138,7 @@ def _virtual_service(key: VsKey, service: str, backed: list[_Backed], config: Co
     return VirtualService(
         vip=vip,
         port=port,
-        protocol="udp" if protocol == "udp" else "tcp",
+        protocol=protocol,
         scheduler="mh",
         flags=first.flags,
         service=service,
@@ -151,7 +150,7 @@ def _virtual_service(key: VsKey, service: str, backed: list[_Backed], config: Co
 def compute_desired(snapshot: Snapshot, config: Config, local_address: str) -> DesiredState:
     book = DesiredBook(config)
     book.update(snapshot)
-    return book.state(local_address)
+    return book.desired(local_address)
 
 
 @dataclass(frozen=True)
@@ -159,7 +158,7 @@ class _Part:
     """One service's share of the desired state: its accepted claims per VIP key and its rejections."""
 
     instances: tuple[Instance, ...]
-    backed: dict[VsKey, list[_Backed]]
+    backed: dict[ServiceKey, list[_Backed]]
     rejected: tuple[Rejection, ...]
 
 
@@ -174,15 +173,15 @@ class DesiredBook:
         self._parser = TagParser(config)
         self._tunnels: dict[str, str | None] = {}
         self._parts: dict[str, _Part] = {}
-        self._claimants: dict[VsKey, set[str]] = defaultdict(set)
-        self._services: dict[VsKey, VirtualService] = {}
-        self._conflicts: dict[VsKey, list[Rejection]] = {}
-        self._order: tuple[VsKey, ...] | None = ()
+        self._claimants: dict[ServiceKey, set[str]] = defaultdict(set)
+        self._services: dict[ServiceKey, VirtualService] = {}
+        self._conflicts: dict[ServiceKey, list[Rejection]] = {}
+        self._order: tuple[ServiceKey, ...] | None = ()
         """Keys in kernel-listing order; None when the key set changed since it was sorted."""
         self._backends: Counter[tuple[str, str]] = Counter()
         """(backend, tunnel address) -> how many real servers use it: the tunnels, kept as VSs change."""
         self._tunnel_list: tuple[str, tuple[Tunnel, ...]] | None = None
-        self._state: tuple[str, DesiredState] | None = None
+        self._desired: tuple[str, DesiredState] | None = None
         self._entry_rejections: tuple[Rejection, ...] = ()
         self.failures: dict[str, str] = {}
         """Service -> why its desired state could not be computed (a bug, not bad data: bad data is a
@@ -194,16 +193,16 @@ class DesiredBook:
         withdrawal."""
         return frozenset(self.failures.keys() - self._parts.keys())
 
-    def update(self, snapshot: Snapshot) -> frozenset[VsKey]:
+    def update(self, snapshot: Snapshot) -> frozenset[ServiceKey]:
         """Take a new snapshot; the keys of the virtual services whose desired value changed (added,
         edited or withdrawn)."""
         self._trim_caches()
         with gc_paused():
             if snapshot.rejected != self._entry_rejections:
                 self._entry_rejections = snapshot.rejected
-                self._state = None
+                self._desired = None
             groups = snapshot.by_service()
-            touched: set[VsKey] = set()
+            touched: set[ServiceKey] = set()
             for name in (self._parts.keys() | self.failures.keys()) - groups.keys():
                 self.failures.pop(name, None)
                 touched |= self._replace(name, ())
@@ -213,7 +212,7 @@ class DesiredBook:
                     touched |= self._replace_or_keep(name, instances)
             return frozenset(key for key in touched if self._settle_or_keep(key))
 
-    def _replace_or_keep(self, name: str, instances: tuple[Instance, ...]) -> set[VsKey]:
+    def _replace_or_keep(self, name: str, instances: tuple[Instance, ...]) -> set[ServiceKey]:
         try:
             touched = self._replace(name, instances)
         except Exception as exc:
@@ -222,7 +221,7 @@ class DesiredBook:
         self.failures.pop(name, None)
         return touched
 
-    def _settle_or_keep(self, key: VsKey) -> bool:
+    def _settle_or_keep(self, key: ServiceKey) -> bool:
         """A virtual service that cannot be settled keeps its old value; its claimants are named as failed."""
         try:
             return self._settle(key)
@@ -244,7 +243,7 @@ class DesiredBook:
         if len(self._tunnels) > CACHE_LIMIT:
             self._tunnels = {}
 
-    def _replace(self, name: str, instances: tuple[Instance, ...]) -> set[VsKey]:
+    def _replace(self, name: str, instances: tuple[Instance, ...]) -> set[ServiceKey]:
         part = self._part(instances) if instances else None  # first: if it raises, nothing has changed
         old = self._parts.pop(name, None)
         keys = set(old.backed) if old else set()
@@ -255,11 +254,11 @@ class DesiredBook:
             for key in part.backed:
                 self._claimants[key].add(name)
             keys |= part.backed.keys()
-        self._state = None
+        self._desired = None
         return keys
 
     def _part(self, instances: tuple[Instance, ...]) -> _Part:
-        backed: dict[VsKey, list[_Backed]] = defaultdict(list)
+        backed: dict[ServiceKey, list[_Backed]] = defaultdict(list)
         rejected: list[Rejection] = []
         for instance in instances:
             parsed = self._parser.parse(instance)
@@ -273,7 +272,7 @@ class DesiredBook:
                 backed[claim.key].append(resolved)
         return _Part(instances, dict(backed), tuple(rejected))
 
-    def _settle(self, key: VsKey) -> bool:
+    def _settle(self, key: ServiceKey) -> bool:
         """Re-decide one VIP key among the services claiming it; True when its virtual service changed."""
         names = self._claimants.get(key)
         old = self._services.get(key)
@@ -306,24 +305,24 @@ class DesiredBook:
             else:
                 del self._backends[pair]
 
-    def state(self, local_address: str) -> DesiredState:
-        if self._state is not None and self._state[0] == local_address:
-            return self._state[1]
+    def desired(self, local_address: str) -> DesiredState:
+        if self._desired is not None and self._desired[0] == local_address:
+            return self._desired[1]
         if self._order is None:
-            self._order = tuple(sorted(self._services, key=_key_order))
+            self._order = tuple(sorted(self._services, key=ServiceKey.listing_order))
         rejected = [r for part in self._parts.values() for r in part.rejected]
         rejected += self._entry_rejections
         rejected += [r for found in self._conflicts.values() for r in found]
-        state = DesiredState(
+        desired = DesiredState(
             virtual_services=tuple(self._services[key] for key in self._order),
             tunnels=self._tunnels_for(local_address),
-            vip_routes=tuple(dict.fromkeys(key[0] for key in self._order)),
+            vip_routes=tuple(dict.fromkeys(key.vip for key in self._order)),
             rejected=tuple(sorted(rejected, key=lambda r: (r.service, r.instance, r.tag))),
             sysctls=self.config.sysctls,
             sync_daemons=_sync_daemons(self.config),
         )
-        self._state = (local_address, state)
-        return state
+        self._desired = (local_address, desired)
+        return desired
 
     def _tunnels_for(self, local_address: str) -> tuple[Tunnel, ...]:
         """One tunnel per backend that any real server uses, re-listed only when that set changed."""
@@ -344,10 +343,6 @@ def _sync_daemons(config: Config) -> tuple[SyncDaemon, ...] | None:
     return (SyncDaemon("master", sync.interface, sync.syncid), SyncDaemon("backup", sync.interface, sync.syncid))
 
 
-def _key_order(key: VsKey) -> tuple[int, int, str]:
-    return (ipv4_int(key[0]), key[1], key[2])
-
-
 @lru_cache(maxsize=65536)
 def _tunnel(link_prefix: str, backend: str, local_address: str, tunnel_address: str, fou_port: int) -> Tunnel:
     """The link name is deterministic and reversible, so a restarted agent recognises its own links. Cached:
@@ -360,7 +355,7 @@ def claims_of_node(snapshot: Snapshot, config: Config, node: str) -> tuple[tuple
     critical ones included, so their established connections keep working while they drain. Also the
     services whose claims could not be computed (a bug, not bad data), with why: the caller must then keep
     the VIPs it has (fail static), since it cannot know which of them those services claim."""
-    found: dict[VsKey, Claim] = {}
+    found: dict[ServiceKey, Claim] = {}
     failures: dict[str, str] = {}
     parser = TagParser(config)
     for instance in snapshot.instances:
@@ -376,4 +371,4 @@ def claims_of_node(snapshot: Snapshot, config: Config, node: str) -> tuple[tuple
         if isinstance(parsed, InstanceClaim):
             for claim in parsed.claims:
                 found.setdefault(claim.key, claim)
-    return tuple(found[k] for k in sorted(found, key=lambda k: (ipv4_int(k[0]), k[1], k[2]))), failures
+    return tuple(found[k] for k in sorted(found, key=ServiceKey.listing_order)), failures

@@ -12,18 +12,18 @@ from __future__ import annotations
 import bisect
 from collections.abc import Collection, Iterable
 
-from bridge.core.addr import ipv4_int
+from bridge.core.keys import ServiceKey
 from bridge.core.live import LiveAllow, LiveFilter
 from bridge.core.model import VirtualService
-from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter, DelAllow, FilterOp, Op, VsKey
+from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter, DelAllow, FilterOp, Op
 
 
 def _remove(entry: LiveAllow) -> DelAllow:
     return DelAllow(entry.key, entry.rule, entry.prefixes is not None, entry.counter)
 
 
-def plan_filter(desired: Iterable[VirtualService], live: LiveFilter, kept: Collection[VsKey],
-                scope: Collection[VsKey] | None = None) -> list[Op]:
+def plan_filter(desired: Iterable[VirtualService], live: LiveFilter, kept: Collection[ServiceKey],
+                scope: Collection[ServiceKey] | None = None) -> list[Op]:
     """`desired`: the virtual services planned (already restricted to a scope); `kept`: keys of live IPVS
     services that stay after this pass (draining ones keep their entry as it is); `scope`: only entries of
     these keys are looked at, none is removed outside it."""
@@ -63,11 +63,6 @@ def applied(table: LiveFilter, op: FilterOp, rule: int | None) -> LiveFilter:
     else:
         entry = LiveAllow(op.key, op.prefixes, rule, True)
     if index is None:
-        index = bisect.bisect(allows, listing_order(op.key), key=lambda e: listing_order(e.key))
+        index = bisect.bisect(allows, op.key.listing_order(), key=lambda e: e.key.listing_order())
     allows.insert(index, entry)
     return LiveFilter(table.table, tuple(allows))
-
-
-def listing_order(key: VsKey) -> tuple[int, int, str]:
-    """The order of the table's entries as read and as kept: VIP, port, protocol."""
-    return ipv4_int(key[0]), key[1], key[2]

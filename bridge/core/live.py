@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
-from bridge.core.model import Protocol, SyncDaemon
+from bridge.core.keys import Protocol, ServiceKey
+from bridge.core.model import SyncDaemon
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,10 @@ class LiveService:
     real_servers: tuple[LiveRealServer, ...] = ()
     """Kernel list order, head first: the order ip_vs_mh fills its table in."""
 
-    @property
-    def key(self) -> tuple[str, int, Protocol]:
-        return (self.vip, self.port, self.protocol)
+    @cached_property
+    def key(self) -> ServiceKey:
+        """Made once per value, as VirtualService.key."""
+        return ServiceKey(self.vip, self.port, self.protocol)
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class LiveRoute:
 class LiveAllow:
     """One virtual service's entry in the agent's nftables table (bridge/dataplane/nft.py)."""
 
-    key: tuple[str, int, Protocol]
+    key: ServiceKey
     prefixes: tuple[str, ...] | None
     """The set's elements as prefixes; None when the set is missing."""
     rule: int | None

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import chain
 from typing import Literal
 
+from bridge.core.keys import Protocol, ServiceKey
+
 Health = Literal["passing", "warning", "critical"]
-Protocol = Literal["tcp", "udp"]
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,11 @@ class VirtualService:
     allow: tuple[str, ...] | None = None
     """Source prefixes that may reach the service (bridge/core/allow.py); None: everyone."""
 
-    @property
-    def key(self) -> tuple[str, int, Protocol]:
-        return (self.vip, self.port, self.protocol)
+    @cached_property
+    def key(self) -> ServiceKey:
+        """Made once per value (frozen dataclasses keep a cached_property in their __dict__): the planner
+        asks for it several times per virtual service."""
+        return ServiceKey(self.vip, self.port, self.protocol)
 
 
 @dataclass(frozen=True)

@@ -5,25 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from bridge.core.model import Protocol, SyncDaemon, Tunnel
-
-VsKey = tuple[str, int, Protocol]
-
-
-def vs_label(key: VsKey) -> str:
-    return f"{key[0]}:{key[1]}/{key[2]}"
+from bridge.core.keys import ServiceKey
+from bridge.core.model import SyncDaemon, Tunnel
 
 
 @dataclass(frozen=True)
 class _ServiceSpec:
     verb: ClassVar[str]
-    key: VsKey
+    key: ServiceKey
     scheduler: str
     flags: tuple[str, ...]
 
     def describe(self) -> str:
         flags = ",".join(self.flags) or "-"
-        return f"{self.verb} service {vs_label(self.key)} scheduler {self.scheduler} flags {flags}"
+        return f"{self.verb} service {self.key} scheduler {self.scheduler} flags {flags}"
 
 
 class AddService(_ServiceSpec):
@@ -36,22 +31,22 @@ class SetService(_ServiceSpec):
 
 @dataclass(frozen=True)
 class DelService:
-    key: VsKey
+    key: ServiceKey
 
     def describe(self) -> str:
-        return f"delete service {vs_label(self.key)}"
+        return f"delete service {self.key}"
 
 
 @dataclass(frozen=True)
 class _DestWeight:
     verb: ClassVar[str]
-    key: VsKey
+    key: ServiceKey
     address: str
     port: int
     weight: int
 
     def describe(self) -> str:
-        return f"{self.verb} real server {self.address}:{self.port} weight {self.weight} in {vs_label(self.key)}"
+        return f"{self.verb} real server {self.address}:{self.port} weight {self.weight} in {self.key}"
 
 
 class AddDest(_DestWeight):
@@ -64,12 +59,12 @@ class SetDest(_DestWeight):
 
 @dataclass(frozen=True)
 class DelDest:
-    key: VsKey
+    key: ServiceKey
     address: str
     port: int
 
     def describe(self) -> str:
-        return f"delete real server {self.address}:{self.port} in {vs_label(self.key)}"
+        return f"delete real server {self.address}:{self.port} in {self.key}"
 
 
 @dataclass(frozen=True)
@@ -170,11 +165,11 @@ class CreateFilter:
 class AddAllow:
     """A service's allow set, its drop counter and the rule dropping every source outside the set."""
 
-    key: VsKey
+    key: ServiceKey
     prefixes: tuple[str, ...]
 
     def describe(self) -> str:
-        return f"filter {vs_label(self.key)}: allow only {','.join(self.prefixes)}"
+        return f"filter {self.key}: allow only {','.join(self.prefixes)}"
 
 
 @dataclass(frozen=True)
@@ -183,27 +178,27 @@ class ChangeAllow:
     elements one by one could make a new prefix overlap an old one mid-way, which an interval set refuses);
     nothing else is touched."""
 
-    key: VsKey
+    key: ServiceKey
     prefixes: tuple[str, ...]
     old: tuple[str, ...]
 
     def describe(self) -> str:
         changes = [f"+{p}" for p in self.prefixes if p not in self.old]
         changes += [f"-{p}" for p in self.old if p not in self.prefixes]
-        return f"filter {vs_label(self.key)}: allow list {' '.join(changes)}"
+        return f"filter {self.key}: allow list {' '.join(changes)}"
 
 
 @dataclass(frozen=True)
 class DelAllow:
     """Whatever exists of a service's rule, set and counter."""
 
-    key: VsKey
+    key: ServiceKey
     rule: int | None
     set: bool
     counter: bool
 
     def describe(self) -> str:
-        return f"filter {vs_label(self.key)}: remove (every source allowed)"
+        return f"filter {self.key}: remove (every source allowed)"
 
 
 IpvsOp = AddService | SetService | DelService | AddDest | SetDest | DelDest
@@ -219,7 +214,7 @@ class OpResult:
     error: str | None
 
 
-Scope = frozenset[VsKey] | None
+Scope = frozenset[ServiceKey] | None
 """The virtual services a pass reads and plans, or None for a full pass."""
 
 

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 
 from bridge.core.announce import Announcing, announcement_ops
 from bridge.core.filter import plan_filter
+from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.live import LiveLink, LiveRealServer, LiveService, LiveState
-from bridge.core.memory import Memory, dest_id
+from bridge.core.memory import Draining, Memory, last_weight, service_of
 from bridge.core.model import DesiredState, RealServer, Tunnel, VirtualService
 from bridge.core.ops import (
     AddDest,
@@ -39,8 +40,6 @@ from bridge.core.ops import (
     SetSysctl,
     StartSyncDaemon,
     StopSyncDaemon,
-    VsKey,
-    vs_label,
 )
 
 ENCAP_FOU = 1
@@ -49,7 +48,7 @@ ENCAP_FOU = 1
 @dataclass(frozen=True)
 class Plan:
     ops: tuple[Op, ...]
-    drain_deadlines: Mapping[str, float]
+    drain_deadlines: Mapping[Draining, float]
     draining: tuple[str, ...]
     """Human-readable ids of what is draining now, with its deadline."""
 
@@ -58,22 +57,16 @@ class Plan:
 class _Drains:
     """Deadlines being carried into the next pass; entries not touched this pass are forgotten."""
 
-    old: Mapping[str, float]
+    old: Mapping[Draining, float]
     now: float
     timeout: float
-    new: dict[str, float] = field(default_factory=dict)
+    new: dict[Draining, float] = field(default_factory=dict)
 
-    def expired(self, ident: str) -> bool:
+    def expired(self, ident: Draining) -> bool:
         """Note that `ident` is draining; True once its deadline has passed."""
         deadline = self.old.get(ident, self.now + self.timeout)
         self.new[ident] = deadline  # kept even when expired, in case the deletion fails and is retried
         return deadline <= self.now
-
-
-def _known_last_weight(key: VsKey, live: LiveRealServer, last_weights: Mapping[str, int]) -> int | None:
-    if live.weight > 0:
-        return live.weight
-    return last_weights.get(dest_id(key, live.address, live.port))
 
 
 def _reachable_by_edits(desired: RealServer, live_last: int | None) -> bool:
@@ -84,7 +77,7 @@ def _reachable_by_edits(desired: RealServer, live_last: int | None) -> bool:
     return True
 
 
-def _edits(key: VsKey, desired: RealServer, live: LiveRealServer, live_last: int | None) -> list[Op]:
+def _edits(key: ServiceKey, desired: RealServer, live: LiveRealServer, live_last: int | None) -> list[Op]:
     ops: list[Op] = []
     if desired.last_weight != live_last and desired.last_weight > 0:
         ops.append(SetDest(key, live.address, live.port, desired.last_weight))
@@ -95,7 +88,7 @@ def _edits(key: VsKey, desired: RealServer, live: LiveRealServer, live_last: int
     return ops
 
 
-def _adds(key: VsKey, desired: RealServer) -> list[Op]:
+def _adds(key: ServiceKey, desired: RealServer) -> list[Op]:
     ops: list[Op] = [AddDest(key, desired.address, desired.port, desired.last_weight)]
     if desired.weight != desired.last_weight:
         ops.append(SetDest(key, desired.address, desired.port, desired.weight))
@@ -117,10 +110,10 @@ def _kept_suffix(desired: tuple[RealServer, ...], candidates: list[LiveRealServe
 
 
 def plan_dests(
-    key: VsKey,
+    key: ServiceKey,
     desired: tuple[RealServer, ...],
     live: tuple[LiveRealServer, ...],
-    last_weights: Mapping[str, int],
+    last_weights: Mapping[DestKey, int],
     drains: _Drains,
 ) -> list[Op]:
     wanted = {rs.address: rs for rs in desired}
@@ -130,11 +123,11 @@ def plan_dests(
     for rs in live:
         target = wanted.get(rs.address)
         if target is not None and target.port == rs.port:
-            if _reachable_by_edits(target, _known_last_weight(key, rs, last_weights)):
+            if _reachable_by_edits(target, last_weight(key, rs, last_weights)):
                 candidates.append(rs)
             else:
                 deletes.append(DelDest(key, rs.address, rs.port))
-        elif drains.expired(dest_id(key, rs.address, rs.port)):
+        elif drains.expired(DestKey(key, rs.address, rs.port)):
             deletes.append(DelDest(key, rs.address, rs.port))
         elif rs.weight != 0:
             drain_edits.append(SetDest(key, rs.address, rs.port, 0))
@@ -143,7 +136,7 @@ def plan_dests(
     edits: list[Op] = []
     for rs in candidates:
         if rs.address in kept_addresses:
-            edits.extend(_edits(key, wanted[rs.address], rs, _known_last_weight(key, rs, last_weights)))
+            edits.extend(_edits(key, wanted[rs.address], rs, last_weight(key, rs, last_weights)))
         else:
             deletes.append(DelDest(key, rs.address, rs.port))
     adds = [op for rs in reversed(desired[: len(desired) - kept]) for op in _adds(key, rs)]
@@ -172,7 +165,7 @@ def _plan_services(
     for current in live:
         if current.key in wanted:
             continue
-        if drains.expired(vs_label(current.key)):
+        if drains.expired(current.key):
             last.append(DelService(current.key))
             continue
         vips_in_use.add(current.vip)
@@ -193,7 +186,7 @@ def _tunnel_matches(tunnel: Tunnel, link: LiveLink | None) -> bool:
 
 
 def _used_tunnels(
-    desired: DesiredState, live: LiveState, kept_services: set[VsKey], deleted: set[tuple[VsKey, str]]
+    desired: DesiredState, live: LiveState, kept_services: set[ServiceKey], deleted: set[tuple[ServiceKey, str]]
 ) -> tuple[Tunnel, ...]:
     """Tunnels of the desired state plus those still carrying draining real servers."""
     by_address = {t.tunnel_address: t for t in desired.tunnels}
@@ -213,8 +206,9 @@ def _used_tunnels(
     return desired.tunnels + tuple(extra[name] for name in sorted(extra))
 
 
-def _in_scope(ident: str, labels: set[str]) -> bool:
-    return ident.split(">", 1)[0] in labels
+def _by_text(item: tuple[Draining, float]) -> str:
+    """Drains are listed in the order of their text, as they always were (a service before its real servers)."""
+    return str(item[0])
 
 
 def plan_sysctls(desired: DesiredState, live: LiveState) -> list[Op]:
@@ -233,7 +227,7 @@ def plan_sync_daemons(desired: DesiredState, live: LiveState) -> list[Op]:
 
 
 def plan(desired: DesiredState, live: LiveState, memory: Memory, now: float, drain_timeout: float,
-         scope: frozenset[VsKey] | None = None, announce: Announcing | None = None) -> Plan:
+         scope: frozenset[ServiceKey] | None = None, announce: Announcing | None = None) -> Plan:
     """The operations from `live` to `desired`. With a `scope`, only those virtual services are planned
     (`live` needs to hold only them, with every link and route): the small pass that follows one catalog
     change. A scoped plan adds missing links and routes but never deletes any, since it cannot see what the
@@ -279,12 +273,11 @@ def plan(desired: DesiredState, live: LiveState, memory: Memory, now: float, dra
         tunnel_names = {t.name for t in tunnels}
         link_dels = [DelLink(link.name) for link in live.links if link.name not in tunnel_names]
     else:
-        labels = {vs_label(key) for key in scope}
-        deadlines.update((k, v) for k, v in memory.drain_deadlines.items() if not _in_scope(k, labels))
+        deadlines.update((k, v) for k, v in memory.drain_deadlines.items() if service_of(k) not in scope)
     withdraws, announces = announcement_ops(announce, live.announced) if announce else ([], [])
     filters = plan_filter(wanted_services, live.filter, kept_services, scope)
     ops = [*withdraws, *plan_sysctls(desired, live), *plan_sync_daemons(desired, live), *link_ops, *route_adds,
            *filters, *first, *dests, *last, *route_dels, *link_dels, *announces]
-    draining = tuple(f"{ident} until {deadline:.0f}" for ident, deadline in sorted(deadlines.items())
+    draining = tuple(f"{ident} until {deadline:.0f}" for ident, deadline in sorted(deadlines.items(), key=_by_text)
                      if deadline > now)
     return Plan(tuple(ops), deadlines, draining)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
-from bridge.core.addr import ipv4_int
+from bridge.core.addr import ascii_number, ipv4_int
 from bridge.core.allow import AllowList, PrefixError, collapse, parse_prefixes
 from bridge.core.config import KNOWN_FLAGS, Config
-from bridge.core.model import Instance, Protocol, Rejection
+from bridge.core.keys import Protocol, ServiceKey
+from bridge.core.model import Instance, Rejection
 
 MAX_WEIGHT = 65535
 KEYS = ("vip", "weight", "flags", "allow")
@@ -31,9 +33,10 @@ class Claim:
     protocol: Protocol
     tag: str
 
-    @property
-    def key(self) -> tuple[str, int, Protocol]:
-        return (self.vip, self.port, self.protocol)
+    @cached_property
+    def key(self) -> ServiceKey:
+        """Made once: a claim is cached per tag and its key asked for once per instance behind it."""
+        return ServiceKey(self.vip, self.port, self.protocol)
 
 
 class InstanceClaim(NamedTuple):
@@ -56,16 +59,6 @@ class TagError(ValueError):
         super().__init__(reason)
         self.tag = tag
         self.reason = reason
-
-
-def ascii_number(text: str, high: int) -> int | None:
-    """`text` as a number from 0 to `high` when it is nothing but ASCII digits, else None. `str.isdigit()`
-    alone accepts '²' and the digits of every script (which `int()` refuses or silently converts), and an
-    unbounded digit string makes `int()` raise past Python's 4,300-digit limit."""
-    if not text.isascii() or not text.isdigit() or len(text) > len(str(high)):
-        return None
-    value = int(text)
-    return value if value <= high else None
 
 
 def _port(tag: str, text: str) -> int:
@@ -190,7 +183,7 @@ class TagParser:
         if not claims:
             return None
         if len(claims) > 1:
-            claims = sorted({c.key: c for c in claims}.values(), key=lambda c: (ipv4_int(c.vip), c.port, c.protocol))
+            claims = sorted({c.key: c for c in claims}.values(), key=lambda c: c.key.listing_order())
         return (tuple(claims), 1 if weight is None else weight, self.default_flags if flags is None else flags,
                 self.config.default_allow if allowed is None else collapse(allowed))
 

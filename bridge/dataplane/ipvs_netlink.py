@@ -35,7 +35,10 @@ DAEMON_STATES = {"master": 1, "backup": 2}
 
 
 @dataclass(frozen=True)
-class ServiceKey:
+class WireKey:
+    """A service as the IPVS netlink API names it, the protocol as its IP protocol number (the agent's own
+    key is bridge.core.keys.WireKey)."""
+
     address: str
     port: int
     protocol: int
@@ -43,7 +46,7 @@ class ServiceKey:
 
 @dataclass(frozen=True)
 class ServiceRecord:
-    key: ServiceKey
+    key: WireKey
     scheduler: str
     flags: int
 
@@ -75,7 +78,7 @@ class Request:
     """One IPVS command: `service` always, `dest` for real-server commands."""
 
     cmd: int
-    service: ServiceKey
+    service: WireKey
     scheduler: str = "mh"
     flags: int = 0
     dest: tuple[str, int] | None = None
@@ -122,7 +125,7 @@ def _service_record(data: bytes) -> ServiceRecord | None:
     svc = _nested(data, ATTR_SERVICE)
     if struct.unpack("=H", svc[SVC_AF][:2])[0] != socket.AF_INET or SVC_ADDR not in svc:
         return None
-    key = ServiceKey(socket.inet_ntoa(svc[SVC_ADDR][:4]), struct.unpack("!H", svc[SVC_PORT][:2])[0],
+    key = WireKey(socket.inet_ntoa(svc[SVC_ADDR][:4]), struct.unpack("!H", svc[SVC_PORT][:2])[0],
                      struct.unpack("=H", svc[SVC_PROTOCOL][:2])[0])
     flags = struct.unpack("=II", svc[SVC_FLAGS][:8])[0] if SVC_FLAGS in svc else 0
     return ServiceRecord(key, svc.get(SVC_SCHED_NAME, b"").rstrip(b"\0").decode(), flags)
@@ -156,7 +159,7 @@ class IpvsNetlink:
                 found.append(record)
         return found
 
-    def service(self, key: ServiceKey) -> ServiceRecord | None:
+    def service(self, key: WireKey) -> ServiceRecord | None:
         """One service, or None when the kernel has no such service."""
         body = struct.pack("=BBH", CMD_GET_SERVICE, 1, 0) + _service_attrs(Request(CMD_GET_SERVICE, key))
         try:
@@ -167,7 +170,7 @@ class IpvsNetlink:
             raise
         return None if data is None else _service_record(data)
 
-    def dests(self, key: ServiceKey) -> list[DestRecord]:
+    def dests(self, key: WireKey) -> list[DestRecord]:
         """Real servers in kernel list order (the order ip_vs_mh fills its table in)."""
         body = struct.pack("=BBH", CMD_GET_DEST, 1, 0) + _service_attrs(Request(CMD_GET_DEST, key))
         found = []

@@ -21,6 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from bridge.core.addr import ipv4_int
 from bridge.core.config import Config
+from bridge.core.keys import Protocol, ServiceKey
 from bridge.core.live import LiveFilter, LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
 from bridge.core.ops import (
     AddDest,
@@ -40,7 +41,6 @@ from bridge.core.ops import (
     SetSysctl,
     StartSyncDaemon,
     StopSyncDaemon,
-    VsKey,
     Withdraw,
 )
 from bridge.dataplane.ipvs_netlink import (
@@ -52,14 +52,14 @@ from bridge.dataplane.ipvs_netlink import (
     CMD_SET_SERVICE,
     IpvsNetlink,
     Request,
-    ServiceKey,
     ServiceRecord,
+    WireKey,
 )
 from bridge.dataplane.netlink_batch import NLM_F_CREATE, NLM_F_EXCL, BatchSocket, attr, describe, u32
 from bridge.dataplane.nft import FilterError, Nft
 
 FLAG_BITS = {"mh-fallback": 0x0008, "mh-port": 0x0010}
-PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
+PROTOCOLS: dict[int, Protocol] = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
 PROTOCOL_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 TABLES = {"main": 254, "local": 255}
 TABLE_NAMES = {v: k for k, v in TABLES.items()}
@@ -96,7 +96,7 @@ class Kernel:
         self._ipvs: IpvsNetlink | None = None
         self._routes: BatchSocket | None = None
         self._nft: Nft | None = None
-        self.rule_handles: dict[VsKey, int] = {}
+        self.rule_handles: dict[ServiceKey, int] = {}
         """The handles of the filter rules the last nftables transaction added, by service."""
 
     def close(self) -> None:
@@ -131,23 +131,23 @@ class Kernel:
         except ValueError:
             return False
 
-    def read_services(self, scope: Iterable[VsKey] | None = None) -> tuple[LiveService, ...]:
+    def read_services(self, scope: Iterable[ServiceKey] | None = None) -> tuple[LiveService, ...]:
         """Every owned IPVS service, or only those of `scope` (one small request each, not a dump)."""
         if scope is None:
             records: Iterable[ServiceRecord | None] = self.ipvs.services()
         else:
-            records = [self.ipvs.service(ServiceKey(k[0], k[1], PROTOCOL_NUMBERS[k[2]])) for k in sorted(scope)]
+            records = [self.ipvs.service(_wire(k)) for k in sorted(scope)]
         services = []
         for record in records:
             protocol = PROTOCOLS.get(record.key.protocol) if record else None
             if record is None or protocol is None or not self._owned_vip(record.key.address):
                 continue
-            key: VsKey = (record.key.address, record.key.port, "udp" if protocol == "udp" else "tcp")
             dests = tuple(
                 LiveRealServer(d.address, d.port, d.weight, d.active_conns, d.inactive_conns, d.stats)
                 for d in self.ipvs.dests(record.key)
             )
-            services.append(LiveService(key[0], key[1], key[2], record.scheduler, _flag_names(record.flags), dests))
+            services.append(LiveService(record.key.address, record.key.port, protocol, record.scheduler,
+                                        _flag_names(record.flags), dests))
         return tuple(services)
 
     def _parse_links(self, link_msgs: list[Any]) -> tuple[LiveLink, ...]:
@@ -373,8 +373,12 @@ def _batch_kind(op: Op) -> str | None:
     return None
 
 
+def _wire(key: ServiceKey) -> WireKey:
+    return WireKey(key.vip, key.port, PROTOCOL_NUMBERS[key.protocol])
+
+
 def _ipvs_request(op: IpvsOp) -> Request:
-    key = ServiceKey(op.key[0], op.key[1], PROTOCOL_NUMBERS[op.key[2]])
+    key = _wire(op.key)
     if isinstance(op, AddService | SetService):
         cmd = CMD_NEW_SERVICE if isinstance(op, AddService) else CMD_SET_SERVICE
         return Request(cmd, key, op.scheduler, _flag_bits(op.flags))

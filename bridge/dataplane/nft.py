@@ -25,9 +25,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from bridge.core.addr import ipv4_int
-from bridge.core.filter import listing_order
+from bridge.core.keys import ServiceKey
 from bridge.core.live import LiveAllow, LiveFilter
-from bridge.core.ops import CreateFilter, FilterOp, VsKey, vs_label
+from bridge.core.ops import CreateFilter, FilterOp
 from bridge.dataplane.nft_netlink import NftSocket, TransactionError, messages
 
 FAMILY = "inet"
@@ -41,12 +41,12 @@ class FilterError(RuntimeError):
     """libnftables is missing, cannot list the table, or the kernel refused a transaction; the message says which."""
 
 
-def object_id(key: VsKey) -> str:
+def object_id(key: ServiceKey) -> str:
     """Reversible, and short enough for nftables' names (at most 255 bytes)."""
-    return f"{ipv4_int(key[0]):08x}_{key[2]}_{key[1]}"
+    return f"{ipv4_int(key.vip):08x}_{key.protocol}_{key.port}"
 
 
-def _key(object_id: str) -> VsKey | None:
+def _key(object_id: str) -> ServiceKey | None:
     vip, _, rest = object_id.partition("_")
     protocol, _, port = rest.partition("_")
     if len(vip) != 8 or protocol not in ("tcp", "udp") or not port.isdigit():
@@ -55,7 +55,7 @@ def _key(object_id: str) -> VsKey | None:
         address = str(ipaddress.IPv4Address(int(vip, 16)))
     except ValueError:
         return None
-    return (address, int(port), "udp" if protocol == "udp" else "tcp")
+    return ServiceKey(address, int(port), "udp" if protocol == "udp" else "tcp")
 
 
 def _prefixes(elements: Iterable[Any]) -> tuple[str, ...]:
@@ -77,9 +77,9 @@ def parse_table(listing: Iterable[dict[str, Any]]) -> LiveFilter:
     """`list table inet maglev_bridge` (JSON objects) as plain data. Rules are the agent's when their comment
     is; sets and counters when their names are."""
     table = chain = False
-    sets: dict[VsKey, tuple[str, ...]] = {}
-    counters: dict[VsKey, int] = {}
-    rules: dict[VsKey, int] = {}
+    sets: dict[ServiceKey, tuple[str, ...]] = {}
+    counters: dict[ServiceKey, int] = {}
+    rules: dict[ServiceKey, int] = {}
     for item in listing:
         if "table" in item:
             table = True
@@ -93,21 +93,19 @@ def parse_table(listing: Iterable[dict[str, Any]]) -> LiveFilter:
             key = _comment_key(str(item["rule"].get("comment", "")))
             if key is not None:
                 rules[key] = int(item["rule"]["handle"])
-    keys = sorted(sets.keys() | rules.keys() | counters.keys(), key=listing_order)
+    keys = sorted(sets.keys() | rules.keys() | counters.keys(), key=ServiceKey.listing_order)
     allows = tuple(LiveAllow(key, sets.get(key), rules.get(key), key in counters, counters.get(key, 0))
                    for key in keys)
     return LiveFilter(table and chain, allows)
 
 
-def _comment_key(comment: str) -> VsKey | None:
+def _comment_key(comment: str) -> ServiceKey | None:
     """`maglev-bridge 198.51.100.10:80/tcp` -> that key; None for any other comment."""
     prefix = COMMENT + " "
-    address, _, rest = comment.removeprefix(prefix).partition(":")
-    port, _, protocol = rest.partition("/")
-    if not comment.startswith(prefix) or protocol not in ("tcp", "udp") or not port.isdigit():
+    if not comment.startswith(prefix):
         return None
     try:
-        return _key(object_id((address, int(port), "udp" if protocol == "udp" else "tcp")))
+        return ServiceKey.parse(comment.removeprefix(prefix))
     except ValueError:
         return None
 
@@ -141,12 +139,12 @@ class Nft:
             raise FilterError(" ".join(str(error).split()) or f"libnftables returned {rc}")
         return parse_table(output.get("nftables", ()) if isinstance(output, dict) else ())
 
-    def transaction(self, ops: Iterable[FilterOp]) -> dict[VsKey, int]:
+    def transaction(self, ops: Iterable[FilterOp]) -> dict[ServiceKey, int]:
         """Every operation in one kernel transaction: all of them take effect, or none (FilterError naming
         the operation the kernel refused). Returns the handle of each rule it added, by service."""
         requests, owners = [], []
         for op in ops:
-            ident, label = ("", "") if isinstance(op, CreateFilter) else (object_id(op.key), vs_label(op.key))
+            ident, label = ("", "") if isinstance(op, CreateFilter) else (object_id(op.key), str(op.key))
             for request in messages(op, TABLE, CHAIN, COMMENT, ident, label):
                 requests.append(request)
                 owners.append(op)

@@ -28,7 +28,8 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter, FilterOp, VsKey
+from bridge.core.keys import ServiceKey
+from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter, FilterOp
 from bridge.dataplane.netlink_batch import NLM_F_CREATE, NLM_F_REQUEST, NLMSG_ERROR, attr, describe, parse_attrs
 
 NFNL_SUBSYS_NFTABLES = 10
@@ -99,12 +100,13 @@ _L4PROTO = {name: _meta(16) + _equal(bytes([number])) for name, number in PROTOC
 _DROP = _expr("immediate", _be32(1, NFT_REG_VERDICT), _nest(2, _nest(2, _be32(1, NF_DROP))))  # DATA{VERDICT{CODE}}
 
 
-def rule_expressions(key: VsKey, ident: str) -> bytes:
+def rule_expressions(key: ServiceKey, ident: str) -> bytes:
     """`meta nfproto ipv4 ip daddr VIP meta l4proto P P dport PORT ip saddr != @allow_ID counter name
     drop_ID drop`, the expressions libnftables generates for that rule in an inet table (the fixed ones
     encoded once)."""
     return b"".join((
-        _IPV4, _DADDR, _equal(socket.inet_aton(key[0])), _L4PROTO[key[2]], _DPORT, _equal(struct.pack("!H", key[1])),
+        _IPV4, _DADDR, _equal(socket.inet_aton(key.vip)),
+        _L4PROTO[key.protocol], _DPORT, _equal(struct.pack("!H", key.port)),
         _SADDR, _expr("lookup", _string(1, f"allow_{ident}"), _be32(2, NFT_REG_1), _be32(5, 1)),  # SET, SREG, F_INV
         _expr("objref", _be32(1, NFT_OBJECT_COUNTER), _string(2, f"drop_{ident}")),  # IMM_TYPE, IMM_NAME
         _DROP,

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from bridge.core.addr import ipv4_int
 from bridge.core.filter import applied
+from bridge.core.keys import ServiceKey
 from bridge.core.live import LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
 from bridge.core.model import SyncDaemon
 from bridge.core.ops import (
@@ -36,7 +37,6 @@ from bridge.core.ops import (
     SetSysctl,
     StartSyncDaemon,
     StopSyncDaemon,
-    VsKey,
     Withdraw,
     changes_network,
 )
@@ -47,7 +47,7 @@ class ShadowKernel:
 
     def __init__(self, seed: LiveState | None = None) -> None:
         seed = seed or LiveState()
-        self.services: dict[VsKey, LiveService] = {s.key: s for s in seed.services}
+        self.services: dict[ServiceKey, LiveService] = {s.key: s for s in seed.services}
         self.links: dict[str, LiveLink] = {link.name: link for link in seed.links}
         self.routes: set[LiveRoute] = set(seed.routes)
         self.sysctls: dict[str, int | None] = dict(seed.sysctls)
@@ -78,7 +78,7 @@ class ShadowKernel:
             old = self.services.get(op.key)
             if (old is None) != isinstance(op, AddService):
                 return "EEXIST" if old else "ESRCH"
-            self.services[op.key] = LiveService(op.key[0], op.key[1], op.key[2], op.scheduler, op.flags,
+            self.services[op.key] = LiveService(*op.key, op.scheduler, op.flags,
                                                 old.real_servers if old else ())
         elif isinstance(op, DelService):
             return None if self.services.pop(op.key, None) else "ESRCH"

@@ -17,13 +17,17 @@ import fcntl
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from bridge.core.memory import Memory
+from bridge.core.keys import DestKey
+from bridge.core.memory import Memory, parse_draining
+
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,17 @@ def read_state(path: str | Path) -> Stored:
     except msgspec.DecodeError as exc:
         what = "is empty" if not data.strip() else f"is not a state file ({exc})"
         raise StateFileError(f"{what} ({len(data)} bytes)") from None
-    return Stored(Memory(drain_deadlines=raw.drain_deadlines, last_weights=raw.last_weights), raw.report)
+    return Stored(_memory(raw), raw.report)
+
+
+def _memory(raw: _StateFile) -> Memory:
+    """The file's text keys as the typed keys the agent works with (the file's format stays as it was: the
+    keys' own text forms). A key that is not one is a file that does not have the expected shape."""
+    try:
+        return Memory(drain_deadlines={parse_draining(k): v for k, v in raw.drain_deadlines.items()},
+                      last_weights={DestKey.parse(k): v for k, v in raw.last_weights.items()})
+    except ValueError as exc:
+        raise StateFileError(f"has a key that is not one the agent writes: {exc}") from None
 
 
 def load_state(path: str | Path) -> Stored:
@@ -104,10 +118,27 @@ def save_state(path: str | Path, stored: Stored) -> None:
     """Atomic and durable (`write_durably`). Raises OSError (read-only or full disk, directory gone); the
     caller retries."""
     write_durably(path, msgspec.json.encode({
-        "drain_deadlines": dict(stored.memory.drain_deadlines),
-        "last_weights": dict(stored.memory.last_weights),
+        "drain_deadlines": _as_text("drain_deadlines", stored.memory.drain_deadlines),
+        "last_weights": _as_text("last_weights", stored.memory.last_weights),
         "report": stored.report,
     }, order="sorted"), prefix=".state-")
+
+
+_written: dict[str, tuple[Mapping[Any, Any], dict[str, Any]]] = {}
+"""Per field, the last mapping written and its text-keyed copy."""
+
+
+def _as_text(name: str, values: Mapping[Any, V]) -> dict[str, V]:
+    """`values` keyed by the keys' text, as the file holds them. The agent writes the file after every pass
+    that changed something, with every remembered weight, but most passes leave that mapping as it was
+    (`remember` then returns the very same object): its keys are not formatted again. Formatting them costs
+    ~0.4 us a key, four times what encoding and sorting the file costs (40,000 keys: 21 ms against 5 ms)."""
+    last = _written.get(name)
+    if last is not None and last[0] is values:
+        return last[1]
+    texts = {str(key): value for key, value in values.items()}
+    _written[name] = (values, texts)
+    return texts
 
 
 def write_durably(path: str | Path, data: bytes, *, prefix: str) -> None:

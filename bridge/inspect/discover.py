@@ -16,7 +16,7 @@ import dns.query
 import dns.rdatatype
 
 from bridge.core.config import Config, ConfigError
-from bridge.inspect.text import maintenance_text
+from bridge.inspect.text import maintenance_text, service_label
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def discover(config: Config, datacenter: str | None = None) -> Discovery:
         director = fetch_status(address, port)
         found.directors.append(director)
         for vs in (director.status or {}).get("virtual_services", []):
-            found.fingerprints[f"{vs['vip']}:{vs['port']}/{vs['protocol']}"][director.label] = vs["fingerprint"]
+            found.fingerprints[service_label(vs)][director.label] = vs["fingerprint"]
     return found
 
 
@@ -102,7 +102,7 @@ def discovery_text(found: Discovery) -> str:
         if not services:
             lines.append(f"{who} (none)")
         for vs in services:
-            key = f"{vs['vip']}:{vs['port']}/{vs['protocol']}"
+            key = service_label(vs)
             agrees = "NO: tables differ" if key in bad else "yes"
             lines.append(f"{who} {key:<24} {len(vs['real_servers']):>4} {vs['fingerprint'] or '-':<17} {agrees}")
     lines.extend(f"maintenance: {line}" for line in maintained)

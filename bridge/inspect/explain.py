@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from bridge.core.addr import ipv4_int
 from bridge.core.allow import AllowList, admits, describe
+from bridge.core.keys import ServiceKey
 from bridge.core.maglev import Choice, Dest, MaglevTable, address_key, build_table, fingerprint, lookup, shares
 
 
@@ -35,17 +36,12 @@ class ServiceView:
     service: str = ""
 
 
-def parse_service(text: str) -> tuple[str, int, str]:
-    rest, _, proto = text.partition("/")
-    proto = proto or "tcp"
-    host, colon, port = rest.rpartition(":")
-    if not colon or not port.isdigit() or proto not in ("tcp", "udp"):
-        raise ExplainError(f"{text!r}: expected <vip>:<port>[/tcp|/udp]")
+def parse_service(text: str) -> ServiceKey:
+    """The virtual service `explain` is asked about; the protocol may be left out (tcp)."""
     try:
-        ipv4_int(host)
-    except ValueError:
-        raise ExplainError(f"{text!r}: {host!r} is not an IPv4 address") from None
-    return host, int(port), proto
+        return ServiceKey.parse(text, default_protocol="tcp")
+    except ValueError as exc:
+        raise ExplainError(str(exc)) from None
 
 
 def parse_client(text: str) -> tuple[str, int]:

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -37,8 +37,9 @@ from prometheus_client.utils import floatToGoString
 from pyroute2.netlink.exceptions import NetlinkError
 
 from bridge.core.config import Config
+from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.live import LiveFilter, LiveService, LiveState
-from bridge.core.memory import Memory, dest_id
+from bridge.core.memory import Draining, Memory
 from bridge.core.model import DesiredState, Rejection
 from bridge.core.tags import KEYS
 from bridge.dataplane.kernel import ApplyError, Kernel
@@ -318,8 +319,8 @@ def _bird_metrics(sessions: Sessions | None) -> Iterator[Metric]:
     yield bfd
 
 
-def _vs_labels(service: LiveService) -> list[str]:
-    return [service.vip, str(service.port), service.protocol]
+def _vs_labels(key: ServiceKey) -> list[str]:
+    return [key.vip, str(key.port), key.protocol]
 
 
 def filter_metrics(table: LiveFilter | None) -> Iterator[Metric]:
@@ -330,11 +331,11 @@ def filter_metrics(table: LiveFilter | None) -> Iterator[Metric]:
                                 "allow list (maglev.allow)", labels=VS_LABELS)
     for entry in table.allows if table else ():
         if entry.counter:
-            drops.add_metric([entry.key[0], str(entry.key[1]), entry.key[2]], entry.drops)
+            drops.add_metric(_vs_labels(entry.key), entry.drops)
     yield drops
 
 
-def _service_metrics(services: tuple[LiveService, ...], last_weights: dict[str, int], size: int,
+def _service_metrics(services: tuple[LiveService, ...], last_weights: Mapping[DestKey, int], size: int,
                      desired: DesiredState | None) -> Iterator[Metric]:
     names = {vs.key: vs.service for vs in desired.virtual_services} if desired else {}
     info = InfoMetricFamily(f"{NAMESPACE}_virtual_service",
@@ -343,9 +344,9 @@ def _service_metrics(services: tuple[LiveService, ...], last_weights: dict[str, 
                             labels=VS_LABELS)
     prints = service_fingerprints(services, last_weights, size)
     for service in services:
-        info.add_metric(_vs_labels(service), {
+        info.add_metric(_vs_labels(service.key), {
             "service": names.get(service.key, ""), "scheduler": service.scheduler,
-            "fingerprint": prints[f"{service.vip}:{service.port}/{service.protocol}"],
+            "fingerprint": prints[service.key],
         })
     yield info
 
@@ -369,7 +370,18 @@ def _family(name: str, kind: str, doc: str, lines: list[str]) -> str:
     return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n" + "".join(lines)
 
 
-def backend_text(services: tuple[LiveService, ...], desired: DesiredState | None, deadlines: Any) -> str:
+def _dest_deadlines(deadlines: Mapping[Draining, float]) -> dict[ServiceKey, dict[tuple[str, int], float]]:
+    """The real servers' drain deadlines per virtual service, so that a scrape makes no DestKey per real
+    server (most have no deadline)."""
+    found: dict[ServiceKey, dict[tuple[str, int], float]] = {}
+    for key, deadline in deadlines.items():
+        if isinstance(key, DestKey):
+            found.setdefault(key.service, {})[(key.address, key.port)] = deadline
+    return found
+
+
+def backend_text(services: tuple[LiveService, ...], desired: DesiredState | None,
+                 deadlines: Mapping[Draining, float]) -> str:
     """The dense per-real-server families (9-10 samples per real server) in the text format, written here
     rather than by prometheus_client, byte for byte what generate_latest writes for the same families.
 
@@ -383,22 +395,26 @@ def backend_text(services: tuple[LiveService, ...], desired: DesiredState | None
     tests/test_metrics.py proves the output identical to prometheus_client's for randomized tables with
     awkward label values; everything else in /metrics (small families, the pass histograms) stays
     prometheus_client's."""
-    wanted = {(vs.key, rs.address, rs.port): rs.weight for vs in (desired.virtual_services if desired else ())
-              for rs in vs.real_servers}
+    wanted: dict[ServiceKey, dict[tuple[str, int], int]] = {}
+    for virtual in desired.virtual_services if desired else ():
+        wanted.setdefault(virtual.key, {}).update({(rs.address, rs.port): rs.weight for rs in virtual.real_servers})
+    drain_at = _dest_deadlines(deadlines)
     labels: list[str] = []
     rows: list[tuple[int, ...]] = []
     drains: list[str] = []
     for service in services:
         vs = (f'{{local_address="{_escape(service.vip)}",local_port="{service.port}",'
               f'proto="{_escape(service.protocol)}",remote_address="')
+        targets = wanted.get(service.key, {})
+        drain_here = drain_at.get(service.key)
         for rs in service.real_servers:
             label = f'{vs}{_escape(rs.address)}",remote_port="{rs.port}"}} '
             labels.append(label)
             stats = rs.stats
-            rows.append((rs.active_conns, rs.inactive_conns, rs.weight,
-                         wanted.get((service.key, rs.address, rs.port), 0), stats.connections, stats.packets_in,
-                         stats.packets_out, stats.bytes_in, stats.bytes_out))
-            deadline = deadlines.get(dest_id(service.key, rs.address, rs.port))
+            dest = (rs.address, rs.port)
+            rows.append((rs.active_conns, rs.inactive_conns, rs.weight, targets.get(dest, 0), stats.connections,
+                         stats.packets_in, stats.packets_out, stats.bytes_in, stats.bytes_out))
+            deadline = drain_here.get(dest) if drain_here else None
             if deadline is not None:
                 drains.append(f"{BACKEND_PREFIX}drain_deadline_timestamp_seconds{label}{_sample_value(deadline)}\n")
     columns = list(zip(*rows, strict=True)) or [()] * len(BACKEND_FAMILIES)

@@ -3,13 +3,15 @@ the last pass's report from the state file."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
 from bridge.core.config import Config
+from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.live import LiveService
 from bridge.core.maglev import Dest, build_table, fingerprint
-from bridge.core.memory import dest_id
+from bridge.core.memory import last_weight
 from bridge.dataplane.kernel import ApplyError, open_kernel
 from bridge.files.maintenance import maintenance_json, read_maintenance
 from bridge.files.store import load_state
@@ -17,13 +19,13 @@ from bridge.inspect.explain import ExplainError, ServiceView
 from bridge.inspect.text import status_json
 
 
-def live_dests(service: LiveService, last_weights: dict[str, int]) -> tuple[tuple[Dest, ...], tuple[str, ...]]:
+def live_dests(service: LiveService, last_weights: Mapping[DestKey, int]) -> tuple[tuple[Dest, ...], tuple[str, ...]]:
     """The kernel's dests as the model needs them, and the real servers whose remembered weight had to
     be assumed (the kernel never reports last_weight, and this agent has no memory of it)."""
     assumed = []
     dests = []
     for rs in service.real_servers:
-        last = rs.weight or last_weights.get(dest_id(service.key, rs.address, rs.port))
+        last = last_weight(service.key, rs, last_weights)
         if last is None:
             assumed.append(f"{rs.address}:{rs.port}")
             last = 0
@@ -31,19 +33,19 @@ def live_dests(service: LiveService, last_weights: dict[str, int]) -> tuple[tupl
     return tuple(dests), tuple(assumed)
 
 
-def live_view(config: Config, key: tuple[str, int, str]) -> ServiceView:
+def live_view(config: Config, key: ServiceKey) -> ServiceView:
     """One live virtual service, with each real server traced through its route and tunnel to its backend."""
     stored = load_state(config.state_file)
     with open_kernel(config) as kernel:
         live = kernel.read()
     service = next((s for s in live.services if s.key == key), None)
     if service is None:
-        raise ExplainError(f"{key[0]}:{key[1]}/{key[2]}: no such virtual service owned by this agent in the kernel")
+        raise ExplainError(f"{key}: no such virtual service owned by this agent in the kernel")
     remotes = {link.name: link.remote for link in live.links}
     backends = {r.dst: remotes[r.dev] or "" for r in live.routes if r.table == "main" and r.dev in remotes}
-    dests, assumed = live_dests(service, dict(stored.memory.last_weights))
+    dests, assumed = live_dests(service, stored.memory.last_weights)
     entry = next((e for e in live.filter.allows if e.key == key), None)
-    return ServiceView(f"{key[0]}:{key[1]}/{key[2]}", service.flags, dests, backends, assumed,
+    return ServiceView(key.text, service.flags, dests, backends, assumed,
                        allow=entry.prefixes if entry else None)
 
 
@@ -54,14 +56,13 @@ def table_fingerprint(dests: tuple[Dest, ...], size: int) -> str:
     return fingerprint(build_table(dests, size))
 
 
-def service_fingerprints(services: tuple[LiveService, ...], last_weights: dict[str, int], size: int) -> dict[str, str]:
+def service_fingerprints(services: tuple[LiveService, ...], last_weights: Mapping[DestKey, int],
+                         size: int) -> dict[ServiceKey, str]:
     """A '?' marks a fingerprint that rests on an assumed remembered weight."""
     prints = {}
     for service in services:
         dests, assumed = live_dests(service, last_weights)
-        prints[f"{service.vip}:{service.port}/{service.protocol}"] = table_fingerprint(dests, size) + (
-            "?" if assumed else ""
-        )
+        prints[service.key] = table_fingerprint(dests, size) + ("?" if assumed else "")
     return prints
 
 
@@ -74,7 +75,7 @@ def read_status(config: Config) -> dict[str, Any]:
         except ApplyError as exc:
             live = kernel.read(services=False)
             kernel_note = str(exc)
-    prints = service_fingerprints(live.services, dict(stored.memory.last_weights), config.mh_table_size)
+    prints = service_fingerprints(live.services, stored.memory.last_weights, config.mh_table_size)
     data = status_json(live, stored.report, prints)
     data["kernel_note"] = kernel_note
     if config.bgp is not None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
 from bridge.core.allow import describe as describe_allow
+from bridge.core.keys import ServiceKey
 from bridge.core.live import LiveState
 from bridge.core.model import DesiredState, Rejection
 from bridge.core.outcome import PassOutcome
@@ -58,7 +59,7 @@ def rejections_text(rejected: Sequence[Rejection] | Sequence[dict[str, Any]]) ->
 def desired_text(desired: DesiredState) -> str:
     lines = []
     for vs in desired.virtual_services:
-        lines.append(f"{vs.vip}:{vs.port}/{vs.protocol}  service {printable(vs.service)}  scheduler {vs.scheduler}"
+        lines.append(f"{vs.key}  service {printable(vs.service)}  scheduler {vs.scheduler}"
                      f"  flags {','.join(vs.flags) or '-'}  allow {describe_allow(vs.allow)}")
         for rs in vs.real_servers:
             note = "" if rs.weight == rs.last_weight else f" (remembers {rs.last_weight})"
@@ -92,12 +93,12 @@ def outcome_text(outcome: PassOutcome) -> str:
     return "\n".join(lines)
 
 
-def status_json(live: LiveState, report: dict[str, Any], fingerprints: dict[str, str]) -> dict[str, Any]:
+def status_json(live: LiveState, report: dict[str, Any], fingerprints: Mapping[ServiceKey, str]) -> dict[str, Any]:
     return {
         "virtual_services": [
             {
                 "vip": s.vip, "port": s.port, "protocol": s.protocol, "scheduler": s.scheduler,
-                "flags": list(s.flags), "fingerprint": fingerprints.get(f"{s.vip}:{s.port}/{s.protocol}"),
+                "flags": list(s.flags), "fingerprint": fingerprints.get(s.key),
                 "real_servers": [asdict(rs) for rs in s.real_servers],
             }
             for s in live.services
@@ -108,17 +109,22 @@ def status_json(live: LiveState, report: dict[str, Any], fingerprints: dict[str,
         "announced": list(live.announced),
         "sync_daemons": [asdict(d) for d in live.sync_daemons],
         "filter": {"table": live.filter.table, "allows": [
-            {"vip": e.key[0], "port": e.key[1], "protocol": e.key[2],
+            {"vip": e.key.vip, "port": e.key.port, "protocol": e.key.protocol,
              "prefixes": None if e.prefixes is None else list(e.prefixes), "drops": e.drops, "whole": e.whole}
             for e in live.filter.allows]},
         "last_pass": report,
     }
 
 
+def service_label(found: dict[str, Any]) -> str:
+    """A virtual service of a /status answer (this agent's or another director's) as its key's text."""
+    return ServiceKey(found["vip"], found["port"], found["protocol"]).text
+
+
 def status_text(data: dict[str, Any]) -> str:
     lines = [f"{'VIRTUAL SERVICE':<26} {'SCHED':<6} {'FLAGS':<20} {'TABLE':<17} REAL SERVERS (kernel list order)"]
     for s in data["virtual_services"]:
-        label = f"{s['vip']}:{s['port']}/{s['protocol']}"
+        label = service_label(s)
         flags = ",".join(s["flags"]) or "-"
         lines.append(f"{label:<26} {s['scheduler']:<6} {flags:<20} {s['fingerprint'] or '-':<17} "
                      f"{len(s['real_servers'])}")
@@ -168,7 +174,8 @@ def _director_text(data: dict[str, Any]) -> list[str]:
                      "service accepts everyone")
     for e in table["allows"]:
         broken = "" if e["whole"] else "  (incomplete: the next pass rebuilds it)"
-        lines.append(f"  {e['vip']}:{e['port']}/{e['protocol']:<5} allow {','.join(e['prefixes'] or []) or '-'}"
+        pad = " " * (5 - len(e["protocol"]))  # as it always was: the protocol padded to 5
+        lines.append(f"  {service_label(e)}{pad} allow {','.join(e['prefixes'] or []) or '-'}"
                      f"  dropped {e['drops']} packet(s){broken}")
     return lines
 

@@ -186,11 +186,12 @@ def test_the_agent_writes_the_table_element_for_element_as_nft_would(netns):
     libnftables: the kernel must hold what `nft -f` of the table's own listing holds, expressions, element
     flags and comments included (`nft --debug=netlink list` prints the kernel's objects; only the rule
     handles, which number objects in creation order, may differ)."""
+    from bridge.core.keys import ServiceKey
     from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter
     from bridge.dataplane.nft import Nft
 
     ns = netns("nft")
-    web, dns = (vip(1), 80, "tcp"), (vip(2), 53, "udp")
+    web, dns = ServiceKey(vip(1), 80, "tcp"), ServiceKey(vip(2), 53, "udp")
     with ns.entered():
         nft = Nft()
         try:
@@ -251,13 +252,14 @@ def test_a_running_agent_keeps_its_copy_of_the_table_as_a_listing_would_show_it(
     listing says, and a removal later sent with a handle from it must work."""
     from dataclasses import replace
 
+    from bridge.core.keys import ServiceKey
     from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter, DelAllow
     from bridge.dataplane.kernel import Kernel
     from bridge.dataplane.view import KernelView
     from tests.test_diff import CONFIG
 
     ns = netns("view")
-    web, dns = (vip(1), 80, "tcp"), (vip(2), 53, "udp")
+    web, dns = ServiceKey(vip(1), 80, "tcp"), ServiceKey(vip(2), 53, "udp")
     with ns.entered():
         kernel = Kernel(replace(CONFIG, role="director"))
         try:

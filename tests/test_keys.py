@@ -1,0 +1,67 @@
+"""Typed keys: each is the one place its text form is written and read back."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.core.keys import DestKey, ServiceKey
+
+addresses = st.ip_addresses(v=4).map(str)
+ports = st.integers(1, 65535)
+services = st.builds(ServiceKey, addresses, ports, st.sampled_from(["tcp", "udp"]))
+dests = st.builds(DestKey, services, addresses, ports)
+
+
+def test_keys_print_as_every_output_always_wrote_them():
+    key = ServiceKey("198.51.100.10", 80, "tcp")
+    assert (str(key), key.text, f"{key}") == ("198.51.100.10:80/tcp",) * 3
+    dest = DestKey(key, "203.0.113.11", 8080)
+    assert (str(dest), dest.text) == ("198.51.100.10:80/tcp>203.0.113.11:8080",) * 2
+
+
+@given(services)
+def test_a_service_key_reads_back_from_its_text(key):
+    assert ServiceKey.parse(key.text) == key
+
+
+@given(dests)
+def test_a_real_server_key_reads_back_from_its_text(key):
+    assert DestKey.parse(key.text) == key
+
+
+@given(st.lists(services))
+def test_keys_sort_as_the_tuples_they_replaced_and_list_by_numeric_vip(keys):
+    assert sorted(keys) == sorted(keys, key=tuple)
+    assert sorted(keys, key=ServiceKey.listing_order) == sorted(
+        keys, key=lambda k: (tuple(int(b) for b in k.vip.split(".")), k.port, k.protocol))
+
+
+SERVICE_FORM = "<ipv4>:<port>/<tcp|udp>"
+DEST_FORM = "<ipv4>:<port>/<tcp|udp>><ipv4>:<port>"
+
+
+@pytest.mark.parametrize(("parse", "text", "expected", "form"), [
+    (ServiceKey.parse, "198.51.100.10:80", "no protocol after '198.51.100.10:80'", SERVICE_FORM),
+    (ServiceKey.parse, "198.51.100.10/tcp", "no port after '198.51.100.10'", SERVICE_FORM),
+    (ServiceKey.parse, "198.51.100.300:80/tcp", "'198.51.100.300' is not an IPv4 address", SERVICE_FORM),
+    (ServiceKey.parse, "198.51.100.10:0/tcp", "port '0' is not a number from 1 to 65535", SERVICE_FORM),
+    (ServiceKey.parse, "198.51.100.10:\uff18\uff10/tcp", "port '\uff18\uff10' is not a number from 1 to 65535",
+     SERVICE_FORM),
+    (ServiceKey.parse, "198.51.100.10:80/sctp", "protocol 'sctp' is not tcp or udp", SERVICE_FORM),
+    (DestKey.parse, "198.51.100.10:80/tcp 203.0.113.11:80", "no '>' between virtual service and real server",
+     DEST_FORM),
+    (DestKey.parse, "198.51.100.10:80>203.0.113.11:80", "no protocol after '198.51.100.10:80'", DEST_FORM),
+    (DestKey.parse, "198.51.100.10:80/tcp>203.0.113.11", "no port after '203.0.113.11'", DEST_FORM),
+    (DestKey.parse, "198.51.100.10:80/tcp>host:80", "'host' is not an IPv4 address", DEST_FORM),
+])
+def test_a_key_that_does_not_parse_names_the_whole_text_what_is_wrong_and_what_was_expected(parse, text, expected,
+                                                                                             form):
+    with pytest.raises(ValueError) as raised:
+        parse(text)
+    assert str(raised.value) == f"{text!r}: {expected}; expected {form}"
+
+
+def test_explain_may_leave_the_protocol_out():
+    assert ServiceKey.parse("198.51.100.10:53", default_protocol="udp") == ServiceKey("198.51.100.10", 53, "udp")
