@@ -23,9 +23,10 @@ import pytest
 import yaml
 
 from bridge.files.maintenance import Maintenance, write_maintenance
-from tests.consul.helpers import deregister, eventually, register
-from tests.real.consul_agent import ConsulAgent, free_port
-from tests.real.prometheus import Prometheus
+from tests.consul.helpers import deregister, register
+from tests.harness.consul_agent import ConsulAgent, free_port
+from tests.harness.prometheus import Prometheus
+from tests.harness.wait import wait_until
 from tests.test_agent_passes import Catalog, shadow_agent, web
 
 pytestmark = pytest.mark.consul
@@ -152,37 +153,37 @@ def test_prometheus_finds_the_agents_in_consul_and_alerts_while_directors_disagr
         consul_agent: ConsulAgent, prometheus_binary: str, agents: Path, tmp_path: Path) -> None:
     rules = {"alerts.yml": immediate_alerts()}
     with Prometheus(prometheus_binary, prometheus_config(consul_agent), rules) as prometheus:
-        targets = eventually(lambda: {(s["metric"]["node"], s["metric"]["role"]) for s in
+        targets = wait_until(lambda: {(s["metric"]["node"], s["metric"]["role"]) for s in
                                       prometheus.query('up{job="maglev-bridge"} == 1')} == {
             ("dir-a", "director"), ("dir-b", "director")}, timeout=120)
         assert targets
         same = 'count by (fingerprint) (maglev_bridge_virtual_service_info{local_address="198.51.100.10"})'
-        eventually(lambda: [int(s["value"][1]) for s in prometheus.query(same)] == [2], timeout=120)
+        wait_until(lambda: [int(s["value"][1]) for s in prometheus.query(same)] == [2], timeout=120)
         assert not firing(prometheus, "MaglevDirectorsDisagree")
 
         write_catalog(agents, consul_agent, swap_order=True)
-        alerts = eventually(lambda: firing(prometheus, "MaglevDirectorsDisagree"), timeout=120)
+        alerts = wait_until(lambda: firing(prometheus, "MaglevDirectorsDisagree"), timeout=120)
         assert [(a["local_address"], a["local_port"], a["proto"]) for a in alerts] == [("198.51.100.10", "80", "tcp")]
 
         write_catalog(agents, consul_agent)
-        eventually(lambda: not firing(prometheus, "MaglevDirectorsDisagree")
+        wait_until(lambda: not firing(prometheus, "MaglevDirectorsDisagree")
                    and [int(s["value"][1]) for s in prometheus.query(same)] == [2], timeout=120)
 
         # a drain on both directors, so the drain panels have something to show
         deregister(consul_agent, "web", "b3")
         write_catalog(agents, consul_agent)
-        eventually(lambda: len(prometheus.query("maglev_bridge_ipvs_backend_drain_deadline_timestamp_seconds")) == 2,
+        wait_until(lambda: len(prometheus.query("maglev_bridge_ipvs_backend_drain_deadline_timestamp_seconds")) == 2,
                    timeout=120)
         assert not firing(prometheus, "MaglevDirectorsDisagree"), "both directors drain the same real server"
 
         def empty() -> list[str]:
             return [expr for expr in dashboard_exprs() if not prometheus.query(expr)]
 
-        eventually(lambda: empty() == [], timeout=120)
+        wait_until(lambda: empty() == [], timeout=120)
         assert not firing(prometheus, "MaglevMaintenanceForgotten")
         # dir-a put in maintenance five hours ago and forgotten there
         write_maintenance(tmp_path / "dir-a.maintenance", Maintenance("kernel upgrade", time.time() - 5 * 3600, "ops"))
-        forgotten = eventually(lambda: firing(prometheus, "MaglevMaintenanceForgotten"), timeout=120)
+        forgotten = wait_until(lambda: firing(prometheus, "MaglevMaintenanceForgotten"), timeout=120)
         assert [a["node"] for a in forgotten] == ["dir-a"]
         for rule in alert_rules():
             for name in set(re.findall(r"\b(?:maglev_bridge_\w+|up)\b", rule["expr"])):

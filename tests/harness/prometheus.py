@@ -13,7 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from .consul_agent import LOOPBACK, free_port, http_json
+from tests.harness.consul_agent import LOOPBACK, free_port, http_json
 
 
 class Prometheus:
