@@ -7,7 +7,7 @@ changes, health flaps) is fed to three directors with different timing: one sees
 at the end, one is down for a stretch in the middle and restarted (keeping its kernel; in a second variant
 it also loses its state file).  Each runs either the agent's planner (`compute_desired` + `plan`) or a
 naive strategy (add real servers in catalog order, critical ones at weight 0, edit weights in place,
-delete on deregistration, no order rule), on a simulated kernel list (tests/fake_kernel.py).  Each
+delete on deregistration, no order rule), on a simulated kernel list (tests/harness/fake_kernel.py).  Each
 director's table is built with `bridge.core.maglev` from its final list and remembered weights; the figure is
 the share of random flows that all three send to the same real server (a drop everywhere counts as
 agreeing), at the last event (drains still pending) and settled (after the drain timeout).
@@ -43,7 +43,7 @@ from bridge.core.maglev import DEFAULT_TABLE_SIZE, Dest, MaglevTable, address_ke
 from bridge.core.memory import Memory
 from bridge.core.ops import AddDest, AddService, DelDest, Op, SetDest
 from tests.catalog_builder import catalog
-from tests.fake_kernel import FakeKernel
+from tests.harness.fake_kernel import FakeKernel
 from tests.test_diff import CONFIG, KEY, Director, entry
 
 Entries = list[dict[str, Any]]

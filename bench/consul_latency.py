@@ -1,6 +1,6 @@
 """Benchmark (issue: Consul): health-change latency and idle CPU of the real agent against a real Consul.
 
-A real Consul agent (tests/real/consul_agent.py) gets 2,000 tagged services x 5 instances through
+A real Consul agent (tests/harness/consul_agent.py) gets 2,000 tagged services x 5 instances through
 `/v1/catalog/register` (a pool of 1,000 nodes, each instance with its own check). The real agent process
 (`maglev-bridge -v run`) watches it in shadow mode: this host has no IPVS, so the agent plans against its
 model of the kernel (seeded empty, moved by its own operations) and logs every operation it would issue;
@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bridge.core.config import Config, ConsulConfig  # noqa: E402
-from tests.real.consul_agent import ConsulAgent, free_port  # noqa: E402
+from tests.harness.consul_agent import ConsulAgent, free_port  # noqa: E402
 
 SERVICES = int(os.environ.get("BENCH_SERVICES", 2000))
 INSTANCES = int(os.environ.get("BENCH_INSTANCES", 5))

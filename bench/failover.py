@@ -26,16 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.harness.failover import FailoverBed  # noqa: E402
+from tests.harness.netns import Bed  # noqa: E402
 from tests.harness.router_bed import CALM_BFD, EXAMPLE_BFD  # noqa: E402
 from tests.harness.traffic import Recording, percentile  # noqa: E402
-from tests.kernel.conftest import _Bed  # noqa: E402
 
 GOAL_GAP = 1.0
 
 
 def scenario(name: str, out: Path) -> tuple[Recording, list[tuple[float, str]], float]:
     """Run one scenario on a fresh bed; (recording, events, when the steady state ended)."""
-    bed_ = _Bed()
+    bed_ = Bed()
     try:
         # maintenance does not depend on BFD: it runs with the tests' calm timing, so that a stall of the
         # emulated VM does not flap every session in the middle of the picture

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from tests.kernel.agent_harness import AgentHarness
-from tests.kernel.conftest import Topology, _Bed, in_vm, wait_until
+from tests.harness.agent import AgentHarness
+from tests.harness.netns import Bed, in_vm
+from tests.harness.topology import Topology
+from tests.harness.wait import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CATALOG = ROOT / "examples" / "demo-catalog.json"
@@ -50,7 +52,7 @@ def main() -> int:
     if not in_vm():
         say("the demo needs IPVS and fou: run it with `make demo` (it boots the test VM)")
         return 2
-    bed = _Bed()
+    bed = Bed()
     try:
         return demo(Topology(bed, directors=1, backends=3, clients=1))
     finally:

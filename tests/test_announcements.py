@@ -23,7 +23,7 @@ from bridge.core.ops import Announce, DelService, Op, OpResult, SetDest, SetSysc
 from bridge.core.plan import plan
 from bridge.dataplane.shadow import ShadowKernel
 from bridge.files.maintenance import Maintenance, clear_maintenance, read_maintenance, write_maintenance
-from tests.real.consul_agent import free_port
+from tests.harness.consul_agent import free_port
 from tests.test_agent_passes import Catalog, web
 from tests.test_diff import CONFIG
 

@@ -23,7 +23,7 @@ from bridge.core.ops import (
 )
 from bridge.core.plan import plan
 from tests.catalog_builder import catalog, health_entry
-from tests.fake_kernel import FakeKernel
+from tests.harness.fake_kernel import FakeKernel
 
 CONFIG = Config(
     vip_cidrs=(ipaddress.IPv4Network("198.51.100.0/24"),),

@@ -19,7 +19,7 @@ from bridge.core.tags import TagParser
 from bridge.dataplane.backend import BackendLive
 from bridge.dataplane.shadow import ShadowKernel
 from tests.catalog_builder import catalog, health_entry
-from tests.consul.helpers import eventually
+from tests.harness.wait import wait_until
 from tests.test_agent_passes import Catalog, shadow_agent, web
 from tests.test_diff import CONFIG
 
@@ -62,13 +62,13 @@ def test_an_exception_in_any_stage_is_counted_shown_and_the_agent_goes_on(tmp_pa
             patch.setattr(*STAGES[stage], boom)
             source.entries[1] = web(1, "critical")
             agent.request("consul: svc-1 changed", full=False)
-            state = eventually(lambda: agent.state()["errors"]["last"] and agent.state())
+            state = wait_until(lambda: agent.state()["errors"]["last"] and agent.state())
         assert worker.is_alive()
         assert state["degraded"] and state["errors"]["passes_failed"] == 1
         assert "Boom: injected" in state["errors"]["last"]["error"]
         assert state["errors"]["last"]["stage"] == EXPECTED_STAGE.get(stage, stage)
         agent.request("retry")
-        eventually(lambda: not agent.state()["degraded"])
+        wait_until(lambda: not agent.state()["degraded"])
         assert weights(agent) == {"198.51.100.1": 1, "198.51.100.2": 0, "198.51.100.3": 1}, "the change is applied"
     finally:
         agent._stopping.set()

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from tests.consul.helpers import eventually
-from tests.real.consul_agent import free_port
+from tests.harness.consul_agent import free_port
+from tests.harness.wait import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "bridge.cli"]
@@ -80,7 +80,7 @@ class AgentProcess:
         return body
 
     def wait_ready(self) -> dict[str, Any]:
-        result: dict[str, Any] = eventually(lambda: self.alive() and self.health()["ready"] and self.health(),
+        result: dict[str, Any] = wait_until(lambda: self.alive() and self.health()["ready"] and self.health(),
                                             timeout=WAIT)
         return result
 
@@ -94,7 +94,7 @@ class AgentProcess:
         return self.log.read_text(errors="replace")
 
     def wait_log(self, needle: str) -> None:
-        eventually(lambda: needle in self.text(), timeout=WAIT)
+        wait_until(lambda: needle in self.text(), timeout=WAIT)
 
     def change_catalog(self) -> None:
         """One instance goes critical: a pass with one operation, and a state save."""
@@ -149,7 +149,7 @@ def test_a_bad_state_file_is_moved_aside_and_the_agent_serves_without_memory(age
     assert health["state_file"]["saved"] and not health["degraded"]
     assert len(list(state.parent.glob("state.json.bad-*"))) == 1
     # a good state file is written in its place (just after /health turns ready)
-    eventually(lambda: state.is_file() and json.loads(state.read_text())["report"], timeout=WAIT)
+    wait_until(lambda: state.is_file() and json.loads(state.read_text())["report"], timeout=WAIT)
 
 
 def _in_namespace(agent: AgentProcess, *command: str) -> None:
@@ -169,19 +169,19 @@ def test_a_read_only_then_full_state_directory_degrades_health_and_recovers(agen
 
     _in_namespace(agent, "mount", "-o", "remount,ro", str(state_dir))
     agent.change_catalog()
-    health = eventually(lambda: not agent.health()["state_file"]["saved"] and agent.health(), timeout=WAIT)
+    health = wait_until(lambda: not agent.health()["state_file"]["saved"] and agent.health(), timeout=WAIT)
     assert "Read-only file system" in health["state_file"]["error"] and health["degraded"]
     agent.wait_log("state file not saved, keeping it in memory and retrying")
 
     _in_namespace(agent, "mount", "-o", "remount,rw", str(state_dir))
     _in_namespace(agent, "sh", "-c", f"dd if=/dev/zero of={state_dir}/fill bs=4k 2>/dev/null || true")
     agent.change_catalog()
-    health = eventually(lambda: "No space left" in str(agent.health()["state_file"]["error"]) and agent.health(),
+    health = wait_until(lambda: "No space left" in str(agent.health()["state_file"]["error"]) and agent.health(),
                         timeout=WAIT)
     assert agent.alive() and health["ready"]
 
     _in_namespace(agent, "rm", f"{state_dir}/fill")
-    health = eventually(lambda: agent.health()["state_file"]["saved"] and agent.health(), timeout=WAIT)
+    health = wait_until(lambda: agent.health()["state_file"]["saved"] and agent.health(), timeout=WAIT)
     assert not health["degraded"]
     agent.wait_log("state file saved again")
 
@@ -221,7 +221,7 @@ def test_sighup_reloads_a_good_configuration_keeps_the_old_one_for_a_bad_one_and
     os.kill(agent.pid, signal.SIGUSR1)
     agent.wait_log("SIGUSR1 ignored")
     agent.change_catalog()
-    eventually(lambda: agent.health()["passes"] >= 2, timeout=WAIT)
+    wait_until(lambda: agent.health()["passes"] >= 2, timeout=WAIT)
     assert agent.alive()
 
     agent.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]

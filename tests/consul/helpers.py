@@ -3,11 +3,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from typing import Any
-
-from tests.real.consul_agent import ConsulAgent
+from tests.harness.consul_agent import ConsulAgent
 
 
 def register(consul: ConsulAgent, service: str, node: str, address: str, port: int, tags: list[str],
@@ -32,20 +28,3 @@ def set_health(consul: ConsulAgent, service: str, node: str, address: str, statu
 
 def deregister(consul: ConsulAgent, service: str, node: str) -> None:
     consul.api("/v1/catalog/deregister", method="PUT", body={"Node": node, "ServiceID": f"{service}-{node}"})
-
-
-def eventually(check: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1) -> Any:
-    """Poll until check() is truthy (exceptions count as not yet) and return its value. The deadline only
-    bounds a failure: real Consul and Nomad on a loaded 2-core machine, or inside the emulated VM, take many
-    times longer than on an idle one, and a pass costs no more for a generous deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except Exception as exc:
-            last = exc
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s; last: {last!r}")

@@ -10,8 +10,9 @@ import pytest
 from bridge.catalog.consul import ConsulSource
 from bridge.catalog.source import CatalogUnavailable
 from bridge.core.config import Config, ConsulConfig
-from tests.consul.helpers import deregister, eventually, register, set_health
-from tests.real.consul_agent import ConsulAgent
+from tests.consul.helpers import deregister, register, set_health
+from tests.harness.consul_agent import ConsulAgent
+from tests.harness.wait import wait_until
 
 pytestmark = pytest.mark.consul
 VIP = "maglev.vip=198.51.100.10:80"
@@ -44,15 +45,15 @@ def test_only_tagged_services_are_watched_and_health_changes_arrive(consul_agent
     source, changes = source_for(consul_agent), Changes()
     source.start(changes)
     try:
-        eventually(lambda: instances(source) == {("web", "b1", "passing"), ("web", "b2", "passing")})
+        wait_until(lambda: instances(source) == {("web", "b1", "passing"), ("web", "b2", "passing")})
         assert source.health()["tagged_services"] == 1
         set_health(consul_agent, "web", "b2", "192.0.2.12", "critical")
-        eventually(lambda: ("web", "b2", "critical") in instances(source))
+        wait_until(lambda: ("web", "b2", "critical") in instances(source))
         assert any(r == "consul: web changed" for r in changes.reasons)
         deregister(consul_agent, "web", "b1")
-        eventually(lambda: instances(source) == {("web", "b2", "critical")})
+        wait_until(lambda: instances(source) == {("web", "b2", "critical")})
         register(consul_agent, "db", "b3", "192.0.2.13", 5432, ["maglev.vip=198.51.100.11"])
-        eventually(lambda: ("db", "b3", "passing") in instances(source))
+        wait_until(lambda: ("db", "b3", "passing") in instances(source))
     finally:
         source.stop()
 
@@ -63,13 +64,13 @@ def test_a_health_change_costs_one_notification_not_a_storm(consul_agent):
     source, changes = source_for(consul_agent), Changes()
     source.start(changes)
     try:
-        eventually(lambda: len(source.snapshot().instances) == 5)
-        eventually(lambda: source.health()["ok"])
+        wait_until(lambda: len(source.snapshot().instances) == 5)
+        wait_until(lambda: source.health()["ok"])
         # A service's data is in the snapshot a moment before its notification: wait for all five first.
-        eventually(lambda: sorted(changes.reasons) == [f"consul: svc{n} changed" for n in range(5)])
+        wait_until(lambda: sorted(changes.reasons) == [f"consul: svc{n} changed" for n in range(5)])
         before = len(changes.reasons)
         set_health(consul_agent, "svc3", "b1", "192.0.2.11", "critical")
-        eventually(lambda: len(changes.reasons) > before)
+        wait_until(lambda: len(changes.reasons) > before)
         threading.Event().wait(1.0)
         assert changes.reasons[before:] == ["consul: svc3 changed"]
     finally:
@@ -82,15 +83,15 @@ def test_consul_going_away_keeps_the_last_catalog_and_resumes_when_it_returns(co
     source, changes = source_for(consul), Changes()
     source.start(changes)
     try:
-        eventually(lambda: instances(source) == {("web", "b1", "passing")})
+        wait_until(lambda: instances(source) == {("web", "b1", "passing")})
         consul.stop()
         # while it shuts down Consul may still answer "500 No cluster leader"; then the port is closed
-        eventually(lambda: "unreachable" in str(source.health()["errors"]))
+        wait_until(lambda: "unreachable" in str(source.health()["errors"]))
         assert instances(source) == {("web", "b1", "passing")}, "an outage must never empty the catalog"
         consul.start()
         set_health(consul, "web", "b1", "192.0.2.11", "critical")
-        eventually(lambda: instances(source) == {("web", "b1", "critical")}, timeout=120)
-        eventually(lambda: source.health()["ok"], timeout=120)
+        wait_until(lambda: instances(source) == {("web", "b1", "critical")}, timeout=120)
+        wait_until(lambda: source.health()["ok"], timeout=120)
     finally:
         source.stop()
 
@@ -120,7 +121,7 @@ def test_token_without_read_permission_is_one_clear_error_and_no_empty_catalog(c
         source = source_for(consul, token_file=str(token_file))
         source.start(lambda reason: None)
         try:
-            state = eventually(lambda: source.health()["errors"] and source.health())
+            state = wait_until(lambda: source.health()["errors"] and source.health())
             message = state["errors"]["services"]
             assert "Consul ACL" in message and "filtered by ACLs" in message
             assert weak not in str(state), "the token must never be printed"
@@ -131,7 +132,7 @@ def test_token_without_read_permission_is_one_clear_error_and_no_empty_catalog(c
 
 
 def test_consul_over_mutual_tls_checks_the_certificate_against_tls_server_name(consul_binary, tmp_path):
-    from tests.real.nomad_cluster import make_tls_files
+    from tests.harness.nomad_cluster import make_tls_files
 
     tls = make_tls_files(tmp_path / "tls", region="dc1")  # the server's certificate names server.dc1.nomad
     with ConsulAgent(consul_binary, tls=tls) as consul:
@@ -149,9 +150,9 @@ def test_consul_over_mutual_tls_checks_the_certificate_against_tls_server_name(c
         for s in (good, wrong_name, no_cert):
             s.start(lambda reason: None)
         try:
-            eventually(lambda: instances(good) == {("web", "b1", "passing")})
+            wait_until(lambda: instances(good) == {("web", "b1", "passing")})
             for refused in (wrong_name, no_cert):
-                eventually(lambda refused=refused: refused.health()["errors"])
+                wait_until(lambda refused=refused: refused.health()["errors"])
                 with pytest.raises(CatalogUnavailable):
                     refused.snapshot()
             assert "consul.example" in str(wrong_name.health()["errors"])
@@ -167,7 +168,7 @@ def test_more_tagged_services_than_consul_allows_connections_says_which_limit_to
         source = source_for(consul)
         source.start(lambda reason: None)
         try:
-            state = eventually(lambda: "http_max_conns_per_client" in str(source.health()["errors"])
+            state = wait_until(lambda: "http_max_conns_per_client" in str(source.health()["errors"])
                                and source.health())
             assert state["tagged_services"] == 10
             with pytest.raises(CatalogUnavailable, match="no health data yet"):
@@ -193,9 +194,9 @@ def test_a_watch_loop_that_dies_unexpectedly_is_reported_and_restarted(consul_ag
     source = source_for(consul_agent)
     source.start(lambda reason: None)
     try:
-        eventually(lambda: "injected: no client" in str(source.health()["errors"]), interval=0.02)
-        eventually(lambda: instances(source) == {("web", "b1", "passing")})
-        eventually(lambda: source.health()["ok"])
+        wait_until(lambda: "injected: no client" in str(source.health()["errors"]), interval=0.02)
+        wait_until(lambda: instances(source) == {("web", "b1", "passing")})
+        wait_until(lambda: source.health()["ok"])
     finally:
         source.stop()
 
@@ -217,12 +218,12 @@ def test_an_answer_that_cannot_be_taken_in_is_reported_and_the_watch_goes_on(con
     source = source_for(consul_agent)
     source.start(lambda reason: None)
     try:
-        eventually(lambda: "injected: parser bug" in str(source.health()["errors"].get("health:web")))
+        wait_until(lambda: "injected: parser bug" in str(source.health()["errors"].get("health:web")))
         with pytest.raises(CatalogUnavailable):
             source.snapshot()
         broken.clear()
         set_health(consul_agent, "web", "b1", "192.0.2.11", "critical")
-        eventually(lambda: instances(source) == {("web", "b1", "critical")})
-        eventually(lambda: source.health()["ok"])
+        wait_until(lambda: instances(source) == {("web", "b1", "critical")})
+        wait_until(lambda: source.health()["ok"])
     finally:
         source.stop()

@@ -12,8 +12,8 @@ from bridge.catalog.registration import Announcer, service_id
 from bridge.core.config import BgpConfig, ConsulConfig
 from bridge.dataplane.shadow import ShadowKernel
 from bridge.files.maintenance import Maintenance, clear_maintenance, write_maintenance
-from tests.consul.helpers import eventually
-from tests.real.consul_agent import ConsulAgent, free_port
+from tests.harness.consul_agent import ConsulAgent, free_port
+from tests.harness.wait import wait_until
 from tests.test_agent_passes import Catalog, web
 from tests.test_announcements import director
 
@@ -36,12 +36,12 @@ def test_maintenance_turns_the_agents_consul_check_to_warning_and_off_turns_it_b
     try:
         announcer.register()
         sid = service_id(config)
-        eventually(lambda: check_status(consul_agent, sid) == "passing", timeout=30)
+        wait_until(lambda: check_status(consul_agent, sid) == "passing", timeout=30)
         assert isinstance(config.bgp, BgpConfig)
         write_maintenance(config.bgp.maintenance_file, Maintenance("kernel upgrade", 1.0, "ops@lb1"))
-        eventually(lambda: check_status(consul_agent, sid) == "warning", timeout=30)
+        wait_until(lambda: check_status(consul_agent, sid) == "warning", timeout=30)
         clear_maintenance(config.bgp.maintenance_file)
-        eventually(lambda: check_status(consul_agent, sid) == "passing", timeout=30)
+        wait_until(lambda: check_status(consul_agent, sid) == "passing", timeout=30)
     finally:
         announcer.stop()
         server.stop()

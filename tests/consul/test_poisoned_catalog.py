@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.consul.helpers import eventually, register, set_health
-from tests.real.consul_agent import ConsulAgent, free_port
+from tests.consul.helpers import register, set_health
+from tests.harness.consul_agent import ConsulAgent, free_port
+from tests.harness.wait import wait_until
 
 pytestmark = pytest.mark.consul
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,13 +46,13 @@ def test_run_keeps_serving_through_a_poisoned_registration_and_applies_the_next_
         proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "-v", "run", "--config", str(config)],
                                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
-        eventually(lambda: get(port, "/health")["ready"], timeout=90)
+        wait_until(lambda: get(port, "/health")["ready"], timeout=90)
 
         register(consul_agent, "evil", "b2", "10.20.0.2", 80, ["maglev.vip=198.51.100.11:80", "maglev.weight=²"])
         register(consul_agent, "evil2", "b3", "10.20.0.3", 80,
                  ["maglev.vip=198.51.100.12:80", "maglev.flags=mh-port,\x1b[2J\x1b]0;pwned\x07"])
         register(consul_agent, "..", "b4", "10.20.0.4", 80, ["maglev.vip=198.51.100.13:80"])  # no URL can name it
-        report = eventually(lambda: {(r["service"], r["instance"]): r for r in
+        report = wait_until(lambda: {(r["service"], r["instance"]): r for r in
                                      get(port, "/status")["last_pass"].get("rejected", [])}.keys()
                             == {("evil", "evil-b2"), ("evil2", "evil2-b3"), ("..", "*")} and get(port, "/status"),
                             timeout=90)
@@ -64,7 +65,7 @@ def test_run_keeps_serving_through_a_poisoned_registration_and_applies_the_next_
         assert health["catalog"]["ok"], "one unreadable service does not make the catalog unavailable"
 
         set_health(consul_agent, "web", "b1", "10.20.0.1", "critical")
-        eventually(lambda: "set real server 100.64.0.1:80 weight 0 in 198.51.100.10:80/tcp" in log.read_text(),
+        wait_until(lambda: "set real server 100.64.0.1:80 weight 0 in 198.51.100.10:80/tcp" in log.read_text(),
                    timeout=90)
         assert proc.poll() is None, "the agent is still running"
         assert get(port, "/health")["ready"]

@@ -7,7 +7,7 @@ Both agents run in shadow mode (this host has no IPVS; tests/kernel/test_metrics
 numbers). Director A reads the catalog from Consul; director B from a file that is Consul's own answer, so
 the test can hand B the same catalog with the real servers' CreateIndex (their kernel order) swapped.
 
-Director A's BIRD is a real BIRD on loopback (tests/real/bird.py) with two BGP sessions: one established
+Director A's BIRD is a real BIRD on loopback (tests/harness/bird.py) with two BGP sessions: one established
 with a second real BIRD, one to a neighbour nobody answers for, so the BGP alert fires for that one only;
 with BFD on the established one, which the second BIRD does not answer (one BFD speaker per host), so the
 BFD alert fires for it. Director B has no BIRD at its socket, so the unreadable-BIRD alert fires for it."""
@@ -28,10 +28,11 @@ import pytest
 import yaml
 
 from bridge.files.maintenance import Maintenance, write_maintenance
-from tests.consul.helpers import deregister, eventually, register
-from tests.real.bird import HostBird, bgp_protocol
-from tests.real.consul_agent import ConsulAgent, free_port
-from tests.real.prometheus import Prometheus
+from tests.consul.helpers import deregister, register
+from tests.harness.bird import HostBird, bgp_protocol
+from tests.harness.consul_agent import ConsulAgent, free_port
+from tests.harness.prometheus import Prometheus
+from tests.harness.wait import wait_until
 from tests.test_agent_passes import Catalog, shadow_agent, web
 
 pytestmark = pytest.mark.consul
@@ -172,46 +173,46 @@ def test_prometheus_finds_the_agents_in_consul_and_alerts_while_directors_disagr
         consul_agent: ConsulAgent, prometheus_binary: str, agents: Path, tmp_path: Path) -> None:
     rules = {"alerts.yml": immediate_alerts()}
     with Prometheus(prometheus_binary, prometheus_config(consul_agent), rules) as prometheus:
-        targets = eventually(lambda: {(s["metric"]["node"], s["metric"]["role"]) for s in
+        targets = wait_until(lambda: {(s["metric"]["node"], s["metric"]["role"]) for s in
                                       prometheus.query('up{job="maglev-bridge"} == 1')} == {
             ("dir-a", "director"), ("dir-b", "director")}, timeout=120)
         assert targets
         same = 'count by (fingerprint) (maglev_bridge_virtual_service_info{local_address="198.51.100.10"})'
-        eventually(lambda: [int(s["value"][1]) for s in prometheus.query(same)] == [2], timeout=120)
+        wait_until(lambda: [int(s["value"][1]) for s in prometheus.query(same)] == [2], timeout=120)
         assert not firing(prometheus, "MaglevDirectorsDisagree")
 
         def down(alert: str, *labels: str) -> list[tuple[str, ...]]:
             return sorted(tuple(a[label] for label in labels) for a in firing(prometheus, alert))
 
-        eventually(lambda: prometheus.query('maglev_bridge_bgp_session_up{node="dir-a",peer="uplink_up"} == 1'),
+        wait_until(lambda: prometheus.query('maglev_bridge_bgp_session_up{node="dir-a",peer="uplink_up"} == 1'),
                    timeout=120)
-        eventually(lambda: down("MaglevBgpSessionDown", "node", "peer") == [("dir-a", "uplink_down")], timeout=120)
-        eventually(lambda: down("MaglevBfdSessionDown", "node", "neighbor") == [("dir-a", "127.0.0.2")], timeout=120)
-        eventually(lambda: down("MaglevBirdUnreadable", "node") == [("dir-b",)], timeout=120)
+        wait_until(lambda: down("MaglevBgpSessionDown", "node", "peer") == [("dir-a", "uplink_down")], timeout=120)
+        wait_until(lambda: down("MaglevBfdSessionDown", "node", "neighbor") == [("dir-a", "127.0.0.2")], timeout=120)
+        wait_until(lambda: down("MaglevBirdUnreadable", "node") == [("dir-b",)], timeout=120)
 
         write_catalog(agents, consul_agent, swap_order=True)
-        alerts = eventually(lambda: firing(prometheus, "MaglevDirectorsDisagree"), timeout=120)
+        alerts = wait_until(lambda: firing(prometheus, "MaglevDirectorsDisagree"), timeout=120)
         assert [(a["local_address"], a["local_port"], a["proto"]) for a in alerts] == [("198.51.100.10", "80", "tcp")]
 
         write_catalog(agents, consul_agent)
-        eventually(lambda: not firing(prometheus, "MaglevDirectorsDisagree")
+        wait_until(lambda: not firing(prometheus, "MaglevDirectorsDisagree")
                    and [int(s["value"][1]) for s in prometheus.query(same)] == [2], timeout=120)
 
         # a drain on both directors, so the drain panels have something to show
         deregister(consul_agent, "web", "b3")
         write_catalog(agents, consul_agent)
-        eventually(lambda: len(prometheus.query("maglev_bridge_ipvs_backend_drain_deadline_timestamp_seconds")) == 2,
+        wait_until(lambda: len(prometheus.query("maglev_bridge_ipvs_backend_drain_deadline_timestamp_seconds")) == 2,
                    timeout=120)
         assert not firing(prometheus, "MaglevDirectorsDisagree"), "both directors drain the same real server"
 
         def empty() -> list[str]:
             return [expr for expr in dashboard_exprs() if not prometheus.query(expr)]
 
-        eventually(lambda: empty() == [], timeout=120)
+        wait_until(lambda: empty() == [], timeout=120)
         assert not firing(prometheus, "MaglevMaintenanceForgotten")
         # dir-a put in maintenance five hours ago and forgotten there
         write_maintenance(tmp_path / "dir-a.maintenance", Maintenance("kernel upgrade", time.time() - 5 * 3600, "ops"))
-        forgotten = eventually(lambda: firing(prometheus, "MaglevMaintenanceForgotten"), timeout=120)
+        forgotten = wait_until(lambda: firing(prometheus, "MaglevMaintenanceForgotten"), timeout=120)
         assert [a["node"] for a in forgotten] == ["dir-a"]
         for rule in alert_rules():
             for name in set(re.findall(r"\b(?:maglev_bridge_\w+|up)\b", rule["expr"])):

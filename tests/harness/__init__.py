@@ -1,1 +1,2 @@
-"""Test libraries shared by test files and benchmarks (conftest.py files keep only fixtures)."""
+"""Test libraries shared by test files and benchmarks, by concern (conftest.py files keep only fixtures).
+Start with README.md here."""

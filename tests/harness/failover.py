@@ -16,10 +16,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from tests.harness.addresses import vip
+from tests.harness.agent import AgentHarness
+from tests.harness.netns import VENV_PYTHON, Bed, Netns
 from tests.harness.router_bed import ANNOUNCE_TABLE, EXAMPLE_BFD, RouterBed, RouteWatcher
+from tests.harness.topology import Director, Topology
 from tests.harness.traffic import Recording, Traffic
-from tests.kernel.agent_harness import AgentHarness
-from tests.kernel.conftest import VENV_PYTHON, Director, Netns, Topology, _Bed, vip, wait_until
+from tests.harness.wait import wait_until
 
 VIP = vip(1)
 PORT = 80
@@ -54,7 +57,7 @@ class FailoverBed:
     """directors x backends behind the router; ``start()`` brings everything up and waits until the router
     routes the VIP over every director the agent announced from."""
 
-    def __init__(self, bed: _Bed, directors: int = 3, backends: int = 3, conn_sync: bool = False,
+    def __init__(self, bed: Bed, directors: int = 3, backends: int = 3, conn_sync: bool = False,
                  bfd: bool = True, bfd_timing: tuple[int, int] = EXAMPLE_BFD):
         self.topology = Topology(bed, directors, backends, 1, routed=True)
         # resync every 300 s (the agent's default): three agents' full passes every 30 s stalled the emulated

@@ -1,5 +1,5 @@
 """A real router in front of the directors: BIRD 2 with BGP + BFD to one BIRD per director, ECMP into the
-router's kernel (``Topology(routed=True)`` builds the namespaces; see tests/kernel/conftest.py).
+router's kernel (``Topology(routed=True)`` builds the namespaces; see tests/harness/README.md).
 
 Every BIRD runs the example configuration of examples/ (bird-router.conf, bird-director.conf) with only
 addresses and paths filled in, as its own process (``bird -f -c CONF -s SOCK -P PID``) in its node's
@@ -27,7 +27,9 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from tests.kernel.conftest import ROUTER_ADDRESS, VIP_NET, Director, Node, Topology, wait_until
+from tests.harness.addresses import ROUTER_ADDRESS, VIP_NET
+from tests.harness.topology import Director, Node, Topology
+from tests.harness.wait import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUTER_CONF = ROOT / "examples" / "bird-router.conf"

@@ -249,7 +249,7 @@ def _ended(c: _Conn, sel: selectors.BaseSelector, now: float, error: OSError) ->
 
 
 class Traffic:
-    """Runs the driver in a node's namespace (``node.popen``, e.g. a tests.kernel.conftest.Client) and hands
+    """Runs the driver in a node's namespace (``node.popen``, e.g. a tests.harness.topology.Client) and hands
     back its Recording when stopped."""
 
     def __init__(self, node: Any, vip: str, port: int, sports: range, out: Path, python: str,

@@ -12,8 +12,10 @@ import urllib.request
 
 import pytest
 
-from tests.kernel.agent_harness import AgentHarness
-from tests.kernel.conftest import spread, vip, wait_until
+from tests.harness.addresses import vip
+from tests.harness.agent import AgentHarness
+from tests.harness.echo import spread
+from tests.harness.wait import wait_until
 
 pytestmark = pytest.mark.kernel
 TABLE = 245

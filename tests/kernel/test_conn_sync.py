@@ -8,8 +8,9 @@ import contextlib
 
 import pytest
 
-from tests.kernel.agent_harness import AgentHarness
-from tests.kernel.conftest import vip, wait_until
+from tests.harness.addresses import vip
+from tests.harness.agent import AgentHarness
+from tests.harness.wait import wait_until
 
 pytestmark = pytest.mark.kernel
 SPORTS = range(43000, 43040)

@@ -11,10 +11,11 @@ import urllib.request
 
 import pytest
 
-from tests.consul.helpers import eventually
-from tests.kernel.agent_harness import AgentHarness
-from tests.kernel.conftest import spread, vip
-from tests.real.consul_agent import ConsulAgent
+from tests.harness.addresses import vip
+from tests.harness.agent import AgentHarness
+from tests.harness.consul_agent import ConsulAgent
+from tests.harness.echo import spread
+from tests.harness.wait import wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -58,7 +59,7 @@ def test_consul_drives_the_kernel_and_its_outage_changes_nothing(topology, consu
         topo.serve(80)
         proc = agent.start(d)
         with d.entered():  # ready once the first pass ran (its reason may read "start, consul: ...")
-            eventually(lambda: health(9119).get("ready"), timeout=180)
+            wait_until(lambda: health(9119).get("ready"), timeout=180)
 
         with d.entered():
             register(consul, b1)
@@ -82,7 +83,7 @@ def test_consul_drives_the_kernel_and_its_outage_changes_nothing(topology, consu
         before = d.ipvsadm("-Ln", "--nosort")
         with d.entered():  # while it shuts down Consul may still answer "500 No cluster leader"; then nothing
             consul.stop()
-            state = eventually(lambda: "unreachable" in json.dumps((s := health(9119))["catalog"]["errors"]) and s,
+            state = wait_until(lambda: "unreachable" in json.dumps((s := health(9119))["catalog"]["errors"]) and s,
                                timeout=180)
         assert state["ready"] and state["degraded"], state
         assert d.ipvsadm("-Ln", "--nosort") == before
@@ -92,11 +93,11 @@ def test_consul_drives_the_kernel_and_its_outage_changes_nothing(topology, consu
             consul.start()  # a restarted Consul agent restores TTL checks as critical until they are passed
             agent_api(consul, "/v1/agent/check/pass/ttl-web-b1")
             agent_api(consul, "/v1/agent/check/pass/ttl-web-b2")
-        eventually(lambda: re.findall(r"Route\s+1\s", d.ipvsadm("-Ln", "--nosort")) == ["Route   1 "] * 2, timeout=300)
+        wait_until(lambda: re.findall(r"Route\s+1\s", d.ipvsadm("-Ln", "--nosort")) == ["Route   1 "] * 2, timeout=300)
         resumed = re.findall(r"^\S+ \S+ INFO maglev-bridge:   (\w+ .*)$", agent.log(d)[log_mark:], re.M)
         assert resumed and all(op.startswith("set real server") for op in resumed), resumed
         with d.entered():
-            eventually(lambda: not health(9119)["degraded"], timeout=180)
+            wait_until(lambda: not health(9119)["degraded"], timeout=180)
 
         mark = len(agent.log(d))
         with d.entered():

@@ -7,8 +7,10 @@ import time
 
 import pytest
 
-from tests.kernel.agent_harness import AgentHarness, tunnel_of
-from tests.kernel.conftest import spread, vip, wait_until
+from tests.harness.addresses import vip
+from tests.harness.agent import AgentHarness, tunnel_of
+from tests.harness.echo import spread
+from tests.harness.wait import wait_until
 
 pytestmark = pytest.mark.kernel
 SPORTS = range(40000, 40040)

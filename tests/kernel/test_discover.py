@@ -8,11 +8,11 @@ import dns.query
 import dns.rdatatype
 import pytest
 
-from tests.consul.helpers import eventually
-from tests.kernel.agent_harness import AgentHarness
-from tests.kernel.conftest import vip
+from tests.harness.addresses import vip
+from tests.harness.agent import AgentHarness
+from tests.harness.consul_agent import ConsulAgent
+from tests.harness.wait import wait_until
 from tests.kernel.test_consul_dataplane import register
-from tests.real.consul_agent import ConsulAgent
 
 pytestmark = pytest.mark.kernel
 
@@ -40,7 +40,7 @@ def test_directors_are_found_through_consul_dns_and_a_differing_table_is_flagged
         with d1.entered():
             for b in topo.backends:
                 register(consul, b)
-            eventually(lambda: len(resolve(consul, dns.rdatatype.A)) == 3, timeout=180)
+            wait_until(lambda: len(resolve(consul, dns.rdatatype.A)) == 3, timeout=180)
             addresses = resolve(consul, dns.rdatatype.A)
             ports = resolve(consul, dns.rdatatype.SRV)
         assert addresses == ["192.0.2.11", "192.0.2.12", "192.0.2.13"]
@@ -64,7 +64,7 @@ def test_directors_are_found_through_consul_dns_and_a_differing_table_is_flagged
         for proc, agent in zip(procs, harnesses, strict=True):
             assert agent.stop(proc) == 0
         with d1.entered():
-            eventually(lambda: resolve(consul, dns.rdatatype.SRV) == [], timeout=120)
+            wait_until(lambda: resolve(consul, dns.rdatatype.SRV) == [], timeout=120)
     finally:
         with d1.entered():
             consul.close()

@@ -14,17 +14,19 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.harness.addresses import ROUTER_ADDRESS
 from tests.harness.failover import CONNECTIONS, FailoverBed
+from tests.harness.netns import Bed
 from tests.harness.router_bed import CALM_BFD, EXAMPLE_BFD
 from tests.harness.traffic import Recording
-from tests.kernel.conftest import ROUTER_ADDRESS, _Bed, wait_until
+from tests.harness.wait import wait_until
 
 pytestmark = pytest.mark.kernel
 MAX_GAP = 1.0
 
 
 @pytest.fixture
-def failover(_bed: _Bed, request: pytest.FixtureRequest) -> Iterator[Callable[..., FailoverBed]]:
+def failover(_bed: Bed, request: pytest.FixtureRequest) -> Iterator[Callable[..., FailoverBed]]:
     """A FailoverBed factory; the beds' logs (BIRD, agents, recordings) are copied to the VM's output folder,
     which boot.py keeps when the run fails."""
     beds: list[FailoverBed] = []

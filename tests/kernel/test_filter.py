@@ -10,8 +10,9 @@ import struct
 
 import pytest
 
-from tests.kernel.agent_harness import AgentHarness
-from tests.kernel.conftest import vip, wait_until
+from tests.harness.addresses import vip
+from tests.harness.agent import AgentHarness
+from tests.harness.wait import wait_until
 
 pytestmark = pytest.mark.kernel
 OPERATOR_TABLE = """table inet operator {

@@ -15,9 +15,11 @@ import time
 
 import pytest
 
+from tests.harness.addresses import vip
+from tests.harness.agent import AgentHarness
+from tests.harness.netns import VENV_PYTHON
 from tests.harness.traffic import Traffic
-from tests.kernel.agent_harness import AgentHarness
-from tests.kernel.conftest import VENV_PYTHON, vip, wait_until
+from tests.harness.wait import wait_until
 from tests.kernel.test_filter import drops, ours
 
 pytestmark = pytest.mark.kernel

@@ -34,7 +34,7 @@ from bridge.core.maglev import (
     fingerprint,
     lookup_many,
 )
-from tests.kernel.conftest import Netns
+from tests.harness.netns import Netns
 
 pytestmark = pytest.mark.kernel
 

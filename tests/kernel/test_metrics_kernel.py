@@ -10,7 +10,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.kernel.conftest import vip, wait_until
+from tests.harness.addresses import vip
+from tests.harness.wait import wait_until
 from tests.kernel.test_director import SPORTS, build
 
 pytestmark = pytest.mark.kernel

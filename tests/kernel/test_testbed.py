@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Netns, Topology, spread, vip, wait_until
+from tests.harness.addresses import vip
+from tests.harness.echo import spread
+from tests.harness.netns import Netns
+from tests.harness.topology import Topology
+from tests.harness.wait import wait_until
 
 pytestmark = pytest.mark.kernel
 

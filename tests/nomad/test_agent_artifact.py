@@ -22,10 +22,10 @@ import yaml
 
 from bridge.core.config import load_config
 from bridge.inspect.discover import discover, discovery_text
-from tests.consul.helpers import eventually
+from tests.harness.consul_agent import resolver
+from tests.harness.nomad_cluster import NomadCluster
+from tests.harness.wait import wait_until
 from tests.nomad.test_nomad_jobs import REPO, http_port, jobs, ops_config, passing, running
-from tests.real.nomad_cluster import NomadCluster
-from tests.real.test_real_agents import resolver
 
 pytestmark = pytest.mark.nomad
 VERSION_A, VERSION_B = "0.1.0+a", "0.1.0+b"
@@ -124,7 +124,7 @@ def test_agent_job_runs_its_build_from_the_allocation_and_rolls_a_new_one_one_di
     ops = args[args.index("--config") + 1]
     assert sorted(versions_seen(ops).values()) == [VERSION_A, VERSION_A]
     # The agents register themselves too, with their version in the service's meta.
-    own = eventually(lambda: len(p := passing(cluster.consul, "maglev-bridge-self")) == 2 and p, timeout=30)
+    own = wait_until(lambda: len(p := passing(cluster.consul, "maglev-bridge-self")) == 2 and p, timeout=30)
     assert sorted(e["Service"]["Meta"]["version"] for e in own) == [VERSION_A, VERSION_A]
     for alloc in allocs:  # the build is in the allocation's task directory, unpacked there by shiv
         task_dir = cluster.base_dir / alloc["NodeName"] / "data/alloc" / alloc["ID"] / "agent/local"
@@ -156,7 +156,7 @@ def test_agent_job_runs_its_build_from_the_allocation_and_rolls_a_new_one_one_di
     # One at a time: the first director came back on B while the other still served A, the second later.
     first_b = next(i for i, s in enumerate(samples) if VERSION_B in s.values())
     assert VERSION_A in samples[first_b].values()
-    assert eventually(lambda: sorted(versions_seen(ops).values()) == [VERSION_B, VERSION_B], timeout=30)
+    assert wait_until(lambda: sorted(versions_seen(ops).values()) == [VERSION_B, VERSION_B], timeout=30)
 
 
 def test_a_wrong_checksum_fails_the_allocation_and_deploy_says_why_in_one_line(

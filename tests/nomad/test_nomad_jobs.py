@@ -20,10 +20,9 @@ import yaml
 from bridge.cli.main import main
 from bridge.core.config import parse_config
 from bridge.nomad.keeper import keep_jobs
-from tests.consul.helpers import eventually
-from tests.real.consul_agent import ConsulAgent
-from tests.real.nomad_cluster import NomadCluster
-from tests.real.test_real_agents import resolver
+from tests.harness.consul_agent import ConsulAgent, resolver
+from tests.harness.nomad_cluster import NomadCluster
+from tests.harness.wait import wait_until
 
 pytestmark = pytest.mark.nomad
 REPO = Path(__file__).resolve().parents[2]
@@ -162,9 +161,9 @@ def test_agent_system_job_runs_one_healthy_director_per_lb_client_found_in_consu
     # Stopping the job sends SIGTERM: each agent deregisters itself from Consul before it exits. (The new
     # agents register themselves beside their data plane, and Consul's check of that registration first
     # runs up to 5 s later: wait for it.)
-    eventually(lambda: passing(consul, "maglev-bridge-self"))
+    wait_until(lambda: passing(consul, "maglev-bridge-self"))
     cluster.api("/v1/job/maglev-bridge?purge=true", method="DELETE")
-    eventually(lambda: not consul.api("/v1/health/service/maglev-bridge-self"), timeout=120)
+    wait_until(lambda: not consul.api("/v1/health/service/maglev-bridge-self"), timeout=120)
 
 
 # -- rack-distinct management jobs --------------------------------------------------------------------
@@ -181,7 +180,7 @@ def test_count_three_lands_in_three_racks_and_resolves_in_consul_dns(
     assert len(allocs) == 3
     assert sorted(RACKS[a["NodeName"]] for a in allocs) == ["rack-a", "rack-b", "rack-c"]
     ports = sorted(http_port(cluster, a["ID"]) for a in allocs)
-    healthy = eventually(lambda: len(h := passing(cluster.consul, "spread-three")) == 3 and h)
+    healthy = wait_until(lambda: len(h := passing(cluster.consul, "spread-three")) == 3 and h)
     assert sorted(e["Service"]["Port"] for e in healthy) == ports
     r = resolver(cluster.consul)
     assert {rr.address for rr in r.resolve("spread-three.service.consul", "A")} == {"127.0.0.1"}
@@ -200,7 +199,7 @@ def test_count_four_over_three_racks_fails_to_place_one_and_deploy_says_so_in_on
         "spread-four: 1 of 4 allocation(s) of group 'spread-four' not placed: rack constraint distinct_property "
         "${meta.rack} allows 1 per rack and every rack with a usable node already has 1 (rack-a, rack-b, rack-c)"
     ]
-    placed = eventually(lambda: len(a := running(cluster, "spread-four")) == 3 and a)
+    placed = wait_until(lambda: len(a := running(cluster, "spread-four")) == 3 and a)
     assert sorted(RACKS[a["NodeName"]] for a in placed) == ["rack-a", "rack-b", "rack-c"]
 
 
@@ -231,7 +230,7 @@ def test_lost_client_gets_its_allocation_rescheduled_into_the_free_rack(
     client.signal(signal.SIGINT)  # SIGINT: the client leaves without draining; the server marks its node down
     assert client.wait(60)
     try:
-        replacement = eventually(
+        replacement = wait_until(
             lambda: [a for a in running(cluster, "spread-two") if a["ID"] not in (victim["ID"], survivor["ID"])],
             timeout=300,  # the server waits out the heartbeat TTL and grace before it marks the node down
         )[0]
@@ -302,14 +301,14 @@ def test_keeper_registers_again_a_job_stopped_by_hand(
     config = parse_config({"nomad": {"address": cluster.api_url, "jobs_dir": str(tmp_path / "jobs")}})
     first = keep_jobs(config)
     assert len(first) == 1 and first[0].startswith("kept: missing from Nomad; registered again (evaluation ")
-    eventually(lambda: running(cluster, "kept"))
+    wait_until(lambda: running(cluster, "kept"))
     assert keep_jobs(config) == []
 
     cluster.api("/v1/job/kept", method="DELETE")  # `nomad job stop kept`
-    eventually(lambda: not running(cluster, "kept"))
+    wait_until(lambda: not running(cluster, "kept"))
     again = keep_jobs(config)
     assert len(again) == 1 and again[0].startswith("kept: stopped by hand; registered again")
-    assert eventually(lambda: running(cluster, "kept"))
+    assert wait_until(lambda: running(cluster, "kept"))
     assert not cluster.api("/v1/job/kept")["Stop"]
 
 

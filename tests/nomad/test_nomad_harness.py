@@ -1,4 +1,5 @@
-"""Smoke tests: real Consul and Nomad agents start, answer, and are wired together."""
+"""The test harness's real Nomad cluster starts with its clients' classes and racks, runs a raw_exec service
+that Consul's DNS finds, and speaks mutual TLS."""
 
 from __future__ import annotations
 
@@ -9,68 +10,11 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-import dns.resolver
 import pytest
 
-from tests.consul.helpers import eventually
-
-from .consul_agent import ConsulAgent
-from .nomad_cluster import DEFAULT_CLIENTS, NomadCluster
-
-pytest_plugins = ["tests.real.fixtures"]
-
-
-def resolver(agent: ConsulAgent) -> dns.resolver.Resolver:
-    r = dns.resolver.Resolver(configure=False)
-    r.nameservers = ["127.0.0.1"]
-    r.port = agent.dns_port
-    r.lifetime = 15.0  # a loaded machine may answer late; resolving NXDOMAIN still fails at once
-    return r
-
-
-# -- Consul ----------------------------------------------------------------------------
-
-
-@pytest.mark.consul
-def test_consul_leader_and_service_dns(consul_agent: ConsulAgent) -> None:
-    assert consul_agent.api("/v1/status/leader") == f"127.0.0.1:{consul_agent.server_port}"
-    consul_agent.register_service(
-        {"Name": "web", "ID": "web-1", "Address": "127.0.0.2", "Port": 8080, "Tags": ["maglev"]}
-    )
-    r = resolver(consul_agent)
-    a = eventually(lambda: r.resolve("web.service.consul", "A"))
-    assert [rr.address for rr in a] == ["127.0.0.2"]
-    srv = r.resolve("maglev.web.service.consul", "SRV")
-    assert [rr.port for rr in srv] == [8080]
-
-
-@pytest.mark.consul
-def test_consul_dev_restart_keeps_ports(consul_agent: ConsulAgent) -> None:
-    http, dns_port = consul_agent.http_addr, consul_agent.dns_port
-    consul_agent.stop()
-    with pytest.raises(urllib.error.URLError):
-        consul_agent.api("/v1/status/leader")
-    consul_agent.restart()
-    assert (consul_agent.http_addr, consul_agent.dns_port) == (http, dns_port)
-    assert consul_agent.api("/v1/status/leader")
-
-
-@pytest.mark.consul
-def test_consul_persistent_restart_keeps_data(consul_agent_persistent: ConsulAgent) -> None:
-    agent = consul_agent_persistent
-    agent.kv_put("maglev/probe", "42")
-    agent.register_service({"Name": "db", "ID": "db-1", "Address": "127.0.0.3", "Port": 5432})
-    eventually(lambda: agent.api("/v1/catalog/service/db"))
-    agent.restart(down_for=0.5)
-    # Ready means a leader and this node in the catalog; the rest of the raft log may still be replaying.
-    assert eventually(lambda: agent.kv_get("maglev/probe")) == b"42"
-    db = eventually(lambda: agent.api("/v1/catalog/service/db"))
-    assert [s["ServiceAddress"] for s in db] == ["127.0.0.3"]
-    agent.reset()
-    assert agent.kv_get("maglev/probe") is None
-
-
-# -- Nomad -----------------------------------------------------------------------------
+from tests.harness.consul_agent import ConsulAgent, resolver
+from tests.harness.nomad_cluster import DEFAULT_CLIENTS, NomadCluster
+from tests.harness.wait import wait_until
 
 
 def _node_details(cluster: NomadCluster) -> dict[str, dict[str, Any]]:
@@ -101,7 +45,7 @@ def test_nomad_cluster_topology(nomad_cluster: NomadCluster) -> None:
     consul = nomad_cluster.consul
     # Nomad registered itself in Consul (its own sync loop, on its own time), one Consul client agent per
     # Nomad client.
-    eventually(lambda: {"nomad", "nomad-client"} <= set(consul.api("/v1/catalog/services")))
+    wait_until(lambda: {"nomad", "nomad-client"} <= set(consul.api("/v1/catalog/services")))
     consul_nodes = {n["Node"] for n in consul.api("/v1/catalog/nodes")}
     assert {c.name for c in DEFAULT_CLIENTS} <= consul_nodes
 
@@ -154,7 +98,7 @@ def test_nomad_raw_exec_service_reaches_consul_dns(nomad_cluster: NomadCluster) 
     consul = nomad_cluster.consul
     nomad_cluster.api("/v1/jobs", method="POST", body=RAW_EXEC_JOB)
     try:
-        healthy = eventually(
+        healthy = wait_until(
             lambda: (h := consul.api("/v1/health/service/smoke-web?passing=true")) and len(h) == 2 and h,
             timeout=180,
         )
@@ -168,7 +112,7 @@ def test_nomad_raw_exec_service_reaches_consul_dns(nomad_cluster: NomadCluster) 
                 assert resp.status == 200
     finally:
         nomad_cluster.api("/v1/job/smoke-web?purge=true", method="DELETE")
-    eventually(lambda: not consul.api("/v1/health/service/smoke-web"), timeout=120)
+    wait_until(lambda: not consul.api("/v1/health/service/smoke-web"), timeout=120)
 
 
 @pytest.mark.nomad

@@ -11,8 +11,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .consul_agent import LOOPBACK, free_port, http_json
-from .daemon import Daemon
+from tests.harness.consul_agent import LOOPBACK, free_port, http_json
+from tests.harness.daemon import Daemon
 
 
 class Prometheus(Daemon):

@@ -50,7 +50,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from .consul_agent import LOOPBACK, AgentStartError, ConsulAgent, free_port
+from tests.harness.consul_agent import LOOPBACK, AgentStartError, ConsulAgent, free_port
 
 
 @dataclass(frozen=True)

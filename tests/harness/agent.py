@@ -17,7 +17,9 @@ import yaml
 
 from bridge.cli.main import main
 from tests.catalog_builder import health_entry
-from tests.kernel.conftest import VENV_PYTHON, Backend, Director, Netns, Topology, vip
+from tests.harness.addresses import vip
+from tests.harness.netns import VENV_PYTHON, Netns
+from tests.harness.topology import Backend, Director, Topology
 
 AGENT = str(Path(VENV_PYTHON).parent / "maglev-bridge")
 TUNNEL_MAP = [{"backend": "192.0.2.16/28", "tunnel": "203.0.113.112/28"}]

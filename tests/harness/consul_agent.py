@@ -39,8 +39,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+import dns.resolver
+
 if TYPE_CHECKING:
-    from .nomad_cluster import TLSFiles
+    from tests.harness.nomad_cluster import TLSFiles
 
 LOOPBACK = "127.0.0.1"
 
@@ -77,6 +79,15 @@ def http_json(url: str, timeout: float = 2.0, method: str = "GET", body: Any = N
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         raw = resp.read()
     return json.loads(raw) if raw else None
+
+
+def resolver(agent: ConsulAgent) -> dns.resolver.Resolver:
+    """A DNS resolver that asks only this agent's DNS interface."""
+    r = dns.resolver.Resolver(configure=False)
+    r.nameservers = ["127.0.0.1"]
+    r.port = agent.dns_port
+    r.lifetime = 15.0  # a loaded machine may answer late; resolving NXDOMAIN still fails at once
+    return r
 
 
 class AgentStartError(RuntimeError):

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .daemon import Daemon
+from tests.harness.daemon import Daemon
 
 
 def bgp_protocol(name: str, local: str, local_port: int, local_as: int, neighbor: str, neighbor_port: int,
