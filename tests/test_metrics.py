@@ -206,8 +206,8 @@ def test_a_director_exports_its_announced_vips_maintenance_since_when_and_each_a
 
     assert agent.config.bgp is not None
     write_maintenance(agent.config.bgp.maintenance_file, Maintenance("kernel upgrade", 1_700_000_000.5, "ops@lb1"))
-    agent.watch_maintenance()
-    agent.sync(*agent._take_request())
+    agent.watch(agent.reconciler.maintenance_changed)
+    agent.sync(*agent.trigger.take())
     metrics = scrape(agent)
     assert metrics["maglev_bridge_maintenance"] == [({}, 1)]
     assert metrics["maglev_bridge_maintenance_since_timestamp_seconds"] == [({}, 1_700_000_000.5)]
