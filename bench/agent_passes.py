@@ -69,7 +69,7 @@ def replay(config: Config, entries: dict[str, list[dict[str, Any]]], changes: in
         outcome = agent.sync(label, full=full)
         timings.setdefault(label, []).append(time.perf_counter() - t0)
         if outcome is None or outcome.failed:
-            raise SystemExit(f"{label}: {agent.last_error or [s for s in outcome.steps if s.error][:3]}")
+            raise SystemExit(f"{label}: {agent.record.last_error or [s for s in outcome.steps if s.error][:3]}")
 
     timed("first full pass (builds all)", True)
     for _ in range(3):

@@ -29,6 +29,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from bridge import version
 from bridge.agent.reconcile import Reconciler, Stage
+from bridge.agent.record import PassRecord
 from bridge.agent.state_file import RETRY_SECONDS as STATE_RETRY_SECONDS
 from bridge.agent.state_file import StateFile
 from bridge.agent.trigger import Request, Trigger
@@ -38,14 +39,10 @@ from bridge.core.live import LiveState
 from bridge.core.memory import Memory
 from bridge.core.model import DesiredState, Rejection
 from bridge.core.outcome import PassOutcome
-from bridge.dataplane.kernel import ApplyError
 from bridge.inspect.metrics import Metrics
-from bridge.inspect.text import rejections_text
 
 log = logging.getLogger("maglev-bridge")
 logging.getLogger("apscheduler").setLevel(logging.WARNING)
-RETRY_SECONDS = 5.0
-RETRY_MAX = 300.0
 LIVE_KEYS = frozenset({"vip_cidrs", "tunnel_map", "local_address", "fou_port", "drain_timeout", "resync_interval",
                        "default_flags", "default_allow", "warning_serves", "mh_table_size"})
 """What SIGHUP changes in a running agent: what each pass reads from the configuration. Everything else
@@ -66,22 +63,7 @@ class Agent:
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.state_file = StateFile(reconciler.config.state_file)
         self._stopping = threading.Event()
-        self.synced = False
-        self._said_waiting = False
-        self.last_error: str | None = None
-        self.last_pass_at: float | None = None
-        self.last_pass: dict[str, Any] | None = None
-        """What the last pass was: full or how many services it was scoped to, its duration, its operations."""
-        self.passes = 0
-        self.errors = 0
-        """Passes that failed with an exception, since start."""
-        self._failures = 0
-        self.last_failure: dict[str, Any] | None = None
-        self._rejected: tuple[Rejection, ...] = ()
-        self.catalog_at: float | None = None
-        """When the last complete catalog was read: its age is how stale a fail-static director is."""
-        self.desired: DesiredState | None = None
-        """The last pass's desired state (its weights are what /metrics compares the kernel's with)."""
+        self.record = PassRecord()
         self.metrics = Metrics()
         self.metrics.watch(self)
 
@@ -100,11 +82,11 @@ class Agent:
         """One pass, and the boundary no exception crosses: whatever goes wrong in a stage is logged with
         the stage (and the service, when the desired state names it), counted, shown in /health, and the
         pass is retried with backoff; the kernel keeps what it has (fail static)."""
-        stage = Stage("catalog snapshot")
+        request, stage = Request(reason, full), Stage("catalog snapshot")
         try:
-            return self._sync(Request(reason, full), stage)
+            return self._sync(request, stage)
         except Exception as exc:
-            self._pass_failed(Request(reason, full), stage.name, exc)
+            self._pass_failed(request, stage.name, exc)
             return None
 
     def _sync(self, request: Request, stage: Stage) -> PassOutcome | None:
@@ -112,16 +94,11 @@ class Agent:
         try:
             snapshot = self.source.snapshot()
         except CatalogUnavailable as exc:
-            self.last_error = f"catalog unavailable: {exc}"
+            self.record.unavailable(reason, exc)
             self.trigger.carry_over(request)
-            if self.synced:
-                log.warning("%s: catalog unavailable, keeping the kernel as it is: %s", reason, exc)
-            elif not self._said_waiting:
-                log.info("waiting for a complete catalog before the first pass: %s", exc)
-                self._said_waiting = True
             return None
         now = time.time()
-        self.catalog_at = now
+        self.record.catalog_at = now
         started = time.monotonic()
         memory = self.state_file.memory
         if memory is None:
@@ -131,27 +108,14 @@ class Agent:
         self.state_file.memory = done.memory
         outcome = done.outcome
         stage.name = "report"
-        whole = done.scope is None
-        self.metrics.observe(whole, time.monotonic() - started, len(outcome.steps), len(outcome.failed))
-        self.desired = outcome.desired or self.desired
-        self.synced = True
-        self.last_error = None
-        self._failures = self._failures + 1 if outcome.failed else 0
-        self.last_pass_at = now
-        self.passes += 1
-        self._log(reason, outcome)
-        self.last_pass = {"reason": reason, "scope": "full" if whole else f"{done.scope} virtual service(s)",
-                          "milliseconds": round(1000 * (time.monotonic() - started), 1),
-                          "operations": len(outcome.steps), "failed": len(outcome.failed),
-                          "rejected": len(outcome.rejected)}
-        rejections_changed = outcome.rejected != self._rejected
-        self._rejected = outcome.rejected
+        self.metrics.observe(done.scope is None, time.monotonic() - started, len(outcome.steps), len(outcome.failed))
+        rejections_changed = self.record.done(reason, outcome, done.scope, started, now)
         if outcome.steps or full or rejections_changed:
             stage.name = "state save"
             if not self.state_file.save(outcome.report(now)):
                 self._retry_save()
         if outcome.failed:
-            self._retry_in(self._retry_delay())
+            self._retry_in(self.record.retry_delay())
         stage.name = "drain schedule"
         self._schedule_drain()
         return outcome
@@ -164,25 +128,10 @@ class Agent:
         """The state file is retried every STATE_RETRY_SECONDS and after every pass until a save succeeds."""
         self._at(_after(STATE_RETRY_SECONDS), "state-save", self._flush_state)
 
-    def _retry_delay(self) -> float:
-        """One backoff for a pass that raised and one whose operations failed: an operation that fails for
-        good (someone's nftables rule holding the agent's set) must not cost a full pass, a full kernel
-        read and a failing transaction every 5 s forever."""
-        return min(RETRY_SECONDS * 2.0 ** (self._failures - 1), RETRY_MAX)
-
     def _pass_failed(self, request: Request, stage: str, exc: Exception) -> None:
         """Count and show the failure; the next pass reads everything again (it may have applied part of
         its operations) and follows after a backoff that grows while the failure repeats."""
-        self.errors += 1
-        self._failures += 1
-        message = f"{stage}: {exc.__class__.__name__}: {exc}"
-        self.last_error = f"pass failed in {message}"
-        self.last_failure = {"at": time.time(), "reason": request.reason, "stage": stage, "error": message}
-        delay = self._retry_delay()
-        if isinstance(exc, ApplyError | OSError):
-            log.error("%s: pass failed in %s, retrying in %.0f s: %s", request.reason, stage, delay, exc)
-        else:
-            log.exception("%s: pass failed in %s, retrying in %.0f s", request.reason, stage, delay)
+        delay = self.record.failed(request.reason, stage, exc)
         self.trigger.carry_over(request)
         self.trigger.want_full()
         self.reconciler.failed()
@@ -199,23 +148,6 @@ class Agent:
 
     def _retry_in(self, seconds: float) -> None:
         self._at(_after(seconds), "retry", self.trigger.request, "retry")
-
-    def _log(self, reason: str, outcome: PassOutcome) -> None:
-        new = set(outcome.rejected) - set(self._rejected)
-        for line in rejections_text([r for r in outcome.rejected if r in new]):
-            log.warning("%s: %s", reason, line.strip())
-        if not outcome.steps:
-            log.info("%s: nothing to change", reason)
-            return
-        verb = "applied" if outcome.applied else "shadow mode, would run"
-        log.info("%s: %s %d operation(s)", reason, verb, len(outcome.steps))
-        for note in outcome.notes:
-            log.info("  note: %s", note)
-        for step in outcome.steps:
-            if step.error:
-                log.error("  FAILED %s: %s", step.description, step.error)
-            else:
-                log.info("  %s", step.description)
 
     def _schedule_drain(self) -> None:
         now = time.time()
@@ -237,7 +169,12 @@ class Agent:
     @property
     def rejected(self) -> tuple[Rejection, ...]:
         """The claims the last pass refused."""
-        return self._rejected
+        return self.record.rejected
+
+    @property
+    def desired(self) -> DesiredState | None:
+        """The last pass's desired state."""
+        return self.record.desired
 
     def shadow_state(self) -> LiveState | None:
         """Shadow mode's model of what /metrics reads from the kernel (the IPVS table, announced VIPs, the
@@ -248,24 +185,25 @@ class Agent:
         """For /health and status: ready only after the first complete pass."""
         catalog = self.source.state()
         role = self.reconciler.health()
+        record = self.record
         return {
             "maintenance": role.maintenance,
             "announcing": role.announcing,
-            "ready": self.synced,
-            "degraded": self.last_error is not None or self.state_file.error is not None
+            "ready": record.synced,
+            "degraded": record.last_error is not None or self.state_file.error is not None
                         or bool(role.failures) or not catalog.get("ok", True),
-            "synced": self.synced,
+            "synced": record.synced,
             "role": self.config.role,
             "version": version(),
             "dataplane": self.config.dataplane,
-            "passes": self.passes,
-            "last_pass_at": self.last_pass_at,
-            "last_pass": self.last_pass,
-            "last_error": self.last_error,
-            "fail_static": self.synced and self.last_error is not None,
-            "catalog_at": self.catalog_at,
+            "passes": record.passes,
+            "last_pass_at": record.last_pass_at,
+            "last_pass": record.last_pass,
+            "last_error": record.last_error,
+            "fail_static": record.synced and record.last_error is not None,
+            "catalog_at": record.catalog_at,
             "pending_services": role.pending,
-            "errors": {"passes_failed": self.errors, "last": self.last_failure,
+            "errors": {"passes_failed": record.errors, "last": record.last_failure,
                        "services": dict(sorted(role.failures.items())[:20])},
             "catalog": catalog,
             "state_file": self.state_file.health(),

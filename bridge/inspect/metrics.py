@@ -52,7 +52,9 @@ class Observed(Protocol):
     tools never import the agent that serves them."""
 
     config: Config
-    desired: DesiredState | None
+
+    @property
+    def desired(self) -> DesiredState | None: ...
 
     @property
     def memory(self) -> Memory: ...
