@@ -16,6 +16,7 @@ import statistics
 import time
 from typing import Any
 
+from bridge.agent.director import DirectorReconciler
 from bridge.agent.shell import Agent
 from bridge.catalog.consul_format import snapshot_from_services
 from bridge.core.config import Config
@@ -60,7 +61,7 @@ def replay(config: Config, entries: dict[str, list[dict[str, Any]]], changes: in
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    agent = Agent(config, source)  # type: ignore[arg-type]
+    agent = Agent(DirectorReconciler(config), source)  # type: ignore[arg-type]
     timings: dict[str, list[float]] = {}
 
     def timed(label: str, full: bool) -> None:
@@ -68,7 +69,7 @@ def replay(config: Config, entries: dict[str, list[dict[str, Any]]], changes: in
         outcome = agent.sync(label, full=full)
         timings.setdefault(label, []).append(time.perf_counter() - t0)
         if outcome is None or outcome.failed:
-            raise SystemExit(f"{label}: {agent.last_error or [s for s in outcome.steps if s.error][:3]}")
+            raise SystemExit(f"{label}: {agent.record.last_error or [s for s in outcome.steps if s.error][:3]}")
 
     timed("first full pass (builds all)", True)
     for _ in range(3):

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.agent_passes import StaticSource  # noqa: E402
+from bridge.agent.director import DirectorReconciler  # noqa: E402
 from bridge.agent.shell import Agent  # noqa: E402
 from bridge.core.live import LiveService  # noqa: E402
 from bridge.inspect.metrics import BACKEND_FAMILIES, BACKEND_PREFIX, backend_text  # noqa: E402
@@ -77,7 +78,7 @@ def main() -> None:
     logging.getLogger("maglev-bridge").setLevel(logging.WARNING)
     with TemporaryDirectory() as tmp:
         config = replace(CONFIG, dataplane="shadow", local_address="192.0.2.1", state_file=f"{tmp}/state.json")
-        agent = Agent(config, StaticSource(catalog()))  # type: ignore[arg-type]
+        agent = Agent(DirectorReconciler(config), StaticSource(catalog()))  # type: ignore[arg-type]
         start = time.perf_counter()
         agent.sync("start", full=True)
         full_pass = time.perf_counter() - start

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from bridge.agent.director import DirectorReconciler
 from bridge.agent.shell import Agent
 from bridge.catalog.consul_format import snapshot_from_services
 from bridge.core.keys import DestKey, ServiceKey
@@ -35,7 +36,7 @@ def web(n: int, status: str = "passing") -> dict[str, Any]:
 def shadow_agent(tmp_path, source: Catalog) -> Agent:
     config = replace(CONFIG, dataplane="shadow", local_address="192.0.2.1", state_file=str(tmp_path / "state.json"),
                      link_prefix="mgltest")
-    return Agent(config, source)  # type: ignore[arg-type]
+    return Agent(DirectorReconciler(config), source)  # type: ignore[arg-type]
 
 
 def test_one_health_change_is_a_small_pass_with_one_operation(tmp_path):
@@ -48,7 +49,7 @@ def test_one_health_change_is_a_small_pass_with_one_operation(tmp_path):
     assert small is not None and [s.description for s in small.steps] == [
         SetDest(ServiceKey("198.51.100.8", 80, "tcp"), "203.0.113.17", 80, 0).describe()]
     assert not small.applied, "shadow mode never claims to have applied anything"
-    last = agent.state()["last_pass"]
+    last = agent.health()["last_pass"]
     assert (last["scope"], last["operations"], last["reason"]) == ("1 virtual service(s)", 1, "consul: svc-7 changed")
     assert agent.sync("resync", full=True).steps == ()
     assert agent.sync("consul: nothing new", full=False).steps == ()
@@ -86,8 +87,8 @@ class Unavailable(Catalog):
 def test_a_pass_without_a_catalog_leaves_its_full_request_pending(tmp_path):
     source = Unavailable()
     agent = shadow_agent(tmp_path, source)
-    agent.request("start")
-    assert agent.sync(*agent._take_request()) is None
+    agent.trigger.request("start")
+    assert agent.sync(*agent.trigger.take()) is None
     source.ready = True
-    agent.catalog_changed("consul: svc-1 changed")
-    assert agent._take_request() == ("start, consul: svc-1 changed", True)
+    agent.trigger.request("consul: svc-1 changed", full=False)
+    assert agent.trigger.take() == ("start, consul: svc-1 changed", True)

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from bridge.agent.director import DirectorReconciler
 from bridge.agent.shell import Agent
 from bridge.core.config import Config, ConfigError
 from tests.test_agent_passes import Catalog, web
@@ -17,22 +18,22 @@ from tests.test_diff import CONFIG
 
 def agent_with(tmp_path, reload) -> Agent:
     config = replace(CONFIG, dataplane="shadow", local_address="192.0.2.1", state_file=str(tmp_path / "state.json"))
-    return Agent(config, Catalog([web(1)]), reload)  # type: ignore[arg-type]
+    return Agent(DirectorReconciler(config), Catalog([web(1)]), reload)  # type: ignore[arg-type]
 
 
 def test_live_keys_take_effect_and_the_others_wait_for_a_restart(tmp_path, caplog):
     agent = agent_with(tmp_path, lambda: new)
     new = replace(agent.config, drain_timeout=5.0, vip_cidrs=(ipaddress.IPv4Network("198.51.100.0/25"),),
                   http_bind="127.0.0.1:1", role="backend")
-    book = agent.book
+    book = agent.reconciler.book
     with caplog.at_level(logging.INFO, logger="maglev-bridge"):
         agent.reload_config()
     assert agent.config.drain_timeout == 5.0 and str(agent.config.vip_cidrs[0]) == "198.51.100.0/25"
     assert agent.config.http_bind == CONFIG.http_bind and agent.config.role == "director"
-    assert agent.book is not book, "the desired state is computed again under the new configuration"
+    assert agent.reconciler.book is not book, "the desired state is computed again under the new configuration"
     assert "changed key(s) role, http_bind need a restart" in caplog.text
     assert "now in effect: vip_cidrs, drain_timeout" in caplog.text
-    assert agent._take_request() == ("configuration reloaded", True)
+    assert agent.trigger.take() == ("configuration reloaded", True)
 
 
 @pytest.mark.parametrize(("error", "said"), [

@@ -10,11 +10,13 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
+from bridge.agent.backend import BackendReconciler
+from bridge.agent.director import DirectorReconciler
 from bridge.agent.http import serve
 from bridge.agent.reconcile import SKIPPED, director_pass
 from bridge.agent.shell import Agent
 from bridge.core.announce import Announcing
-from bridge.core.config import BgpConfig
+from bridge.core.config import BgpConfig, Config
 from bridge.core.desired import compute_desired
 from bridge.core.live import LiveState
 from bridge.core.memory import Memory
@@ -45,13 +47,16 @@ class Flaky(ShadowKernel):
                 yield result
 
 
-def director(tmp_path, source: Catalog, dataplane: ShadowKernel | None = None) -> Agent:
-    config = replace(CONFIG, local_address="192.0.2.1", state_file=str(tmp_path / "state.json"),
-                     link_prefix="mgltest", http_bind=f"127.0.0.1:{free_port()}",
-                     bgp=BgpConfig(TABLE, str(tmp_path / "maintenance")))
-    agent = Agent(config, source)  # type: ignore[arg-type]
-    agent._dataplane = dataplane if dataplane is not None else ShadowKernel()
-    return agent
+def director_config(tmp_path) -> Config:
+    return replace(CONFIG, local_address="192.0.2.1", state_file=str(tmp_path / "state.json"), link_prefix="mgltest",
+                   http_bind=f"127.0.0.1:{free_port()}", bgp=BgpConfig(TABLE, str(tmp_path / "maintenance")))
+
+
+def director(tmp_path, source: Catalog, dataplane: ShadowKernel | None = None, **changes) -> Agent:
+    """A director agent on a model kernel; `changes` to its configuration."""
+    reconciler = DirectorReconciler(replace(director_config(tmp_path), **changes))
+    reconciler.dataplane = dataplane if dataplane is not None else ShadowKernel()
+    return Agent(reconciler, source)  # type: ignore[arg-type]
 
 
 def steps(outcome) -> list[str]:
@@ -59,23 +64,23 @@ def steps(outcome) -> list[str]:
 
 
 def announced(agent: Agent) -> set[str]:
-    assert isinstance(agent._dataplane, ShadowKernel)
-    return agent._dataplane.announced
+    assert isinstance(agent.reconciler.dataplane, ShadowKernel)
+    return agent.reconciler.dataplane.announced
 
 
 def test_the_first_full_pass_announces_every_served_vip_as_its_last_operations(tmp_path):
     agent = director(tmp_path, Catalog([web(1), web(2)]))
     outcome = agent.sync("start", full=True)
     assert steps(outcome)[-2:] == [Announce(vip, TABLE).describe() for vip in ("198.51.100.2", "198.51.100.3")]
-    assert announced(agent) == {"198.51.100.2", "198.51.100.3"} and agent.gate_open
+    assert announced(agent) == {"198.51.100.2", "198.51.100.3"} and agent.reconciler.gate.open
 
 
 def test_a_small_pass_before_any_full_pass_was_applied_announces_nothing(tmp_path):
     source = Catalog([web(1)])
     agent = director(tmp_path, source, Flaky(fails=SetSysctl))
     first = agent.sync("start", full=True)
-    assert first.failed and not agent.gate_open and announced(agent) == set()
-    agent._dataplane.fails = None
+    assert first.failed and not agent.reconciler.gate.open and announced(agent) == set()
+    agent.reconciler.dataplane.fails = None
     source.entries.append(web(2))
     agent.sync("consul: svc-2 changed", full=False)
     assert announced(agent) == set(), "a small pass must not open the gate"
@@ -100,11 +105,12 @@ def test_a_vip_that_loses_its_last_claim_is_withdrawn_first_and_its_service_dele
     source.entries.pop()
     gone = agent.sync("resync", full=True)
     assert steps(gone)[0] == Withdraw("198.51.100.3", TABLE).describe()
-    assert ("198.51.100.3", 80, "tcp") in agent._dataplane.services, "the service drains; it is not deleted yet"
-    desired = agent.book.desired("192.0.2.1")
-    assert agent._memory is not None
-    after = max(agent._memory.drain_deadlines.values()) + 1
-    deleted = plan(desired, agent._dataplane.read(), agent._memory, now=after, drain_timeout=30,
+    kernel = agent.reconciler.dataplane
+    assert ("198.51.100.3", 80, "tcp") in kernel.services, "the service drains; it is not deleted yet"
+    desired = agent.reconciler.book.desired("192.0.2.1")
+    assert agent.state_file.memory is not None
+    after = max(agent.state_file.memory.drain_deadlines.values()) + 1
+    deleted = plan(desired, kernel.read(), agent.state_file.memory, now=after, drain_timeout=30,
                    announce=Announcing(TABLE, desired.vip_routes, True))
     assert DelService(("198.51.100.3", 80, "tcp")) in deleted.ops
     assert not any(isinstance(op, Withdraw | Announce) for op in deleted.ops), "withdrawn long before"
@@ -114,7 +120,7 @@ def test_an_agent_restart_changes_nothing_and_a_failing_first_pass_keeps_what_is
     source = Catalog([web(1), web(2)])
     first = director(tmp_path, source, Flaky())
     first.sync("start", full=True)
-    kernel = first._dataplane
+    kernel = first.reconciler.dataplane
     assert isinstance(kernel, Flaky)
     restarted = director(tmp_path, source, kernel)
     assert restarted.sync("start", full=True).steps == ()
@@ -123,7 +129,7 @@ def test_an_agent_restart_changes_nothing_and_a_failing_first_pass_keeps_what_is
     kernel.fails = SetDest
     source.entries[0] = web(1, "critical")
     failing = again.sync("start", full=True)
-    assert failing.failed and not again.gate_open
+    assert failing.failed and not again.reconciler.gate.open
     assert not any("withdraw" in s for s in steps(failing))
     assert kernel.announced == {"198.51.100.2", "198.51.100.3"}, "fail static: the router sees no change"
 
@@ -132,18 +138,18 @@ def test_maintenance_withdraws_every_vip_and_keeps_ipvs_tunnels_and_sysctls(tmp_
     source = Catalog([web(1), web(2)])
     agent = director(tmp_path, source)
     agent.sync("start", full=True)
-    services = dict(agent._dataplane.services)
-    links = dict(agent._dataplane.links)
+    services = dict(agent.reconciler.dataplane.services)
+    links = dict(agent.reconciler.dataplane.links)
     assert agent.config.bgp is not None
     write_maintenance(agent.config.bgp.maintenance_file, Maintenance("kernel upgrade", 1.0, "ops@lb1"))
-    agent.watch_maintenance()
-    outcome = agent.sync(*agent._take_request())
+    agent.watch(agent.reconciler.maintenance_changed)
+    outcome = agent.sync(*agent.trigger.take())
     assert steps(outcome) == [Withdraw("198.51.100.2", TABLE).describe(), Withdraw("198.51.100.3", TABLE).describe()]
-    assert agent._dataplane.services == services and agent._dataplane.links == links
+    assert agent.reconciler.dataplane.services == services and agent.reconciler.dataplane.links == links
     assert agent.sync("resync", full=True).steps == (), "maintenance survives full passes"
     assert clear_maintenance(agent.config.bgp.maintenance_file)
-    agent.watch_maintenance()
-    reason, full = agent._take_request()
+    agent.watch(agent.reconciler.maintenance_changed)
+    reason, full = agent.trigger.take()
     assert reason == "maintenance off" and full
     agent.sync(reason, full)
     assert announced(agent) == {"198.51.100.2", "198.51.100.3"}
@@ -173,11 +179,10 @@ def test_health_answers_429_in_maintenance_and_says_why(tmp_path):
 def test_a_backend_agent_is_never_in_maintenance_even_with_the_directors_bgp_section(tmp_path):
     """The Nomad job gives both roles one configuration; a backend announces nothing, so its /health must not
     turn to 429 (a warning that holds up a deploy) over a maintenance file on its host."""
-    agent = director(tmp_path, Catalog([web(1)]))
-    agent.config = replace(agent.config, role="backend")
+    agent = Agent(BackendReconciler(replace(director_config(tmp_path), role="backend")), Catalog([web(1)]))  # type: ignore[arg-type]
     assert agent.config.bgp is not None
     write_maintenance(agent.config.bgp.maintenance_file, Maintenance("kernel upgrade", 1.0, "ops@lb1"))
-    state = agent.state()
+    state = agent.health()
     assert state["maintenance"] == {"on": False} and state["announcing"] is None
 
 
@@ -198,8 +203,7 @@ def test_sysctl_drift_is_repaired_and_unlisted_sysctls_are_never_touched():
 
 
 def test_without_a_bgp_section_the_announce_table_is_never_touched(tmp_path):
-    agent = director(tmp_path, Catalog([web(1)]), ShadowKernel(LiveState(announced=("198.51.100.9",))))
-    agent.config = replace(agent.config, bgp=None)
+    agent = director(tmp_path, Catalog([web(1)]), ShadowKernel(LiveState(announced=("198.51.100.9",))), bgp=None)
     outcome = agent.sync("start", full=True)
     assert not any("announce" in s or "withdraw" in s for s in steps(outcome))
     assert announced(agent) == {"198.51.100.9"}
@@ -257,9 +261,9 @@ def test_a_pass_whose_operations_keep_failing_is_retried_with_the_pass_failures_
         for _ in range(3):
             agent.sync("retry", full=True)
             delays.append(retry_in())
-        agent._dataplane = ShadowKernel(agent._dataplane.read())  # type: ignore[union-attr]
+        agent.reconciler.dataplane = ShadowKernel(agent.reconciler.dataplane.read())  # type: ignore[union-attr]
         agent.sync("retry", full=True)
-        agent._dataplane = Refusing(replace(agent._dataplane.read(), sysctls=()))
+        agent.reconciler.dataplane = Refusing(replace(agent.reconciler.dataplane.read(), sysctls=()))
         agent.sync("sysctl changed by hand", full=True)
         delays.append(retry_in())
     finally:

@@ -77,7 +77,7 @@ def test_passes_are_histograms_full_and_scoped_with_last_success_and_fail_static
     assert metrics["maglev_bridge_sync_proxy_rules_total"] == [({}, 2)]
     assert dict((labels["result"], v) for labels, v in metrics["maglev_bridge_sync_proxy_rules_operations_total"]) \
         == {"ok": 2 + 2 * 2 + 2 * 3 + 1, "failed": 0}  # the director's two sysctls, then as before
-    assert metrics["maglev_bridge_sync_proxy_rules_last_timestamp_seconds"][0][1] == agent.last_pass_at
+    assert metrics["maglev_bridge_sync_proxy_rules_last_timestamp_seconds"][0][1] == agent.record.last_pass_at
     assert metrics["maglev_bridge_fail_static"] == [({}, 0)]
     desired = {labels["remote_address"]: v for labels, v in metrics["maglev_bridge_ipvs_backend_desired_weight"]}
     assert desired == {"203.0.113.11": 0, "203.0.113.12": 1}, "a critical real server is asked for weight 0"
@@ -206,8 +206,8 @@ def test_a_director_exports_its_announced_vips_maintenance_since_when_and_each_a
 
     assert agent.config.bgp is not None
     write_maintenance(agent.config.bgp.maintenance_file, Maintenance("kernel upgrade", 1_700_000_000.5, "ops@lb1"))
-    agent.watch_maintenance()
-    agent.sync(*agent._take_request())
+    agent.watch(agent.reconciler.maintenance_changed)
+    agent.sync(*agent.trigger.take())
     metrics = scrape(agent)
     assert metrics["maglev_bridge_maintenance"] == [({}, 1)]
     assert metrics["maglev_bridge_maintenance_since_timestamp_seconds"] == [({}, 1_700_000_000.5)]

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 import bridge.agent.reconcile
-import bridge.agent.shell
+import bridge.agent.state_file
 import bridge.core.desired
 from bridge.catalog.consul_format import snapshot_from_services
 from bridge.core.desired import DesiredBook
@@ -37,7 +37,7 @@ STAGES = {
     "desired state": (DesiredBook, "desired"),
     "plan and apply": (bridge.agent.reconcile, "plan"),
     "apply": (ShadowKernel, "apply"),
-    "state save": (bridge.agent.shell, "save_state"),
+    "state save": (bridge.agent.state_file, "save_state"),
     "report": (PassOutcome, "report"),
 }
 
@@ -47,7 +47,7 @@ EXPECTED_STAGE = {"apply": "plan and apply", "report": "state save"}
 
 def weights(agent) -> dict[str, int]:
     """What the (model) kernel holds: each VIP's one real server's weight."""
-    return {s.vip: s.real_servers[0].weight for s in agent._dataplane.read(None).services}
+    return {s.vip: s.real_servers[0].weight for s in agent.reconciler.dataplane.read(None).services}
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -61,18 +61,18 @@ def test_an_exception_in_any_stage_is_counted_shown_and_the_agent_goes_on(tmp_pa
         with monkeypatch.context() as patch:
             patch.setattr(*STAGES[stage], boom)
             source.entries[1] = web(1, "critical")
-            agent.request("consul: svc-1 changed", full=False)
-            state = wait_until(lambda: agent.state()["errors"]["last"] and agent.state())
+            agent.trigger.request("consul: svc-1 changed", full=False)
+            state = wait_until(lambda: agent.health()["errors"]["last"] and agent.health())
         assert worker.is_alive()
         assert state["degraded"] and state["errors"]["passes_failed"] == 1
         assert "Boom: injected" in state["errors"]["last"]["error"]
         assert state["errors"]["last"]["stage"] == EXPECTED_STAGE.get(stage, stage)
-        agent.request("retry")
-        wait_until(lambda: not agent.state()["degraded"])
+        agent.trigger.request("retry")
+        wait_until(lambda: not agent.health()["degraded"])
         assert weights(agent) == {"198.51.100.1": 1, "198.51.100.2": 0, "198.51.100.3": 1}, "the change is applied"
     finally:
         agent._stopping.set()
-        agent._wanted.set()
+        agent.trigger.wake()
         worker.join(10)
     assert not worker.is_alive()
 
@@ -101,13 +101,13 @@ def test_a_service_whose_desired_state_cannot_be_computed_keeps_its_kernel_state
     assert outcome is not None
     assert [s.description for s in outcome.steps] == [
         "set real server 203.0.113.12:80 weight 0 in 198.51.100.3:80/tcp"], "svc-1 keeps its kernel state"
-    state = agent.state()
+    state = agent.health()
     assert state["degraded"] and state["errors"]["services"] == {"svc-1": "Boom: injected in svc-1"}
     assert agent.sync("resync").steps == (), "a full pass keeps svc-1's last desired state, too"
     monkeypatch.setattr(TagParser, "parse", real_parse)
     assert [s.description for s in agent.sync("consul: svc-1 changed", full=False).steps] == [
         "set real server 203.0.113.11:80 weight 0 in 198.51.100.2:80/tcp"]
-    assert not agent.state()["degraded"] and agent.state()["errors"]["services"] == {}
+    assert not agent.health()["degraded"] and agent.health()["errors"]["services"] == {}
     agent.close_dataplane()
 
 
@@ -116,7 +116,7 @@ def test_a_service_never_computed_is_not_withdrawn_by_a_full_pass(tmp_path, monk
     agent = shadow_agent(tmp_path, source)
     agent.sync("start")
     restarted = shadow_agent(tmp_path, source)
-    restarted._dataplane = agent._dataplane  # the same (model) kernel, as after a restart of the agent
+    restarted.reconciler.dataplane = agent.reconciler.dataplane  # the same (model) kernel, as after a restart
     real_part = DesiredBook._part
 
     def broken_for_svc_2(self, instances):
@@ -127,7 +127,7 @@ def test_a_service_never_computed_is_not_withdrawn_by_a_full_pass(tmp_path, monk
     monkeypatch.setattr(DesiredBook, "_part", broken_for_svc_2)
     outcome = restarted.sync("start")
     assert outcome is not None and outcome.steps == (), "svc-2's virtual service and tunnel stay"
-    assert restarted.state()["errors"]["services"] == {"svc-2": "Boom: injected"}
+    assert restarted.health()["errors"]["services"] == {"svc-2": "Boom: injected"}
     agent.close_dataplane()
 
 
@@ -138,8 +138,8 @@ def test_an_unexpected_snapshot_is_one_failed_pass_not_a_dead_worker(tmp_path):
 
     agent = shadow_agent(tmp_path, Broken([]))
     assert agent.sync("start") is None
-    assert agent.state()["errors"]["last"]["stage"] == "catalog snapshot"
-    assert agent.state()["last_error"].startswith("pass failed in catalog snapshot: KeyError")
+    assert agent.health()["errors"]["last"]["stage"] == "catalog snapshot"
+    assert agent.health()["last_error"].startswith("pass failed in catalog snapshot: KeyError")
 
 
 class FakeBackendKernel:

@@ -42,7 +42,7 @@ def _status(agent: Agent) -> dict[str, Any]:
     from bridge.inspect.status import read_status
 
     data = read_status(agent.config)
-    data["agent"] = agent.state()
+    data["agent"] = agent.health()
     return data
 
 
@@ -65,8 +65,8 @@ class HttpEndpoint:
         self._runner: web.AppRunner | None = None
 
     async def _health(self, _request: web.Request) -> web.Response:
-        state = self.agent.state()
-        return _json(503 if not state["ready"] else 429 if state["maintenance"]["on"] else 200, state)
+        health = self.agent.health()
+        return _json(503 if not health["ready"] else 429 if health["maintenance"]["on"] else 200, health)
 
     async def _status(self, _request: web.Request) -> web.Response:
         try:

@@ -3,17 +3,22 @@
 The same function serves `apply` (once), `run` (on every change, scoped to what changed, and
 periodically in full) and shadow mode (against a model of the kernel, touching nothing), so what an
 operator tries by hand is what the agent does.
+
+`Reconciler` is what the agent's shell calls, whatever the role: the CLI picks one per process
+(bridge/agent/director.py, bridge/agent/backend.py), so no role branches run in the shell.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from bridge.core.announce import Announcing, announcing
 from bridge.core.config import Config
 from bridge.core.desired import claims_of_node, compute_desired
+from bridge.core.live import LiveState
 from bridge.core.memory import Memory, remember
 from bridge.core.model import DesiredState, Snapshot
 from bridge.core.ops import AddAllow, AddDest, AddService, Announce, FilterOp, Op, OpResult, Scope
@@ -29,6 +34,83 @@ from bridge.files.store import Stored, load_state, save_state
 
 SKIPPED = "skipped: an earlier operation of this pass failed"
 UNFILTERED = "not added: its allow list could not be put in place (filter operation failed)"
+
+
+@dataclass
+class Stage:
+    """Which stage a pass is in, so a failure says where it happened."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What one of the agent's passes did, and the memory to keep. `scope`: how many virtual services a
+    scoped pass covered; None when it covered everything the role owns."""
+
+    outcome: PassOutcome
+    memory: Memory
+    scope: int | None
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Something beside the catalog that a role's passes read, checked every `seconds` by the shell's timer:
+    `changed` returns the reason for a (full) pass when it changed, else None."""
+
+    name: str
+    seconds: float
+    changed: Callable[[], str | None]
+
+
+@dataclass(frozen=True)
+class RoleHealth:
+    """The role's part of /health: maintenance and announcements (a director with a `bgp` section), the
+    virtual services changed but not yet applied, and the services whose desired state or claims could not
+    be computed."""
+
+    maintenance: dict[str, Any]
+    announcing: dict[str, Any] | None
+    pending: int
+    failures: dict[str, str]
+
+
+class Reconciler(Protocol):
+    """One role's passes, as the agent's shell drives them. `config` is what every pass reads; a SIGHUP
+    changes it through `reconfigure`."""
+
+    config: Config
+
+    def reconcile(self, snapshot: Snapshot, memory: Memory, *, full: bool, now: float,
+                  stage: Stage) -> Reconciled:
+        """One pass of the running agent; `stage` is kept current so a failure says where it happened."""
+        ...
+
+    def once(self, snapshot: Snapshot, *, dry_run: bool) -> PassOutcome:
+        """`maglev-bridge apply`: one full pass with a desired state computed afresh, and the state file."""
+        ...
+
+    def failed(self) -> None:
+        """A pass raised: drop what may no longer match the kernel (the next pass is a full one)."""
+        ...
+
+    def reconfigure(self, config: Config) -> None:
+        """SIGHUP's new configuration (only its live keys differ)."""
+        ...
+
+    def close(self) -> None:
+        """Release the kernel; the next pass opens it again."""
+        ...
+
+    def watches(self) -> list[Watch]:
+        """What to check between passes, from now on (called once, at start)."""
+        ...
+
+    def health(self) -> RoleHealth: ...
+
+    def shadow_state(self) -> LiveState | None:
+        """Shadow mode's model of what /metrics reads from the kernel; else None."""
+        ...
 
 
 def director_pass(desired: DesiredState, config: Config, dataplane: Dataplane, memory: Memory, *, apply: bool,

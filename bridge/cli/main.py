@@ -9,14 +9,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from bridge import version
-from bridge.agent.reconcile import apply_once, backend_pass
+from bridge.agent.backend import BackendReconciler
+from bridge.agent.director import DirectorReconciler
+from bridge.agent.reconcile import Reconciler
 from bridge.catalog.consul_format import CatalogFormatError
 from bridge.catalog.file import load_catalog
 from bridge.cli.jobs import add_jobs_commands
 from bridge.core.config import Config, ConfigError, load_config
 from bridge.core.desired import compute_desired
 from bridge.core.model import Snapshot
-from bridge.core.outcome import PassOutcome
 from bridge.dataplane.kernel import ApplyError, open_kernel
 from bridge.files.store import StateLock, StateLocked, recover_state
 from bridge.inspect.explain import ExplainError
@@ -34,6 +35,13 @@ def _config(args: argparse.Namespace) -> Config:
     if getattr(args, "catalog", None):
         config = replace(config, catalog_file=args.catalog)
     return config
+
+
+def _reconciler(config: Config) -> Reconciler:
+    """The role's reconciler, picked once: `apply` runs its one pass, `run` runs its passes."""
+    if config.role == "backend":
+        return BackendReconciler(config)
+    return DirectorReconciler(config)
 
 
 def _snapshot(config: Config) -> Snapshot:
@@ -62,22 +70,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
     agent running on the same state file, `apply` refuses rather than race it for the drain deadlines."""
     config = _config(args)
     snapshot = _snapshot(config)
+    reconciler = _reconciler(config)
     if args.dry_run:
-        outcome = _apply(snapshot, config, dry_run=True)
+        outcome = reconciler.once(snapshot, dry_run=True)
     else:
         with StateLock(config.state_file):
             _, warning = recover_state(config.state_file)
             if warning:
                 logging.getLogger("maglev-bridge").warning("%s", warning)
-            outcome = _apply(snapshot, config, dry_run=False)
+            outcome = reconciler.once(snapshot, dry_run=False)
     print(outcome_text(outcome))
     return EXIT_FAILED if outcome.failed else EXIT_OK
-
-
-def _apply(snapshot: Snapshot, config: Config, *, dry_run: bool) -> PassOutcome:
-    if config.role == "backend":
-        return backend_pass(snapshot, config, dry_run=dry_run)
-    return apply_once(snapshot, config, dry_run=dry_run)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -145,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with StateLock(config.state_file) as lock:
         if lock.note:
             logging.getLogger("maglev-bridge").warning("%s", lock.note)
-        return run_agent(config, reload=lambda: _config(args))
+        return run_agent(_reconciler(config), reload=lambda: _config(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ remote_port, proto) and kube-proxy's sync metrics for passes (`..._sync_full_pro
 `..._sync_partial_...`, `..._sync_proxy_rules_last_timestamp_seconds`, pending changes), all under the
 `maglev_bridge_` namespace so they never collide with node_exporter's own `node_ipvs_*` on the same host.
 
-Everything but the pass histograms is read at scrape time (a custom Collector): the agent's state(), the
+Everything but the pass histograms is read at scrape time (a custom Collector): the agent's health(), the
 IPVS table with its counters, the announced VIPs and the allow lists' drop counters (the kernel's, on
 sockets of the scrape's own; in shadow mode the model the agent would have built), the drain deadlines
 it remembers and the desired weights of its last pass. A histogram is a history, so the reconcile worker
@@ -53,7 +53,9 @@ class Observed(Protocol):
     tools never import the agent that serves them."""
 
     config: Config
-    desired: DesiredState | None
+
+    @property
+    def desired(self) -> DesiredState | None: ...
 
     @property
     def memory(self) -> Memory: ...
@@ -63,7 +65,7 @@ class Observed(Protocol):
 
     def shadow_state(self) -> LiveState | None: ...
 
-    def state(self) -> dict[str, Any]: ...
+    def health(self) -> dict[str, Any]: ...
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "rejection_reason"]
 log = logging.getLogger("maglev-bridge.metrics")
@@ -202,7 +204,7 @@ class AgentCollector:
 
     def collect(self) -> Iterator[Metric]:
         self._table = None
-        state = self.agent.state()
+        state = self.agent.health()
         yield from _agent_metrics(state, self.agent.rejected, self.agent.config.tag_prefix)
         yield from _catalog_metrics(state["catalog"])
         yield from _announce_metrics(state)
@@ -285,7 +287,7 @@ def _catalog_metrics(catalog: dict[str, Any]) -> Iterator[Metric]:
 
 
 def _announce_metrics(state: dict[str, Any]) -> Iterator[Metric]:
-    """Maintenance and the announce gate, for agents whose state() carries them (the bgp: section)."""
+    """Maintenance and the announce gate, for agents whose health() carries them (the bgp: section)."""
     maintenance = state.get("maintenance")
     if maintenance is not None:
         yield _gauge("maintenance", "1 while this director is in maintenance (its VIPs withdrawn)",
