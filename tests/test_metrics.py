@@ -25,6 +25,8 @@ from bridge.catalog.source import CatalogUnavailable
 from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.live import DestStats, LiveAllow, LiveFilter, LiveRealServer, LiveService
 from bridge.core.model import DesiredState, RealServer, Rejection, VirtualService
+from bridge.core.ops import SetSysctl
+from bridge.dataplane.shadow import ShadowKernel
 from bridge.files.maintenance import Maintenance, write_maintenance
 from bridge.inspect.metrics import (
     BACKEND_FAMILIES,
@@ -38,7 +40,7 @@ from bridge.inspect.metrics import (
 from bridge.inspect.status import service_fingerprints
 from tests.catalog_builder import health_entry
 from tests.test_agent_passes import Catalog, shadow_agent, web
-from tests.test_announcements import director
+from tests.test_announcements import Flaky, director
 
 
 def scrape(agent: Any) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -78,6 +80,7 @@ def test_passes_are_histograms_full_and_scoped_with_last_success_and_fail_static
     assert dict((labels["result"], v) for labels, v in metrics["maglev_bridge_sync_proxy_rules_operations_total"]) \
         == {"ok": 2 + 2 * 2 + 2 * 3 + 1, "failed": 0}  # the director's two sysctls, then as before
     assert metrics["maglev_bridge_sync_proxy_rules_last_timestamp_seconds"][0][1] == agent.record.last_pass_at
+    assert agent.record.last_success_at == agent.record.last_pass_at
     assert metrics["maglev_bridge_fail_static"] == [({}, 0)]
     desired = {labels["remote_address"]: v for labels, v in metrics["maglev_bridge_ipvs_backend_desired_weight"]}
     assert desired == {"203.0.113.11": 0, "203.0.113.12": 1}, "a critical real server is asked for weight 0"
@@ -227,3 +230,20 @@ def test_drops_are_the_named_counters_packets_per_virtual_service():
          {"local_address": "198.51.100.9", "local_port": "53", "proto": "udp"}, 0)], "no counter, no series"
     (unread,) = text_string_to_metric_families(reference_text(list(filter_metrics(None))))
     assert unread.samples == []
+
+
+def test_the_last_sync_timestamp_stays_put_while_passes_complete_with_failed_operations(tmp_path):
+    """kube-proxy's meaning: the last *successful* sync, so `time() - ..._last_timestamp_seconds` grows while a
+    director's passes run but the kernel refuses their operations."""
+    source = Catalog([web(1)])
+    agent = director(tmp_path, source, Flaky(SetSysctl))
+    agent.sync("start", full=True)
+    assert agent.record.last_pass_at is not None and agent.record.last_success_at is None
+    assert "maglev_bridge_sync_proxy_rules_last_timestamp_seconds" not in scrape(agent)
+    agent.reconciler.dataplane = ShadowKernel(agent.reconciler.dataplane.read())  # type: ignore[union-attr]
+    agent.sync("retry", full=True)
+    succeeded = agent.record.last_success_at
+    assert succeeded == agent.record.last_pass_at
+    assert scrape(agent)["maglev_bridge_sync_proxy_rules_last_timestamp_seconds"] == [({}, succeeded)]
+    agent.close_dataplane()
+

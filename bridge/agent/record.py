@@ -26,6 +26,9 @@ class PassRecord:
         self._said_waiting = False
         self.last_error: str | None = None
         self.last_pass_at: float | None = None
+        self.last_success_at: float | None = None
+        """When the last pass without a failed operation or service completed: what kube-proxy's
+        last-sync timestamp means, so an alert on its age also catches passes that run but keep failing."""
         self.last_pass: dict[str, Any] | None = None
         """What the last pass was: full or how many services it was scoped to, its duration, its operations."""
         self.passes = 0
@@ -57,6 +60,8 @@ class PassRecord:
         self.last_error = None
         self._failures = self._failures + 1 if outcome.failed else 0
         self.last_pass_at = now
+        if not outcome.failed and not outcome.failures:
+            self.last_success_at = now
         self.passes += 1
         self._log(reason, outcome)
         self.last_pass = {"reason": reason, "scope": "full" if scope is None else f"{scope} virtual service(s)",

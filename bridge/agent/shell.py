@@ -198,6 +198,7 @@ class Agent:
             "dataplane": self.config.dataplane,
             "passes": record.passes,
             "last_pass_at": record.last_pass_at,
+            "last_success_at": record.last_success_at,
             "last_pass": record.last_pass,
             "last_error": record.last_error,
             "fail_static": record.synced and record.last_error is not None,

@@ -250,9 +250,9 @@ def _agent_metrics(state: dict[str, Any], rejected: tuple[Rejection, ...], tag_p
     yield CounterMetricFamily(f"{NAMESPACE}_sync_proxy_rules_failures", "Passes that failed (kernel kept as it was)",
                               value=state["errors"]["passes_failed"])
     last = GaugeMetricFamily(f"{NAMESPACE}_sync_proxy_rules_last_timestamp_seconds",
-                             "When the last pass completed (Unix time)")
-    if state["last_pass_at"] is not None:
-        last.add_metric([], state["last_pass_at"])
+                             "When the last pass without a failed operation completed (Unix time)")
+    if state["last_success_at"] is not None:
+        last.add_metric([], state["last_success_at"])
     yield last
     yield _gauge("sync_proxy_rules_pending_changes", "Virtual services changed in the catalog and not applied yet",
                  state["pending_services"])
