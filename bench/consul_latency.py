@@ -88,12 +88,12 @@ def node_address(n: int) -> str:
     return f"10.20.{n // 250}.{n % 250 + 1}"
 
 
-def build_instances() -> list[Instance]:
+def build_instances(services: int = SERVICES, instances: int = INSTANCES) -> list[Instance]:
     out = []
-    for v in range(SERVICES):
+    for v in range(services):
         name = f"svc-{v:04d}"
         vip = f"198.51.{96 + v // 250}.{v % 250 + 1}:80"  # 2,000 distinct VIPs inside 198.51.96.0/20
-        for b in range(INSTANCES):
+        for b in range(instances):
             n = (v * 7 + b * 13) % NODES  # distinct nodes within a service
             out.append(Instance(name, f"{name}-{b}", f"node-{n:04d}", node_address(n), 8000 + b, 1 + b % 3, vip))
     return out

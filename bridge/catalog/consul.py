@@ -1,20 +1,35 @@
-"""The Consul catalog source: blocking queries on the service list and on the health of each tagged
-service, following Consul's documented rules for blocking queries.
+"""The Consul catalog source: a fixed number of HTTP connections to the local Consul agent, however many
+services carry the vip tag, following Consul's documented rules for blocking queries.
 
-All watches share one thread running an asyncio loop (py-consul's aiohttp client): a blocking query that
-waits costs nothing but its open connection, so a director watching 2,000 services idles at a re-arm
-per service every `wait` (default 5 minutes, Consul's own default; at most 10). Each health answer is
-turned into `Instance` values once, when it arrives, and unchanged services keep the very same objects,
-which lets the agent's DesiredBook see in a glance which services changed.
+Why not one blocking query per tagged service: each holds a connection, and the local agent allows 200 per
+client address (`limits.http_max_conns_per_client`), shared with Nomad and everything else on 127.0.0.1.
+Consul's streaming backend (`?cached`) spares the servers, not those connections, and no public endpoint
+says which service an index belongs to (`filter` has no selector for ModifyIndex). Measured on Consul
+1.16.3 (docs/consul-watch.md): an address, port or tag edit of an instance moves only the service list's
+index (the checks of an instance are re-written only when its check is sent along and differs), a
+deregistration moves the checks' index without a failing check changing, and a node's address edit moves
+only the node list's index; each of them moves the index of the services involved. So three blocking
+queries ("feeds") say *that*, and sometimes *which*, something changed, and a bounded pool asks only for
+what moved:
 
-Consul counts connections per client address (`limits.http_max_conns_per_client`, default 200): the
-agent holds one per tagged service plus one, so a director with more tagged services needs that limit
-raised on its local Consul agent; a refusal (429) says so.
+* the service list (`/v1/catalog/services`): which services are tagged; any answer starts a sweep;
+* the failing checks (`/v1/health/state/any?filter=Status != "passing"`, small in a healthy fleet): a
+  check that starts or stops failing, of an instance or of a node, names the services to fetch at once,
+  which keeps health changes as fast as a watch of their own;
+* the node list, filtered to nothing (`/v1/catalog/nodes`): only its index, which moves when a node's
+  address changes; a move starts a sweep.
+
+A sweep asks every tagged service for its index alone (`/v1/health/service/<name>` filtered to nothing:
+an empty body) and fetches the services whose index moved. Sweeps never overlap, rest four times as long
+as the last one took, and at most `max_connections - 3` requests are open at once (one of them kept free
+of sweeps for the failing-check fetches). Each health answer is turned into `Instance` values once, when
+it arrives, and an answer that folds to the same instances keeps the very same objects, which lets the
+agent's DesiredBook see in a glance which services changed.
 
 * The index is reset to 0 when it goes backwards and never sent below 1; a return is not assumed to be
   a change (the content is compared).
-* Each watch is rate-limited by a small token bucket, and `wait` carries jitter.
-* Errors never empty the catalog: the last good answer of every watch is kept (fail static) and the
+* Each feed is rate-limited by a small token bucket, and `wait` carries jitter.
+* Errors never empty the catalog: the last good answer of every service is kept (fail static) and the
   source reports itself degraded, retrying with capped exponential backoff.
 """
 
@@ -27,7 +42,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -39,17 +54,24 @@ import consul.base
 import requests
 
 from bridge import clients
-from bridge.catalog.consul_format import WHOLE_SERVICE, CatalogFormatError, parse_service
+from bridge.catalog.consul_format import WHOLE_SERVICE, CatalogFormatError, CheckState, parse_checks, parse_service
 from bridge.catalog.source import CatalogUnavailable, OnChange
-from bridge.core.config import Config, ConsulConfig
+from bridge.core.config import CONSUL_FEEDS, Config, ConsulConfig
 from bridge.core.model import Instance, Rejection, Snapshot
 from bridge.core.printable import printable
 
 log = logging.getLogger("maglev-bridge.consul")
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
-MAX_CONNECTIONS = 1 << 20
-"""aiohttp's default pool holds 100 connections; every watch needs its own for as long as it blocks."""
+FEEDS = CONSUL_FEEDS
+FAILING = 'Status != "passing"'
+NO_NODE = 'Node == ""'
+"""Filters that match no entry: the answer is `[]` and only its index says anything (nodes always have names)."""
+NO_INSTANCE = 'Node.Node == ""'
+READ_TIMEOUT = 30.0
+SWEEP_REST = 4.0
+"""After a sweep the next one waits four times as long as the last took: sweeps use at most a fifth of the
+time, however busy the rest of the catalog is."""
 
 
 class ConsulAccessError(RuntimeError):
@@ -134,8 +156,9 @@ def _parser(path: str) -> Callable[[Any], tuple[int, str]]:
             raise ConsulAccessError(f"{path}: 403 {clients.summarize_body(response.body)}")
         if response.code == 429:
             raise TooManyRequests(
-                f"{path}: 429 too many connections from this address; the agent holds one blocking query per "
-                "tagged service plus one: raise limits.http_max_conns_per_client on the local Consul agent")
+                f"{path}: 429 too many connections from this address: lower consul.max_connections or raise "
+                "limits.http_max_conns_per_client on the local Consul agent (other clients on this address, "
+                "Nomad among them, count too)")
         if response.code in (400, 404, 405):
             raise UnreadableName(f"{path}: {response.code}")
         if response.code >= 400:
@@ -148,7 +171,7 @@ def _parser(path: str) -> Callable[[Any], tuple[int, str]]:
 
 
 async def blocking_get(client: consul.aio.Consul, path: str, index: int, wait: str,
-                       timeout: float) -> tuple[int, str]:
+                       timeout: float, query_filter: str | None = None) -> tuple[int, str]:
     """The index and the raw body: Consul's JSON is deterministic, so most re-arms (a wait that ran out
     with nothing changed) are recognised by comparing text, without decoding it. Uncompressed: the agent
     talks to its local Consul, where gzip costs both sides CPU and saves nothing."""
@@ -159,6 +182,8 @@ async def blocking_get(client: consul.aio.Consul, path: str, index: int, wait: s
         params += [("index", index), ("wait", wait)]
     if client.consistency == "stale":
         params.append(("stale", "1"))
+    if query_filter:
+        params.append(("filter", query_filter))
     headers = {**client.prepare_headers(), "Accept-Encoding": "identity"}
     result: tuple[int, str] = await client.http.get(_parser(path), path, params=params, headers=headers,
                                                     connections_timeout=timeout)
@@ -183,19 +208,22 @@ class _ServerNameHTTPClient(consul.aio.HTTPClient):  # type: ignore[misc]
 
 
 class _AsyncConsul(consul.aio.Consul):  # type: ignore[misc]
-    def __init__(self, server_name: str | None, **kwargs: Any) -> None:
+    def __init__(self, server_name: str | None, connections: int, **kwargs: Any) -> None:
         self.server_name = server_name
+        self.connections = connections
         super().__init__(**kwargs)
 
     def http_connect(self, host: str, port: int, scheme: str, verify: bool | str = True, cert: Any = None) -> Any:
-        return _ServerNameHTTPClient(host, port, scheme, verify=verify, cert=cert, connections_limit=MAX_CONNECTIONS,
+        return _ServerNameHTTPClient(host, port, scheme, verify=verify, cert=cert, connections_limit=self.connections,
                                      server_name=self.server_name)
 
 
 def make_async_client(config: ConsulConfig) -> consul.aio.Consul:
-    """Inside the watch loop (aiohttp sessions belong to a running loop)."""
+    """Inside the watch loop (aiohttp sessions belong to a running loop). Its pool never opens more than
+    `max_connections`, idle keep-alive connections included."""
     options = _client_options(config)
-    client: consul.aio.Consul = _with_token(_AsyncConsul(config.tls_server_name, **options), options["token"])
+    client: consul.aio.Consul = _with_token(_AsyncConsul(config.tls_server_name, config.max_connections, **options),
+                                            options["token"])
     return client
 
 
@@ -223,10 +251,11 @@ def error_kind(exc: Exception) -> str:
 
 
 class Watch:
-    """One blocking query as an asyncio task, calling `fetch(index, wait)` until cancelled."""
+    """One blocking query as an asyncio task, calling `fetch(index, wait)` until cancelled; `on_result` gets
+    whether the index moved and the body."""
 
     def __init__(self, name: str, fetch: Callable[[int, str], Awaitable[tuple[int, str]]],
-                 on_result: Callable[[str], None], on_error: Callable[[str, Exception], None],
+                 on_result: Callable[[bool, str], None], on_error: Callable[[str, Exception], None],
                  wait_seconds: float) -> None:
         self.name = name
         self.fetch = fetch
@@ -253,37 +282,51 @@ class Watch:
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_START
+            moved = index != self.index
             self.index = next_index(self.index, index)
             try:
-                self.on_result(data)
+                self.on_result(moved, data)
             except Exception as exc:  # a bug must not end the watch silently: report it and keep watching
                 log.exception("%s: the answer could not be taken in", printable(self.name))
                 self.on_error(self.name, exc)
 
 
 class ConsulSource:
-    """Watches the service list for tagged services and the health of each of them."""
+    """Watches the tagged services' health through three change feeds and a bounded pool of reads."""
 
     def __init__(self, config: Config) -> None:
         assert config.consul is not None
         self.consul_config = config.consul
         self.vip_tag = f"{config.tag_prefix}.vip"
         self.wait_seconds = self.consul_config.wait_seconds
+        self.pool_size = self.consul_config.max_connections - FEEDS
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._client: consul.aio.Consul | None = None
         self._tagged: set[str] | None = None
         self._instances: dict[str, tuple[Instance, ...]] = {}
         self._rejected: dict[str, tuple[Rejection, ...]] = {}
-        self._bodies: dict[str, str] = {}
+        self._indexes: dict[str, int] = {}
+        """Each service's index at its last answer that was taken in; a sweep fetches it again when it moves."""
+        self._unreadable: set[str] = set()
+        self._failing: dict[tuple[str, str], CheckState] | None = None
+        self._fetching: set[str] = set()
+        self._again: set[str] = set()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self._sweep_wanted: asyncio.Event | None = None
         self._errors: dict[str, str] = {}
         self._error_counts: Counter[str] = Counter()
         self._on_change: OnChange = lambda reason: None
         self._stopped = threading.Event()
+        self._in_use = 0
+        self._peak = 0
         self.changes = 0
+        self.sweeps = 0
+        self.reads = 0
 
-    # ---- watches (all on the loop thread) --------------------------------------------------------
+    # ---- feeds (all on the loop thread) ----------------------------------------------------------
 
     def start(self, on_change: OnChange) -> None:
         self._on_change = on_change
@@ -310,30 +353,69 @@ class ConsulSource:
 
     async def _main(self) -> None:
         self._client = make_async_client(self.consul_config)
-        services = Watch("services", partial(self._get, "/v1/catalog/services"), self._on_services, self._on_error,
-                         self.wait_seconds)
-        self._tasks["services"] = asyncio.create_task(services.run())
+        self._slots = asyncio.Semaphore(self.pool_size)
+        self._sweep_wanted = asyncio.Event()
+        self._failing = None
+        feeds = (
+            Watch("services", partial(self._get, "/v1/catalog/services", None), self._on_services, self._on_error,
+                  self.wait_seconds),
+            Watch("checks", partial(self._get, "/v1/health/state/any", FAILING), self._on_failing_checks,
+                  self._on_error, self.wait_seconds),
+            Watch("nodes", partial(self._get, "/v1/catalog/nodes", NO_NODE), self._on_nodes, self._on_error,
+                  self.wait_seconds),
+        )
+        with self._lock:
+            for feed in feeds:
+                self._tasks[feed.name] = asyncio.create_task(feed.run())
+        sweeper = asyncio.create_task(self._sweep_forever())
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             pass
         finally:
-            for task in self._tasks.values():
+            with self._lock:
+                tasks = [*self._tasks.values(), *self._background, sweeper]
+                self._tasks.clear()
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self._client.close()
 
-    def _get(self, path: str, index: int, wait: str) -> Awaitable[tuple[int, Any]]:
-        """A client-side timeout past Consul's own (wait plus up to wait/16 of jitter) catches a dead peer."""
+    async def _request(self, path: str, index: int, wait: str, timeout: float,
+                       query_filter: str | None) -> tuple[int, str]:
+        """Every request to Consul, counted: `state()` reports the connections in use and the most ever."""
         assert self._client is not None
-        return blocking_get(self._client, path, index, wait, self.wait_seconds * 1.1 + 15)
+        self._in_use += 1
+        self._peak = max(self._peak, self._in_use)
+        try:
+            return await blocking_get(self._client, path, index, wait, timeout, query_filter)
+        finally:
+            self._in_use -= 1
+
+    def _get(self, path: str, query_filter: str | None, index: int, wait: str) -> Awaitable[tuple[int, str]]:
+        """A feed's blocking query. A client-side timeout past Consul's own (wait plus up to wait/16 of
+        jitter) catches a dead peer."""
+        return self._request(path, index, wait, self.wait_seconds * 1.1 + 15, query_filter)
+
+    async def _read(self, path: str, query_filter: str | None = None) -> tuple[int, str]:
+        """A plain read through the pool: at most `pool_size` at once."""
+        assert self._slots is not None
+        async with self._slots:
+            self.reads += 1
+            return await self._request(path, 0, "", READ_TIMEOUT, query_filter)
 
     def _is_tagged(self, tags: Any) -> bool:
         """Whatever shape a service's tag list has: anything but a list of strings is no tag of ours."""
         return isinstance(tags, list) and any(
             isinstance(t, str) and (t == self.vip_tag or t.startswith(self.vip_tag + "=")) for t in tags)
 
-    def _on_services(self, body: str) -> None:
+    def _want_sweep(self) -> None:
+        assert self._sweep_wanted is not None
+        self._sweep_wanted.set()
+
+    def _on_services(self, moved: bool, body: str) -> None:
+        """Every answer starts a sweep, the re-arm after `wait` too: what a feed could not say is found
+        within one `wait` whatever happens."""
         try:
             services: Any = json.loads(body)
         except ValueError as exc:
@@ -346,55 +428,163 @@ class ConsulSource:
         with self._lock:
             first = self._tagged is None
             self._errors.pop("services", None)
-            known = set(self._tasks) - {"services"}
-            added = tagged - known
-            removed = known - tagged
+            removed = (self._tagged or set()) - tagged
             self._tagged = tagged
             for name in removed:
-                self._tasks.pop(name).cancel()
-                self._bodies.pop(name, None)
-                self._instances.pop(name, None)
-                self._rejected.pop(name, None)
+                for table in (self._instances, self._rejected, self._indexes):
+                    table.pop(name, None)
+                self._unreadable.discard(name)
                 self._errors.pop(f"health:{name}", None)
-        for name in sorted(added):
-            watch = Watch(f"health:{name}", partial(self._get, f"/v1/health/service/{name}"),
-                          partial(self._on_health, name), partial(self._on_health_error, name), self.wait_seconds)
-            self._tasks[name] = asyncio.create_task(watch.run())
+        self._want_sweep()
         if removed:
             self._changed(f"consul: services no longer tagged: {', '.join(printable(n) for n in sorted(removed))}")
         elif first and not tagged:
             self._changed("consul: no tagged services")
 
-    def _on_health(self, name: str, body: str) -> None:
+    def _on_nodes(self, moved: bool, body: str) -> None:
         with self._lock:
-            self._errors.pop(f"health:{name}", None)
-            if name not in self._tasks or self._bodies.get(name) == body:
-                return
+            self._errors.pop("nodes", None)
+        if moved:
+            self._want_sweep()
+
+    def _on_failing_checks(self, moved: bool, body: str) -> None:
+        """Checks that started or stopped failing, or changed how: their services are fetched at once, and
+        a node's own check means every tagged service with an instance on that node."""
+        try:
+            failing = parse_checks(body)
+        except CatalogFormatError as exc:
+            self._on_error("checks", exc)
+            self._want_sweep()
+            return
+        with self._lock:
+            self._errors.pop("checks", None)
+            before, self._failing = self._failing, failing
+        if before is None:  # a first answer says nothing about what changed before it
+            self._want_sweep()
+            return
+        services: set[str] = set()
+        nodes: set[str] = set()
+        for key in before.keys() | failing.keys():
+            if before.get(key) != failing.get(key):
+                check = failing.get(key) or before[key]
+                if check.ServiceName:
+                    services.add(check.ServiceName)
+                else:
+                    nodes.add(check.Node)
+        with self._lock:
+            if nodes:
+                services.update(name for name, found in self._instances.items()
+                                if any(instance.node in nodes for instance in found))
+            wanted = services & (self._tagged or set())
+        for name in sorted(wanted):
+            self._spawn(self._refresh(name))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- reads through the pool ------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        assert self._sweep_wanted is not None
+        while True:
+            await self._sweep_wanted.wait()
+            self._sweep_wanted.clear()
+            started = time.monotonic()
+            with self._lock:
+                names = iter(sorted((self._tagged or set()) - self._unreadable))
+            await asyncio.gather(*(self._sweep(names) for _ in range(max(1, self.pool_size - 1))))
+            self.sweeps += 1
+            await asyncio.sleep((time.monotonic() - started) * SWEEP_REST)
+
+    async def _sweep(self, names: Iterator[str]) -> None:
+        """One of the sweep's workers (they share `names`): the index of each service alone, and a fetch of
+        those that moved or were never taken in."""
+        for name in names:
+            with self._lock:
+                if name not in (self._tagged or ()):
+                    continue
+                known = self._indexes.get(name)
+            if known is not None:
+                try:
+                    index, _ = await self._read(f"/v1/health/service/{name}", NO_INSTANCE)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the fetch reports it and retries
+                    index = -1
+                if index == known:
+                    continue
+            await self._refresh(name)
+
+    async def _refresh(self, name: str) -> None:
+        """Fetch one service's health until an answer is taken in. One fetch per service at a time: asked
+        again while one is under way, it fetches once more after it."""
+        if name in self._fetching:
+            self._again.add(name)
+            return
+        self._fetching.add(name)
+        backoff = BACKOFF_START
+        try:
+            while self._is_watched(name):
+                self._again.discard(name)
+                try:
+                    index, body = await self._read(f"/v1/health/service/{name}")
+                except asyncio.CancelledError:
+                    raise
+                except UnreadableName as exc:
+                    self._on_unreadable(name, exc)
+                    return
+                except Exception as exc:
+                    self._on_error(f"health:{name}", exc)
+                    await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+                backoff = BACKOFF_START
+                try:
+                    self._on_health(name, index, body)
+                except Exception as exc:  # a bug must not pass silently: the next sweep fetches it again
+                    log.exception("health:%s: the answer could not be taken in", printable(name))
+                    self._on_error(f"health:{name}", exc)
+                if name not in self._again:
+                    return
+        finally:
+            self._fetching.discard(name)
+
+    def _is_watched(self, name: str) -> bool:
+        with self._lock:
+            return name in (self._tagged or ())
+
+    def _on_health(self, name: str, index: int, body: str) -> None:
+        parsed = None
         try:
             parsed = parse_service(name, body)
         except CatalogFormatError as exc:
             self._on_error(f"health:{name}", exc)
-            return
         with self._lock:
-            self._bodies[name] = body
+            if name not in (self._tagged or ()):
+                return
+            self._indexes[name] = index
+            if parsed is None:
+                return
+            self._errors.pop(f"health:{name}", None)
+            if self._instances.get(name) == parsed.instances and self._rejected.get(name) == parsed.rejected:
+                return
             self._instances[name] = parsed.instances
             self._rejected[name] = parsed.rejected
         self._changed(f"consul: {printable(name)} changed")
 
-    def _on_health_error(self, name: str, watch: str, exc: Exception) -> None:
+    def _on_unreadable(self, name: str, exc: Exception) -> None:
         """A service Consul cannot be asked about is rejected whole, and the rest of the catalog goes on."""
-        if not isinstance(exc, UnreadableName):
-            self._on_error(watch, exc)
-            return
         rejection = Rejection(name, WHOLE_SERVICE, "", f"Consul cannot be asked for this service's health by name "
                                                          f"({exc}); rename it to use it")
         with self._lock:
-            if name not in self._tasks:
+            if name not in (self._tagged or ()):
                 return
             changed = self._rejected.get(name) != (rejection,)
             self._instances[name], self._rejected[name] = (), (rejection,)
-            self._bodies.pop(name, None)
-            self._errors.pop(watch, None)
+            self._unreadable.add(name)
+            self._errors.pop(f"health:{name}", None)
         if changed:
             self._changed(f"consul: {printable(name)} cannot be read")
 
@@ -435,6 +625,10 @@ class ConsulSource:
                 "errors": dict(sorted(self._errors.items())[:20]),
                 "tagged_services": len(self._tagged or ()),
                 "watches": len(self._tasks),
+                "connections": {"limit": self.consul_config.max_connections, "in_use": self._in_use,
+                                "most": self._peak},
+                "sweeps": self.sweeps,
+                "reads": self.reads,
                 "error_counts": dict(self._error_counts),
                 "changes": self.changes,
             }

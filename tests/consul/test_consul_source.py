@@ -160,18 +160,30 @@ def test_consul_over_mutual_tls_checks_the_certificate_against_tls_server_name(c
                 s.stop()
 
 
-def test_more_tagged_services_than_consul_allows_connections_says_which_limit_to_raise(consul_binary):
+def test_more_tagged_services_than_consul_allows_connections_fit_the_budget(consul_binary):
     with ConsulAgent(consul_binary, extra_config={"limits": {"http_max_conns_per_client": 6}}) as consul:
-        for n in range(10):
+        for n in range(30):
             register(consul, f"svc-{n}", f"b{n}", f"192.0.2.{n + 11}", 80, [f"maglev.vip=198.51.100.{n + 1}:80"])
-        source = source_for(consul)
+        source = source_for(consul, max_connections=4)
         source.start(lambda reason: None)
         try:
-            state = eventually(lambda: "http_max_conns_per_client" in str(source.state()["errors"])
-                               and source.state())
-            assert state["tagged_services"] == 10
-            with pytest.raises(CatalogUnavailable, match="no health data yet"):
-                source.snapshot()
+            eventually(lambda: len(source.snapshot().instances) == 30)
+            state = source.state()
+            assert state["ok"] and "429" not in state["error_counts"]
+            assert state["connections"]["most"] <= 4
+        finally:
+            source.stop()
+
+
+def test_a_budget_above_what_consul_allows_says_which_setting_to_change(consul_binary):
+    with ConsulAgent(consul_binary, extra_config={"limits": {"http_max_conns_per_client": 4}}) as consul:
+        for n in range(30):
+            register(consul, f"svc-{n}", f"b{n}", f"192.0.2.{n + 11}", 80, [f"maglev.vip=198.51.100.{n + 1}:80"])
+        source = source_for(consul, max_connections=12)
+        source.start(lambda reason: None)
+        try:
+            message = eventually(lambda: next((m for m in source.state()["errors"].values() if "429" in m), None))
+            assert "consul.max_connections" in message and "http_max_conns_per_client" in message
         finally:
             source.stop()
 
