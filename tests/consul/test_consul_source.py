@@ -160,10 +160,14 @@ def test_consul_over_mutual_tls_checks_the_certificate_against_tls_server_name(c
                 s.stop()
 
 
+def register_many(consul: ConsulAgent, count: int) -> None:
+    for n in range(count):
+        register(consul, f"svc-{n}", f"b{n}", f"192.0.2.{n + 11}", 80, [f"maglev.vip=198.51.100.{n + 1}:80"])
+
+
 def test_more_tagged_services_than_consul_allows_connections_fit_the_budget(consul_binary):
     with ConsulAgent(consul_binary, extra_config={"limits": {"http_max_conns_per_client": 6}}) as consul:
-        for n in range(30):
-            register(consul, f"svc-{n}", f"b{n}", f"192.0.2.{n + 11}", 80, [f"maglev.vip=198.51.100.{n + 1}:80"])
+        register_many(consul, 30)
         source = source_for(consul, max_connections=4)
         source.start(lambda reason: None)
         try:
@@ -177,8 +181,7 @@ def test_more_tagged_services_than_consul_allows_connections_fit_the_budget(cons
 
 def test_a_budget_above_what_consul_allows_says_which_setting_to_change(consul_binary):
     with ConsulAgent(consul_binary, extra_config={"limits": {"http_max_conns_per_client": 4}}) as consul:
-        for n in range(30):
-            register(consul, f"svc-{n}", f"b{n}", f"192.0.2.{n + 11}", 80, [f"maglev.vip=198.51.100.{n + 1}:80"])
+        register_many(consul, 30)
         source = source_for(consul, max_connections=12)
         source.start(lambda reason: None)
         try:
