@@ -8,20 +8,20 @@ says which service an index belongs to (`filter` has no selector for ModifyIndex
 1.16.3 (docs/consul-watch.md): an address, port or tag edit of an instance moves only the service list's
 index (the checks of an instance are re-written only when its check is sent along and differs), a
 deregistration moves the checks' index without a failing check changing, and a node's address edit moves
-only the node list's index; each of them moves the index of the services involved. So three blocking
+only the node list's index; each of them moves the index of the services involved. So four blocking
 queries ("feeds") say *that*, and sometimes *which*, something changed, and a bounded pool asks only for
 what moved:
 
 * the service list (`/v1/catalog/services`): which services are tagged; any answer starts a sweep;
-* the failing checks (`/v1/health/state/any?filter=Status != "passing"`, small in a healthy fleet): a
-  check that starts or stops failing, of an instance or of a node, names the services to fetch at once,
+* the critical and the warning checks (`/v1/health/state/critical`, `.../warning`, small in a healthy
+  fleet): a check that starts or stops failing, of an instance or of a node, names the services to fetch at once,
   which keeps health changes as fast as a watch of their own;
 * the node list, filtered to nothing (`/v1/catalog/nodes`): only its index, which moves when a node's
   address changes; a move starts a sweep.
 
 A sweep asks every tagged service for its index alone (`/v1/health/service/<name>` filtered to nothing:
 an empty body) and fetches the services whose index moved. Sweeps never overlap, rest four times as long
-as the last one took, and at most `max_connections - 3` requests are open at once (one of them kept free
+as the last one took, and at most `max_connections - 4` requests are open at once (one of them kept free
 of sweeps for the failing-check fetches). Each health answer is turned into `Instance` values once, when
 it arrives, and an answer that folds to the same instances keeps the very same objects, which lets the
 agent's DesiredBook see in a glance which services changed.
@@ -64,7 +64,9 @@ log = logging.getLogger("maglev-bridge.consul")
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
 FEEDS = CONSUL_FEEDS
-FAILING = 'Status != "passing"'
+FAILING = ("critical", "warning")
+"""`/v1/health/state/<state>` for each: Consul reads them from its index by status, where `state/any` with
+a filter builds and filters every check of the datacenter on each change (10,000 at 2,000 x 5)."""
 NO_NODE = 'Node == ""'
 """Filters that match no entry: the answer is `[]` and only its index says anything (nodes always have names)."""
 NO_INSTANCE = 'Node.Node == ""'
@@ -252,10 +254,10 @@ def error_kind(exc: Exception) -> str:
 
 class Watch:
     """One blocking query as an asyncio task, calling `fetch(index, wait)` until cancelled; `on_result` gets
-    whether the index moved and the body."""
+    the index and the body of each answer."""
 
     def __init__(self, name: str, fetch: Callable[[int, str], Awaitable[tuple[int, str]]],
-                 on_result: Callable[[bool, str], None], on_error: Callable[[str, Exception], None],
+                 on_result: Callable[[int, str], None], on_error: Callable[[str, Exception], None],
                  wait_seconds: float) -> None:
         self.name = name
         self.fetch = fetch
@@ -282,17 +284,16 @@ class Watch:
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_START
-            moved = index != self.index
             self.index = next_index(self.index, index)
             try:
-                self.on_result(moved, data)
+                self.on_result(index, data)
             except Exception as exc:  # a bug must not end the watch silently: report it and keep watching
                 log.exception("%s: the answer could not be taken in", printable(self.name))
                 self.on_error(self.name, exc)
 
 
 class ConsulSource:
-    """Watches the tagged services' health through three change feeds and a bounded pool of reads."""
+    """Watches the tagged services' health through four change feeds and a bounded pool of reads."""
 
     def __init__(self, config: Config) -> None:
         assert config.consul is not None
@@ -309,13 +310,17 @@ class ConsulSource:
         self._indexes: dict[str, int] = {}
         """Each service's index at its last answer that was taken in; a sweep fetches it again when it moves."""
         self._unreadable: set[str] = set()
-        self._failing: dict[tuple[str, str], CheckState] | None = None
+        self._failing: dict[str, dict[tuple[str, str], CheckState]] = {}
         self._fetching: set[str] = set()
         self._again: set[str] = set()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._slots: asyncio.Semaphore | None = None
         self._sweep_wanted: asyncio.Event | None = None
+        self._sweep_asked = 0
+        self._sweep_covers = 0
+        """The highest index a feed had seen when it asked for a sweep, and that of the sweep under way or
+        last begun: a sweep begun after a feed saw an index finds every change up to it."""
         self._errors: dict[str, str] = {}
         self._error_counts: Counter[str] = Counter()
         self._on_change: OnChange = lambda reason: None
@@ -355,12 +360,13 @@ class ConsulSource:
         self._client = make_async_client(self.consul_config)
         self._slots = asyncio.Semaphore(self.pool_size)
         self._sweep_wanted = asyncio.Event()
-        self._failing = None
+        self._failing = {}
+        self._sweep_asked = self._sweep_covers = 0
         feeds = (
             Watch("services", partial(self._get, "/v1/catalog/services", None), self._on_services, self._on_error,
                   self.wait_seconds),
-            Watch("checks", partial(self._get, "/v1/health/state/any", FAILING), self._on_failing_checks,
-                  self._on_error, self.wait_seconds),
+            *(Watch(state, partial(self._get, f"/v1/health/state/{state}", None),
+                    partial(self._on_failing_checks, state), self._on_error, self.wait_seconds) for state in FAILING),
             Watch("nodes", partial(self._get, "/v1/catalog/nodes", NO_NODE), self._on_nodes, self._on_error,
                   self.wait_seconds),
         )
@@ -409,11 +415,17 @@ class ConsulSource:
         return isinstance(tags, list) and any(
             isinstance(t, str) and (t == self.vip_tag or t.startswith(self.vip_tag + "=")) for t in tags)
 
-    def _want_sweep(self) -> None:
+    def _want_sweep(self, index: int | None = None) -> None:
+        """A sweep, unless one begun since a feed saw `index` covers it (the node list's index moves with
+        the service list's: one edit, one sweep). Without an index, always."""
         assert self._sweep_wanted is not None
+        if index is not None:
+            if 0 < index <= self._sweep_covers:
+                return
+            self._sweep_asked = max(self._sweep_asked, index)
         self._sweep_wanted.set()
 
-    def _on_services(self, moved: bool, body: str) -> None:
+    def _on_services(self, index: int, body: str) -> None:
         """Every answer starts a sweep, the re-arm after `wait` too: what a feed could not say is found
         within one `wait` whatever happens."""
         try:
@@ -425,6 +437,7 @@ class ConsulSource:
             self._on_error("services", CatalogFormatError("the service list is not a JSON object"))
             return
         tagged = {name for name, tags in services.items() if self._is_tagged(tags)}
+        self._sweep_asked = max(self._sweep_asked, index)
         with self._lock:
             first = self._tagged is None
             self._errors.pop("services", None)
@@ -441,24 +454,24 @@ class ConsulSource:
         elif first and not tagged:
             self._changed("consul: no tagged services")
 
-    def _on_nodes(self, moved: bool, body: str) -> None:
+    def _on_nodes(self, index: int, body: str) -> None:
         with self._lock:
             self._errors.pop("nodes", None)
-        if moved:
-            self._want_sweep()
+        self._want_sweep(index)
 
-    def _on_failing_checks(self, moved: bool, body: str) -> None:
-        """Checks that started or stopped failing, or changed how: their services are fetched at once, and
+    def _on_failing_checks(self, state: str, index: int, body: str) -> None:
+        """Checks that came into or left `state`, or changed in it: their services are fetched at once, and
         a node's own check means every tagged service with an instance on that node."""
         try:
             failing = parse_checks(body)
         except CatalogFormatError as exc:
-            self._on_error("checks", exc)
+            self._on_error(state, exc)
             self._want_sweep()
             return
         with self._lock:
-            self._errors.pop("checks", None)
-            before, self._failing = self._failing, failing
+            self._errors.pop(state, None)
+            before = self._failing.get(state)
+            self._failing[state] = failing
         if before is None:  # a first answer says nothing about what changed before it
             self._want_sweep()
             return
@@ -491,6 +504,7 @@ class ConsulSource:
         while True:
             await self._sweep_wanted.wait()
             self._sweep_wanted.clear()
+            self._sweep_covers = self._sweep_asked
             started = time.monotonic()
             with self._lock:
                 names = iter(sorted((self._tagged or set()) - self._unreadable))

@@ -105,9 +105,9 @@ class ConsulConfig:
 
 
 MAX_CONSUL_WAIT = 600.0
-CONSUL_FEEDS = 3
-"""The catalog watch's blocking queries (bridge/catalog/consul.py): the service list, the failing checks,
-the node list."""
+CONSUL_FEEDS = 4
+"""The catalog watch's blocking queries (bridge/catalog/consul.py): the service list, the critical and the
+warning checks, the node list."""
 MIN_CONSUL_CONNECTIONS = CONSUL_FEEDS + 1
 MAX_CONSUL_CONNECTIONS = 64
 
