@@ -20,9 +20,10 @@ what moved:
   address changes; a move starts a sweep.
 
 A sweep asks every tagged service for its index alone (`/v1/health/service/<name>` filtered to nothing:
-an empty body) and fetches the services whose index moved. Sweeps never overlap, rest four times as long
-as the last one took, and at most `max_connections - 4` requests are open at once (one of them kept free
-of sweeps for the failing-check fetches). Each health answer is turned into `Instance` values once, when
+an empty body), pipelined on half of the remaining connections (bridge/catalog/consul_probe.py), and
+fetches the services whose index moved on the other half, where the failing-check fetches go too. Sweeps
+never overlap and rest four times as long as the last one took; `max_connections` bounds feeds, probes
+and fetches together, idle keep-alive connections included. Each health answer is turned into `Instance` values once, when
 it arrives, and an answer that folds to the same instances keeps the very same objects, which lets the
 agent's DesiredBook see in a glance which services changed.
 
@@ -36,9 +37,11 @@ agent's DesiredBook see in a glance which services changed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
+import ssl
 import threading
 import time
 from collections import Counter
@@ -55,6 +58,7 @@ import requests
 
 from bridge import clients
 from bridge.catalog.consul_format import WHOLE_SERVICE, CatalogFormatError, CheckState, parse_checks, parse_service
+from bridge.catalog.consul_probe import Endpoint, ProbeError, probe_indexes
 from bridge.catalog.source import CatalogUnavailable, OnChange
 from bridge.core.config import CONSUL_FEEDS, Config, ConsulConfig
 from bridge.core.model import Instance, Rejection, Snapshot
@@ -220,22 +224,37 @@ class _AsyncConsul(consul.aio.Consul):  # type: ignore[misc]
                                      server_name=self.server_name)
 
 
-def make_async_client(config: ConsulConfig) -> consul.aio.Consul:
+def make_async_client(config: ConsulConfig, connections: int) -> consul.aio.Consul:
     """Inside the watch loop (aiohttp sessions belong to a running loop). Its pool never opens more than
-    `max_connections`, idle keep-alive connections included."""
+    `connections`, idle keep-alive connections included."""
     options = _client_options(config)
-    client: consul.aio.Consul = _with_token(_AsyncConsul(config.tls_server_name, config.max_connections, **options),
+    client: consul.aio.Consul = _with_token(_AsyncConsul(config.tls_server_name, connections, **options),
                                             options["token"])
     return client
+
+
+def probe_endpoint(config: ConsulConfig, client: consul.aio.Consul) -> Endpoint:
+    """The sweep's probes go where the client goes, with its token, TLS files and query options."""
+    tls = None
+    if config.url.scheme == "https":
+        tls = ssl.create_default_context(cafile=config.ca_file)
+        cert = clients.client_cert(config.cert_file, config.key_file)
+        if cert:
+            tls.load_cert_chain(*cert)
+    params = [("dc", client.dc)] if client.dc else []
+    if client.consistency == "stale":
+        params.append(("stale", "1"))
+    return Endpoint(config.url.where.netloc.rpartition(":")[0].strip("[]"), config.url.where.port or 8500, tls,
+                    config.tls_server_name, client.prepare_headers(), (*params, ("filter", NO_INSTANCE)))
 
 
 def _describe_error(exc: Exception) -> str:
     if isinstance(exc, ConsulAccessError):
         return (f"Consul ACL: the token must be able to read every service and node (service_prefix \"\" and "
                 f"node_prefix \"\" read): {exc}")
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
         return f"Consul's TLS certificate was refused (check ca_file and tls_server_name): {exc}"
-    if isinstance(exc, requests.ConnectionError | aiohttp.ClientConnectionError):
+    if isinstance(exc, requests.ConnectionError | aiohttp.ClientConnectionError | OSError):
         return f"Consul unreachable: {exc.__class__.__name__}: {exc}"
     if isinstance(exc, asyncio.TimeoutError):
         return "Consul did not answer within the blocking query's wait: timed out"
@@ -245,9 +264,10 @@ def _describe_error(exc: Exception) -> str:
 def error_kind(exc: Exception) -> str:
     """A bounded name for what went wrong, for /metrics (metrics.CONSUL_ERROR_KINDS)."""
     kinds: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
-        (ConsulAccessError, "acl"), (aiohttp.ClientConnectorCertificateError, "tls"),
-        ((requests.ConnectionError, aiohttp.ClientConnectionError), "unreachable"), (asyncio.TimeoutError, "timeout"),
-        (TooManyRequests, "429"), (UnreadableName, "unreadable_name"), (ConsulAnswerError, "answer"),
+        (ConsulAccessError, "acl"), ((aiohttp.ClientConnectorCertificateError, ssl.SSLError), "tls"),
+        ((requests.ConnectionError, aiohttp.ClientConnectionError, OSError), "unreachable"),
+        (asyncio.TimeoutError, "timeout"), (TooManyRequests, "429"), (UnreadableName, "unreadable_name"),
+        ((ConsulAnswerError, ProbeError), "answer"),
         ((CatalogFormatError, ValueError), "format"))
     return next((kind for types, kind in kinds if isinstance(exc, types)), "other")
 
@@ -300,7 +320,11 @@ class ConsulSource:
         self.consul_config = config.consul
         self.vip_tag = f"{config.tag_prefix}.vip"
         self.wait_seconds = self.consul_config.wait_seconds
-        self.pool_size = self.consul_config.max_connections - FEEDS
+        pool = self.consul_config.max_connections - FEEDS
+        self.probers = pool // 2
+        """Connections a sweep probes on (pipelined); the rest of the pool fetches."""
+        self.fetchers = pool - self.probers
+        self._endpoint: Endpoint | None = None
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._client: consul.aio.Consul | None = None
@@ -357,8 +381,9 @@ class ConsulSource:
                 break
 
     async def _main(self) -> None:
-        self._client = make_async_client(self.consul_config)
-        self._slots = asyncio.Semaphore(self.pool_size)
+        self._client = make_async_client(self.consul_config, FEEDS + self.fetchers)
+        self._endpoint = probe_endpoint(self.consul_config, self._client)
+        self._slots = asyncio.Semaphore(self.fetchers)
         self._sweep_wanted = asyncio.Event()
         self._failing = {}
         self._sweep_asked = self._sweep_covers = 0
@@ -387,16 +412,21 @@ class ConsulSource:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._client.close()
 
-    async def _request(self, path: str, index: int, wait: str, timeout: float,
-                       query_filter: str | None) -> tuple[int, str]:
-        """Every request to Consul, counted: `state()` reports the connections in use and the most ever."""
-        assert self._client is not None
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[None]:
+        """Every request or connection to Consul, counted: `state()` reports those in use and the most ever."""
         self._in_use += 1
         self._peak = max(self._peak, self._in_use)
         try:
-            return await blocking_get(self._client, path, index, wait, timeout, query_filter)
+            yield
         finally:
             self._in_use -= 1
+
+    async def _request(self, path: str, index: int, wait: str, timeout: float,
+                       query_filter: str | None) -> tuple[int, str]:
+        assert self._client is not None
+        with self._connection():
+            return await blocking_get(self._client, path, index, wait, timeout, query_filter)
 
     def _get(self, path: str, query_filter: str | None, index: int, wait: str) -> Awaitable[tuple[int, str]]:
         """A feed's blocking query. A client-side timeout past Consul's own (wait plus up to wait/16 of
@@ -404,7 +434,7 @@ class ConsulSource:
         return self._request(path, index, wait, self.wait_seconds * 1.1 + 15, query_filter)
 
     async def _read(self, path: str, query_filter: str | None = None) -> tuple[int, str]:
-        """A plain read through the pool: at most `pool_size` at once."""
+        """A plain read through the pool: at most `fetchers` at once."""
         assert self._slots is not None
         async with self._slots:
             self.reads += 1
@@ -500,36 +530,60 @@ class ConsulSource:
     # ---- reads through the pool ------------------------------------------------------------------
 
     async def _sweep_forever(self) -> None:
+        """Sweeps one after another, each resting four times as long as it took; after a failed one (Consul
+        away) the next waits with capped exponential backoff."""
         assert self._sweep_wanted is not None
+        backoff = BACKOFF_START
         while True:
             await self._sweep_wanted.wait()
             self._sweep_wanted.clear()
             self._sweep_covers = self._sweep_asked
             started = time.monotonic()
+            try:
+                await self._sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._on_error("sweep", exc)
+                self._want_sweep()
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_START
             with self._lock:
-                names = iter(sorted((self._tagged or set()) - self._unreadable))
-            await asyncio.gather(*(self._sweep(names) for _ in range(max(1, self.pool_size - 1))))
+                self._errors.pop("sweep", None)
             self.sweeps += 1
             await asyncio.sleep((time.monotonic() - started) * SWEEP_REST)
 
-    async def _sweep(self, names: Iterator[str]) -> None:
-        """One of the sweep's workers (they share `names`): the index of each service alone, and a fetch of
-        those that moved or were never taken in."""
-        for name in names:
-            with self._lock:
-                if name not in (self._tagged or ()):
-                    continue
-                known = self._indexes.get(name)
-            if known is not None:
-                try:
-                    index, _ = await self._read(f"/v1/health/service/{name}", NO_INSTANCE)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # the fetch reports it and retries
-                    index = -1
-                if index == known:
-                    continue
-            await self._refresh(name)
+    async def _sweep(self) -> None:
+        """The index of every tagged service alone, probed on `probers` connections at once, and a fetch of
+        those that moved; services never taken in are fetched without a probe."""
+        with self._lock:
+            watched = sorted((self._tagged or set()) - self._unreadable)
+            known = [name for name in watched if name in self._indexes]
+            unknown = [name for name in watched if name not in self._indexes]
+        for name in unknown:
+            self._spawn(self._refresh(name))
+        parts = await asyncio.gather(*(self._probe(known[n::self.probers]) for n in range(self.probers)))
+        if not all(parts):  # Consul closed a connection early: the rest at the next sweep
+            self._want_sweep()
+
+    async def _probe(self, names: list[str]) -> bool:
+        """Probes `names` on one pipelined connection and fetches those whose index moved; False when the
+        connection ended before every answer was in."""
+        if not names:
+            return True
+        assert self._endpoint is not None
+        with self._connection():
+            indexes = await probe_indexes(self._endpoint, [f"/v1/health/service/{name}" for name in names],
+                                          READ_TIMEOUT)
+        self.reads += len(indexes)
+        with self._lock:
+            moved = [name for name, index in zip(names[:len(indexes)], indexes, strict=True)
+                     if index != self._indexes.get(name)]
+        for name in moved:
+            self._spawn(self._refresh(name))
+        return len(indexes) == len(names)
 
     async def _refresh(self, name: str) -> None:
         """Fetch one service's health until an answer is taken in. One fetch per service at a time: asked

@@ -83,8 +83,8 @@ class ConsulConfig:
         if self.max_connections < MIN_CONSUL_CONNECTIONS:
             raise ConfigError(
                 f"consul.max_connections: {self.max_connections} is too few: the catalog watch holds {CONSUL_FEEDS} "
-                f"blocking queries and needs at least one more connection to fetch what changed; set "
-                f"{MIN_CONSUL_CONNECTIONS} or more (default 8)")
+                f"blocking queries and needs one more connection to fetch what changed and one to probe what may "
+                f"have; set {MIN_CONSUL_CONNECTIONS} or more (default 8)")
         if self.max_connections > MAX_CONSUL_CONNECTIONS:
             raise ConfigError(
                 f"consul.max_connections: {self.max_connections} is too many: more than {MAX_CONSUL_CONNECTIONS} "
@@ -108,7 +108,8 @@ MAX_CONSUL_WAIT = 600.0
 CONSUL_FEEDS = 4
 """The catalog watch's blocking queries (bridge/catalog/consul.py): the service list, the critical and the
 warning checks, the node list."""
-MIN_CONSUL_CONNECTIONS = CONSUL_FEEDS + 1
+MIN_CONSUL_CONNECTIONS = CONSUL_FEEDS + 2
+"""The feeds, one connection to fetch what changed and one to probe what may have."""
 MAX_CONSUL_CONNECTIONS = 64
 
 

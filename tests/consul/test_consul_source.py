@@ -166,15 +166,15 @@ def register_many(consul: ConsulAgent, count: int) -> None:
 
 
 def test_more_tagged_services_than_consul_allows_connections_fit_the_budget(consul_binary):
-    with ConsulAgent(consul_binary, extra_config={"limits": {"http_max_conns_per_client": 6}}) as consul:
+    with ConsulAgent(consul_binary, extra_config={"limits": {"http_max_conns_per_client": 7}}) as consul:
         register_many(consul, 30)
-        source = source_for(consul, max_connections=5)
+        source = source_for(consul, max_connections=6)
         source.start(lambda reason: None)
         try:
             eventually(lambda: len(source.snapshot().instances) == 30)
             state = source.state()
             assert state["ok"] and "429" not in state["error_counts"]
-            assert state["connections"]["most"] <= 5
+            assert state["connections"]["most"] <= 6
         finally:
             source.stop()
 
@@ -198,11 +198,11 @@ def test_a_watch_loop_that_dies_unexpectedly_is_reported_and_restarted(consul_ag
     real = consul_module.make_async_client
     calls = []
 
-    def fails_once(config):
+    def fails_once(config, connections):
         calls.append(config)
         if len(calls) == 1:
             raise RuntimeError("injected: no client")
-        return real(config)
+        return real(config, connections)
 
     monkeypatch.setattr(consul_module, "make_async_client", fails_once)
     source = source_for(consul_agent)

@@ -200,7 +200,7 @@ def test_every_kind_of_catalog_edit_in_random_order_reaches_the_snapshot(consul_
     catalog = Catalog(consul_agent, random.Random(seed))
     for _ in range(3):
         catalog.add_service()
-    source = source_for(consul_agent, max_connections=5)
+    source = source_for(consul_agent, max_connections=6)
     source.start(lambda reason: None)
     try:
         eventually(lambda: agrees(source, consul_agent))
@@ -213,13 +213,13 @@ def test_every_kind_of_catalog_edit_in_random_order_reaches_the_snapshot(consul_
                 eventually(lambda: agrees(source, consul_agent), timeout=60, interval=0.05)
             except AssertionError as exc:
                 raise AssertionError(f"missed after: {done[-3:]}") from exc
-        assert source.state()["connections"]["most"] <= 5
+        assert source.state()["connections"]["most"] <= 6
         assert source.state()["watches"] == 4
     finally:
         source.stop()
 
 
-@pytest.mark.parametrize(("budget", "advice"), [(4, "set 5 or more"), (0, "set 5 or more"), (65, "set at most 64")])
+@pytest.mark.parametrize(("budget", "advice"), [(5, "set 6 or more"), (0, "set 6 or more"), (65, "set at most 64")])
 def test_a_connection_budget_that_cannot_work_is_refused_with_what_to_set(budget, advice):
     with pytest.raises(ConfigError, match=f"consul.max_connections: {budget} .*{advice}"):
         parse_config({"consul": {"max_connections": budget}})
