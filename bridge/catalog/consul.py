@@ -23,9 +23,9 @@ A sweep asks every tagged service for its index alone (`/v1/health/service/<name
 an empty body), pipelined on half of the remaining connections (bridge/catalog/consul_probe.py), and
 fetches the services whose index moved on the other half, where the failing-check fetches go too. Sweeps
 never overlap and rest four times as long as the last one took; `max_connections` bounds feeds, probes
-and fetches together, idle keep-alive connections included. Each health answer is turned into `Instance` values once, when
-it arrives, and an answer that folds to the same instances keeps the very same objects, which lets the
-agent's DesiredBook see in a glance which services changed.
+and fetches together, idle keep-alive connections included. Each health answer is turned into
+`Instance` values once, when it arrives, and an answer that folds to the same instances keeps the very
+same objects, which lets the agent's DesiredBook see in a glance which services changed.
 
 * The index is reset to 0 when it goes backwards and never sent below 1; a return is not assumed to be
   a change (the content is compared).
@@ -433,12 +433,14 @@ class ConsulSource:
         jitter) catches a dead peer."""
         return self._request(path, index, wait, self.wait_seconds * 1.1 + 15, query_filter)
 
-    async def _read(self, path: str, query_filter: str | None = None) -> tuple[int, str]:
-        """A plain read through the pool: at most `fetchers` at once."""
+    async def _fetch(self, name: str) -> tuple[int, str]:
+        """One service's health through the pool (at most `fetchers` at once). A request for the same service
+        that came while this one waited for its turn is answered by it."""
         assert self._slots is not None
         async with self._slots:
+            self._again.discard(name)
             self.reads += 1
-            return await self._request(path, 0, "", READ_TIMEOUT, query_filter)
+            return await self._request(f"/v1/health/service/{name}", 0, "", READ_TIMEOUT, None)
 
     def _is_tagged(self, tags: Any) -> bool:
         """Whatever shape a service's tag list has: anything but a list of strings is no tag of ours."""
@@ -561,7 +563,7 @@ class ConsulSource:
         with self._lock:
             watched = sorted((self._tagged or set()) - self._unreadable)
             known = [name for name in watched if name in self._indexes]
-            unknown = [name for name in watched if name not in self._indexes]
+            unknown = [name for name in watched if name not in self._indexes and name not in self._fetching]
         for name in unknown:
             self._spawn(self._refresh(name))
         parts = await asyncio.gather(*(self._probe(known[n::self.probers]) for n in range(self.probers)))
@@ -595,9 +597,8 @@ class ConsulSource:
         backoff = BACKOFF_START
         try:
             while self._is_watched(name):
-                self._again.discard(name)
                 try:
-                    index, body = await self._read(f"/v1/health/service/{name}")
+                    index, body = await self._fetch(name)
                 except asyncio.CancelledError:
                     raise
                 except UnreadableName as exc:
