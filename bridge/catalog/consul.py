@@ -19,13 +19,14 @@ what moved:
 * the node list, filtered to nothing (`/v1/catalog/nodes`): only its index, which moves when a node's
   address changes; a move starts a sweep.
 
-A sweep asks every tagged service for its index alone (`/v1/health/service/<name>` filtered to nothing:
-an empty body), pipelined on half of the remaining connections (bridge/catalog/consul_probe.py), and
-fetches the services whose index moved on the other half, where the failing-check fetches go too. Sweeps
-never overlap and rest four times as long as the last one took; `max_connections` bounds feeds, probes
-and fetches together, idle keep-alive connections included. Each health answer is turned into
-`Instance` values once, when it arrives, and an answer that folds to the same instances keeps the very
-same objects, which lets the agent's DesiredBook see in a glance which services changed.
+A sweep asks every tagged service for its index alone (`/v1/catalog/service/<name>` filtered to nothing:
+an empty body; the same index as its health, cheaper for Consul), pipelined on half of the remaining
+connections (bridge/catalog/consul_probe.py), and fetches the services whose index moved on the other
+half, where the failing-check fetches go too. Sweeps never overlap and take at most a quarter of the time
+over the long run (SweepBudget); `max_connections` bounds feeds, probes and fetches together, idle
+keep-alive connections included. Each health answer is turned into `Instance` values once, when it
+arrives, and an answer that folds to the same instances keeps the very same objects, which lets the
+agent's DesiredBook see in a glance which services changed.
 
 * The index is reset to 0 when it goes backwards and never sent below 1; a return is not assumed to be
   a change (the content is compared).
@@ -72,12 +73,9 @@ FAILING = ("critical", "warning")
 """`/v1/health/state/<state>` for each: Consul reads them from its index by status, where `state/any` with
 a filter builds and filters every check of the datacenter on each change (10,000 at 2,000 x 5)."""
 NO_NODE = 'Node == ""'
-"""Filters that match no entry: the answer is `[]` and only its index says anything (nodes always have names)."""
-NO_INSTANCE = 'Node.Node == ""'
+"""A filter that matches no node or instance: the answer is `[]` and only its index says anything (nodes
+always have names)."""
 READ_TIMEOUT = 30.0
-SWEEP_REST = 4.0
-"""After a sweep the next one waits four times as long as the last took: sweeps use at most a fifth of the
-time, however busy the rest of the catalog is."""
 
 
 class ConsulAccessError(RuntimeError):
@@ -123,11 +121,14 @@ def next_index(old: int, new: int) -> int:
 
 @dataclass
 class TokenBucket:
-    """Allows short bursts of immediate re-queries and then at most `rate` per second."""
+    """Allows short bursts of immediate re-queries and then at most `rate` per second. Each feed carries the
+    changes of the whole catalog, not of one service: at 2 a second (the per-service watches' rate) a fleet
+    changing 3 times a second queued health changes behind the bucket (p50 142 ms in bench/consul_latency.py);
+    10 a second still stops a feed that Consul answers at once from spinning."""
 
-    capacity: float = 5.0
-    rate: float = 2.0
-    tokens: float = 5.0
+    capacity: float = 20.0
+    rate: float = 10.0
+    tokens: float = 20.0
     stamp: float = field(default_factory=time.monotonic)
 
     def delay(self) -> float:
@@ -137,6 +138,32 @@ class TokenBucket:
         self.stamp = now
         self.tokens -= 1
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+@dataclass
+class SweepBudget:
+    """Sweeps take at most `share` of the time over the long run, however busy the rest of the catalog is,
+    yet start at once after a quiet spell: the time spent sweeping is earned back at `share` per second, up
+    to `burst` sweeps in advance. Every sweep asks Consul for the index of every tagged service, which the
+    local agent forwards to the servers; a fixed rest after each (four times its length, in a first version)
+    made a registration that came after another wait seconds (bench/consul_latency.py)."""
+
+    share: float = 0.25
+    burst: float = 2.0
+    credit: float = 0.0
+    last: float = 0.0
+    stamp: float = field(default_factory=time.monotonic)
+
+    def delay(self) -> float:
+        """The seconds to wait before the next sweep may start."""
+        now = time.monotonic()
+        self.credit = min(self.burst * self.last, self.credit + (now - self.stamp) * self.share)
+        self.stamp = now
+        return 0.0 if self.credit >= 0 else -self.credit / self.share
+
+    def spent(self, seconds: float) -> None:
+        self.last = seconds
+        self.credit -= seconds
 
 
 class ConsulAnswerError(RuntimeError):
@@ -245,7 +272,7 @@ def probe_endpoint(config: ConsulConfig, client: consul.aio.Consul) -> Endpoint:
     if client.consistency == "stale":
         params.append(("stale", "1"))
     return Endpoint(config.url.where.netloc.rpartition(":")[0].strip("[]"), config.url.where.port or 8500, tls,
-                    config.tls_server_name, client.prepare_headers(), (*params, ("filter", NO_INSTANCE)))
+                    config.tls_server_name, client.prepare_headers(), (*params, ("filter", NO_NODE)))
 
 
 def _describe_error(exc: Exception) -> str:
@@ -532,12 +559,16 @@ class ConsulSource:
     # ---- reads through the pool ------------------------------------------------------------------
 
     async def _sweep_forever(self) -> None:
-        """Sweeps one after another, each resting four times as long as it took; after a failed one (Consul
-        away) the next waits with capped exponential backoff."""
+        """Sweeps one after another within the SweepBudget; after a failed one (Consul away) the next waits
+        with capped exponential backoff."""
         assert self._sweep_wanted is not None
         backoff = BACKOFF_START
+        budget = SweepBudget()
         while True:
             await self._sweep_wanted.wait()
+            pause = budget.delay()
+            if pause:
+                await asyncio.sleep(pause)
             self._sweep_wanted.clear()
             self._sweep_covers = self._sweep_asked
             started = time.monotonic()
@@ -555,7 +586,7 @@ class ConsulSource:
             with self._lock:
                 self._errors.pop("sweep", None)
             self.sweeps += 1
-            await asyncio.sleep((time.monotonic() - started) * SWEEP_REST)
+            budget.spent(time.monotonic() - started)
 
     async def _sweep(self) -> None:
         """The index of every tagged service alone, probed on `probers` connections at once, and a fetch of
@@ -577,7 +608,7 @@ class ConsulSource:
             return True
         assert self._endpoint is not None
         with self._connection():
-            indexes = await probe_indexes(self._endpoint, [f"/v1/health/service/{name}" for name in names],
+            indexes = await probe_indexes(self._endpoint, [f"/v1/catalog/service/{name}" for name in names],
                                           READ_TIMEOUT)
         self.reads += len(indexes)
         with self._lock:
