@@ -23,7 +23,7 @@ A sweep asks every tagged service for its index alone (`/v1/catalog/service/<nam
 an empty body; the same index as its health, cheaper for Consul), pipelined on half of the remaining
 connections (bridge/catalog/consul_probe.py), and fetches the services whose index moved on the other
 half, where the failing-check fetches go too. Sweeps never overlap and take at most a quarter of the time
-over the long run (SweepBudget); `max_connections` bounds feeds, probes and fetches together, idle
+over the long run (SWEEP_SHARE); `max_connections` bounds feeds, probes and fetches together, idle
 keep-alive connections included. Each health answer is turned into `Instance` values once, when it
 arrives, and an answer that folds to the same instances keeps the very same objects, which lets the
 agent's DesiredBook see in a glance which services changed.
@@ -131,39 +131,22 @@ class TokenBucket:
     tokens: float = 20.0
     stamp: float = field(default_factory=time.monotonic)
 
-    def delay(self) -> float:
-        """Take one token; the seconds to wait before using it."""
+    def delay(self, cost: float = 1.0) -> float:
+        """Take `cost` tokens; the seconds to wait before using them."""
         now = time.monotonic()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        self.tokens -= 1
+        self.tokens -= cost
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
-@dataclass
-class SweepBudget:
-    """Sweeps take at most `share` of the time over the long run, however busy the rest of the catalog is,
-    yet start at once after a quiet spell: the time spent sweeping is earned back at `share` per second, up
-    to `burst` sweeps in advance. Every sweep asks Consul for the index of every tagged service, which the
-    local agent forwards to the servers; a fixed rest after each (four times its length, in a first version)
-    made a registration that came after another wait seconds (bench/consul_latency.py)."""
-
-    share: float = 0.25
-    burst: float = 2.0
-    credit: float = 0.0
-    last: float = 0.0
-    stamp: float = field(default_factory=time.monotonic)
-
-    def delay(self) -> float:
-        """The seconds to wait before the next sweep may start."""
-        now = time.monotonic()
-        self.credit = min(self.burst * self.last, self.credit + (now - self.stamp) * self.share)
-        self.stamp = now
-        return 0.0 if self.credit >= 0 else -self.credit / self.share
-
-    def spent(self, seconds: float) -> None:
-        self.last = seconds
-        self.credit -= seconds
+SWEEP_SHARE = 0.25
+SWEEP_BURST = 2.0
+"""Sweeps take at most a quarter of the time over the long run, however busy the rest of the catalog is, yet
+start at once after a quiet spell: the time spent sweeping is earned back at SWEEP_SHARE a second, up to two
+sweeps in advance. Every sweep asks Consul for the index of every tagged service, which the local agent
+forwards to the servers; a fixed rest after each (four times its length, in a first version) made a
+registration that came after another wait seconds (bench/consul_latency.py)."""
 
 
 class ConsulAnswerError(RuntimeError):
@@ -559,14 +542,14 @@ class ConsulSource:
     # ---- reads through the pool ------------------------------------------------------------------
 
     async def _sweep_forever(self) -> None:
-        """Sweeps one after another within the SweepBudget; after a failed one (Consul away) the next waits
+        """Sweeps one after another within their budget (SWEEP_SHARE); after a failed one (Consul away) the next waits
         with capped exponential backoff."""
         assert self._sweep_wanted is not None
         backoff = BACKOFF_START
-        budget = SweepBudget()
+        budget = TokenBucket(capacity=0.0, rate=SWEEP_SHARE, tokens=0.0)  # seconds, paid once a sweep ends
         while True:
             await self._sweep_wanted.wait()
-            pause = budget.delay()
+            pause = budget.delay(0.0)
             if pause:
                 await asyncio.sleep(pause)
             self._sweep_wanted.clear()
@@ -586,7 +569,9 @@ class ConsulSource:
             with self._lock:
                 self._errors.pop("sweep", None)
             self.sweeps += 1
-            budget.spent(time.monotonic() - started)
+            spent = time.monotonic() - started
+            budget.capacity = SWEEP_BURST * spent
+            budget.tokens -= spent
 
     async def _sweep(self) -> None:
         """The index of every tagged service alone, probed on `probers` connections at once, and a fetch of
