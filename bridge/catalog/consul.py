@@ -264,10 +264,10 @@ def _describe_error(exc: Exception) -> str:
                 f"node_prefix \"\" read): {exc}")
     if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
         return f"Consul's TLS certificate was refused (check ca_file and tls_server_name): {exc}"
+    if isinstance(exc, asyncio.TimeoutError):  # before OSError, whose subclass it is
+        return "Consul did not answer within the blocking query's wait: timed out"
     if isinstance(exc, requests.ConnectionError | aiohttp.ClientConnectionError | OSError):
         return f"Consul unreachable: {exc.__class__.__name__}: {exc}"
-    if isinstance(exc, asyncio.TimeoutError):
-        return "Consul did not answer within the blocking query's wait: timed out"
     return f"{exc.__class__.__name__}: {exc}"
 
 
@@ -275,8 +275,9 @@ def error_kind(exc: Exception) -> str:
     """A bounded name for what went wrong, for /metrics (metrics.CONSUL_ERROR_KINDS)."""
     kinds: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
         (ConsulAccessError, "acl"), ((aiohttp.ClientConnectorCertificateError, ssl.SSLError), "tls"),
-        ((requests.ConnectionError, aiohttp.ClientConnectionError, OSError), "unreachable"),
-        (asyncio.TimeoutError, "timeout"), (TooManyRequests, "429"), (UnreadableName, "unreadable_name"),
+        (asyncio.TimeoutError, "timeout"),  # before OSError, whose subclass it is
+        ((requests.ConnectionError, aiohttp.ClientConnectionError, OSError), "unreachable"), (TooManyRequests, "429"),
+        (UnreadableName, "unreadable_name"),
         ((ConsulAnswerError, ProbeError), "answer"),
         ((CatalogFormatError, ValueError), "format"))
     return next((kind for types, kind in kinds if isinstance(exc, types)), "other")
