@@ -123,8 +123,8 @@ def next_index(old: int, new: int) -> int:
 class TokenBucket:
     """Allows short bursts of immediate re-queries and then at most `rate` per second. Each feed carries the
     changes of the whole catalog, not of one service: at 2 a second (the per-service watches' rate) a fleet
-    changing 3 times a second queued health changes behind the bucket (p50 142 ms in bench/consul_latency.py);
-    10 a second still stops a feed that Consul answers at once from spinning."""
+    changing more often would queue its health changes behind the bucket; 10 a second still stops a feed
+    that Consul answers at once from spinning."""
 
     capacity: float = 20.0
     rate: float = 10.0
