@@ -1,33 +1,52 @@
-"""The Consul catalog source: blocking queries on the service list and on the health of each tagged
-service, following Consul's documented rules for blocking queries.
+"""The Consul catalog source: a fixed number of HTTP connections to the local Consul agent, however many
+services carry the vip tag, following Consul's documented rules for blocking queries.
 
-All watches share one thread running an asyncio loop (py-consul's aiohttp client): a blocking query that
-waits costs nothing but its open connection, so a director watching 2,000 services idles at a re-arm
-per service every `wait` (default 5 minutes, Consul's own default; at most 10). Each health answer is
-turned into `Instance` values once, when it arrives, and unchanged services keep the very same objects,
-which lets the agent's DesiredBook see in a glance which services changed.
+Why not one blocking query per tagged service: each holds a connection, and the local agent allows 200 per
+client address (`limits.http_max_conns_per_client`), shared with Nomad and everything else on 127.0.0.1.
+Consul's streaming backend (`?cached`) spares the servers, not those connections, and no public endpoint
+says which service an index belongs to (`filter` has no selector for ModifyIndex). Measured on Consul
+1.16.3 (docs/consul-watch.md): an address, port or tag edit of an instance moves only the service list's
+index (the checks of an instance are re-written only when its check is sent along and differs), a
+deregistration moves the checks' index without a failing check changing, and a node's address edit moves
+only the node list's index; each of them moves the index of the services involved. So four blocking
+queries ("feeds") say *that*, and sometimes *which*, something changed, and a bounded pool asks only for
+what moved:
 
-Consul counts connections per client address (`limits.http_max_conns_per_client`, default 200): the
-agent holds one per tagged service plus one, so a director with more tagged services needs that limit
-raised on its local Consul agent; a refusal (429) says so.
+* the service list (`/v1/catalog/services`): which services are tagged; any answer starts a sweep;
+* the critical and the warning checks (`/v1/health/state/critical`, `.../warning`, small in a healthy
+  fleet): a check that starts or stops failing, of an instance or of a node, names the services to fetch at once,
+  which keeps health changes as fast as a watch of their own;
+* the node list, filtered to nothing (`/v1/catalog/nodes`): only its index, which moves when a node's
+  address changes; a move starts a sweep.
+
+A sweep asks every tagged service for its index alone (`/v1/catalog/service/<name>` filtered to nothing:
+an empty body; the same index as its health, cheaper for Consul), pipelined on half of the remaining
+connections (bridge/catalog/consul_probe.py), and fetches the services whose index moved on the other
+half, where the failing-check fetches go too. Sweeps never overlap and take at most a quarter of the time
+over the long run (SWEEP_SHARE); `max_connections` bounds feeds, probes and fetches together, idle
+keep-alive connections included. Each health answer is turned into `Instance` values once, when it
+arrives, and an answer that folds to the same instances keeps the very same objects, which lets the
+agent's DesiredBook see in a glance which services changed.
 
 * The index is reset to 0 when it goes backwards and never sent below 1; a return is not assumed to be
   a change (the content is compared).
-* Each watch is rate-limited by a small token bucket, and `wait` carries jitter.
-* Errors never empty the catalog: the last good answer of every watch is kept (fail static) and the
+* Each feed is rate-limited by a small token bucket, and `wait` carries jitter.
+* Errors never empty the catalog: the last good answer of every service is kept (fail static) and the
   source reports itself degraded, retrying with capped exponential backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
+import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -39,17 +58,24 @@ import consul.base
 import requests
 
 from bridge import clients
-from bridge.catalog.consul_format import WHOLE_SERVICE, CatalogFormatError, parse_service
+from bridge.catalog.consul_format import WHOLE_SERVICE, CatalogFormatError, CheckState, parse_checks, parse_service
+from bridge.catalog.consul_probe import Endpoint, ProbeError, probe_indexes
 from bridge.catalog.source import CatalogUnavailable, OnChange
-from bridge.core.config import Config, ConsulConfig
+from bridge.core.config import CONSUL_FEEDS, Config, ConsulConfig
 from bridge.core.model import Instance, Rejection, Snapshot
 from bridge.core.printable import printable
 
 log = logging.getLogger("maglev-bridge.consul")
 BACKOFF_START = 0.5
 BACKOFF_MAX = 30.0
-MAX_CONNECTIONS = 1 << 20
-"""aiohttp's default pool holds 100 connections; every watch needs its own for as long as it blocks."""
+FEEDS = CONSUL_FEEDS
+FAILING = ("critical", "warning")
+"""`/v1/health/state/<state>` for each: Consul reads them from its index by status, where `state/any` with
+a filter builds and filters every check of the datacenter on each change (10,000 at 2,000 x 5)."""
+NO_NODE = 'Node == ""'
+"""A filter that matches no node or instance: the answer is `[]` and only its index says anything (nodes
+always have names)."""
+READ_TIMEOUT = 30.0
 
 
 class ConsulAccessError(RuntimeError):
@@ -95,20 +121,32 @@ def next_index(old: int, new: int) -> int:
 
 @dataclass
 class TokenBucket:
-    """Allows short bursts of immediate re-queries and then at most `rate` per second."""
+    """Allows short bursts of immediate re-queries and then at most `rate` per second. Each feed carries the
+    changes of the whole catalog, not of one service: at 2 a second (the per-service watches' rate) a fleet
+    changing more often would queue its health changes behind the bucket; 10 a second still stops a feed
+    that Consul answers at once from spinning."""
 
-    capacity: float = 5.0
-    rate: float = 2.0
-    tokens: float = 5.0
+    capacity: float = 20.0
+    rate: float = 10.0
+    tokens: float = 20.0
     stamp: float = field(default_factory=time.monotonic)
 
-    def delay(self) -> float:
-        """Take one token; the seconds to wait before using it."""
+    def delay(self, cost: float = 1.0) -> float:
+        """Take `cost` tokens; the seconds to wait before using them."""
         now = time.monotonic()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        self.tokens -= 1
+        self.tokens -= cost
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+SWEEP_SHARE = 0.25
+SWEEP_BURST = 2.0
+"""Sweeps take at most a quarter of the time over the long run, however busy the rest of the catalog is, yet
+start at once after a quiet spell: the time spent sweeping is earned back at SWEEP_SHARE a second, up to two
+sweeps in advance. Every sweep asks Consul for the index of every tagged service, which the local agent
+forwards to the servers; a fixed rest after each (four times its length, in a first version) made a
+registration that came after another wait seconds (bench/consul_latency.py)."""
 
 
 class ConsulAnswerError(RuntimeError):
@@ -134,8 +172,9 @@ def _parser(path: str) -> Callable[[Any], tuple[int, str]]:
             raise ConsulAccessError(f"{path}: 403 {clients.summarize_body(response.body)}")
         if response.code == 429:
             raise TooManyRequests(
-                f"{path}: 429 too many connections from this address; the agent holds one blocking query per "
-                "tagged service plus one: raise limits.http_max_conns_per_client on the local Consul agent")
+                f"{path}: 429 too many connections from this address: lower consul.max_connections or raise "
+                "limits.http_max_conns_per_client on the local Consul agent (other clients on this address, "
+                "Nomad among them, count too)")
         if response.code in (400, 404, 405):
             raise UnreadableName(f"{path}: {response.code}")
         if response.code >= 400:
@@ -148,7 +187,7 @@ def _parser(path: str) -> Callable[[Any], tuple[int, str]]:
 
 
 async def blocking_get(client: consul.aio.Consul, path: str, index: int, wait: str,
-                       timeout: float) -> tuple[int, str]:
+                       timeout: float, query_filter: str | None = None) -> tuple[int, str]:
     """The index and the raw body: Consul's JSON is deterministic, so most re-arms (a wait that ran out
     with nothing changed) are recognised by comparing text, without decoding it. Uncompressed: the agent
     talks to its local Consul, where gzip costs both sides CPU and saves nothing."""
@@ -159,6 +198,8 @@ async def blocking_get(client: consul.aio.Consul, path: str, index: int, wait: s
         params += [("index", index), ("wait", wait)]
     if client.consistency == "stale":
         params.append(("stale", "1"))
+    if query_filter:
+        params.append(("filter", query_filter))
     headers = {**client.prepare_headers(), "Accept-Encoding": "identity"}
     result: tuple[int, str] = await client.http.get(_parser(path), path, params=params, headers=headers,
                                                     connections_timeout=timeout)
@@ -183,50 +224,71 @@ class _ServerNameHTTPClient(consul.aio.HTTPClient):  # type: ignore[misc]
 
 
 class _AsyncConsul(consul.aio.Consul):  # type: ignore[misc]
-    def __init__(self, server_name: str | None, **kwargs: Any) -> None:
+    def __init__(self, server_name: str | None, connections: int, **kwargs: Any) -> None:
         self.server_name = server_name
+        self.connections = connections
         super().__init__(**kwargs)
 
     def http_connect(self, host: str, port: int, scheme: str, verify: bool | str = True, cert: Any = None) -> Any:
-        return _ServerNameHTTPClient(host, port, scheme, verify=verify, cert=cert, connections_limit=MAX_CONNECTIONS,
+        return _ServerNameHTTPClient(host, port, scheme, verify=verify, cert=cert, connections_limit=self.connections,
                                      server_name=self.server_name)
 
 
-def make_async_client(config: ConsulConfig) -> consul.aio.Consul:
-    """Inside the watch loop (aiohttp sessions belong to a running loop)."""
+def make_async_client(config: ConsulConfig, connections: int) -> consul.aio.Consul:
+    """Inside the watch loop (aiohttp sessions belong to a running loop). Its pool never opens more than
+    `connections`, idle keep-alive connections included."""
     options = _client_options(config)
-    client: consul.aio.Consul = _with_token(_AsyncConsul(config.tls_server_name, **options), options["token"])
+    client: consul.aio.Consul = _with_token(_AsyncConsul(config.tls_server_name, connections, **options),
+                                            options["token"])
     return client
+
+
+def probe_endpoint(config: ConsulConfig, client: consul.aio.Consul) -> Endpoint:
+    """The sweep's probes go where the client goes, with its token, TLS files and query options."""
+    tls = None
+    if config.url.scheme == "https":
+        tls = ssl.create_default_context(cafile=config.ca_file)
+        cert = clients.client_cert(config.cert_file, config.key_file)
+        if cert:
+            tls.load_cert_chain(*cert)
+    params = [("dc", client.dc)] if client.dc else []
+    if client.consistency == "stale":
+        params.append(("stale", "1"))
+    return Endpoint(config.url.where.netloc.rpartition(":")[0].strip("[]"), config.url.where.port or 8500, tls,
+                    config.tls_server_name, client.prepare_headers(), (*params, ("filter", NO_NODE)))
 
 
 def _describe_error(exc: Exception) -> str:
     if isinstance(exc, ConsulAccessError):
         return (f"Consul ACL: the token must be able to read every service and node (service_prefix \"\" and "
                 f"node_prefix \"\" read): {exc}")
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | ssl.SSLCertVerificationError):
         return f"Consul's TLS certificate was refused (check ca_file and tls_server_name): {exc}"
-    if isinstance(exc, requests.ConnectionError | aiohttp.ClientConnectionError):
-        return f"Consul unreachable: {exc.__class__.__name__}: {exc}"
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, asyncio.TimeoutError):  # before OSError, whose subclass it is
         return "Consul did not answer within the blocking query's wait: timed out"
+    if isinstance(exc, requests.ConnectionError | aiohttp.ClientConnectionError | OSError):
+        return f"Consul unreachable: {exc.__class__.__name__}: {exc}"
     return f"{exc.__class__.__name__}: {exc}"
 
 
 def error_kind(exc: Exception) -> str:
     """A bounded name for what went wrong, for /metrics (metrics.CONSUL_ERROR_KINDS)."""
     kinds: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
-        (ConsulAccessError, "acl"), (aiohttp.ClientConnectorCertificateError, "tls"),
-        ((requests.ConnectionError, aiohttp.ClientConnectionError), "unreachable"), (asyncio.TimeoutError, "timeout"),
-        (TooManyRequests, "429"), (UnreadableName, "unreadable_name"), (ConsulAnswerError, "answer"),
+        (ConsulAccessError, "acl"), ((aiohttp.ClientConnectorCertificateError, ssl.SSLError), "tls"),
+        (asyncio.TimeoutError, "timeout"),  # before OSError, whose subclass it is
+        ((requests.ConnectionError, aiohttp.ClientConnectionError, OSError), "unreachable"), (TooManyRequests, "429"),
+        (UnreadableName, "unreadable_name"),
+        ((ConsulAnswerError, ProbeError), "answer"),
         ((CatalogFormatError, ValueError), "format"))
     return next((kind for types, kind in kinds if isinstance(exc, types)), "other")
 
 
 class Watch:
-    """One blocking query as an asyncio task, calling `fetch(index, wait)` until cancelled."""
+    """One blocking query as an asyncio task, calling `fetch(index, wait)` until cancelled; `on_result` gets
+    the index and the body of each answer."""
 
     def __init__(self, name: str, fetch: Callable[[int, str], Awaitable[tuple[int, str]]],
-                 on_result: Callable[[str], None], on_error: Callable[[str, Exception], None],
+                 on_result: Callable[[int, str], None], on_error: Callable[[str, Exception], None],
                  wait_seconds: float) -> None:
         self.name = name
         self.fetch = fetch
@@ -255,35 +317,56 @@ class Watch:
             backoff = BACKOFF_START
             self.index = next_index(self.index, index)
             try:
-                self.on_result(data)
+                self.on_result(index, data)
             except Exception as exc:  # a bug must not end the watch silently: report it and keep watching
                 log.exception("%s: the answer could not be taken in", printable(self.name))
                 self.on_error(self.name, exc)
 
 
 class ConsulSource:
-    """Watches the service list for tagged services and the health of each of them."""
+    """Watches the tagged services' health through four change feeds and a bounded pool of reads."""
 
     def __init__(self, config: Config) -> None:
         assert config.consul is not None
         self.consul_config = config.consul
         self.vip_tag = f"{config.tag_prefix}.vip"
         self.wait_seconds = self.consul_config.wait_seconds
+        pool = self.consul_config.max_connections - FEEDS
+        self.probers = pool // 2
+        """Connections a sweep probes on (pipelined); the rest of the pool fetches."""
+        self.fetchers = pool - self.probers
+        self._endpoint: Endpoint | None = None
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._client: consul.aio.Consul | None = None
         self._tagged: set[str] | None = None
         self._instances: dict[str, tuple[Instance, ...]] = {}
         self._rejected: dict[str, tuple[Rejection, ...]] = {}
-        self._bodies: dict[str, str] = {}
+        self._indexes: dict[str, int] = {}
+        """Each service's index at its last answer that was taken in; a sweep fetches it again when it moves."""
+        self._unreadable: set[str] = set()
+        self._failing: dict[str, dict[tuple[str, str], CheckState]] = {}
+        self._fetching: set[str] = set()
+        self._again: set[str] = set()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self._sweep_wanted: asyncio.Event | None = None
+        self._sweep_asked = 0
+        self._sweep_covers = 0
+        """The highest index a feed had seen when it asked for a sweep, and that of the sweep under way or
+        last begun: a sweep begun after a feed saw an index finds every change up to it."""
         self._errors: dict[str, str] = {}
         self._error_counts: Counter[str] = Counter()
         self._on_change: OnChange = lambda reason: None
         self._stopped = threading.Event()
+        self._in_use = 0
+        self._peak = 0
         self.changes = 0
+        self.sweeps = 0
+        self.reads = 0
 
-    # ---- watches (all on the loop thread) --------------------------------------------------------
+    # ---- feeds (all on the loop thread) ----------------------------------------------------------
 
     def start(self, on_change: OnChange) -> None:
         self._on_change = on_change
@@ -309,31 +392,85 @@ class ConsulSource:
                 break
 
     async def _main(self) -> None:
-        self._client = make_async_client(self.consul_config)
-        services = Watch("services", partial(self._get, "/v1/catalog/services"), self._on_services, self._on_error,
-                         self.wait_seconds)
-        self._tasks["services"] = asyncio.create_task(services.run())
+        self._client = make_async_client(self.consul_config, FEEDS + self.fetchers)
+        self._endpoint = probe_endpoint(self.consul_config, self._client)
+        self._slots = asyncio.Semaphore(self.fetchers)
+        self._sweep_wanted = asyncio.Event()
+        self._failing = {}
+        self._sweep_asked = self._sweep_covers = 0
+        feeds = (
+            Watch("services", partial(self._get, "/v1/catalog/services", None), self._on_services, self._on_error,
+                  self.wait_seconds),
+            *(Watch(state, partial(self._get, f"/v1/health/state/{state}", None),
+                    partial(self._on_failing_checks, state), self._on_error, self.wait_seconds) for state in FAILING),
+            Watch("nodes", partial(self._get, "/v1/catalog/nodes", NO_NODE), self._on_nodes, self._on_error,
+                  self.wait_seconds),
+        )
+        with self._lock:
+            for feed in feeds:
+                self._tasks[feed.name] = asyncio.create_task(feed.run())
+        sweeper = asyncio.create_task(self._sweep_forever())
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             pass
         finally:
-            for task in self._tasks.values():
+            with self._lock:
+                tasks = [*self._tasks.values(), *self._background, sweeper]
+                self._tasks.clear()
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self._client.close()
 
-    def _get(self, path: str, index: int, wait: str) -> Awaitable[tuple[int, Any]]:
-        """A client-side timeout past Consul's own (wait plus up to wait/16 of jitter) catches a dead peer."""
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[None]:
+        """Every request or connection to Consul, counted: `state()` reports those in use and the most ever."""
+        self._in_use += 1
+        self._peak = max(self._peak, self._in_use)
+        try:
+            yield
+        finally:
+            self._in_use -= 1
+
+    async def _request(self, path: str, index: int, wait: str, timeout: float,
+                       query_filter: str | None) -> tuple[int, str]:
         assert self._client is not None
-        return blocking_get(self._client, path, index, wait, self.wait_seconds * 1.1 + 15)
+        with self._connection():
+            return await blocking_get(self._client, path, index, wait, timeout, query_filter)
+
+    def _get(self, path: str, query_filter: str | None, index: int, wait: str) -> Awaitable[tuple[int, str]]:
+        """A feed's blocking query. A client-side timeout past Consul's own (wait plus up to wait/16 of
+        jitter) catches a dead peer."""
+        return self._request(path, index, wait, self.wait_seconds * 1.1 + 15, query_filter)
+
+    async def _fetch(self, name: str) -> tuple[int, str]:
+        """One service's health through the pool (at most `fetchers` at once). A request for the same service
+        that came while this one waited for its turn is answered by it."""
+        assert self._slots is not None
+        async with self._slots:
+            self._again.discard(name)
+            self.reads += 1
+            return await self._request(f"/v1/health/service/{name}", 0, "", READ_TIMEOUT, None)
 
     def _is_tagged(self, tags: Any) -> bool:
         """Whatever shape a service's tag list has: anything but a list of strings is no tag of ours."""
         return isinstance(tags, list) and any(
             isinstance(t, str) and (t == self.vip_tag or t.startswith(self.vip_tag + "=")) for t in tags)
 
-    def _on_services(self, body: str) -> None:
+    def _want_sweep(self, index: int | None = None) -> None:
+        """A sweep, unless one begun since a feed saw `index` covers it (the node list's index moves with
+        the service list's: one edit, one sweep). Without an index, always."""
+        assert self._sweep_wanted is not None
+        if index is not None:
+            if 0 < index <= self._sweep_covers:
+                return
+            self._sweep_asked = max(self._sweep_asked, index)
+        self._sweep_wanted.set()
+
+    def _on_services(self, index: int, body: str) -> None:
+        """Every answer starts a sweep, the re-arm after `wait` too: what a feed could not say is found
+        within one `wait` whatever happens."""
         try:
             services: Any = json.loads(body)
         except ValueError as exc:
@@ -343,58 +480,197 @@ class ConsulSource:
             self._on_error("services", CatalogFormatError("the service list is not a JSON object"))
             return
         tagged = {name for name, tags in services.items() if self._is_tagged(tags)}
+        self._sweep_asked = max(self._sweep_asked, index)
         with self._lock:
             first = self._tagged is None
             self._errors.pop("services", None)
-            known = set(self._tasks) - {"services"}
-            added = tagged - known
-            removed = known - tagged
+            removed = (self._tagged or set()) - tagged
             self._tagged = tagged
             for name in removed:
-                self._tasks.pop(name).cancel()
-                self._bodies.pop(name, None)
-                self._instances.pop(name, None)
-                self._rejected.pop(name, None)
+                for table in (self._instances, self._rejected, self._indexes):
+                    table.pop(name, None)
+                self._unreadable.discard(name)
                 self._errors.pop(f"health:{name}", None)
-        for name in sorted(added):
-            watch = Watch(f"health:{name}", partial(self._get, f"/v1/health/service/{name}"),
-                          partial(self._on_health, name), partial(self._on_health_error, name), self.wait_seconds)
-            self._tasks[name] = asyncio.create_task(watch.run())
+        self._want_sweep()
         if removed:
             self._changed(f"consul: services no longer tagged: {', '.join(printable(n) for n in sorted(removed))}")
         elif first and not tagged:
             self._changed("consul: no tagged services")
 
-    def _on_health(self, name: str, body: str) -> None:
+    def _on_nodes(self, index: int, body: str) -> None:
         with self._lock:
-            self._errors.pop(f"health:{name}", None)
-            if name not in self._tasks or self._bodies.get(name) == body:
-                return
+            self._errors.pop("nodes", None)
+        self._want_sweep(index)
+
+    def _on_failing_checks(self, state: str, index: int, body: str) -> None:
+        """Checks that came into or left `state`, or changed in it: their services are fetched at once, and
+        a node's own check means every tagged service with an instance on that node."""
+        try:
+            failing = parse_checks(body)
+        except CatalogFormatError as exc:
+            self._on_error(state, exc)
+            self._want_sweep()
+            return
+        with self._lock:
+            self._errors.pop(state, None)
+            before = self._failing.get(state)
+            self._failing[state] = failing
+        if before is None:  # a first answer says nothing about what changed before it
+            self._want_sweep()
+            return
+        services: set[str] = set()
+        nodes: set[str] = set()
+        for key in before.keys() | failing.keys():
+            if before.get(key) != failing.get(key):
+                check = failing.get(key) or before[key]
+                if check.ServiceName:
+                    services.add(check.ServiceName)
+                else:
+                    nodes.add(check.Node)
+        with self._lock:
+            if nodes:
+                services.update(name for name, found in self._instances.items()
+                                if any(instance.node in nodes for instance in found))
+            wanted = services & (self._tagged or set())
+        for name in sorted(wanted):
+            self._spawn(self._refresh(name))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ---- reads through the pool ------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        """Sweeps one after another within their budget (SWEEP_SHARE); after a failed one (Consul away) the next waits
+        with capped exponential backoff."""
+        assert self._sweep_wanted is not None
+        backoff = BACKOFF_START
+        budget = TokenBucket(capacity=0.0, rate=SWEEP_SHARE, tokens=0.0)  # seconds, paid once a sweep ends
+        while True:
+            await self._sweep_wanted.wait()
+            pause = budget.delay(0.0)
+            if pause:
+                await asyncio.sleep(pause)
+            self._sweep_wanted.clear()
+            self._sweep_covers = self._sweep_asked
+            started = time.monotonic()
+            try:
+                await self._sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._on_error("sweep", exc)
+                self._want_sweep()
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_START
+            with self._lock:
+                self._errors.pop("sweep", None)
+            self.sweeps += 1
+            spent = time.monotonic() - started
+            budget.capacity = SWEEP_BURST * spent
+            budget.tokens -= spent
+
+    async def _sweep(self) -> None:
+        """The index of every tagged service alone, probed on `probers` connections at once, and a fetch of
+        those that moved; services never taken in are fetched without a probe."""
+        with self._lock:
+            watched = sorted((self._tagged or set()) - self._unreadable)
+            known = [name for name in watched if name in self._indexes]
+            unknown = [name for name in watched if name not in self._indexes and name not in self._fetching]
+        for name in unknown:
+            self._spawn(self._refresh(name))
+        parts = await asyncio.gather(*(self._probe(known[n::self.probers]) for n in range(self.probers)))
+        if not all(parts):  # Consul closed a connection early: the rest at the next sweep
+            self._want_sweep()
+
+    async def _probe(self, names: list[str]) -> bool:
+        """Probes `names` on one pipelined connection and fetches those whose index moved; False when the
+        connection ended before every answer was in."""
+        if not names:
+            return True
+        assert self._endpoint is not None
+        with self._connection():
+            indexes = await probe_indexes(self._endpoint, [f"/v1/catalog/service/{name}" for name in names],
+                                          READ_TIMEOUT)
+        self.reads += len(indexes)
+        with self._lock:
+            moved = [name for name, index in zip(names[:len(indexes)], indexes, strict=True)
+                     if index != self._indexes.get(name)]
+        for name in moved:
+            self._spawn(self._refresh(name))
+        return len(indexes) == len(names)
+
+    async def _refresh(self, name: str) -> None:
+        """Fetch one service's health until an answer is taken in. One fetch per service at a time: asked
+        again while one is under way, it fetches once more after it."""
+        if name in self._fetching:
+            self._again.add(name)
+            return
+        self._fetching.add(name)
+        backoff = BACKOFF_START
+        try:
+            while self._is_watched(name):
+                try:
+                    index, body = await self._fetch(name)
+                except asyncio.CancelledError:
+                    raise
+                except UnreadableName as exc:
+                    self._on_unreadable(name, exc)
+                    return
+                except Exception as exc:
+                    self._on_error(f"health:{name}", exc)
+                    await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+                backoff = BACKOFF_START
+                try:
+                    self._on_health(name, index, body)
+                except Exception as exc:  # a bug must not pass silently: the next sweep fetches it again
+                    log.exception("health:%s: the answer could not be taken in", printable(name))
+                    self._on_error(f"health:{name}", exc)
+                if name not in self._again:
+                    return
+        finally:
+            self._fetching.discard(name)
+
+    def _is_watched(self, name: str) -> bool:
+        with self._lock:
+            return name in (self._tagged or ())
+
+    def _on_health(self, name: str, index: int, body: str) -> None:
+        parsed = None
         try:
             parsed = parse_service(name, body)
         except CatalogFormatError as exc:
             self._on_error(f"health:{name}", exc)
-            return
         with self._lock:
-            self._bodies[name] = body
+            if name not in (self._tagged or ()):
+                return
+            self._indexes[name] = index
+            if parsed is None:
+                return
+            self._errors.pop(f"health:{name}", None)
+            if self._instances.get(name) == parsed.instances and self._rejected.get(name) == parsed.rejected:
+                return
             self._instances[name] = parsed.instances
             self._rejected[name] = parsed.rejected
         self._changed(f"consul: {printable(name)} changed")
 
-    def _on_health_error(self, name: str, watch: str, exc: Exception) -> None:
+    def _on_unreadable(self, name: str, exc: Exception) -> None:
         """A service Consul cannot be asked about is rejected whole, and the rest of the catalog goes on."""
-        if not isinstance(exc, UnreadableName):
-            self._on_error(watch, exc)
-            return
         rejection = Rejection(name, WHOLE_SERVICE, "", f"Consul cannot be asked for this service's health by name "
                                                          f"({exc}); rename it to use it")
         with self._lock:
-            if name not in self._tasks:
+            if name not in (self._tagged or ()):
                 return
             changed = self._rejected.get(name) != (rejection,)
             self._instances[name], self._rejected[name] = (), (rejection,)
-            self._bodies.pop(name, None)
-            self._errors.pop(watch, None)
+            self._unreadable.add(name)
+            self._errors.pop(f"health:{name}", None)
         if changed:
             self._changed(f"consul: {printable(name)} cannot be read")
 
@@ -435,6 +711,10 @@ class ConsulSource:
                 "errors": dict(sorted(self._errors.items())[:20]),
                 "tagged_services": len(self._tagged or ()),
                 "watches": len(self._tasks),
+                "connections": {"limit": self.consul_config.max_connections, "in_use": self._in_use,
+                                "most": self._peak},
+                "sweeps": self.sweeps,
+                "reads": self.reads,
                 "error_counts": dict(self._error_counts),
                 "changes": self.changes,
             }

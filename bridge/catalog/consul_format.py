@@ -59,7 +59,19 @@ class HealthEntry(msgspec.Struct):
     Checks: list[CheckEntry] | None = None
 
 
+class CheckState(msgspec.Struct, frozen=True):
+    """One entry of `GET /v1/health/state/any`: which check of which node and service, and when it last
+    changed. A node's own checks (serfHealth among them) have no ServiceName."""
+
+    Node: str
+    CheckID: str
+    Status: str = ""
+    ServiceName: str = ""
+    ModifyIndex: RaftIndex = 0
+
+
 _SERVICE_DECODER = msgspec.json.Decoder(list[HealthEntry])
+_CHECKS_DECODER = msgspec.json.Decoder(list[CheckState])
 _CATALOG_DECODER = msgspec.json.Decoder(dict[str, list[HealthEntry]])
 _LOOSE_DECODER = msgspec.json.Decoder()
 
@@ -169,3 +181,12 @@ def snapshot_from_services(services: Mapping[str, Iterable[Mapping[str, Any]]]) 
     """A snapshot of already decoded JSON (tests and the demo build catalogs as Python data), through the
     same boundary as a file."""
     return parse_catalog(msgspec.json.encode(services))
+
+
+def parse_checks(data: bytes | str) -> dict[tuple[str, str], CheckState]:
+    """A `GET /v1/health/state/<state>` answer, by (node, check id). CatalogFormatError when it does not fit:
+    the change feed it comes from is only a hint, so nothing is rejected one by one."""
+    try:
+        return {(check.Node, check.CheckID): check for check in _CHECKS_DECODER.decode(data)}
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        raise CatalogFormatError(f"the list of failing checks does not fit: {exc}") from None

@@ -70,12 +70,26 @@ class ConsulConfig:
     """Register the agent in Consul itself; false when a scheduler (Nomad) registers it already."""
     dns_address: str = "127.0.0.1:8600"
     """Consul's DNS interface, for `status --discover`."""
+    max_connections: int = 8
+    """The most HTTP connections the catalog watch opens to Consul, whatever the number of tagged services:
+    the local agent allows 200 per client address (`limits.http_max_conns_per_client`) and Nomad, on the
+    same host and address, needs its share."""
 
 
     def __post_init__(self) -> None:
         seconds = parse_wait(self.wait)
         if not 0 < seconds <= MAX_CONSUL_WAIT:
             raise ConfigError(f"consul.wait: {_show(self.wait)} must be above 0 and at most 10m (Consul's maximum)")
+        if self.max_connections < MIN_CONSUL_CONNECTIONS:
+            raise ConfigError(
+                f"consul.max_connections: {self.max_connections} is too few: the catalog watch holds {CONSUL_FEEDS} "
+                f"blocking queries and needs one more connection to fetch what changed and one to probe what may "
+                f"have; set {MIN_CONSUL_CONNECTIONS} or more (default 8)")
+        if self.max_connections > MAX_CONSUL_CONNECTIONS:
+            raise ConfigError(
+                f"consul.max_connections: {self.max_connections} is too many: more than {MAX_CONSUL_CONNECTIONS} "
+                f"only takes connections from the other clients of the local Consul agent (Nomad among them; "
+                f"200 per address by default); set at most {MAX_CONSUL_CONNECTIONS} (default 8)")
 
     @property
     def wait_seconds(self) -> float:
@@ -91,6 +105,12 @@ class ConsulConfig:
 
 
 MAX_CONSUL_WAIT = 600.0
+CONSUL_FEEDS = 4
+"""The catalog watch's blocking queries (bridge/catalog/consul.py): the service list, the critical and the
+warning checks, the node list."""
+MIN_CONSUL_CONNECTIONS = CONSUL_FEEDS + 2
+"""The feeds, one connection to fetch what changed and one to probe what may have."""
+MAX_CONSUL_CONNECTIONS = 64
 
 
 def parse_wait(text: str) -> float:

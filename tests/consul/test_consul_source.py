@@ -161,18 +161,33 @@ def test_consul_over_mutual_tls_checks_the_certificate_against_tls_server_name(c
                 s.stop()
 
 
-def test_more_tagged_services_than_consul_allows_connections_says_which_limit_to_raise(consul_binary):
-    with ConsulAgent(consul_binary, extra_config={"limits": {"http_max_conns_per_client": 6}}) as consul:
-        for n in range(10):
-            register(consul, f"svc-{n}", f"b{n}", f"192.0.2.{n + 11}", 80, [f"maglev.vip=198.51.100.{n + 1}:80"])
-        source = source_for(consul)
+def register_many(consul: ConsulAgent, count: int) -> None:
+    for n in range(count):
+        register(consul, f"svc-{n}", f"b{n}", f"192.0.2.{n + 11}", 80, [f"maglev.vip=198.51.100.{n + 1}:80"])
+
+
+def test_more_tagged_services_than_consul_allows_connections_fit_the_budget(consul_binary):
+    with ConsulAgent(consul_binary, extra_config={"limits": {"http_max_conns_per_client": 7}}) as consul:
+        register_many(consul, 30)
+        source = source_for(consul, max_connections=6)
         source.start(lambda reason: None)
         try:
-            state = wait_until(lambda: "http_max_conns_per_client" in str(source.health()["errors"])
-                               and source.health())
-            assert state["tagged_services"] == 10
-            with pytest.raises(CatalogUnavailable, match="no health data yet"):
-                source.snapshot()
+            wait_until(lambda: len(source.snapshot().instances) == 30)
+            state = source.health()
+            assert state["ok"] and "429" not in state["error_counts"]
+            assert state["connections"]["most"] <= 6
+        finally:
+            source.stop()
+
+
+def test_a_budget_above_what_consul_allows_says_which_setting_to_change(consul_binary):
+    with ConsulAgent(consul_binary, extra_config={"limits": {"http_max_conns_per_client": 4}}) as consul:
+        register_many(consul, 30)
+        source = source_for(consul, max_connections=12)
+        source.start(lambda reason: None)
+        try:
+            message = wait_until(lambda: next((m for m in source.health()["errors"].values() if "429" in m), None))
+            assert "consul.max_connections" in message and "http_max_conns_per_client" in message
         finally:
             source.stop()
 
@@ -184,11 +199,11 @@ def test_a_watch_loop_that_dies_unexpectedly_is_reported_and_restarted(consul_ag
     real = consul_module.make_async_client
     calls = []
 
-    def fails_once(config):
+    def fails_once(config, connections):
         calls.append(config)
         if len(calls) == 1:
             raise RuntimeError("injected: no client")
-        return real(config)
+        return real(config, connections)
 
     monkeypatch.setattr(consul_module, "make_async_client", fails_once)
     source = source_for(consul_agent)
