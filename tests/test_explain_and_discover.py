@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import json
+
+import msgspec
 import pytest
 
 from bridge.core.maglev import Dest
-from bridge.inspect.discover import Director, Discovery, discovery_text
+from bridge.inspect.discover import Director, Discovery, discovery_text, read_report
 from bridge.inspect.explain import ExplainError, ServiceView, explain_flow, explain_shares, parse_client, parse_service
 
 
@@ -53,14 +56,15 @@ def test_explain_arguments_are_checked(text, parse):
 
 def test_discovery_flags_directors_whose_tables_differ_and_shows_each_ones_version():
     def status(fp, version):
-        return {"agent": {"role": "director", "ready": True, "version": version}, "virtual_services": [
-            {"vip": "198.51.100.1", "port": 80, "protocol": "tcp", "fingerprint": fp, "real_servers": [{}, {}]}]}
+        return read_report(json.dumps({"agent": {"role": "director", "ready": True, "version": version},
+                                       "virtual_services": [{"vip": "198.51.100.1", "port": 80, "protocol": "tcp",
+                                                             "fingerprint": fp, "real_servers": [{}, {}]}]}))
     found = Discovery([Director("192.0.2.11", 9119, status("aa", "0.1.0")),
                        Director("192.0.2.12", 9119, status("bb", "0.2.0")),
                        Director("192.0.2.13", 9119, error="connection refused")])
     for d in found.directors:
-        for vs in (d.status or {}).get("virtual_services", []):
-            found.fingerprints["198.51.100.1:80/tcp"][d.label] = vs["fingerprint"]
+        for vs in d.status.virtual_services if d.status else ():
+            found.fingerprints["198.51.100.1:80/tcp"][d.label] = vs.fingerprint
     text = discovery_text(found)
     assert found.disagreeing == ["198.51.100.1:80/tcp"]
     assert text.count("NO: tables differ") == 2 and "DOWN" in text
@@ -70,7 +74,17 @@ def test_discovery_flags_directors_whose_tables_differ_and_shows_each_ones_versi
 def test_discovery_shows_a_director_in_maintenance_with_its_reason():
     agent = {"role": "director", "ready": True,
              "maintenance": {"on": True, "reason": "kernel upgrade", "since": 0.0, "by": "ops@lb1"}}
-    found = Discovery([Director("192.0.2.11", 9119, {"agent": agent, "virtual_services": []})])
+    found = Discovery([Director("192.0.2.11", 9119, read_report(json.dumps({"agent": agent, "virtual_services": []})))])
     text = discovery_text(found)
     assert "maint" in text.splitlines()[1]
     assert "maintenance: 192.0.2.11:9119 on (kernel upgrade, since ?, by ops@lb1)" in text
+
+
+def test_a_status_answer_of_the_wrong_shape_is_named_by_its_field_and_unknown_fields_are_ignored():
+    """Another director's /status is data from the network: the field that does not fit is named; what a newer
+    agent adds is ignored."""
+    with pytest.raises(msgspec.ValidationError, match=r"\$\.virtual_services\[0\]\.port"):
+        read_report(b'{"virtual_services": [{"vip": "198.51.100.1", "port": "80", "protocol": "tcp"}]}')
+    newer = read_report(b'{"agent": {"role": "director", "later": 1}, "virtual_services": [], "more": {}}')
+    assert newer.agent.role == "director" and newer.virtual_services == ()
+

@@ -1,10 +1,15 @@
 """`status --discover`: every director of a data centre, found through Consul DNS (SRV records of the
 agents' service), each one's /status in one table, and a flag wherever directors disagree about a VIP's
-Maglev table: a flow would reach different backends depending on which director the router picks."""
+Maglev table: a flow would reach different backends depending on which director the router picks.
+
+Each answer is decoded into `StatusReport`, the part of /status this table reads, typed: another director's
+answer is data from the network (maybe from another version of the agent), so a field of the wrong type is
+named with its path ("Expected `int`, got `str` - at `$.virtual_services[0].port`") and that director shows
+as unreadable, instead of a KeyError ending the command. Fields this table does not read are ignored, so
+directors of newer versions with more to say are still shown."""
 
 from __future__ import annotations
 
-import json
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -14,16 +19,50 @@ from typing import Any
 import dns.message
 import dns.query
 import dns.rdatatype
+import msgspec
 
 from bridge.core.config import Config, ConfigError
-from bridge.inspect.text import maintenance_text, service_label
+from bridge.core.keys import Protocol, ServiceKey
+from bridge.inspect.text import maintenance_text
+
+
+class ReportedService(msgspec.Struct, frozen=True):
+    vip: str
+    port: int
+    protocol: Protocol
+    fingerprint: str | None = None
+    real_servers: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def key(self) -> ServiceKey:
+        return ServiceKey(self.vip, self.port, self.protocol)
+
+
+class ReportedAgent(msgspec.Struct, frozen=True):
+    role: str = "?"
+    version: str = "?"
+    ready: bool = False
+    degraded: bool = False
+    maintenance: dict[str, Any] | None = None
+
+
+class StatusReport(msgspec.Struct, frozen=True):
+    """What `status --discover` reads of a director's /status (`bridge.agent.http`)."""
+
+    agent: ReportedAgent = ReportedAgent()
+    virtual_services: tuple[ReportedService, ...] = ()
+
+
+def read_report(body: bytes | str) -> StatusReport:
+    """A /status answer; msgspec's error (naming the field's path) when it is not one."""
+    return msgspec.json.decode(body, type=StatusReport)
 
 
 @dataclass(frozen=True)
 class Director:
     address: str
     port: int
-    status: dict[str, Any] | None = None
+    status: StatusReport | None = None
     error: str | None = None
 
     @property
@@ -68,9 +107,11 @@ def srv_records(config: Config, datacenter: str | None = None) -> list[tuple[str
 def fetch_status(address: str, port: int, timeout: float = 5.0) -> Director:
     try:
         with urllib.request.urlopen(f"http://{address}:{port}/status", timeout=timeout) as response:
-            return Director(address, port, json.loads(response.read()))
-    except (OSError, urllib.error.URLError, ValueError) as exc:
+            return Director(address, port, read_report(response.read()))
+    except (OSError, urllib.error.URLError) as exc:
         return Director(address, port, error=str(exc))
+    except msgspec.DecodeError as exc:
+        return Director(address, port, error=f"not a /status answer: {exc}")
 
 
 def discover(config: Config, datacenter: str | None = None) -> Discovery:
@@ -78,8 +119,8 @@ def discover(config: Config, datacenter: str | None = None) -> Discovery:
     for address, port in srv_records(config, datacenter):
         director = fetch_status(address, port)
         found.directors.append(director)
-        for vs in (director.status or {}).get("virtual_services", []):
-            found.fingerprints[service_label(vs)][director.label] = vs["fingerprint"]
+        for vs in director.status.virtual_services if director.status else ():
+            found.fingerprints[vs.key.text][director.label] = vs.fingerprint or ""
     return found
 
 
@@ -92,19 +133,18 @@ def discovery_text(found: Discovery) -> str:
         if d.status is None:
             lines.append(f"{d.label:<22} {'?':<9} {'?':<12} {'DOWN':<9} {d.error}")
             continue
-        agent = d.status.get("agent", {})
-        state = "degraded" if agent.get("degraded") else ("ready" if agent.get("ready") else "starting")
-        if (agent.get("maintenance") or {}).get("on"):
+        agent = d.status.agent
+        state = "degraded" if agent.degraded else ("ready" if agent.ready else "starting")
+        if agent.maintenance and agent.maintenance.get("on"):
             state = "maint"
-            maintained.append(f"{d.label} {maintenance_text(agent['maintenance'])}")
-        who = f"{d.label:<22} {agent.get('role', '?'):<9} {agent.get('version', '?'):<12} {state:<9}"
-        services = d.status.get("virtual_services", [])
-        if not services:
+            maintained.append(f"{d.label} {maintenance_text(agent.maintenance)}")
+        who = f"{d.label:<22} {agent.role:<9} {agent.version:<12} {state:<9}"
+        if not d.status.virtual_services:
             lines.append(f"{who} (none)")
-        for vs in services:
-            key = service_label(vs)
+        for vs in d.status.virtual_services:
+            key = vs.key.text
             agrees = "NO: tables differ" if key in bad else "yes"
-            lines.append(f"{who} {key:<24} {len(vs['real_servers']):>4} {vs['fingerprint'] or '-':<17} {agrees}")
+            lines.append(f"{who} {key:<24} {len(vs.real_servers):>4} {vs.fingerprint or '-':<17} {agrees}")
     lines.extend(f"maintenance: {line}" for line in maintained)
     lines.append(f"{len(found.directors)} director(s); " + (
         f"{len(bad)} virtual service(s) with differing tables: {', '.join(sorted(bad))}" if bad

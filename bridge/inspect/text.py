@@ -117,7 +117,7 @@ def status_json(live: LiveState, report: dict[str, Any], fingerprints: Mapping[S
 
 
 def service_label(found: dict[str, Any]) -> str:
-    """A virtual service of a /status answer (this agent's or another director's) as its key's text."""
+    """A virtual service of this agent's /status data as its key's text (`status` prints it)."""
     return ServiceKey(found["vip"], found["port"], found["protocol"]).text
 
 
