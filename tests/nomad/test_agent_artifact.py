@@ -101,7 +101,7 @@ def deploy_args(cluster: NomadCluster, tmp_path: Path, stagger: str = "5s") -> l
 def versions_seen(config_path: str) -> dict[str, str]:
     """Director address:port -> version, as `status --discover` finds them (passing in Consul DNS)."""
     found = discover(load_config(config_path))
-    return {d.label: (d.status or {}).get("agent", {}).get("version", "?") for d in found.directors}
+    return {d.label: d.status.agent.version if d.status else "?" for d in found.directors}
 
 
 def test_agent_job_runs_its_build_from_the_allocation_and_rolls_a_new_one_one_director_at_a_time(
