@@ -79,7 +79,7 @@ class NodeSource:
 
     async def _main(self) -> None:
         client = make_async_client(self.consul_config, len(FEEDS))
-        watches = [Watch(name, partial(self._get, client, self._paths[name]), partial(self._on_answer, name),
+        watches = [Watch(name, partial(self._get, client, name), partial(self._on_answer, name),
                          self._on_error, self.wait_seconds) for name in FEEDS]
         tasks = [asyncio.create_task(watch.run()) for watch in watches]
         try:
@@ -92,12 +92,20 @@ class NodeSource:
             await asyncio.gather(*tasks, return_exceptions=True)
             await client.close()
 
-    def _get(self, client: consul.aio.Consul, path: str, index: int, wait: str) -> Any:
-        return blocking_get(client, path, index, wait, self.wait_seconds * 1.1 + READ_TIMEOUT)
+    def _get(self, client: consul.aio.Consul, name: str, index: int, wait: str) -> Any:
+        """After an error the query is not blocking: Consul back with the same index would otherwise hold
+        it for a whole `wait` while /health still says the source is degraded."""
+        with self._lock:
+            failed = name in self._errors
+        return blocking_get(client, self._paths[name], 0 if failed else index, wait,
+                            self.wait_seconds * 1.1 + READ_TIMEOUT)
 
     def _on_answer(self, name: str, index: int, body: str) -> None:
+        """An answer clears its query's error (Consul is back), even when nothing changed meanwhile; a
+        format error stays until the node's answers fit again."""
         with self._lock:
             self.answers += 1
+            self._errors.pop(name, None)
             if self._bodies.get(name) == body:
                 return
             self._bodies[name] = body
@@ -107,10 +115,10 @@ class NodeSource:
         try:
             parsed = parse_node(services, checks, self.vip_tag)
         except CatalogFormatError as exc:
-            self._on_error(name, exc)
+            self._on_error("format", exc)
             return
         with self._lock:
-            self._errors.pop(name, None)
+            self._errors.pop("format", None)
             if self._snapshot is not None and (self._snapshot.instances, self._snapshot.rejected) == (
                     parsed.instances, parsed.rejected):
                 return

@@ -152,3 +152,20 @@ def test_rejected_claims_of_its_own_instances_show_in_its_pass(consul_agent, sta
     wait_until(lambda: any(i.service == "bad" for i in source.snapshot().instances), timeout=30, what="bad")
     outcome = backend_pass(source.snapshot(), config_for(consul_agent, tmp_path), dry_run=True)
     assert [(r.service, r.instance) for r in outcome.rejected] == [("bad", "bad-app1")]
+
+
+def test_while_consul_is_away_it_keeps_the_last_snapshot_and_says_so_then_recovers(consul_agent_persistent):
+    consul = consul_agent_persistent
+    put(consul, OWN, "web", [vip_tag(1)], check="passing")
+    source = NodeSource(config_for(consul))
+    source.start(Recorder())
+    try:
+        kept = wait_until(lambda: source.snapshot().instances, what="the node's first snapshot")
+        consul.stop()
+        wait_until(lambda: not source.health()["ok"], timeout=60, what="the outage in its health")
+        assert source.snapshot().instances == kept
+        consul.start()
+        wait_until(lambda: source.health()["ok"], timeout=120, what="recovery")
+        assert source.snapshot().instances == kept
+    finally:
+        source.stop()
