@@ -50,11 +50,13 @@ def test_a_bad_entry_is_rejected_with_its_field_and_the_others_go_on():
         ("bad", "bad-b1", "field Service.Port: expected `int`, got `str`")]
 
 
-def test_a_node_consul_does_not_know_has_no_instances():
-    assert parse_node("null", "[]", TAG).instances == ()
+@pytest.mark.parametrize("services", ['{"Node": null, "Services": null}', "null"])
+def test_a_node_consul_does_not_know_is_not_taken_for_an_empty_one(services):
+    assert parse_node(services, "[]", TAG) is None
 
 
-@pytest.mark.parametrize("services, checks", [("not json", "[]"), ('{"Node": {}}', "[]"), ("null", '{"a": 1}')])
+@pytest.mark.parametrize("services, checks", [
+    ("not json", "[]"), ('{"Node": {}}', "[]"), ('{"Node": 1}', "[]"), ("null", '{"a": 1}')])
 def test_answers_that_are_not_the_documents_fail_as_a_whole(services, checks):
     with pytest.raises(CatalogFormatError, match="the node's services or checks do not fit"):
         parse_node(services, checks, TAG)

@@ -200,9 +200,10 @@ class NodeCheck(msgspec.Struct):
 
 
 class NodeServices(msgspec.Struct):
-    """`GET /v1/catalog/node-services/<node>`; Consul answers `null` for a node it does not know."""
+    """`GET /v1/catalog/node-services/<node>`; Consul 1.16.3 answers `{"Node": null, "Services": null}` for a
+    node it does not know (older versions `null`)."""
 
-    Node: NodeEntry
+    Node: NodeEntry | None = None
     Services: list[Any] | None = None
 
 
@@ -216,18 +217,20 @@ def carries_tag(tags: Any, vip_tag: str) -> bool:
         isinstance(t, str) and (t == vip_tag or t.startswith(vip_tag + "=")) for t in tags)
 
 
-def parse_node(services: bytes | str, checks: bytes | str, vip_tag: str) -> Snapshot:
+def parse_node(services: bytes | str, checks: bytes | str, vip_tag: str) -> Snapshot | None:
     """One node's tagged instances from its service list and its checks, joined into the same health
     entries `parse_service` reads (each instance's own checks plus the node's), so the backend role sees
     the very `Instance` values the director does. Each service entry is converted alone: a bad one is
-    rejected with its field and the others go on. CatalogFormatError when either answer as a whole does not fit."""
+    rejected with its field and the others go on. None when Consul does not know the node (a node whose last
+    service left stays listed while its agent runs). CatalogFormatError when either answer as a whole does
+    not fit."""
     try:
         listed = _NODE_SERVICES_DECODER.decode(services)
         found = _NODE_CHECKS_DECODER.decode(checks)
     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
         raise CatalogFormatError(f"the node's services or checks do not fit: {exc}") from None
-    if listed is None:
-        return Snapshot(())
+    if listed is None or listed.Node is None:
+        return None
     by_service: dict[str, list[CheckEntry]] = {}
     for check in found:
         by_service.setdefault(check.ServiceID, []).append(CheckEntry(check.Status))

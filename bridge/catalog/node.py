@@ -45,6 +45,11 @@ from bridge.core.printable import printable
 FEEDS = ("services", "checks")
 
 
+class UnknownNode(RuntimeError):
+    """Consul does not list the configured node: most likely `node_name` is not the node's name in Consul.
+    Taken for an empty node, it would remove every VIP of the node's instances, so the source fails static."""
+
+
 class NodeSource:
     """Watches one node's services and checks with two blocking queries; tells the agent only when the
     node's tagged instances (or their rejections) changed."""
@@ -116,6 +121,11 @@ class NodeSource:
             parsed = parse_node(services, checks, self.vip_tag)
         except CatalogFormatError as exc:
             self._on_error("format", exc)
+            return
+        if parsed is None:
+            self._on_error("format", UnknownNode(
+                f"node {self.node!r} is not in Consul's catalog: set node_name to this node's name in Consul (the "
+                "local agent's NodeName in /v1/agent/self); its VIPs are kept meanwhile"))
             return
         with self._lock:
             self._errors.pop("format", None)

@@ -9,6 +9,7 @@ import ipaddress
 import json
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from bridge.agent.reconcile import backend_pass
 from bridge.catalog.consul_format import parse_service
 from bridge.catalog.node import NodeSource
+from bridge.catalog.source import CatalogUnavailable
 from bridge.core.config import Config, ConsulConfig, TunnelMapping
 from bridge.core.model import Instance
 from tests.harness.consul_agent import ConsulAgent
@@ -167,5 +169,17 @@ def test_while_consul_is_away_it_keeps_the_last_snapshot_and_says_so_then_recove
         consul.start()
         wait_until(lambda: source.health()["ok"], timeout=120, what="recovery")
         assert source.snapshot().instances == kept
+    finally:
+        source.stop()
+
+
+def test_a_node_name_consul_does_not_know_is_an_error_that_says_what_to_set(consul_agent):
+    put(consul_agent, OWN, "web", [vip_tag(1)], check="passing")
+    source = NodeSource(replace(config_for(consul_agent), node_name="not-this-node"))
+    source.start(Recorder())
+    try:
+        wait_until(lambda: not source.health()["ok"], timeout=60, what="the error")
+        with pytest.raises(CatalogUnavailable, match="'not-this-node' is not in Consul's catalog: set node_name"):
+            source.snapshot()
     finally:
         source.stop()
