@@ -338,6 +338,10 @@ class Agent:
 def source_for(config: Config) -> CatalogSource:
     if config.catalog_file:
         return FileSource(config.catalog_file)
+    if config.consul is not None and config.role == "backend":
+        from bridge.catalog.node import NodeSource
+
+        return NodeSource(config)
     if config.consul is not None:
         from bridge.catalog.consul import ConsulSource
 

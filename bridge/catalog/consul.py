@@ -58,7 +58,14 @@ import consul.base
 import requests
 
 from bridge import clients
-from bridge.catalog.consul_format import WHOLE_SERVICE, CatalogFormatError, CheckState, parse_checks, parse_service
+from bridge.catalog.consul_format import (
+    WHOLE_SERVICE,
+    CatalogFormatError,
+    CheckState,
+    carries_tag,
+    parse_checks,
+    parse_service,
+)
 from bridge.catalog.consul_probe import Endpoint, ProbeError, probe_indexes
 from bridge.catalog.source import CatalogUnavailable, OnChange
 from bridge.core.config import CONSUL_FEEDS, Config, ConsulConfig
@@ -258,7 +265,7 @@ def probe_endpoint(config: ConsulConfig, client: consul.aio.Consul) -> Endpoint:
                     config.tls_server_name, client.prepare_headers(), (*params, ("filter", NO_NODE)))
 
 
-def _describe_error(exc: Exception) -> str:
+def describe_error(exc: Exception) -> str:
     if isinstance(exc, ConsulAccessError):
         return (f"Consul ACL: the token must be able to read every service and node (service_prefix \"\" and "
                 f"node_prefix \"\" read): {exc}")
@@ -323,6 +330,31 @@ class Watch:
                 self.on_error(self.name, exc)
 
 
+def run_forever(loop: asyncio.AbstractEventLoop, main: Callable[[], Coroutine[Any, Any, None]],
+                stopped: threading.Event, crashed: Callable[[Exception], None]) -> None:
+    """A watch loop, restarted with capped backoff after anything unexpected ends it (a client that cannot
+    be built, a bug), until `stopped`; `crashed` keeps the error for /health."""
+    backoff = BACKOFF_START
+    while not stopped.is_set():
+        try:
+            loop.run_until_complete(main())
+        except Exception as exc:
+            log.exception("the Consul watch loop stopped; restarting it in %.0f s", backoff)
+            crashed(exc)
+            if stopped.wait(backoff):
+                break
+            backoff = min(backoff * 2, BACKOFF_MAX)
+        else:
+            break
+
+
+def stop_loop(loop: asyncio.AbstractEventLoop, stopped: threading.Event) -> None:
+    """Ends `run_forever` from any thread: every task of the loop is cancelled."""
+    stopped.set()
+    if loop.is_running():
+        loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
+
+
 class ConsulSource:
     """Watches the tagged services' health through four change feeds and a bounded pool of reads."""
 
@@ -373,23 +405,14 @@ class ConsulSource:
         threading.Thread(target=self._watch_forever, name="consul-watch", daemon=True).start()
 
     def _watch_forever(self) -> None:
-        """The watch loop, restarted after anything unexpected ends it (a client that cannot be built, a
-        bug): the error is kept in `state()` as the service list's, so /health says the catalog is degraded
-        while the last good data is kept."""
-        backoff = BACKOFF_START
-        while not self._stopped.is_set():
-            try:
-                self._loop.run_until_complete(self._main())
-            except Exception as exc:
-                log.exception("the Consul watch loop stopped; restarting it in %.0f s", backoff)
-                self._on_error("services", exc)
-                with self._lock:
-                    self._tasks.clear()
-                if self._stopped.wait(backoff):
-                    break
-                backoff = min(backoff * 2, BACKOFF_MAX)
-            else:
-                break
+        """The error of a crashed loop is kept in `state()` as the service list's, so /health says the
+        catalog is degraded while the last good data is kept."""
+        run_forever(self._loop, self._main, self._stopped, self._crashed)
+
+    def _crashed(self, exc: Exception) -> None:
+        self._on_error("services", exc)
+        with self._lock:
+            self._tasks.clear()
 
     async def _main(self) -> None:
         self._client = make_async_client(self.consul_config, FEEDS + self.fetchers)
@@ -455,8 +478,7 @@ class ConsulSource:
 
     def _is_tagged(self, tags: Any) -> bool:
         """Whatever shape a service's tag list has: anything but a list of strings is no tag of ours."""
-        return isinstance(tags, list) and any(
-            isinstance(t, str) and (t == self.vip_tag or t.startswith(self.vip_tag + "=")) for t in tags)
+        return carries_tag(tags, self.vip_tag)
 
     def _want_sweep(self, index: int | None = None) -> None:
         """A sweep, unless one begun since a feed saw `index` covers it (the node list's index moves with
@@ -675,7 +697,7 @@ class ConsulSource:
             self._changed(f"consul: {printable(name)} cannot be read")
 
     def _on_error(self, name: str, exc: Exception) -> None:
-        message = _describe_error(exc)
+        message = describe_error(exc)
         with self._lock:
             self._error_counts[error_kind(exc)] += 1
             first = self._errors.get(name) != message
@@ -720,6 +742,4 @@ class ConsulSource:
             }
 
     def stop(self) -> None:
-        self._stopped.set()
-        if self._loop.is_running():
-            self._loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(self._loop)])
+        stop_loop(self._loop, self._stopped)

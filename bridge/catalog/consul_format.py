@@ -190,3 +190,64 @@ def parse_checks(data: bytes | str) -> dict[tuple[str, str], CheckState]:
         return {(check.Node, check.CheckID): check for check in _CHECKS_DECODER.decode(data)}
     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
         raise CatalogFormatError(f"the list of failing checks does not fit: {exc}") from None
+
+
+class NodeCheck(msgspec.Struct):
+    """One entry of `GET /v1/health/node/<node>`: a node's own check has no ServiceID."""
+
+    Status: str = "critical"
+    ServiceID: str = ""
+
+
+class NodeServices(msgspec.Struct):
+    """`GET /v1/catalog/node-services/<node>`; Consul 1.16.3 answers `{"Node": null, "Services": null}` for a
+    node it does not know (older versions `null`)."""
+
+    Node: NodeEntry | None = None
+    Services: list[Any] | None = None
+
+
+_NODE_SERVICES_DECODER = msgspec.json.Decoder(NodeServices | None)
+_NODE_CHECKS_DECODER = msgspec.json.Decoder(list[NodeCheck])
+
+
+def carries_tag(tags: Any, vip_tag: str) -> bool:
+    """Whatever shape a service's tag list has: anything but a list of strings is no tag of ours."""
+    return isinstance(tags, list) and any(
+        isinstance(t, str) and (t == vip_tag or t.startswith(vip_tag + "=")) for t in tags)
+
+
+def parse_node(services: bytes | str, checks: bytes | str, vip_tag: str) -> Snapshot | None:
+    """One node's tagged instances from its service list and its checks, joined into the same health
+    entries `parse_service` reads (each instance's own checks plus the node's), so the backend role sees
+    the very `Instance` values the director does. Each service entry is converted alone: a bad one is
+    rejected with its field and the others go on. None when Consul does not know the node (a node whose last
+    service left stays listed while its agent runs). CatalogFormatError when either answer as a whole does
+    not fit."""
+    try:
+        listed = _NODE_SERVICES_DECODER.decode(services)
+        found = _NODE_CHECKS_DECODER.decode(checks)
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+        raise CatalogFormatError(f"the node's services or checks do not fit: {exc}") from None
+    if listed is None or listed.Node is None:
+        return None
+    by_service: dict[str, list[CheckEntry]] = {}
+    for check in found:
+        by_service.setdefault(check.ServiceID, []).append(CheckEntry(check.Status))
+    node_checks = by_service.get("", [])
+    grouped: dict[str, list[HealthEntry | Rejection]] = {}
+    for position, item in enumerate(listed.Services or ()):
+        if not isinstance(item, dict) or not carries_tag(item.get("Tags"), vip_tag):
+            continue
+        name = item.get("Service")
+        service = name if isinstance(name, str) and name else WHOLE_SERVICE
+        try:
+            entry = msgspec.convert(item, ServiceEntry, strict=True)
+        except msgspec.ValidationError as exc:
+            grouped.setdefault(service, []).append(
+                Rejection(service, _instance_name({"Service": item}, position), "", _reason(exc).replace(
+                    "field ", "field Service.", 1)))
+            continue
+        grouped.setdefault(service, []).append(
+            HealthEntry(listed.Node, entry, [*by_service.get(entry.ID, ()), *node_checks]))
+    return _snapshot(grouped.items())
