@@ -66,6 +66,7 @@ bench: venv kernel-image hashicorp
 	$(PY) bench/maglev_bench.py
 	$(PY) bench/agreement.py
 	$(PY) bench/consul_latency.py
+	$(PY) bench/backend_watch.py
 	$(PY) bench/metrics_bench.py
 	$(PY) bench/dist_bench.py
 	$(PY) bench/filter_bench.py
