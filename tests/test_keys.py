@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.core.keys import DestKey, ServiceKey
+from bridge.core.keys import DestKey, ServiceKey, dest_key_parser
 
 addresses = st.ip_addresses(v=4).map(str)
 ports = st.integers(1, 65535)
@@ -29,6 +29,13 @@ def test_a_service_key_reads_back_from_its_text(key):
 @given(dests)
 def test_a_real_server_key_reads_back_from_its_text(key):
     assert DestKey.parse(key.text) == key
+
+
+@given(st.lists(st.builds(DestKey, st.sampled_from([ServiceKey("198.51.100.10", 80, "tcp")]) | services,
+                          st.sampled_from(["203.0.113.11"]) | addresses, st.sampled_from([80]) | ports)))
+def test_a_batch_of_real_server_keys_whose_parts_repeat_reads_back_as_each_key_alone(keys):
+    parse = dest_key_parser()
+    assert [parse(key.text) for key in keys] == [DestKey.parse(key.text) for key in keys] == keys
 
 
 @given(st.lists(services))
@@ -61,6 +68,18 @@ def test_a_key_that_does_not_parse_names_the_whole_text_what_is_wrong_and_what_w
     with pytest.raises(ValueError) as raised:
         parse(text)
     assert str(raised.value) == f"{text!r}: {expected}; expected {form}"
+
+
+@pytest.mark.parametrize("text", ["198.51.100.10:80/tcp 203.0.113.11:80", "198.51.100.10:80/tcp>203.0.113.11:80>1",
+                                  "198.51.100.10:80/tcp>>203.0.113.11:80", "198.51.100.10:80/tcp"])
+def test_a_batch_parser_refuses_what_parse_refuses_even_after_it_has_seen_the_parts(text):
+    parse = dest_key_parser()
+    parse("198.51.100.10:80/tcp>203.0.113.11:80")
+    with pytest.raises(ValueError) as alone:
+        DestKey.parse(text)
+    with pytest.raises(ValueError) as batched:
+        parse(text)
+    assert str(batched.value) == str(alone.value)
 
 
 def test_explain_may_leave_the_protocol_out():

@@ -13,6 +13,7 @@ is the kernel's (VIP as a number).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 from bridge.core.addr import ascii_number, ipv4_int
@@ -89,6 +90,27 @@ class DestKey(NamedTuple):
             raise ValueError(f"{text!r}: no '>' between virtual service and real server; expected {DEST_FORM}")
         address, port = _address_port(text, dest, DEST_FORM)
         return cls(_service(text, service, DEST_FORM), address, port)
+
+
+def dest_key_parser() -> Callable[[str], DestKey]:
+    """`DestKey.parse` for a batch of keys that share their parts, as a state file's do (10,000 remembered
+    weights name 500 virtual services and 20 real servers): each distinct part is checked once and a key whose
+    two parts were both seen is put together from them; any other key is parsed, and refused, by `parse`.
+    Parsing every key in full cost `apply` ~0.5 s of its ~4.5 s in the test VM (it reads the file twice)."""
+    services: dict[str, ServiceKey] = {}
+    dests: dict[str, tuple[str, int]] = {}
+
+    def parse(text: str) -> DestKey:
+        service_text, _, dest_text = text.partition(">")
+        service = services.get(service_text)
+        dest = dests.get(dest_text)
+        if service is None or dest is None:
+            key = DestKey.parse(text)
+            service = services[service_text] = key.service
+            dest = dests[dest_text] = (key.address, key.port)
+        return DestKey(service, dest[0], dest[1])
+
+    return parse
 
 
 def _service(text: str, part: str, expected: str, default_protocol: Protocol | None = None) -> ServiceKey:

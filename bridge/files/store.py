@@ -24,7 +24,7 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from bridge.core.keys import DestKey
+from bridge.core.keys import dest_key_parser
 from bridge.core.memory import Memory, parse_draining
 
 V = TypeVar("V")
@@ -67,9 +67,10 @@ def read_state(path: str | Path) -> Stored:
 def _memory(raw: _StateFile) -> Memory:
     """The file's text keys as the typed keys the agent works with (the file's format stays as it was: the
     keys' own text forms). A key that is not one is a file that does not have the expected shape."""
+    dest_key = dest_key_parser()
     try:
         return Memory(drain_deadlines={parse_draining(k): v for k, v in raw.drain_deadlines.items()},
-                      last_weights={DestKey.parse(k): v for k, v in raw.last_weights.items()})
+                      last_weights={dest_key(k): v for k, v in raw.last_weights.items()})
     except ValueError as exc:
         raise StateFileError(f"has a key that is not one the agent writes: {exc}") from None
 
