@@ -4,13 +4,16 @@ be computed, which /health shows."""
 
 from __future__ import annotations
 
-from bridge.agent.reconcile import Reconciled, RoleHealth, Stage, Watch, backend_pass
+import time
+
+from bridge.agent.reconcile import Reconciled, RoleHealth, Stage, Watch, backend_pass, state_for_apply
 from bridge.core.config import Config
 from bridge.core.live import LiveState
 from bridge.core.memory import Memory
 from bridge.core.model import Snapshot
 from bridge.core.outcome import PassOutcome
 from bridge.files.maintenance import maintenance_json
+from bridge.files.store import Stored, save_state
 
 
 class BackendReconciler:
@@ -27,7 +30,14 @@ class BackendReconciler:
         return Reconciled(outcome, memory, None)
 
     def once(self, snapshot: Snapshot, *, dry_run: bool) -> PassOutcome:
-        return backend_pass(snapshot, self.config, dry_run=dry_run)
+        """`apply --role backend`: the pass, then its report in the state file (the running agent's shell
+        saves its own after every pass)."""
+        stored = state_for_apply(self.config, dry_run=dry_run)
+        now = time.time()
+        outcome = backend_pass(snapshot, self.config, dry_run=dry_run, now=now)
+        if not dry_run:
+            save_state(self.config.state_file, Stored(stored.memory, outcome.report(now)))
+        return outcome
 
     def failed(self) -> None:
         """Nothing is kept open between passes."""

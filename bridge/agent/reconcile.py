@@ -10,6 +10,7 @@ operator tries by hand is what the agent does.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -30,7 +31,7 @@ from bridge.dataplane.kernel import ApplyError, open_kernel
 from bridge.dataplane.shadow import ShadowKernel
 from bridge.dataplane.view import Dataplane, KernelView
 from bridge.files.maintenance import read_maintenance
-from bridge.files.store import Stored, load_state, save_state
+from bridge.files.store import Stored, load_state, recover_state, save_state
 
 SKIPPED = "skipped: an earlier operation of this pass failed"
 UNFILTERED = "not added: its allow list could not be put in place (filter operation failed)"
@@ -160,11 +161,22 @@ def announce_decision(desired: DesiredState, config: Config, *, full_pass: bool,
                       full_pass=full_pass, gate_open=gate_open)
 
 
+def state_for_apply(config: Config, *, dry_run: bool) -> Stored:
+    """What `apply` starts from, read once: a dry run only reads the state file; a real one, which will write
+    it, moves a bad file aside first and says what was lost."""
+    if dry_run:
+        return load_state(config.state_file)
+    stored, warning = recover_state(config.state_file)
+    if warning:
+        logging.getLogger("maglev-bridge").warning("%s", warning)
+    return stored
+
+
 def apply_once(snapshot: Snapshot, config: Config, *, dry_run: bool) -> PassOutcome:
     """`maglev-bridge apply`: one full pass against the kernel, with the state file the agent uses. A dry run
     on a kernel without IPVS plans against an empty IPVS table and says so."""
     now = time.time()
-    stored = load_state(config.state_file)
+    stored = state_for_apply(config, dry_run=dry_run)
     with open_kernel(config) as kernel:
         desired = compute_desired(snapshot, config, config.local_address or kernel.default_local_address())
         announce = announce_decision(desired, config, full_pass=True, gate_open=False)
@@ -209,6 +221,4 @@ def backend_pass(snapshot: Snapshot, config: Config, *, dry_run: bool, now: floa
                   for name, why in sorted(failures.items()))
     done = PassOutcome("backend", not dry_run, tuple(steps), rejected, notes=notes,
                        failures=tuple(sorted(failures.items())))
-    if not dry_run:
-        save_state(config.state_file, Stored(load_state(config.state_file).memory, done.report(now)))
     return done

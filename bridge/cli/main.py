@@ -19,7 +19,7 @@ from bridge.core.config import Config, ConfigError, load_config
 from bridge.core.desired import compute_desired
 from bridge.core.model import Snapshot
 from bridge.dataplane.kernel import ApplyError, open_kernel
-from bridge.files.store import StateLock, StateLocked, recover_state
+from bridge.files.store import StateLock, StateLocked
 from bridge.inspect.explain import ExplainError
 from bridge.inspect.text import desired_json, desired_text, dumps, outcome_text, status_text
 
@@ -75,9 +75,6 @@ def cmd_apply(args: argparse.Namespace) -> int:
         outcome = reconciler.once(snapshot, dry_run=True)
     else:
         with StateLock(config.state_file):
-            _, warning = recover_state(config.state_file)
-            if warning:
-                logging.getLogger("maglev-bridge").warning("%s", warning)
             outcome = reconciler.once(snapshot, dry_run=False)
     print(outcome_text(outcome))
     return EXIT_FAILED if outcome.failed else EXIT_OK
