@@ -96,7 +96,8 @@ def dest_key_parser() -> Callable[[str], DestKey]:
     """`DestKey.parse` for a batch of keys that share their parts, as a state file's do (10,000 remembered
     weights name 500 virtual services and 20 real servers): each distinct part is checked once and a key whose
     two parts were both seen is put together from them; any other key is parsed, and refused, by `parse`.
-    Parsing every key in full cost `apply` ~0.5 s of its ~4.5 s in the test VM (it reads the file twice)."""
+    Parsing every key in full cost `apply` ~0.27 s of its ~4 s in the test VM for one read of such a file,
+    against ~0.1 s this way."""
     services: dict[str, ServiceKey] = {}
     dests: dict[str, tuple[str, int]] = {}
 
