@@ -25,8 +25,10 @@ the data dir.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -47,24 +49,52 @@ if TYPE_CHECKING:
 LOOPBACK = "127.0.0.1"
 
 
+# Listening ports for test daemons come from below the kernel's ephemeral range, so no outgoing connection
+# (Consul's and Nomad's own, the tests' clients) can take one between the pick and the daemon's bind: the CI
+# failure this prevents was Nomad refusing to start because 127.0.0.1:54287, picked with bind(port 0), had
+# meanwhile become the source port of somebody's connection. The range also stays clear of Consul's sidecar
+# ports (21000-21755) and Nomad's dynamic ports (20000-32000 by default).
+PORT_RANGE = range(10000, 20000)
+_port_locks: dict[int, int] = {}
+
+
+def _lock_port(port: int) -> bool:
+    """Hold a per-port lock file for this process's life, so concurrent test runs never pick the same port."""
+    lock_dir = Path(tempfile.gettempdir()) / "maglev-bridge-ports"
+    lock_dir.mkdir(exist_ok=True)
+    fd = os.open(lock_dir / str(port), os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _port_locks[port] = fd
+    return True
+
+
+def _bindable(port: int, udp_too: bool) -> bool:
+    kinds = (socket.SOCK_STREAM, socket.SOCK_DGRAM) if udp_too else (socket.SOCK_STREAM,)
+    for kind in kinds:
+        try:
+            with socket.socket(socket.AF_INET, kind) as s:
+                s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(udp_too: bool = False, taken: set[int] | None = None) -> int:
-    """A loopback port that is free for TCP (and UDP if asked) right now."""
+    """A loopback port outside the ephemeral range, free for TCP (and UDP if asked), reserved for this run."""
     taken = taken if taken is not None else set()
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((LOOPBACK, 0))
-            port = int(s.getsockname()[1])
-        if port in taken:
+    for _ in range(500):
+        port = random.choice(PORT_RANGE)
+        if port in taken or port in _port_locks or not _bindable(port, udp_too):
             continue
-        if udp_too:
-            try:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                    u.bind((LOOPBACK, port))
-            except OSError:
-                continue
+        if not _lock_port(port):
+            continue
         taken.add(port)
         return port
-    raise RuntimeError("no free loopback port found")
+    raise RuntimeError(f"no free loopback port in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
 
 
 def http_json(url: str, timeout: float = 2.0, method: str = "GET", body: Any = None) -> Any:
