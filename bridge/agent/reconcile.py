@@ -134,7 +134,7 @@ def director_pass(desired: DesiredState, config: Config, dataplane: Dataplane, m
     done = PassOutcome("director", True, tuple(StepResult(r.op.describe(), r.error) for r in results),
                        desired.rejected, result.draining, desired)
     succeeded = [r.op for r in results if r.error is None]
-    return done, Memory(result.drain_deadlines, remember(memory.last_weights, succeeded))
+    return done, Memory(result.drain_deadlines, remember(memory.last_weights, live.services, succeeded))
 
 
 def _apply_filtered_first(dataplane: Dataplane, ops: list[Op]) -> list[OpResult]:
