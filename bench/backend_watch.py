@@ -18,6 +18,13 @@ tagged service on the agent's own node.
     most 10 times a second after a burst of 20 (the token bucket of `consul.Watch`): own changes closer
     than 100 ms apart, for long, wait for it (~100 ms each), which is what a gap of 0.05 s measures.
 
+(c) what the node's desired state costs per own change, for nodes of BENCH_NODE_SIZES (50 and 500) tagged
+    instances registered in the same Consul: one instance's check changed, the node's two answers as Consul
+    gives them, then in this process, timed in CPU: the answers parsed into instances (`parse_node`, every
+    pass), the desired state computed afresh from the whole node as the agent did before (its claims, and
+    a whole `compute_desired` for its rejections) and as the agent does now (`NodeBook`, kept per service,
+    as the director's DesiredBook). `--recompute` runs (c) alone (a Consul of its own, no namespace, no agent).
+
 This host has no fou or ipip module: the agent's fou and tunl0 steps fail on every pass here (logged, and
 the agent's retries are in the idle baseline too); the VIP on `lo` and the sysctls are real. Prints
 figures, asserts nothing. Goal (issue 13): ~0 CPU per change elsewhere, p99 < 100 ms for (b).
@@ -28,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -41,6 +49,10 @@ from pyroute2 import IPRoute
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bridge.catalog.consul_format import parse_node  # noqa: E402
+from bridge.core.config import load_config  # noqa: E402
+from bridge.core.desired import claims_of_node, compute_desired  # noqa: E402
+from bridge.core.node_book import NodeBook  # noqa: E402
 from tests.harness.binaries import hashicorp_binary  # noqa: E402
 from tests.harness.consul_agent import ConsulAgent  # noqa: E402
 from tests.harness.netns import VENV_PYTHON, Bed, Netns  # noqa: E402
@@ -53,6 +65,7 @@ ELSEWHERE = int(os.environ.get("BENCH_ELSEWHERE", "2000"))
 OWN_CHANGES = int(os.environ.get("BENCH_OWN", "100"))
 GAP = float(os.environ.get("BENCH_GAP", "0.2"))
 IDLE = float(os.environ.get("BENCH_IDLE", "10"))
+NODE_SIZES = tuple(int(n) for n in os.environ.get("BENCH_NODE_SIZES", "50,500").split(","))
 STATUSES = ("critical", "passing", "warning")
 OWN = "own"
 HTTP_PORT = 9119
@@ -89,6 +102,10 @@ def pct(values: list[float], q: float) -> float:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--recompute"]:
+        with ConsulAgent(hashicorp_binary("consul")) as consul:
+            recompute(consul)
+        return
     bed = Bed()
     try:
         name = f"mb-bw-{os.getpid()}"
@@ -172,6 +189,52 @@ def run(bed: Bed, ns: Netns, consul: ConsulAgent) -> None:
     ipr.close()
     proc.terminate()
     proc.wait(60)
+    with ns.entered():
+        recompute(consul)
+
+
+def recompute(consul: ConsulAgent, rounds: int = 100) -> None:
+    """(c): the desired-state part of a backend pass on nodes of NODE_SIZES instances, per change of one of
+    them, from Consul's own answers: computed afresh from the whole node as the agent did before (the
+    node's claims, and a whole `compute_desired` for its rejections), against the book the agent keeps now."""
+    tmp = Path(tempfile.mkdtemp(prefix="maglev-bench-backend-"))
+    for size in NODE_SIZES:
+        node = f"big{size}"
+
+        def put(i: int, status: str, node: str = node) -> None:
+            register(consul, node, "192.0.2.249", f"app{i}", [f"maglev.vip=198.51.100.{10 + i % 200}:{1000 + i}"],
+                     status=status)
+
+        for i in range(size):
+            put(i, STATUSES[i % 7 // 5])  # one in seven critical
+        config_path = tmp / f"{node}.yaml"
+        config_path.write_text(yaml.safe_dump({
+            "role": "backend", "node_name": node, "vip_cidrs": ["198.51.100.0/24"],
+            "tunnel_map": [{"backend": "192.0.2.0/24", "tunnel": "203.0.113.0/24"}]}))
+        config = load_config(config_path)
+        book = NodeBook(config)
+        spent: dict[str, list[float]] = {"parse_node": [], "before: afresh": [], "now: the book": []}
+        for k in range(rounds + 1):
+            put(k % size, STATUSES[(k + 1) % 2])  # one instance's check: critical, passing, ...
+            answers = [urllib.request.urlopen(f"{consul.http_url}{path}{node}", timeout=30).read()
+                       for path in ("/v1/catalog/node-services/", "/v1/health/node/")]
+            t0 = time.process_time()
+            snapshot = parse_node(*answers, "maglev.vip")
+            t1 = time.process_time()
+            assert snapshot is not None
+            claims, _ = claims_of_node(snapshot, config, node)
+            own = {i.instance_id for i in snapshot.instances if i.node == node}
+            rejected = tuple(r for r in compute_desired(snapshot, config, "0.0.0.0").rejected if r.instance in own)
+            t2 = time.process_time()
+            kept = book.update(snapshot)
+            t3 = time.process_time()
+            assert kept.vips == {c.vip for c in claims} and kept.rejected == rejected
+            if k:  # the first update fills the book
+                for step, took in zip(spent, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                    spent[step].append(took * 1000)
+        parts = ", ".join(f"{step} {statistics.median(took):.2f}" for step, took in spent.items())
+        print(f"(c) a node of {size} tagged instances ({len(claims)} claims, answers {sum(map(len, answers)):,} "
+              f"bytes), one instance's check changed: CPU ms per change, median of {rounds}: {parts}")
 
 
 if __name__ == "__main__":

@@ -47,11 +47,12 @@ class Director:
         self.memory = Memory()
         self.last_ops = ()
 
-    def sync(self, entries, now=0.0):
+    def sync(self, entries, now=0.0, scope=None):
         desired = compute_desired(snapshot_from_services(catalog(*entries)), CONFIG, "192.0.2.1")
-        p = plan(desired, self.kernel.read(), self.memory, now, CONFIG.drain_timeout)
+        live = self.kernel.read(scope)
+        p = plan(desired, live, self.memory, now, CONFIG.drain_timeout, scope)
         self.kernel.run(p.ops)
-        self.memory = Memory(p.drain_deadlines, remember(self.memory.last_weights, p.ops))
+        self.memory = Memory(p.drain_deadlines, remember(self.memory.last_weights, live.services, p.ops))
         self.last_ops = p.ops
         return p
 
@@ -241,13 +242,59 @@ def test_scoped_plan_keeps_deadlines_outside_its_scope_and_deletes_no_link_or_ro
     assert any(isinstance(op, DelLink) for op in full.ops)
 
 
-def test_remembered_weights_stay_the_same_mapping_when_no_operation_moves_one():
+def kernel_memory_at_weight_zero(kernel):
+    """What the kernel remembers and cannot report: the last weights of its real servers at weight 0."""
+    return {DestKey(key, rs.address, rs.port): kernel.last_weight[DestKey(key, rs.address, rs.port)]
+            for key, service in kernel.services.items() for rs in service.real_servers if rs.weight == 0}
+
+
+def test_the_memory_holds_exactly_what_the_kernel_remembers_for_its_real_servers_at_weight_zero():
+    for seed in range(30):
+        rng = random.Random(seed)
+        d = Director()
+        for t, entries in enumerate(_random_history(rng)):
+            d.sync(entries, now=t, scope=rng.choice([None, frozenset({KEY})]))
+            assert d.memory.last_weights == kernel_memory_at_weight_zero(d.kernel), (seed, t)
+
+
+def test_an_edit_to_weight_zero_remembers_the_weight_the_real_server_had_before_it():
+    d = Director()
+    d.sync([entry(11, weight=2), entry(12)])
+    assert d.memory.last_weights == {}, "serving real servers: the kernel reports their weights"
+    d.sync([entry(11, weight=2, status="critical"), entry(12)])
+    assert d.memory.last_weights == {DestKey(KEY, "203.0.113.11", 80): 2}
+    p = d.sync([entry(11, weight=5, status="critical"), entry(12)])
+    assert p.ops == (SetDest(KEY, "203.0.113.11", 80, 5), SetDest(KEY, "203.0.113.11", 80, 0))
+    assert d.memory.last_weights == {DestKey(KEY, "203.0.113.11", 80): 5}
+    d.sync([entry(11, weight=5), entry(12)])
+    assert d.memory.last_weights == {}
+
+
+def test_a_state_file_that_remembers_every_real_server_plans_the_same_and_the_next_pass_trims_it():
+    entries = [entry(11, weight=2), entry(12, weight=3, status="critical"), entry(13), entry(21, vip=OTHER_VIP)]
+    d = Director()
+    d.sync(entries)
+    every = dict(d.kernel.last_weight)  # what state files held before: every real server's weight
+    assert len(every) == 4 and d.memory.last_weights == {DestKey(KEY, "203.0.113.12", 80): 3}
+    entries[0] = entry(11, weight=2, status="critical")
+    desired = compute_desired(snapshot_from_services(catalog(*entries)), CONFIG, "192.0.2.1")
+    old_file = Memory(d.memory.drain_deadlines, every)
+    assert plan(desired, d.kernel.read(), old_file, 1.0, CONFIG.drain_timeout) == plan(
+        desired, d.kernel.read(), d.memory, 1.0, CONFIG.drain_timeout)
+    d.memory = old_file
+    d.sync(entries, now=1.0, scope=frozenset({KEY}))
+    assert d.memory.last_weights == {**kernel_memory_at_weight_zero(d.kernel),
+                                     DestKey(OTHER_KEY, "203.0.113.21", 80): 1}, "a service it did not read: kept"
+    d.sync(entries, now=2.0)
+    assert d.memory.last_weights == kernel_memory_at_weight_zero(d.kernel)
+
+
+def test_remembered_weights_stay_the_same_mapping_when_no_real_server_at_weight_zero_changes():
     d = Director()
     d.sync([entry(11), entry(12)])
-    weights = d.memory.last_weights
     d.sync([entry(11, status="critical"), entry(12)])
-    assert d.memory.last_weights is weights, "weight 0 keeps the remembered weight"
-    d.sync([entry(11), entry(12)])
-    assert d.memory.last_weights is weights, "back to the weight it remembers"
-    d.sync([entry(11, weight=3), entry(12)])
-    assert d.memory.last_weights is not weights and d.memory.last_weights[DestKey(KEY, "203.0.113.11", 80)] == 3
+    weights = d.memory.last_weights
+    d.sync([entry(11, status="critical"), entry(12, weight=3)])
+    assert d.memory.last_weights is weights, "an edit of a serving real server: nothing to remember"
+    d.sync([entry(11), entry(12, weight=3)])
+    assert d.memory.last_weights == {}

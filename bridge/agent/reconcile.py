@@ -18,10 +18,11 @@ from typing import Any, Protocol
 
 from bridge.core.announce import Announcing, announcing
 from bridge.core.config import Config
-from bridge.core.desired import claims_of_node, compute_desired
+from bridge.core.desired import compute_desired
 from bridge.core.live import LiveState
 from bridge.core.memory import Memory, remember
 from bridge.core.model import DesiredState, Snapshot
+from bridge.core.node_book import NodeBook
 from bridge.core.ops import AddAllow, AddDest, AddService, Announce, FilterOp, Op, OpResult, Scope
 from bridge.core.outcome import PassOutcome, StepResult
 from bridge.core.plan import plan
@@ -134,7 +135,7 @@ def director_pass(desired: DesiredState, config: Config, dataplane: Dataplane, m
     done = PassOutcome("director", True, tuple(StepResult(r.op.describe(), r.error) for r in results),
                        desired.rejected, result.draining, desired)
     succeeded = [r.op for r in results if r.error is None]
-    return done, Memory(result.drain_deadlines, remember(memory.last_weights, succeeded))
+    return done, Memory(result.drain_deadlines, remember(memory.last_weights, live.services, succeeded))
 
 
 def _apply_filtered_first(dataplane: Dataplane, ops: list[Op]) -> list[OpResult]:
@@ -195,17 +196,17 @@ def apply_once(snapshot: Snapshot, config: Config, *, dry_run: bool) -> PassOutc
     return outcome
 
 
-def backend_pass(snapshot: Snapshot, config: Config, *, dry_run: bool, now: float | None = None) -> PassOutcome:
+def backend_pass(snapshot: Snapshot, config: Config, *, dry_run: bool, now: float | None = None,
+                 book: NodeBook | None = None) -> PassOutcome:
+    """With the running agent's `book`, the desired state follows the node's changes; without, it is computed
+    afresh (`apply`)."""
     now = time.time() if now is None else now
-    claims, failures = claims_of_node(snapshot, config, config.node_name)
-    rejected = tuple(
-        r for r in compute_desired(snapshot, config, "0.0.0.0").rejected
-        if any(i.instance_id == r.instance and i.node == config.node_name for i in snapshot.instances)
-    )
+    desired = (book or NodeBook(config)).update(snapshot)
+    failures, rejected = desired.failures, desired.rejected
     backend = BackendKernel(config)
     try:
         live = backend.read()
-        vips = {c.vip for c in claims} | (set(live.vips) if failures else set())
+        vips = set(desired.vips) | (set(live.vips) if failures else set())
         ops = plan_backend(vips, live, config.fou_port)
         steps: Sequence[StepResult]
         if dry_run:

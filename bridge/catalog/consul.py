@@ -292,7 +292,9 @@ def error_kind(exc: Exception) -> str:
 
 class Watch:
     """One blocking query as an asyncio task, calling `fetch(index, wait)` until cancelled; `on_result` gets
-    the index and the body of each answer."""
+    the index and the body of each answer. After a failed request the next one does not block (index 0):
+    Consul back with the same index (a restart that lost and changed nothing) would otherwise hold it for a
+    whole `wait`, up to 10 minutes, while /health still reported the failure."""
 
     def __init__(self, name: str, fetch: Callable[[int, str], Awaitable[tuple[int, str]]],
                  on_result: Callable[[int, str], None], on_error: Callable[[str, Exception], None],
@@ -307,21 +309,24 @@ class Watch:
 
     async def run(self) -> None:
         backoff = BACKOFF_START
+        failed = False
         while True:
             pause = self.bucket.delay()
             if pause:
                 await asyncio.sleep(pause)
             wait = f"{self.wait_seconds * random.uniform(0.9, 1.0):.3f}s"
             try:
-                index, data = await self.fetch(self.index, wait)
+                index, data = await self.fetch(0 if failed else self.index, wait)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.on_error(self.name, exc)
+                failed = True
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_START
+            failed = False
             self.index = next_index(self.index, index)
             try:
                 self.on_result(index, data)

@@ -98,12 +98,7 @@ class NodeSource:
             await client.close()
 
     def _get(self, client: consul.aio.Consul, name: str, index: int, wait: str) -> Any:
-        """After an error the query is not blocking: Consul back with the same index would otherwise hold
-        it for a whole `wait` while /health still says the source is degraded."""
-        with self._lock:
-            failed = name in self._errors
-        return blocking_get(client, self._paths[name], 0 if failed else index, wait,
-                            self.wait_seconds * 1.1 + READ_TIMEOUT)
+        return blocking_get(client, self._paths[name], index, wait, self.wait_seconds * 1.1 + READ_TIMEOUT)
 
     def _on_answer(self, name: str, index: int, body: str) -> None:
         """An answer clears its query's error (Consul is back), even when nothing changed meanwhile; a

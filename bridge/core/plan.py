@@ -7,8 +7,8 @@ Pure: no I/O, the clock comes in as `now`. Two things make this more than a set 
   reached by keeping the longest suffix of the desired list that the live list already holds in order
   and re-adding everything in front of it, tail first: the fewest delete/re-add steps there are.
 * The kernel builds the table from each real server's last non-zero weight, which it never reports.
-  The agent remembers the weights it set (`last_weights`); a real server that must sit at weight 0 while
-  remembering weight w is set to w and then to 0.
+  The agent remembers it for the real servers at weight 0 (`last_weights`; any other's is its weight); a real
+  server that must sit at weight 0 while remembering weight w is set to w and then to 0.
 
 Anything that leaves the catalog is drained: weight 0 at once, deleted when its deadline passes. The
 deadline is fixed when this director first notices, never moved by connection counters.

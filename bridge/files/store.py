@@ -1,6 +1,6 @@
-"""The agent's state file: the memory the kernel cannot give back (drain deadlines, remembered
-weights) and the last pass's report, so that a restart keeps its deadlines and `status` can show what
-the running agent decided without talking to it.
+"""The agent's state file: the memory the kernel cannot give back (drain deadlines, the remembered
+weights of real servers at weight 0) and the last pass's report, so that a restart keeps its deadlines and
+`status` can show what the running agent decided without talking to it.
 
 The file is the only thing the agent writes outside the kernel, so nothing about it may stop a director:
 a file that does not decode into the expected shape is moved aside (the director starts as one that lost
@@ -131,9 +131,10 @@ _written: dict[str, tuple[Mapping[Any, Any], dict[str, Any]]] = {}
 
 def _as_text(name: str, values: Mapping[Any, V]) -> dict[str, V]:
     """`values` keyed by the keys' text, as the file holds them. The agent writes the file after every pass
-    that changed something, with every remembered weight, but most passes leave that mapping as it was
-    (`remember` then returns the very same object): its keys are not formatted again. Formatting them costs
-    ~0.4 us a key, four times what encoding and sorting the file costs (40,000 keys: 21 ms against 5 ms)."""
+    that changed something, but most passes leave the remembered weights as they were (`remember` then
+    returns the very same object): their keys are not formatted again. Formatting them costs ~0.4 us a key,
+    four times what encoding and sorting the file costs (40,000 keys: 21 ms against 5 ms); since only real
+    servers at weight 0 are remembered, that is a few keys rather than one per real server."""
     last = _written.get(name)
     if last is not None and last[0] is values:
         return last[1]

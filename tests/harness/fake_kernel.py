@@ -1,19 +1,38 @@
 """The shadow data plane with the kernel's last_weight bookkeeping added, for fast unit tests of the planner.
 
 ShadowKernel models the list semantics the planner relies on (a new real server goes to the head of the
-list); this adds what the kernel remembers and never reports, by the rule the agent keeps
-(bridge.core.memory.remember_op: last_weight is set on add and on edits to a non-zero weight). The real
-kernel tests confirm both (tests/kernel/test_maglev_exact.py).
+list); this adds what the kernel remembers for every real server and never reports, by the kernel's rule
+(ip_vs_ctl.c: last_weight is set on add, and on edits to a non-zero weight), written here apart from the
+agent's own bookkeeping (bridge.core.memory.remember, which keeps only what the kernel cannot report) so
+that tests can check one against the other. The real kernel tests confirm the rule
+(tests/kernel/test_maglev_exact.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 
 from bridge.core.keys import DestKey
-from bridge.core.memory import remember_op
-from bridge.core.ops import Op
+from bridge.core.ops import AddDest, DelDest, DelService, Op, SetDest
 from bridge.dataplane.shadow import ShadowKernel
+
+
+def follow(last_weight: MutableMapping[DestKey, int], op: Op) -> bool:
+    """Every real server's last_weight after `op` succeeded, by the kernel's rule (ip_vs_ctl.c: set on add, and
+    on edits to a non-zero weight; gone with the real server or its service). True when it changed."""
+    if isinstance(op, AddDest) or (isinstance(op, SetDest) and op.weight != 0):
+        key = DestKey(op.key, op.address, op.port)
+        changed = last_weight.get(key) != op.weight
+        last_weight[key] = op.weight
+        return changed
+    if isinstance(op, DelDest):
+        return last_weight.pop(DestKey(op.key, op.address, op.port), None) is not None
+    if isinstance(op, DelService):
+        gone = [k for k in last_weight if k.service == op.key]
+        for key in gone:
+            del last_weight[key]
+        return bool(gone)
+    return False
 
 
 class FakeKernel(ShadowKernel):
@@ -27,7 +46,7 @@ class FakeKernel(ShadowKernel):
         for result in self.apply(ops):
             assert result.error is None, f"{result.op.describe()}: {result.error}"
             self.ops_run += 1
-            remember_op(self.last_weight, result.op)
+            follow(self.last_weight, result.op)
 
     def table_state(self) -> list[tuple[str, tuple[tuple[str, int, int], ...]]]:
         """What ip_vs_mh builds its table from: list order and each real server's last_weight."""
