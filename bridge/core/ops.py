@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from bridge.core.encap import DIRECT_ROUTING, Forwarding
 from bridge.core.keys import ServiceKey
 from bridge.core.model import SyncDaemon, Tunnel
 
@@ -44,9 +45,13 @@ class _DestWeight:
     address: str
     port: int
     weight: int
+    forwarding: Forwarding = DIRECT_ROUTING
+    """Sent with every add and set: the kernel's SET_DEST takes the forwarding method and tunnel settings
+    from the request (absent tunnel attributes mean ipip, port 0), so a weight change must repeat them."""
 
     def describe(self) -> str:
-        return f"{self.verb} real server {self.address}:{self.port} weight {self.weight} in {self.key}"
+        via = "" if self.forwarding == DIRECT_ROUTING else f" via {self.forwarding.describe()}"
+        return f"{self.verb} real server {self.address}:{self.port} weight {self.weight}{via} in {self.key}"
 
 
 class AddDest(_DestWeight):

@@ -1,9 +1,15 @@
-"""The backend role: make this node accept FOU-encapsulated traffic for the VIPs its instances claim and
-answer the clients directly (DSR).
+"""The backend role: make this node accept FOU- or GUE-encapsulated traffic for the VIPs its instances claim
+and answer the clients directly (DSR).
 
-Replaces the seed's hand configuration: a fou receive port for ipip, `tunl0` up, reverse-path filtering
-relaxed only where the tunnel needs it, each claimed VIP as a /32 on `lo` (labelled, so the agent knows
-its own), and ARP settings that stop this node from answering ARP for a VIP.
+Replaces the seed's hand configuration: a fou receive port for ipip (`ip fou add port 5555 ipproto 4`), a GUE
+one (`ip fou add port 6080 gue`) in `gue` mode, both during a migration (`receive: [fou, gue]`), `tunl0` up,
+reverse-path filtering relaxed only where the tunnel needs it, each claimed VIP as a /32 on `lo` (labelled,
+so the agent knows its own), and ARP settings that stop this node from answering ARP for a VIP.
+
+Both receivers hand the inner IPv4 packet to the same place: fou's GUE receive path returns the GUE header's
+protocol (IPPROTO_IPIP) to the IP layer, which resubmits the packet to the ipip handler (net/ipv4/fou_core.c,
+gue_udp_recv; ip_local_deliver_finish's resubmit), so it arrives on `tunl0` exactly as a FOU-received one:
+the same rp_filter setting serves both.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from bridge.core.addr import ipv4_int
 from bridge.core.config import Config
-from bridge.dataplane.fou import IPPROTO_IPIP, Fou
+from bridge.core.encap import Encapsulation
+from bridge.dataplane.fou import FOU_ENCAP_GUE, IPPROTO_IPIP, Fou
 
 TUNNEL_LINK = "tunl0"
 SYSCTL_ROOT = Path("/proc/sys")
@@ -27,8 +34,9 @@ SYSCTL_ROOT = Path("/proc/sys")
 @dataclass(frozen=True)
 class BackendLive:
     vips: tuple[str, ...]
-    fou_ports: Mapping[int, int] | None
-    """port -> ipproto of the kernel's fou receivers; None when the kernel has no fou module loaded."""
+    fou_ports: Mapping[int, str] | None
+    """port -> what the kernel's fou receiver on it takes: `gue`, `ipip` (FOU for ipip) or `ipproto N`; None
+    when the kernel has no fou module loaded."""
     tunnel_up: bool | None
     """None when tunl0 does not exist (the ipip module is not loaded)."""
     sysctls: Mapping[str, int]
@@ -76,16 +84,37 @@ def _sysctl_ops(sysctls: Mapping[str, int]) -> list[BackendOp]:
     return ops
 
 
-def plan_backend(vips: Iterable[str], live: BackendLive, fou_port: int) -> list[BackendOp]:
-    """Pure: what to change so this node receives its VIPs through FOU."""
+RECEIVES: dict[Encapsulation, str] = {"fou": "ipip", "gue": "gue"}
+
+
+def receivers(config: Config) -> tuple[tuple[Encapsulation, int], ...]:
+    """The receive ports this node must have: `receive` (or the fleet's `encapsulation`) with its port."""
+    ports: dict[Encapsulation, int] = {"fou": config.fou_port, "gue": config.gue_port}
+    return tuple((kind, ports[kind]) for kind in config.receivers)
+
+
+def _receiver_ops(wanted: Iterable[tuple[Encapsulation, int]], live: Mapping[int, str]) -> list[BackendOp]:
+    """A missing receiver is added; a port that receives something else is a conflict, never changed: it
+    may be another tool's, and one UDP port is either FOU or GUE."""
+    ops: list[BackendOp] = []
+    for kind, port in wanted:
+        found = live.get(port)
+        if found is None:
+            ops.append(BackendOp(f"add {kind} port", str(port)))
+        elif found != RECEIVES[kind]:
+            ops.append(BackendOp("conflict", f"fou port {port} receives {found}, not {RECEIVES[kind]} ({kind} "
+                                             f"needs its own port)"))
+    return ops
+
+
+def plan_backend(vips: Iterable[str], live: BackendLive,
+                 receive: Iterable[tuple[Encapsulation, int]]) -> list[BackendOp]:
+    """Pure: what to change so this node receives its VIPs through the `receive` receivers (kind, port)."""
     ops: list[BackendOp] = []
     if live.fou_ports is None:
         ops.append(BackendOp("conflict", "the kernel has no fou support: load the fou module (modprobe fou)"))
-    elif fou_port not in live.fou_ports:
-        ops.append(BackendOp("add fou port", str(fou_port)))
-    elif live.fou_ports[fou_port] != IPPROTO_IPIP:
-        other = live.fou_ports[fou_port]
-        ops.append(BackendOp("conflict", f"fou port {fou_port} exists for ipproto {other}, not ipip"))
+    else:
+        ops.extend(_receiver_ops(receive, live.fou_ports))
     if live.tunnel_up is None:
         ops.append(BackendOp("conflict", f"{TUNNEL_LINK} is missing: load the ipip module (modprobe ipip)"))
     elif not live.tunnel_up:
@@ -119,7 +148,7 @@ class BackendKernel:
         )
         try:
             with Fou() as fou:
-                ports: dict[int, int] | None = {p.port: p.ipproto for p in fou.ports()}
+                ports: dict[int, str] | None = {p.port: _receives(p.encap_type, p.ipproto) for p in fou.ports()}
         except (NetlinkError, OSError):
             ports = None
         tunnel = self.ipr.link_lookup(ifname=TUNNEL_LINK)
@@ -136,9 +165,9 @@ class BackendKernel:
                 yield op, None
 
     def _apply_one(self, op: BackendOp) -> None:
-        if op.kind == "add fou port":
+        if op.kind in ("add fou port", "add gue port"):
             with Fou() as fou:
-                fou.add(int(op.target))
+                fou.add(int(op.target), gue=op.kind == "add gue port")
         elif op.kind == "link up":
             self.ipr.link("set", index=self.ipr.link_lookup(ifname=op.target)[0], state="up")
         elif op.kind == "sysctl":
@@ -150,6 +179,12 @@ class BackendKernel:
             )
         else:
             raise RuntimeError(op.target)
+
+
+def _receives(encap_type: int, ipproto: int) -> str:
+    if encap_type == FOU_ENCAP_GUE:
+        return "gue"
+    return "ipip" if ipproto == IPPROTO_IPIP else f"ipproto {ipproto}"
 
 
 def _read_sysctls() -> Iterator[tuple[str, int]]:

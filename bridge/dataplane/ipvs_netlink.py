@@ -1,6 +1,12 @@
 """IPVS over generic netlink, on the batched netlink socket (see netlink_batch for why not pyroute2's IPVS
 class: it measured 17x `ipvsadm -R` for a 10,500-rule apply). The IPVS netlink ABI
 (include/uapi/linux/ip_vs.h) is small and stable; pyroute2 still resolves the family id.
+
+The tunnel attributes are written here too, and not through pyroute2's `ipvsmsg`, which declares
+IPVS_DEST_ATTR_TUN_PORT as a host-order `uint16` (pyroute2 0.9.7) while the kernel reads it with
+`nla_get_be16` (ip_vs_ctl.c, ip_vs_genl_parse_dest): through pyroute2 port 5555 arrives as 45845 on a
+little-endian host. The port is network order both ways (`be16` below, `!H` when read back), which
+`ipvsadm -Ln --tun-info` confirms in tests/kernel/test_gue.py.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass, field
 from pyroute2.netlink.generic import GenericNetlinkSocket
 from pyroute2.netlink.generic.ipvs import ipvsmsg
 
+from bridge.core.encap import DIRECT_ROUTING, GUE_CHECKSUMS, Forwarding, GueChecksum
 from bridge.core.live import DestStats
 from bridge.core.model import SyncDaemon
 from bridge.dataplane.netlink_batch import BatchSocket, attr, be16, parse_attrs, u16, u32
@@ -27,7 +34,14 @@ SVC_SCHED_NAME, SVC_FLAGS, SVC_TIMEOUT, SVC_NETMASK = 6, 7, 8, 9
 DEST_ADDR, DEST_PORT, DEST_FWD_METHOD, DEST_WEIGHT, DEST_U_THRESH, DEST_L_THRESH = 1, 2, 3, 4, 5, 6
 DEST_ACTIVE_CONNS, DEST_INACT_CONNS, DEST_ADDR_FAMILY, DEST_STATS64 = 7, 8, 11, 12
 STATS_CONNS, STATS_INPKTS, STATS_OUTPKTS, STATS_INBYTES, STATS_OUTBYTES = 1, 2, 3, 4, 5
-FWD_DIRECT_ROUTING = 3
+DEST_TUN_TYPE, DEST_TUN_PORT, DEST_TUN_FLAGS = 13, 14, 15
+FWD_METHODS = {"masq": 0, "local": 1, "tunnel": 2, "route": 3, "bypass": 4}
+"""IP_VS_CONN_F_MASQ ... IP_VS_CONN_F_BYPASS (the low bits of the dest's conn_flags)."""
+FWD_NAMES = {v: k for k, v in FWD_METHODS.items()}
+TUN_TYPES = {"ipip": 0, "gue": 1, "gre": 2}
+TUN_NAMES = {v: k for k, v in TUN_TYPES.items()}
+TUN_FLAG_BITS: dict[GueChecksum, int] = {"none": 0, "csum": 1, "remcsum": 2}
+"""IP_VS_TUNNEL_ENCAP_FLAG_NOCSUM, _CSUM, _REMCSUM."""
 CMD_NEW_DAEMON, CMD_DEL_DAEMON, CMD_GET_DAEMON = 9, 10, 11
 ATTR_DAEMON = 3
 DAEMON_STATE, DAEMON_MCAST_IFN, DAEMON_SYNC_ID = 1, 2, 3
@@ -71,6 +85,7 @@ class DestRecord:
     active_conns: int
     inactive_conns: int
     stats: DestStats = field(default_factory=DestStats)
+    forwarding: Forwarding = DIRECT_ROUTING
 
 
 @dataclass(frozen=True)
@@ -83,6 +98,7 @@ class Request:
     flags: int = 0
     dest: tuple[str, int] | None = None
     weight: int = 0
+    forwarding: Forwarding = DIRECT_ROUTING
 
 
 def addr_attr(kind: int, address: str) -> bytes:
@@ -105,9 +121,26 @@ def _dest_attrs(request: Request) -> bytes:
     address, port = request.dest
     attrs = addr_attr(DEST_ADDR, address) + be16(DEST_PORT, port) + u16(DEST_ADDR_FAMILY, socket.AF_INET)
     if request.cmd in (CMD_NEW_DEST, CMD_SET_DEST):
-        attrs += u32(DEST_FWD_METHOD, FWD_DIRECT_ROUTING) + u32(DEST_WEIGHT, request.weight)
+        fwd = request.forwarding
+        attrs += u32(DEST_FWD_METHOD, FWD_METHODS[fwd.method]) + u32(DEST_WEIGHT, request.weight)
         attrs += u32(DEST_U_THRESH, 0) + u32(DEST_L_THRESH, 0)
+        if fwd.method == "tunnel":  # direct routing sends none, as before (and as kernels before 5.2 expect)
+            attrs += attr(DEST_TUN_TYPE, struct.pack("=B", TUN_TYPES[fwd.tunnel])) + be16(DEST_TUN_PORT, fwd.port)
+            attrs += u16(DEST_TUN_FLAGS, TUN_FLAG_BITS[fwd.checksum])
     return attr(ATTR_DEST, attrs)
+
+
+def _forwarding(dest: dict[int, bytes]) -> Forwarding:
+    """The forwarding method and tunnel settings the kernel reports for a real server (kernels before 5.2
+    report no tunnel attributes: ipip, port 0)."""
+    method = FWD_NAMES.get(_u32_of(dest, DEST_FWD_METHOD) & 0x7, "masq")
+    if method != "tunnel":
+        return DIRECT_ROUTING if method == "route" else Forwarding(method)
+    tun_type = dest.get(DEST_TUN_TYPE, b"\0")[0]
+    port = struct.unpack("!H", dest[DEST_TUN_PORT][:2])[0] if DEST_TUN_PORT in dest else 0
+    flags = struct.unpack("=H", dest[DEST_TUN_FLAGS][:2])[0] if DEST_TUN_FLAGS in dest else 0
+    checksum: GueChecksum = next((name for name in reversed(GUE_CHECKSUMS) if flags & TUN_FLAG_BITS[name]), "none")
+    return Forwarding("tunnel", TUN_NAMES.get(tun_type, str(tun_type)), port, checksum)
 
 
 def _u32_of(attrs: dict[int, bytes], kind: int) -> int:
@@ -183,6 +216,7 @@ class IpvsNetlink:
                 active_conns=_u32_of(dest, DEST_ACTIVE_CONNS),
                 inactive_conns=_u32_of(dest, DEST_INACT_CONNS),
                 stats=_stats(dest.get(DEST_STATS64)),
+                forwarding=_forwarding(dest),
             ))
         return found
 

@@ -21,6 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from bridge.core.addr import ipv4_int
 from bridge.core.config import Config
+from bridge.core.encap import mtu_problem
 from bridge.core.keys import Protocol, ServiceKey
 from bridge.core.live import LiveFilter, LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
 from bridge.core.ops import (
@@ -143,7 +144,7 @@ class Kernel:
             if record is None or protocol is None or not self._owned_vip(record.key.address):
                 continue
             dests = tuple(
-                LiveRealServer(d.address, d.port, d.weight, d.active_conns, d.inactive_conns, d.stats)
+                LiveRealServer(d.address, d.port, d.weight, d.active_conns, d.inactive_conns, d.stats, d.forwarding)
                 for d in self.ipvs.dests(record.key)
             )
             services.append(LiveService(record.key.address, record.key.port, protocol, record.scheduler,
@@ -256,6 +257,15 @@ class Kernel:
             for addr in self.ipr.get_addr(family=socket.AF_INET, index=oif):
                 return str(addr.get_attr("IFA_ADDRESS"))
         raise ApplyError("local_address is not set and there is no IPv4 default route to derive it from")
+
+    def mtu_warning(self, local_address: str) -> str | None:
+        """Whether the underlay interface (the one holding the tunnel source address) can carry full-size
+        packets in this director's encapsulation; the warning when it cannot."""
+        for addr in self.ipr.get_addr(family=socket.AF_INET, address=local_address):
+            link = self.ipr.get_links(addr["index"])[0]
+            return mtu_problem(self.config.encapsulation, str(link.get_attr("IFLA_IFNAME")),
+                               int(link.get_attr("IFLA_MTU")))
+        return None
 
     # ---- applying ------------------------------------------------------------------------------
 
@@ -386,7 +396,7 @@ def _ipvs_request(op: IpvsOp) -> Request:
         return Request(CMD_DEL_SERVICE, key)
     if isinstance(op, AddDest | SetDest):
         return Request(CMD_NEW_DEST if isinstance(op, AddDest) else CMD_SET_DEST, key, dest=(op.address, op.port),
-                       weight=op.weight)
+                       weight=op.weight, forwarding=op.forwarding)
     return Request(CMD_DEL_DEST, key, dest=(op.address, op.port))
 
 

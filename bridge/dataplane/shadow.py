@@ -124,11 +124,12 @@ class ShadowKernel:
         if isinstance(op, AddDest):
             if present:
                 return "EEXIST"
-            servers = (LiveRealServer(op.address, op.port, op.weight), *svc.real_servers)
+            servers = (LiveRealServer(op.address, op.port, op.weight, forwarding=op.forwarding), *svc.real_servers)
         elif not present:
             return "ENOENT"
         elif isinstance(op, SetDest):
-            servers = tuple(replace(r, weight=op.weight) if r.address == op.address else r for r in svc.real_servers)
+            servers = tuple(replace(r, weight=op.weight, forwarding=op.forwarding) if r.address == op.address else r
+                            for r in svc.real_servers)
         else:
             servers = others
         self.services[op.key] = replace(svc, real_servers=servers)

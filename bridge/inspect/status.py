@@ -12,7 +12,7 @@ from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.live import LiveService
 from bridge.core.maglev import Dest, build_table, fingerprint
 from bridge.core.memory import last_weight
-from bridge.dataplane.kernel import ApplyError, open_kernel
+from bridge.dataplane.kernel import ApplyError, Kernel, open_kernel
 from bridge.files.maintenance import maintenance_json, read_maintenance
 from bridge.files.store import load_state
 from bridge.inspect.explain import ExplainError, ServiceView
@@ -49,6 +49,16 @@ def live_view(config: Config, key: ServiceKey) -> ServiceView:
                        allow=entry.prefixes if entry else None)
 
 
+def _mtu_warning(config: Config, kernel: Kernel) -> str | None:
+    """A director's underlay MTU problem; none for a backend (it only receives) or without an underlay."""
+    if config.role != "director":
+        return None
+    try:
+        return kernel.mtu_warning(config.local_address or kernel.default_local_address())
+    except ApplyError:
+        return None
+
+
 @lru_cache(maxsize=8192)
 def table_fingerprint(dests: tuple[Dest, ...], size: int) -> str:
     """Cached: a table costs milliseconds to build, and every /metrics scrape asks for all of them, of which
@@ -75,9 +85,12 @@ def read_status(config: Config) -> dict[str, Any]:
         except ApplyError as exc:
             live = kernel.read(services=False)
             kernel_note = str(exc)
+        mtu = _mtu_warning(config, kernel)
     prints = service_fingerprints(live.services, stored.memory.last_weights, config.mh_table_size)
     data = status_json(live, stored.report, prints)
     data["kernel_note"] = kernel_note
+    data["encapsulation"] = config.encapsulation if config.role == "director" else None
+    data["mtu_warning"] = mtu
     if config.bgp is not None:
         data["bgp_table"] = config.bgp.table
         data["maintenance"] = maintenance_json(read_maintenance(config.bgp.maintenance_file))
