@@ -110,7 +110,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             raise ExplainError(f"{args.vip}: the catalog's desired state has no such virtual service")
         view = ServiceView(
             args.vip, vs.flags, tuple(Dest(r.address, r.port, r.weight, r.last_weight) for r in vs.real_servers),
-            {r.address: r.backend for r in vs.real_servers}, source=f"desired state of {config.catalog_file}",
+            {r.address: r.backend for r in vs.real_servers},
+            source=f"desired state of {config.catalog_file}, {config.encapsulation} encapsulation",
             allow=vs.allow, service=vs.service,
         )
     else:

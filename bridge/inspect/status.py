@@ -34,7 +34,8 @@ def live_dests(service: LiveService, last_weights: Mapping[DestKey, int]) -> tup
 
 
 def live_view(config: Config, key: ServiceKey) -> ServiceView:
-    """One live virtual service, with each real server traced through its route and tunnel to its backend."""
+    """One live virtual service, with each real server traced through its route and tunnel to its backend (in
+    `gue` mode the real server is the backend, reached by IPVS's own tunnel)."""
     stored = load_state(config.state_file)
     with open_kernel(config) as kernel:
         live = kernel.read()
@@ -43,6 +44,8 @@ def live_view(config: Config, key: ServiceKey) -> ServiceView:
         raise ExplainError(f"{key}: no such virtual service owned by this agent in the kernel")
     remotes = {link.name: link.remote for link in live.links}
     backends = {r.dst: remotes[r.dev] or "" for r in live.routes if r.table == "main" and r.dev in remotes}
+    backends.update((rs.address, f"{rs.address} via {rs.forwarding.describe()}") for rs in service.real_servers
+                    if rs.forwarding.method == "tunnel")  # gue: IPVS encapsulates to the backend itself
     dests, assumed = live_dests(service, stored.memory.last_weights)
     entry = next((e for e in live.filter.allows if e.key == key), None)
     return ServiceView(key.text, service.flags, dests, backends, assumed,
