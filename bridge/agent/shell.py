@@ -197,6 +197,7 @@ class Agent:
             "role": self.config.role,
             "version": version(),
             "dataplane": self.config.dataplane,
+            "encapsulation": self.config.encapsulation,
             "passes": record.passes,
             "last_pass_at": record.last_pass_at,
             "last_success_at": record.last_success_at,
