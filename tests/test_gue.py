@@ -234,3 +234,22 @@ def test_discovery_of_one_encapsulation_says_nothing_about_it():
     found = Discovery([Director("10.0.0.1", 9119, report("gue", "aaaa")),
                        Director("10.0.0.2", 9119, report("gue", "aaaa"))])
     assert "MIXED" not in discovery_text(found)
+
+
+# ---- what status and plan print ----------------------------------------------------------------------------
+
+def test_status_shows_each_real_servers_forwarding_the_encapsulation_and_the_mtu_warning():
+    from bridge.core.live import LiveRealServer, LiveService, LiveState
+    from bridge.inspect.text import desired_json, status_json, status_text
+
+    live = LiveState((LiveService("198.51.100.10", 80, "tcp", "mh", ("mh-port",), (
+        LiveRealServer("192.0.2.11", 80, 1, forwarding=GUE_6080), LiveRealServer("203.0.113.11", 80, 0))),))
+    data = status_json(live, {}, {})
+    data.update(encapsulation="gue", mtu_warning=mtu_problem("gue", "eth0", 1500))
+    text = status_text(json.loads(json.dumps(data)))
+    assert "-> 192.0.2.11:80" in text and "via gue port 6080" in text.split("-> 192.0.2.11:80")[1].split("\n")[0]
+    assert "via" not in text.split("-> 203.0.113.11:80")[1].split("\n")[0], "direct routing prints nothing more"
+    assert "encapsulation: gue" in text and "WARNING: underlay MTU 1500 on eth0" in text
+    desired = compute_desired(snapshot_from_services(catalog(entry(11))), GUE, "192.0.2.1")
+    assert desired_json(desired)["forwarding"] == {"method": "tunnel", "tunnel": "gue", "port": 6080,
+                                                   "checksum": "none"}
