@@ -6,17 +6,22 @@ each real server's tunnel type and port (a port sent in host byte order would sh
 from __future__ import annotations
 
 import re
+import signal
+import time
 
 import pytest
 
 from tests.harness.addresses import vip
 from tests.harness.agent import AgentHarness, tunnel_of
 from tests.harness.echo import spread
+from tests.harness.router_bed import CALM_BFD
 from tests.harness.wait import wait_until
+from tests.kernel import test_failover as failover_bed
 
 pytestmark = pytest.mark.kernel
 SPORTS = range(40000, 40040)
 GUE = {"encapsulation": "gue", "tunnel_map": None}
+failover = failover_bed.failover  # the failover test bed's fixture (a router, BIRD, long-lived connections)
 
 
 def build(topology, udp=False, **config):
@@ -128,3 +133,66 @@ def test_a_director_switched_from_fou_to_gue_keeps_its_connections_on_their_old_
     assert set(spread(fresh)) == {"b1", "b2", "b3"} and all(c.ask() == c.backend for c in fresh)
     assert all(c.ask() == c.backend for c in conns)
     assert "mglc" in d.run("ip", "-br", "link").stdout, "the old tunnels stay while their real servers drain"
+
+
+def test_a_changed_gue_port_is_set_in_place_and_connections_follow_it(topology):
+    """IPVS's SET_DEST edits a real server's tunnel settings and its connections' packets use them from the
+    next one on: a new gue_port costs one `set` per real server and no connection."""
+    topo, agent = build(topology, **GUE)
+    d = topo.directors[0]
+    agent.apply(d)
+    conns = topo.client.connect(vip(1), 80, sports=SPORTS)
+    agent.config_overrides["gue_port"] = 6081
+    agent.apply_backends()  # a second GUE receiver; the agent never deletes one
+    assert all("port 6081 gue" in b.run("ip", "fou", "show").stdout for b in topo.backends)
+    out = agent.apply(d)
+    assert sorted(re.findall(r"^\s+\d+\. (.*?)  ok$", out, re.M)) == sorted(
+        f"set real server {b.address}:80 weight 1 via gue port 6081 in {vip(1)}:80/tcp" for b in topo.backends)
+    found, listing = tunnels(d, ("-t", f"{vip(1)}:80"))
+    assert all("6081" in info for _, info in found.values()), listing
+    for b in topo.backends:  # the old receiver gone: only the new port can carry the packets now
+        b.run("ip", "fou", "del", "port", "6080")
+    assert all(c.ask() == c.backend for c in conns), "connections follow the new port"
+
+
+@pytest.mark.parametrize("conn_sync", [False, True], ids=["without-sync", "with-sync"])
+def test_a_live_switch_of_two_directors_from_fou_to_gue_harms_no_connection(failover, conn_sync):
+    """The migration runbook's director step, behind a real router (BIRD, ECMP over two directors) with 60
+    long-lived connections asking every 100 ms: backends receive both, then each running agent is switched
+    to gue by SIGHUP, one after the other, in rotation. A flow that stays on its director keeps its backend
+    (its connection is bound to the old real server, which drains through its old tunnel). A flow the router
+    moves between a fou and a gue director is scheduled afresh with the other mode's table and may reach
+    another backend, unless connection synchronisation gave the new director its connection (bound to the old
+    real server it still holds while it drains). So: with synchronisation, no connection may be harmed;
+    without it, only if the router moved flows."""
+    bed = failover(directors=2, bfd_timing=CALM_BFD, conn_sync=conn_sync)
+    bed.agents.config_overrides.update(receive=["fou", "gue"], drain_timeout=600)
+    bed.start()
+    bed.start_traffic()
+    carried = bed.connections_by_director()
+    assert all(carried.values()), "connections on both directors"
+    routes = len(bed.watcher.changes)
+    bed.hold(2)
+    bed.agents.config_overrides["encapsulation"] = "gue"
+    switched = {}
+    for d in bed.directors:
+        since = len(bed.agents.log(d))
+        bed.agents.config_path(d, "director")
+        switched[d.label] = time.monotonic()
+        bed.procs[d.label].send_signal(signal.SIGHUP)
+        bed.agents.wait_log(d, f"via gue port 6080 in {vip(1)}:80/tcp", since=since, timeout=180)
+        found, listing = tunnels(d, ("-t", f"{vip(1)}:80"))
+        assert sorted(method for method, _ in found.values()) == ["Route"] * 3 + ["Tunnel"] * 3, listing
+        bed.hold(2)
+    bed.hold(3)
+    rec = bed.stop_traffic()
+    harmed = [(f.sport, next((k for k, v in carried.items() if f.sport in v), "?"), f.backend, f.reset)
+              for f in rec.flows if f.reset is not None or len({b for _, b in f.backends}) > 1]
+    why = (f"switched at {switched}; harmed (sport, director, backend, reset at): {harmed}; route changes "
+           f"{bed.watcher.changes[routes:]}; {bed.bfd_report()}; {rec.summary()}")
+    print(why)
+    if conn_sync:
+        assert not harmed, why
+        failover_bed.unharmed(rec, bed)
+    else:
+        assert not harmed or bed.watcher.changes[routes:], f"connections harmed, yet the router moved no flow: {why}"
