@@ -196,3 +196,38 @@ def test_a_live_switch_of_two_directors_from_fou_to_gue_harms_no_connection(fail
         failover_bed.unharmed(rec, bed)
     else:
         assert not harmed or bed.watcher.changes[routes:], f"connections harmed, yet the router moved no flow: {why}"
+
+
+@pytest.mark.parametrize("conn_sync", [False, True], ids=["without-sync", "with-sync"])
+def test_flows_moved_to_a_switched_director_keep_their_backend_only_with_connection_sync(failover, conn_sync):
+    """The danger of the migration's mixed period, and its remedy: d1 is switched to gue while d2 still
+    forwards by fou, then d2 goes into maintenance, so the router moves d2's flows to d1. Without connection
+    synchronisation d1 schedules them afresh with its gue table, and most reach another backend (reset). With
+    it, d1 holds their connections, bound to the old real servers it keeps while they drain: none is harmed."""
+    bed = failover(directors=2, bfd_timing=CALM_BFD, conn_sync=conn_sync)
+    bed.agents.config_overrides.update(receive=["fou", "gue"], drain_timeout=600)
+    bed.start()
+    bed.start_traffic()
+    d1, d2 = bed.directors
+    on_d2 = bed.connections_by_director()["d2"]
+    assert on_d2, "connections on d2"
+    bed.agents.config_overrides["encapsulation"] = "gue"
+    since = len(bed.agents.log(d1))
+    bed.agents.config_path(d1, "director")
+    bed.procs[d1.label].send_signal(signal.SIGHUP)
+    bed.agents.wait_log(d1, f"via gue port 6080 in {vip(1)}:80/tcp", since=since, timeout=180)
+    bed.agents.config_overrides["encapsulation"] = "fou"  # d2 stays fou: its file is rewritten by maintenance
+    bed.hold(3)
+    bed.maintenance(d2, "on")
+    bed.wait_route([d1])
+    bed.hold(3)
+    rec = bed.stop_traffic()
+    moved = [f for f in rec.flows if f.sport in on_d2]
+    harmed = [f for f in moved if f in rec.resets() or f in rec.changed_backend()]
+    print(f"conn_sync={conn_sync}: {len(harmed)} of the {len(moved)} flows d2 held harmed (with sync d2 also holds "
+          f"copies of d1's); {rec.summary()}")
+    if conn_sync:
+        failover_bed.unharmed(rec, bed)
+    else:
+        assert harmed, f"expected flows moved across the modes to break without sync; {rec.summary()}"
+        assert all(f.sport in on_d2 for f in rec.resets() + rec.changed_backend()), "only moved flows may break"
