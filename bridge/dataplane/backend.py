@@ -16,7 +16,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from bridge.core.addr import ipv4_int
+from bridge.core.addr import ip_value
 from bridge.core.config import Config
 from bridge.dataplane.fou import IPPROTO_IPIP, Fou
 
@@ -92,8 +92,8 @@ def plan_backend(vips: Iterable[str], live: BackendLive, fou_port: int) -> list[
         ops.append(BackendOp("link up", TUNNEL_LINK))
     ops.extend(_sysctl_ops(live.sysctls))
     wanted = set(vips)
-    ops.extend(BackendOp("add vip", vip) for vip in sorted(wanted - set(live.vips), key=ipv4_int))
-    ops.extend(BackendOp("delete vip", vip) for vip in sorted(set(live.vips) - wanted, key=ipv4_int))
+    ops.extend(BackendOp("add vip", vip) for vip in sorted(wanted - set(live.vips), key=ip_value))
+    ops.extend(BackendOp("delete vip", vip) for vip in sorted(set(live.vips) - wanted, key=ip_value))
     return ops
 
 
@@ -114,7 +114,7 @@ class BackendKernel:
             sorted(
                 (str(a.get_attr("IFA_ADDRESS")) for a in self.ipr.get_addr(family=socket.AF_INET, index=self._lo())
                  if a.get_attr("IFA_LABEL") == label and a["prefixlen"] == 32),
-                key=ipv4_int,
+                key=ip_value,
             )
         )
         try:

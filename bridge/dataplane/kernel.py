@@ -19,7 +19,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from bridge.core.addr import ipv4_int
+from bridge.core.addr import ip_value
 from bridge.core.config import Config
 from bridge.core.keys import Protocol, ServiceKey
 from bridge.core.live import LiveFilter, LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
@@ -127,7 +127,7 @@ class Kernel:
 
     def _owned_vip(self, address: str) -> bool:
         try:
-            return self.config.is_vip_allowed(ipv4_int(address))
+            return self.config.is_vip_allowed(ip_value(address))
         except ValueError:
             return False
 
@@ -244,7 +244,7 @@ class Kernel:
                  for msg in self.ipr.get_routes(family=socket.AF_INET, table=table, proto=self.config.route_protocol)
                  if msg["dst_len"] == 32 and msg["proto"] == self.config.route_protocol
                  and (msg.get_attr("RTA_TABLE") or msg["table"]) == table}
-        return tuple(sorted(found, key=ipv4_int))
+        return tuple(sorted(found, key=ip_value))
 
     def default_local_address(self) -> str:
         """The underlay source address: the one on the interface holding the default route."""

@@ -1,0 +1,182 @@
+"""IPv6 VIPs in the pure core: tag grammar, keys, vip_cidrs and allow lists (bridge/core).
+
+Until a fleet can run `encapsulation: gue` every IPv6 claim is refused by `tags.ipv6_vip_refusal`; the tests of
+what an accepted IPv6 claim becomes lift that refusal with the `gue_fleet` fixture, as the gue mode will.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import replace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.core import tags
+from bridge.core.addr import canonical_ip, ip_value, split_host_port
+from bridge.core.allow import admits, collapse, for_family, parse_prefixes
+from bridge.core.config import ConfigError, parse_config
+from bridge.core.keys import DestKey, ServiceKey
+from tests.test_tags_and_desired import CONFIG, desired, web
+
+V6_CONFIG = replace(CONFIG, vip_cidrs=(*CONFIG.vip_cidrs, ipaddress.IPv6Network("2001:db8:10::/64")))
+VIP6 = "maglev.vip=[2001:db8:10::10]:80/tcp"
+VIP4 = "maglev.vip=198.51.100.10:80"
+
+
+@pytest.fixture
+def gue_fleet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `encapsulation: gue` will do to the refusal: lift it."""
+    monkeypatch.setattr(tags, "ipv6_vip_refusal", lambda config: None)
+
+
+def test_an_ipv6_claim_is_refused_naming_service_instance_tag_and_the_mode_it_needs():
+    d = desired(web("b1", 11, [VIP4, VIP6]), web("b2", 12, [VIP4]), config=V6_CONFIG)
+    (rej,) = d.rejected
+    assert (rej.service, rej.instance, rej.tag) == ("web", "web-b1", VIP6)
+    assert "IPv6 VIPs need encapsulation: gue" in rej.reason
+    (vs,) = d.virtual_services
+    assert [rs.backend for rs in vs.real_servers] == ["192.0.2.12"], "the refused instance's whole claim goes"
+
+
+def test_an_ipv6_claim_refused_on_this_fleet_is_refused_for_the_backend_role_too():
+    from bridge.catalog.consul_format import snapshot_from_services
+    from bridge.core.desired import claims_of_node
+    from tests.catalog_builder import catalog
+
+    snapshot = snapshot_from_services(catalog(web("backend-1", 11, [VIP6])))
+    assert claims_of_node(snapshot, V6_CONFIG, "backend-1") == ((), {})
+
+
+@pytest.mark.usefixtures("gue_fleet")
+@pytest.mark.parametrize(("tag", "key"), [
+    ("maglev.vip=[2001:DB8:10:0::10]:80/tcp", ServiceKey("2001:db8:10::10", 80, "tcp")),
+    ("maglev.vip=[2001:db8:10::10]/udp", ServiceKey("2001:db8:10::10", 8080, "udp")),
+    ("maglev.vip=[2001:db8:10::10]", ServiceKey("2001:db8:10::10", 8080, "tcp")),
+])
+def test_an_ipv6_vip_is_bracketed_and_held_in_its_canonical_form(tag, key):
+    (vs,) = desired(web("b1", 11, [tag]), config=V6_CONFIG).virtual_services
+    assert vs.key == key
+    assert str(vs.key) == f"[2001:db8:10::10]:{key.port}/{key.protocol}"
+
+
+@pytest.mark.usefixtures("gue_fleet")
+@pytest.mark.parametrize(("tag", "expected"), [
+    ("maglev.vip=2001:db8:10::10:80", "an IPv6 address needs brackets, as in [2001:db8::10]:80"),
+    ("maglev.vip=[2001:db8:10::10:80", "expected [<ipv6>]:<port>"),
+    ("maglev.vip=[2001:db8:10::10]80", "expected [<ipv6>]:<port>"),
+    ("maglev.vip=[198.51.100.10]:80", "expected [<ipv6>]:<port>"),
+    ("maglev.vip=[2001:db8:10::zz]:80", "'2001:db8:10::zz' is not an IPv4 or IPv6 address"),
+    ("maglev.vip=[fe80::1%eth0]:80", "is not an IPv4 or IPv6 address"),
+    ("maglev.vip=[2001:db8:10::10]:0", "port '0' is not a number from 1 to 65535"),
+    ("maglev.vip=[2001:db8:99::10]:80", "VIP 2001:db8:99::10 is outside vip_cidrs (198.51.100.0/24, 2001:db8:10::/64)"),
+])
+def test_a_malformed_ipv6_vip_rejects_the_claim_saying_what_was_expected(tag, expected):
+    (rej,) = desired(web("b1", 11, [tag]), config=V6_CONFIG).rejected
+    assert (rej.instance, rej.tag) == ("web-b1", tag) and expected in rej.reason
+
+
+@pytest.mark.usefixtures("gue_fleet")
+def test_one_instance_may_claim_an_ipv4_and_an_ipv6_vip_and_ipv4_lists_first():
+    d = desired(web("b1", 11, [VIP6, VIP4]), config=V6_CONFIG)
+    assert [str(vs.key) for vs in d.virtual_services] == ["198.51.100.10:80/tcp", "[2001:db8:10::10]:80/tcp"]
+    assert d.vip_routes == ("198.51.100.10", "2001:db8:10::10")
+
+
+@pytest.mark.usefixtures("gue_fleet")
+def test_each_service_takes_the_allow_prefixes_of_its_own_family():
+    d = desired(web("b1", 11, [VIP4, VIP6, "maglev.allow=2001:db8:1::/48,10.0.0.0/8"]), config=V6_CONFIG)
+    assert [vs.allow for vs in d.virtual_services] == [("10.0.0.0/8",), ("2001:db8:1::/48",)]
+
+
+@pytest.mark.usefixtures("gue_fleet")
+def test_the_whole_ipv6_space_is_no_filter_for_the_ipv6_service_only():
+    d = desired(web("b1", 11, [VIP4, VIP6, "maglev.allow=::/0,10.0.0.0/8"]), config=V6_CONFIG)
+    assert [vs.allow for vs in d.virtual_services] == [("10.0.0.0/8",), None]
+
+
+@pytest.mark.usefixtures("gue_fleet")
+@pytest.mark.parametrize(("tags_", "config", "source"), [
+    ([VIP6, "maglev.allow=10.0.0.0/8"], V6_CONFIG, "the maglev.allow list (10.0.0.0/8)"),
+    ([VIP6], replace(V6_CONFIG, default_allow=("0.0.0.0/0",)), "default_allow (0.0.0.0/0)"),
+])
+def test_a_list_without_a_prefix_of_the_vips_family_rejects_the_claim_rather_than_drop_every_client(tags_, config,
+                                                                                                    source):
+    (rej,) = desired(web("b1", 11, tags_), config=config).rejected
+    assert rej.tag == VIP6
+    assert rej.reason == (f"{source} has no IPv6 prefix, so no client could reach IPv6 VIP 2001:db8:10::10; "
+                          "add IPv6 prefixes (::/0: every client)")
+
+
+def test_an_ipv4_vip_with_an_ipv6_only_list_is_rejected_the_same_way():
+    (rej,) = desired(web("b1", 11, [VIP4, "maglev.allow=2001:db8::/32"])).rejected
+    assert "has no IPv4 prefix" in rej.reason and "(0.0.0.0/0: every client)" in rej.reason
+
+
+def test_vip_cidrs_take_ipv6_prefixes_and_match_only_their_own_family():
+    config = parse_config({"vip_cidrs": ["198.51.100.0/24", "2001:db8:10::/64"]})
+    assert config.is_vip_allowed(ip_value("2001:db8:10::ffff"))
+    assert not config.is_vip_allowed(ip_value("2001:db8:11::1"))
+    assert not config.is_vip_allowed(ip_value("::c633:640a")), "198.51.100.10's number as IPv6 is not in it"
+    assert config.is_vip_allowed(ip_value("198.51.100.10"))
+    with pytest.raises(ConfigError, match=r"vip_cidrs\[0\]: '2001:db8::1/64' is not a network"):
+        parse_config({"vip_cidrs": ["2001:db8::1/64"]})
+
+
+def test_ipv6_prefixes_stay_out_of_the_tunnel_map():
+    with pytest.raises(ConfigError, match=r"tunnel_map\[0\].backend: '2001:db8::/64': only IPv4"):
+        parse_config({"tunnel_map": [{"backend": "2001:db8::/64", "tunnel": "2001:db9::/64"}]})
+
+
+def test_allow_lists_collapse_per_family_ipv4_first_and_everyone_only_when_both_families_are_whole():
+    assert collapse(parse_prefixes("2001:db8:1::/48,10.0.1.0/24,2001:db8::/48,10.0.0.0/24")) == (
+        "10.0.0.0/23", "2001:db8::/47")
+    assert collapse(parse_prefixes("0.0.0.0/0")) == ("0.0.0.0/0",)
+    assert collapse(parse_prefixes("0.0.0.0/0,::/0")) is None
+    assert for_family(("0.0.0.0/0",), 4) is None and for_family(("0.0.0.0/0",), 6) == ()
+    assert parse_config({"default_allow": ["2001:db8::/32"]}).default_allow == ("2001:db8::/32",)
+
+
+v6_networks = st.builds(lambda a, n: ipaddress.IPv6Network((a, n), strict=False),
+                        st.integers(0, 2**128 - 1), st.integers(1, 128))
+v4_networks = st.builds(lambda a, n: ipaddress.IPv4Network((a, n), strict=False),
+                        st.integers(0, 2**32 - 1), st.integers(1, 32))
+
+
+@given(st.lists(v6_networks | v4_networks, min_size=1, max_size=8), st.ip_addresses())
+def test_a_mixed_list_admits_a_source_exactly_when_a_prefix_of_its_family_holds_it(nets, source):
+    expected = any(n.version == source.version and source in n for n in nets)
+    assert admits(collapse(nets), str(source)) == expected
+    assert admits(for_family(collapse(nets), source.version), str(source)) == expected
+
+
+@given(st.ip_addresses(v=6))
+def test_every_spelling_of_an_ipv6_address_has_one_canonical_text(address):
+    assert canonical_ip(address.exploded.upper()) == canonical_ip(str(address)) == str(address)
+
+
+def test_keys_of_ipv6_services_and_mixed_real_servers_print_with_brackets():
+    key = ServiceKey("2001:db8::10", 80, "tcp")
+    assert key.text == "[2001:db8::10]:80/tcp" and key.family == 6
+    assert DestKey(key, "2001:db8::1", 8080).text == "[2001:db8::10]:80/tcp>[2001:db8::1]:8080"
+    assert DestKey(key, "203.0.113.11", 8080).text == "[2001:db8::10]:80/tcp>203.0.113.11:8080"
+    assert DestKey.parse("[2001:DB8:0::10]:80/tcp>[2001:db8:0:0::1]:8080") == DestKey(key, "2001:db8::1", 8080)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2001:db8::10:80/tcp", "'2001:db8::10:80' is not <ipv4>:<port> or [<ipv6>]:<port>"),
+    ("[2001:db8::10]/tcp", "no port after '[2001:db8::10]'"),
+    ("[198.51.100.10]:80/tcp", "'[198.51.100.10]:80' is not <ipv4>:<port> or [<ipv6>]:<port>"),
+])
+def test_an_ipv6_key_that_does_not_parse_says_why(text, expected):
+    with pytest.raises(ValueError, match=re.escape("expected <vip>:<port>/<tcp|udp>")) as raised:
+        ServiceKey.parse(text)
+    assert str(raised.value).startswith(f"{text!r}: {expected}; ")
+
+
+def test_split_host_port_keeps_an_ipv4_address_and_unbrackets_an_ipv6_one():
+    assert split_host_port("198.51.100.10:80") == ("198.51.100.10", ":", "80")
+    assert split_host_port("[2001:db8::10]:80") == ("2001:db8::10", ":", "80")
+    assert split_host_port("[2001:db8::10]") == ("2001:db8::10", "", "")
