@@ -180,3 +180,46 @@ def test_split_host_port_keeps_an_ipv4_address_and_unbrackets_an_ipv6_one():
     assert split_host_port("198.51.100.10:80") == ("198.51.100.10", ":", "80")
     assert split_host_port("[2001:db8::10]:80") == ("2001:db8::10", ":", "80")
     assert split_host_port("[2001:db8::10]") == ("2001:db8::10", "", "")
+
+
+V6_SERVICE = ServiceKey("2001:db8:10::10", 80, "tcp")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[2001:DB8:4::1]:40000", ("2001:db8:4::1", 40000)),
+    ("2001:db8:4::1", ("2001:db8:4::1", 0)),
+    ("[2001:db8:4::1]", ("2001:db8:4::1", 0)),
+])
+def test_explain_takes_an_ipv6_client_with_or_without_a_port(text, expected):
+    from bridge.inspect.explain import parse_client
+
+    assert parse_client(text, V6_SERVICE) == expected
+
+
+@pytest.mark.parametrize(("text", "key", "expected"), [
+    ("203.0.113.9:40000", V6_SERVICE, "client 203.0.113.9 is IPv4 and [2001:db8:10::10]:80/tcp is IPv6"),
+    ("[2001:db8:4::1]:1", ServiceKey("198.51.100.1", 80, "tcp"), "client 2001:db8:4::1 is IPv6"),
+    ("[2001:db8:4::1]:70000", V6_SERVICE, "port '70000' is not a number"),
+    ("2001:db8:4::1::80", V6_SERVICE, "expected <client-ip>[:<port>]"),
+])
+def test_explain_refuses_a_client_that_cannot_reach_the_service(text, key, expected):
+    from bridge.inspect.explain import ExplainError, parse_client
+
+    with pytest.raises(ExplainError, match=re.escape(expected)):
+        parse_client(text, key)
+
+
+def test_explain_of_an_ipv6_flow_picks_as_the_kernel_port_does_and_prints_brackets():
+    from bridge.core.maglev import Dest
+    from bridge.inspect.explain import ServiceView, explain_flow
+    from tests.maglev_reference import populate, schedule
+
+    dests = tuple(Dest.added(a, 80, w) for a, w in [("2001:db8:3::1", 2), ("203.0.113.11", 1), ("2001:db8:3::2", 3)])
+    view = ServiceView(V6_SERVICE.text, ("mh-port",), dests, source="test")
+    lines, choice = explain_flow(view, "2001:db8:4::1", 40000, 251)
+    assert lines[1] == "client [2001:db8:4::1]:40000"
+    assert choice is not None
+    picked = dests[choice.dest_index]
+    assert lines[-1] == f"=> {'[' + picked.address + ']' if ':' in picked.address else picked.address}:80"
+    assert schedule(dests, populate(dests, 251), "2001:db8:4::1", 40000, mh_port=True,
+                    mh_fallback=False) == choice.dest_index

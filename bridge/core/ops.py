@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from bridge.core.addr import bracketed
 from bridge.core.keys import ServiceKey
 from bridge.core.model import SyncDaemon, Tunnel
 
@@ -46,7 +47,7 @@ class _DestWeight:
     weight: int
 
     def describe(self) -> str:
-        return f"{self.verb} real server {self.address}:{self.port} weight {self.weight} in {self.key}"
+        return f"{self.verb} real server {bracketed(self.address)}:{self.port} weight {self.weight} in {self.key}"
 
 
 class AddDest(_DestWeight):
@@ -64,7 +65,7 @@ class DelDest:
     port: int
 
     def describe(self) -> str:
-        return f"delete real server {self.address}:{self.port} in {self.key}"
+        return f"delete real server {bracketed(self.address)}:{self.port} in {self.key}"
 
 
 @dataclass(frozen=True)

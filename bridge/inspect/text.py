@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from bridge.core.addr import bracketed
 from bridge.core.allow import describe as describe_allow
 from bridge.core.keys import ServiceKey
 from bridge.core.live import LiveState
@@ -63,7 +64,7 @@ def desired_text(desired: DesiredState) -> str:
                      f"  flags {','.join(vs.flags) or '-'}  allow {describe_allow(vs.allow)}")
         for rs in vs.real_servers:
             note = "" if rs.weight == rs.last_weight else f" (remembers {rs.last_weight})"
-            lines.append(f"  -> {rs.address}:{rs.port}  weight {rs.weight}{note}  backend {rs.backend} "
+            lines.append(f"  -> {bracketed(rs.address)}:{rs.port}  weight {rs.weight}{note}  backend {rs.backend} "
                          f"({printable(rs.node)})")
     for t in desired.tunnels:
         lines.append(f"tunnel {t.name}: {t.local} -> {t.remote} fou:{t.fou_port}, route {t.tunnel_address}/32")
