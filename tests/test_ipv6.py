@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import replace
 
 import pytest
@@ -223,3 +224,78 @@ def test_explain_of_an_ipv6_flow_picks_as_the_kernel_port_does_and_prints_bracke
     assert lines[-1] == f"=> {'[' + picked.address + ']' if ':' in picked.address else picked.address}:80"
     assert schedule(dests, populate(dests, 251), "2001:db8:4::1", 40000, mh_port=True,
                     mh_fallback=False) == choice.dest_index
+
+
+def test_the_backend_plans_ipv6_vips_in_address_order_after_ipv4_ones():
+    from bridge.dataplane.backend import BackendLive, plan_backend
+
+    live = BackendLive((), {5555: 4}, True, {})
+    ops = plan_backend(["2001:db8:10::10", "198.51.100.10", "2001:db8:10::9"], live, 5555)
+    assert [op.target for op in ops if op.kind == "add vip"] == ["198.51.100.10", "2001:db8:10::9", "2001:db8:10::10"]
+
+
+def test_the_state_file_stores_ipv6_keys_in_their_text_form_and_reads_them_back(tmp_path):
+    import json
+
+    from bridge.core.memory import Memory
+    from bridge.files.store import Stored, recover_state, save_state
+
+    mixed = DestKey(V6_SERVICE, "203.0.113.11", 80)
+    same = DestKey(V6_SERVICE, "2001:db8:3::1", 80)
+    memory = Memory(drain_deadlines={mixed: 1700000000.5, ServiceKey("2001:db8:10::11", 53, "udp"): 1.0},
+                    last_weights={mixed: 3, same: 2})
+    path = tmp_path / "state.json"
+    save_state(path, Stored(memory))
+    assert json.loads(path.read_text())["last_weights"] == {"[2001:db8:10::10]:80/tcp>203.0.113.11:80": 3,
+                                                            "[2001:db8:10::10]:80/tcp>[2001:db8:3::1]:80": 2}
+    stored, warning = recover_state(path)
+    assert warning is None and stored.memory == memory
+
+
+def test_the_filter_names_an_ipv6_service_reversibly_and_writes_its_set_as_16_byte_intervals():
+    import struct
+
+    from bridge.dataplane.netlink_batch import parse_attrs
+    from bridge.dataplane.nft import object_id, parse_table
+    from bridge.dataplane.nft_netlink import interval_elements
+
+    ident = object_id(V6_SERVICE)
+    assert ident == "20010db8001000000000000000000010_tcp_80"
+    listing = [{"table": {}}, {"chain": {"name": "input"}},
+               {"set": {"name": f"allow_{ident}", "elem": [{"prefix": {"addr": "2001:db8:4::", "len": 48}},
+                                                         "2001:db8:5::1"]}},
+               {"counter": {"name": f"drop_{ident}", "packets": 4}},
+               {"rule": {"chain": "input", "handle": 7, "comment": f"maglev-bridge {V6_SERVICE}"}}]
+    (entry,) = parse_table(listing).allows
+    assert (entry.key, entry.prefixes, entry.rule, entry.drops) == (
+        V6_SERVICE, ("2001:db8:4::/48", "2001:db8:5::1/128"), 7, 4)
+
+    def decoded(element: bytes) -> tuple[str, int, bytes]:
+        attrs = parse_attrs(element, 4, len(element))
+        key = parse_attrs(attrs[1], 0, len(attrs[1]))[1]
+        return socket.inet_ntop(socket.AF_INET6, key), int.from_bytes(attrs.get(3, bytes(4)), "big"), attrs.get(6, b"")
+
+    open_end = struct.pack("=BBI", 1, 4, 1)
+    assert [decoded(e) for e in interval_elements(("ff00::/8", "2001:db8:4::/48"))] == [
+        ("::", 1, b""), ("2001:db8:4::", 0, b""), ("2001:db8:5::", 1, b""), ("ff00::", 0, open_end)]
+
+
+@pytest.mark.usefixtures("gue_fleet")
+def test_plan_prints_ipv6_services_and_real_servers_in_brackets():
+    from bridge.inspect.text import desired_text
+
+    text = desired_text(desired(web("b1", 11, [VIP6]), config=V6_CONFIG))
+    assert text.splitlines()[0].startswith("[2001:db8:10::10]:80/tcp  service web")
+
+
+def test_status_prints_ipv6_services_real_servers_and_routes_in_their_own_forms():
+    from bridge.core.live import LiveRealServer, LiveRoute, LiveService, LiveState
+    from bridge.inspect.text import status_json, status_text
+
+    servers = (LiveRealServer("2001:db8:3::1", 80, 2), LiveRealServer("203.0.113.11", 80, 1))
+    live = LiveState(services=(LiveService("2001:db8:10::10", 80, "tcp", "mh", ("mh-port",), servers),),
+                     routes=(LiveRoute("2001:db8:10::10", "local", "lo"),))
+    lines = status_text(status_json(live, {}, {})).splitlines()
+    assert lines[1].startswith("[2001:db8:10::10]:80/tcp ")
+    assert lines[2].startswith("    -> [2001:db8:3::1]:80 ") and lines[3].startswith("    -> 203.0.113.11:80 ")
+    assert "2001:db8:10::10/128 local  lo" in lines

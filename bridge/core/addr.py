@@ -70,6 +70,11 @@ def bracketed(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
+def host_prefix(address: str) -> str:
+    """The address as a host route or address prefix: /32 for IPv4, /128 for IPv6."""
+    return f"{address}/128" if ":" in address else f"{address}/32"
+
+
 def split_host_port(text: str) -> tuple[str, str, str]:
     """(host, ":" or "", port text) of `<ipv4>[:<port>]` or `[<ipv6>][:<port>]`, brackets removed; the host
     is not checked. ValueError for an unclosed bracket, text after it that is not ":port", brackets around

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from bridge.core.addr import bracketed
+from bridge.core.addr import bracketed, host_prefix
 from bridge.core.keys import ServiceKey
 from bridge.core.model import SyncDaemon, Tunnel
 
@@ -94,7 +94,7 @@ class _RouteSpec:
 
     def describe(self) -> str:
         kind = "local " if self.table == "local" else ""
-        return f"{self.verb} route {kind}{self.dst}/32 dev {self.dev} table {self.table}"
+        return f"{self.verb} route {kind}{host_prefix(self.dst)} dev {self.dev} table {self.table}"
 
 
 class AddRoute(_RouteSpec):
@@ -124,7 +124,7 @@ class Announce:
     table: int
 
     def describe(self) -> str:
-        return f"announce {self.vip}/32 (route blackhole table {self.table})"
+        return f"announce {host_prefix(self.vip)} (route blackhole table {self.table})"
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class Withdraw:
     table: int
 
     def describe(self) -> str:
-        return f"withdraw {self.vip}/32 (delete route table {self.table})"
+        return f"withdraw {host_prefix(self.vip)} (delete route table {self.table})"
 
 
 @dataclass(frozen=True)
