@@ -299,3 +299,19 @@ def test_status_prints_ipv6_services_real_servers_and_routes_in_their_own_forms(
     assert lines[1].startswith("[2001:db8:10::10]:80/tcp ")
     assert lines[2].startswith("    -> [2001:db8:3::1]:80 ") and lines[3].startswith("    -> 203.0.113.11:80 ")
     assert "2001:db8:10::10/128 local  lo" in lines
+
+
+def test_plan_lists_an_ipv6_claim_of_a_fou_fleet_as_rejected_saying_it_needs_gue(tmp_path, capsys):
+    import json
+
+    from bridge.cli.main import main
+    from tests.catalog_builder import catalog
+
+    (tmp_path / "catalog.json").write_text(json.dumps(catalog(web("b1", 11, [VIP4]), web("b2", 12, [VIP6]))))
+    (tmp_path / "c.yaml").write_text("vip_cidrs: [198.51.100.0/24, '2001:db8:10::/64']\n"
+                                     "tunnel_map: [{backend: 192.0.2.0/25, tunnel: 203.0.113.0/25}]\n")
+    assert main(["plan", "--config", str(tmp_path / "c.yaml"), "--catalog", str(tmp_path / "catalog.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("198.51.100.10:80/tcp  service web")
+    assert (f"REJECTED service web instance web-b2 tag '{VIP6}': IPv6 VIPs need encapsulation: gue "
+            "(ipip+fou tunnels carry IPv4 only)") in out

@@ -11,7 +11,7 @@ NamedTuples rather than dataclasses: the planner makes one per virtual service a
 real server of a 100,000-instance catalog, the state file one per remembered weight, and a NamedTuple is the
 cheapest immutable, hashable value Python has (its hash and comparisons run in C). Their order is the
 tuple's (VIP as text, then port, then protocol), the order every sorted output already had; `listing_order`
-is `ipvsadm -Ln`'s (IPv4 before IPv6, then the VIP as a number).
+is IPv4 before IPv6 (as `ipvsadm -Ln` sorts families), then the VIP as a number.
 """
 
 from __future__ import annotations
@@ -64,8 +64,10 @@ class ServiceKey(NamedTuple):
         return str(self)
 
     def listing_order(self) -> tuple[IpValue, int, str]:
-        """The order `plan`/`status` print services in, `ipvsadm -Ln`'s: IPv4 before IPv6, then the VIP as a
-        number, port, protocol. (The kernel's own netlink dump walks a hash table, in no useful order.)"""
+        """The order `plan`/`status` print services in: IPv4 before IPv6, as `ipvsadm -Ln` sorts families
+        (libipvs `ipvs_cmp_services`: address family, then protocol, then address, then port), then the VIP as
+        a number, port, protocol, which keeps one VIP's services together where ipvsadm lists all TCP first.
+        (The kernel's own netlink dump walks a hash table, in no useful order.)"""
         return (ip_value(self.vip), self.port, self.protocol)
 
     @property
