@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from bridge.core.addr import EndpointError, HostPort, Url, check_readable, parse_host_port, parse_url
+from bridge.core.addr import EndpointError, HostPort, IpValue, Url, check_readable, parse_host_port, parse_url
 from bridge.core.allow import AllowList, PrefixError, collapse, parse_prefixes
 from bridge.core.encap import (
     DEFAULT_GUE_PORT,
@@ -31,6 +31,7 @@ from bridge.core.model import TABLE_SIZES
 KNOWN_FLAGS = ("mh-port", "mh-fallback")
 Role = Literal["director", "backend"]
 DataplaneMode = Literal["kernel", "shadow"]
+VipNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(ValueError):
@@ -200,7 +201,8 @@ class ConnSyncConfig:
 class Config:
     role: Role = "director"
     dataplane: DataplaneMode = "kernel"
-    vip_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    vip_cidrs: tuple[VipNetwork, ...] = ()
+    """IPv4 and IPv6 prefixes: the only VIPs the agent may serve or touch."""
     tunnel_map: tuple[TunnelMapping, ...] = ()
     local_address: str | None = None
     fou_port: int = 5555
@@ -237,11 +239,12 @@ class Config:
     conn_sync: ConnSyncConfig | None = None
 
     @cached_property
-    def _vip_masks(self) -> tuple[tuple[int, int], ...]:
-        return tuple((int(net.netmask), int(net.network_address)) for net in self.vip_cidrs)
+    def _vip_masks(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple((net.version, int(net.netmask), int(net.network_address)) for net in self.vip_cidrs)
 
-    def is_vip_allowed(self, address: int) -> bool:
-        return any(address & mask == network for mask, network in self._vip_masks)
+    def is_vip_allowed(self, address: IpValue) -> bool:
+        family, value = address
+        return any(family == version and value & mask == network for version, mask, network in self._vip_masks)
 
     @cached_property
     def http_address(self) -> HostPort:
@@ -264,11 +267,15 @@ class Config:
         return None
 
 
-def _network(key: str, value: object) -> ipaddress.IPv4Network:
+def _any_network(key: str, value: object) -> VipNetwork:
     try:
-        net = ipaddress.ip_network(str(value), strict=True)
+        return ipaddress.ip_network(str(value), strict=True)
     except ValueError as exc:
         raise ConfigError(f"{key}: {_show(value)} is not a network in CIDR form ({str(exc)[:120]})") from None
+
+
+def _network(key: str, value: object) -> ipaddress.IPv4Network:
+    net = _any_network(key, value)
     if not isinstance(net, ipaddress.IPv4Network):
         raise ConfigError(f"{key}: {_show(value)}: only IPv4 is supported")
     return net
@@ -421,7 +428,7 @@ def _sysctls(value: object) -> tuple[tuple[str, int], ...]:
 _PARSERS: dict[str, Any] = {
     "role": lambda v: _choice("role", v, ("director", "backend")),
     "dataplane": lambda v: _choice("dataplane", v, ("kernel", "shadow")),
-    "vip_cidrs": lambda v: tuple(_network(f"vip_cidrs[{i}]", n) for i, n in enumerate(_list("vip_cidrs", v))),
+    "vip_cidrs": lambda v: tuple(_any_network(f"vip_cidrs[{i}]", n) for i, n in enumerate(_list("vip_cidrs", v))),
     "tunnel_map": _tunnel_map,
     "local_address": lambda v: str(ipaddress.IPv4Address(_string("local_address", v))),
     "fou_port": lambda v: _integer("fou_port", v, 1, 65535),
@@ -479,12 +486,12 @@ def parse_config(raw: object) -> Config:
     return Config(**values)
 
 
-def _check_prefixes(tunnel_map: tuple[TunnelMapping, ...], vip_cidrs: tuple[ipaddress.IPv4Network, ...]) -> None:
+def _check_prefixes(tunnel_map: tuple[TunnelMapping, ...], vip_cidrs: tuple[VipNetwork, ...]) -> None:
     """Prefixes that would make two directors, or two backends, disagree silently: a backend in two
     mappings (the first would win), two backends on one tunnel address, a tunnel address that is also an
     underlay or VIP address (its /32 route through the tunnel would capture the underlay's or the VIP's
-    traffic; a tunnel to a backend routed through itself loops)."""
-    named: list[tuple[str, str, ipaddress.IPv4Network]] = [
+    traffic; a tunnel to a backend routed through itself loops). Prefixes of different families never overlap."""
+    named: list[tuple[str, str, VipNetwork]] = [
         (f"tunnel_map[{i}].{side}", side, getattr(m, side)) for i, m in enumerate(tunnel_map)
         for side in ("backend", "tunnel")]
     named += [(f"vip_cidrs[{i}]", "vip", net) for i, net in enumerate(vip_cidrs)]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
-from bridge.core.addr import ipv4_int, ipv4_text
+from bridge.core.addr import ip_value, ipv4_int, ipv4_text
+from bridge.core.allow import for_family
 from bridge.core.config import Config
 from bridge.core.gcpause import gc_paused
 from bridge.core.keys import ServiceKey
@@ -126,7 +127,7 @@ def _real_servers(backed: list[_Backed], port: int, config: Config) -> tuple[Rea
                 order_key=first.create_index,
             )
         )
-    servers.sort(key=lambda r: (r.order_key, int(ipv4_int(r.address))), reverse=True)
+    servers.sort(key=lambda r: (r.order_key, ip_value(r.address)), reverse=True)
     return tuple(servers)
 
 
@@ -146,7 +147,7 @@ def _virtual_service(key: ServiceKey, service: str, backed: list[_Backed], confi
         flags=first.flags,
         service=service,
         real_servers=_real_servers(backed, port, config),
-        allow=first.allow,
+        allow=for_family(first.allow, key.family),
     )
 
 

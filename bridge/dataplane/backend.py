@@ -10,6 +10,13 @@ Both receivers hand the inner IPv4 packet to the same place: fou's GUE receive p
 protocol (IPPROTO_IPIP) to the IP layer, which resubmits the packet to the ipip handler (net/ipv4/fou_core.c,
 gue_udp_recv; ip_local_deliver_finish's resubmit), so it arrives on `tunl0` exactly as a FOU-received one:
 the same rp_filter setting serves both.
+
+An IPv6 VIP goes on `lo` as a /128 with `nodad` (duplicate address detection would hold it tentative, and
+unusable, for a second; every backend holds the same VIP by design) and, since IPv6 addresses carry no
+label, the agent's route protocol number as the address's protocol (IFA_PROTO, Linux 5.18) marks it as
+the agent's. No sysctl is needed for IPv6: Linux answers a neighbour solicitation only for an address of the
+interface it arrived on (ndisc_recv_ns looks the target up strictly on that device), so a VIP on `lo` is
+never advertised on the node's other links (tests/kernel/test_ipv6.py proves it).
 """
 
 from __future__ import annotations
@@ -22,12 +29,13 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from bridge.core.addr import ipv4_int
+from bridge.core.addr import canonical_ip, ip_value
 from bridge.core.config import Config
 from bridge.core.encap import Encapsulation
 from bridge.dataplane.fou import FOU_ENCAP_GUE, IPPROTO_IPIP, Fou
 
 TUNNEL_LINK = "tunl0"
+IFA_F_NODAD = 0x02
 SYSCTL_ROOT = Path("/proc/sys")
 
 
@@ -121,8 +129,8 @@ def plan_backend(vips: Iterable[str], live: BackendLive,
         ops.append(BackendOp("link up", TUNNEL_LINK))
     ops.extend(_sysctl_ops(live.sysctls))
     wanted = set(vips)
-    ops.extend(BackendOp("add vip", vip) for vip in sorted(wanted - set(live.vips), key=ipv4_int))
-    ops.extend(BackendOp("delete vip", vip) for vip in sorted(set(live.vips) - wanted, key=ipv4_int))
+    ops.extend(BackendOp("add vip", vip) for vip in sorted(wanted - set(live.vips), key=ip_value))
+    ops.extend(BackendOp("delete vip", vip) for vip in sorted(set(live.vips) - wanted, key=ip_value))
     return ops
 
 
@@ -137,15 +145,18 @@ class BackendKernel:
     def _lo(self) -> int:
         return int(self.ipr.link_lookup(ifname="lo")[0])
 
-    def read(self) -> BackendLive:
+    def _owned_vips(self) -> Iterator[str]:
+        """IPv4 VIPs by their label on lo, IPv6 ones by their address protocol."""
         label = vip_label(self.config)
-        vips = tuple(
-            sorted(
-                (str(a.get_attr("IFA_ADDRESS")) for a in self.ipr.get_addr(family=socket.AF_INET, index=self._lo())
-                 if a.get_attr("IFA_LABEL") == label and a["prefixlen"] == 32),
-                key=ipv4_int,
-            )
-        )
+        for a in self.ipr.get_addr(family=socket.AF_INET, index=self._lo()):
+            if a.get_attr("IFA_LABEL") == label and a["prefixlen"] == 32:
+                yield str(a.get_attr("IFA_ADDRESS"))
+        for a in self.ipr.get_addr(family=socket.AF_INET6, index=self._lo()):
+            if a.get_attr("IFA_PROTO") == self.config.route_protocol and a["prefixlen"] == 128:
+                yield canonical_ip(str(a.get_attr("IFA_ADDRESS")))
+
+    def read(self) -> BackendLive:
+        vips = tuple(sorted(self._owned_vips(), key=ip_value))
         try:
             with Fou() as fou:
                 ports: dict[int, str] | None = {p.port: _receives(p.encap_type, p.ipproto) for p in fou.ports()}
@@ -172,6 +183,9 @@ class BackendKernel:
             self.ipr.link("set", index=self.ipr.link_lookup(ifname=op.target)[0], state="up")
         elif op.kind == "sysctl":
             (SYSCTL_ROOT / "net/ipv4/conf" / op.target).write_text(f"{op.value}\n")
+        elif op.kind in ("add vip", "delete vip") and ":" in op.target:
+            self.ipr.addr("add" if op.kind == "add vip" else "del", index=self._lo(), address=op.target,
+                          prefixlen=128, flags=IFA_F_NODAD, proto=self.config.route_protocol)
         elif op.kind in ("add vip", "delete vip"):
             self.ipr.addr(
                 "add" if op.kind == "add vip" else "del",

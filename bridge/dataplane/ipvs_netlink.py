@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pyroute2.netlink.generic import GenericNetlinkSocket
 from pyroute2.netlink.generic.ipvs import ipvsmsg
 
+from bridge.core.addr import canonical_ip
 from bridge.core.encap import DIRECT_ROUTING, GUE_CHECKSUMS, Forwarding, GueChecksum
 from bridge.core.live import DestStats
 from bridge.core.model import SyncDaemon
@@ -101,25 +102,43 @@ class Request:
     forwarding: Forwarding = DIRECT_ROUTING
 
 
+def address_family(address: str) -> int:
+    """AF_INET or AF_INET6 for an address in text."""
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 def addr_attr(kind: int, address: str) -> bytes:
-    return attr(kind, socket.inet_aton(address) + b"\0" * 12)
+    """An address as IPVS carries it: a 16-byte `union nf_inet_addr`, IPv4 in the first 4 bytes and the rest
+    zero (ip_vs_mh hashes an IPv4 real server of an IPv6 service as those 16 bytes)."""
+    family = address_family(address)
+    return attr(kind, socket.inet_pton(family, address).ljust(16, b"\0"))
+
+
+def address_of(family: int, data: bytes) -> str:
+    """The canonical text of an address attribute of `family` (the kernel sends 16 bytes for either)."""
+    if family == socket.AF_INET6:
+        return canonical_ip(socket.inet_ntop(socket.AF_INET6, data[:16]))
+    return socket.inet_ntoa(data[:4])
 
 
 def _service_attrs(request: Request) -> bytes:
     key = request.service
-    attrs = u16(SVC_AF, socket.AF_INET) + u16(SVC_PROTOCOL, key.protocol) + addr_attr(SVC_ADDR, key.address)
+    family = address_family(key.address)
+    attrs = u16(SVC_AF, family) + u16(SVC_PROTOCOL, key.protocol) + addr_attr(SVC_ADDR, key.address)
     attrs += be16(SVC_PORT, key.port)
     if request.cmd in (CMD_NEW_SERVICE, CMD_SET_SERVICE):
         attrs += attr(SVC_SCHED_NAME, request.scheduler.encode() + b"\0")
         attrs += attr(SVC_FLAGS, struct.pack("=II", request.flags, 0xFFFFFFFF))
-        attrs += u32(SVC_TIMEOUT, 0) + attr(SVC_NETMASK, socket.inet_aton("255.255.255.255"))
+        # the netmask of an IPv6 service is a prefix length (1-128), as ipvsadm sends it
+        netmask = u32(SVC_NETMASK, 128) if family == socket.AF_INET6 else attr(SVC_NETMASK, b"\xff" * 4)
+        attrs += u32(SVC_TIMEOUT, 0) + netmask
     return attr(ATTR_SERVICE, attrs)
 
 
 def _dest_attrs(request: Request) -> bytes:
     assert request.dest is not None
     address, port = request.dest
-    attrs = addr_attr(DEST_ADDR, address) + be16(DEST_PORT, port) + u16(DEST_ADDR_FAMILY, socket.AF_INET)
+    attrs = addr_attr(DEST_ADDR, address) + be16(DEST_PORT, port) + u16(DEST_ADDR_FAMILY, address_family(address))
     if request.cmd in (CMD_NEW_DEST, CMD_SET_DEST):
         fwd = request.forwarding
         attrs += u32(DEST_FWD_METHOD, FWD_METHODS[fwd.method]) + u32(DEST_WEIGHT, request.weight)
@@ -143,6 +162,11 @@ def _forwarding(dest: dict[int, bytes]) -> Forwarding:
     return Forwarding("tunnel", TUN_NAMES.get(tun_type, str(tun_type)), port, checksum)
 
 
+def _u16_of(attrs: dict[int, bytes], kind: int) -> int:
+    value = attrs.get(kind)
+    return int(struct.unpack("=H", value[:2])[0]) if value else 0
+
+
 def _u32_of(attrs: dict[int, bytes], kind: int) -> int:
     value = attrs.get(kind)
     return int(struct.unpack("=I", value[:4])[0]) if value else 0
@@ -155,11 +179,13 @@ def _nested(data: bytes, kind: int) -> dict[int, bytes]:
 
 
 def _service_record(data: bytes) -> ServiceRecord | None:
+    """A service of either family; None for a firewall-mark service (no address)."""
     svc = _nested(data, ATTR_SERVICE)
-    if struct.unpack("=H", svc[SVC_AF][:2])[0] != socket.AF_INET or SVC_ADDR not in svc:
+    family = struct.unpack("=H", svc[SVC_AF][:2])[0]
+    if family not in (socket.AF_INET, socket.AF_INET6) or SVC_ADDR not in svc:
         return None
-    key = WireKey(socket.inet_ntoa(svc[SVC_ADDR][:4]), struct.unpack("!H", svc[SVC_PORT][:2])[0],
-                     struct.unpack("=H", svc[SVC_PROTOCOL][:2])[0])
+    key = WireKey(address_of(family, svc[SVC_ADDR]), struct.unpack("!H", svc[SVC_PORT][:2])[0],
+                  struct.unpack("=H", svc[SVC_PROTOCOL][:2])[0])
     flags = struct.unpack("=II", svc[SVC_FLAGS][:8])[0] if SVC_FLAGS in svc else 0
     return ServiceRecord(key, svc.get(SVC_SCHED_NAME, b"").rstrip(b"\0").decode(), flags)
 
@@ -204,13 +230,16 @@ class IpvsNetlink:
         return None if data is None else _service_record(data)
 
     def dests(self, key: WireKey) -> list[DestRecord]:
-        """Real servers in kernel list order (the order ip_vs_mh fills its table in)."""
+        """Real servers in kernel list order (the order ip_vs_mh fills its table in). A real server's family is
+        its own (DEST_ADDR_FAMILY, sent since Linux 3.18), which differs from the service's under tunnel
+        forwarding."""
         body = struct.pack("=BBH", CMD_GET_DEST, 1, 0) + _service_attrs(Request(CMD_GET_DEST, key))
         found = []
         for data in self.batch.dump(self.family, body):
             dest = _nested(data, ATTR_DEST)
+            family = _u16_of(dest, DEST_ADDR_FAMILY) or address_family(key.address)
             found.append(DestRecord(
-                address=socket.inet_ntoa(dest[DEST_ADDR][:4]),
+                address=address_of(family, dest[DEST_ADDR]),
                 port=struct.unpack("!H", dest[DEST_PORT][:2])[0],
                 weight=_u32_of(dest, DEST_WEIGHT),
                 active_conns=_u32_of(dest, DEST_ACTIVE_CONNS),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
-from bridge.core.addr import ipv4_int
+from bridge.core.addr import ip_value
 from bridge.core.filter import applied
 from bridge.core.keys import ServiceKey
 from bridge.core.live import LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
@@ -63,7 +63,7 @@ class ShadowKernel:
             self._network = (tuple(sorted(self.links.values(), key=lambda k: k.name)),
                              tuple(sorted(self.routes, key=lambda r: (r.table, r.dst, r.dev))))
         return LiveState(tuple(services), *self._network, tuple(sorted(self.sysctls.items())),
-                         tuple(sorted(self.announced, key=ipv4_int)),
+                         tuple(sorted(self.announced, key=ip_value)),
                          tuple(sorted(self.sync_daemons, key=lambda d: d.state)), self.filter)
 
     def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
+from bridge.core.addr import bracketed
 from bridge.core.config import Config
 from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.live import LiveService
@@ -27,7 +28,7 @@ def live_dests(service: LiveService, last_weights: Mapping[DestKey, int]) -> tup
     for rs in service.real_servers:
         last = last_weight(service.key, rs, last_weights)
         if last is None:
-            assumed.append(f"{rs.address}:{rs.port}")
+            assumed.append(f"{bracketed(rs.address)}:{rs.port}")
             last = 0
         dests.append(Dest(rs.address, rs.port, rs.weight, last))
     return tuple(dests), tuple(assumed)

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from bridge.core.addr import bracketed, host_prefix
 from bridge.core.allow import describe as describe_allow
 from bridge.core.encap import Forwarding
 from bridge.core.keys import ServiceKey
@@ -65,7 +66,7 @@ def desired_text(desired: DesiredState) -> str:
                      f"  flags {','.join(vs.flags) or '-'}  allow {describe_allow(vs.allow)}")
         for rs in vs.real_servers:
             note = "" if rs.weight == rs.last_weight else f" (remembers {rs.last_weight})"
-            lines.append(f"  -> {rs.address}:{rs.port}  weight {rs.weight}{note}  backend {rs.backend} "
+            lines.append(f"  -> {bracketed(rs.address)}:{rs.port}  weight {rs.weight}{note}  backend {rs.backend} "
                          f"({printable(rs.node)})")
     for t in desired.tunnels:
         lines.append(f"tunnel {t.name}: {t.local} -> {t.remote} fou:{t.fou_port}, route {t.tunnel_address}/32")
@@ -133,7 +134,7 @@ def status_text(data: dict[str, Any]) -> str:
         lines.append(f"{label:<26} {s['scheduler']:<6} {flags:<20} {s['fingerprint'] or '-':<17} "
                      f"{len(s['real_servers'])}")
         for rs in s["real_servers"]:
-            lines.append(f"    -> {rs['address'] + ':' + str(rs['port']):<22} weight {rs['weight']:<6} "
+            lines.append(f"    -> {bracketed(rs['address']) + ':' + str(rs['port']):<22} weight {rs['weight']:<6} "
                          f"active {rs['active_conns']:<6} inactive {rs['inactive_conns']}{_via(rs)}")
     if not data["virtual_services"]:
         lines.append("(no virtual services owned by this agent)")
@@ -145,7 +146,7 @@ def status_text(data: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"{'ROUTE':<18} {'TABLE':<6} DEV")
     for r in data["routes"]:
-        lines.append(f"{r['dst'] + '/32':<18} {r['table']:<6} {r['dev']}")
+        lines.append(f"{host_prefix(r['dst']):<18} {r['table']:<6} {r['dev']}")
     lines.extend(_director_text(data))
     report = data.get("last_pass") or {}
     if report:
