@@ -253,3 +253,28 @@ def test_status_shows_each_real_servers_forwarding_the_encapsulation_and_the_mtu
     desired = compute_desired(snapshot_from_services(catalog(entry(11))), GUE, "192.0.2.1")
     assert desired_json(desired)["forwarding"] == {"method": "tunnel", "tunnel": "gue", "port": 6080,
                                                    "checksum": "none"}
+
+
+# ---- IPv6 VIPs -----------------------------------------------------------------------------------------------
+
+def test_ipv6_vips_are_served_in_gue_mode_by_the_backends_ipv4_addresses_and_refused_in_fou_mode():
+    v6 = {"vip_cidrs": ["198.51.100.0/24", "2001:db8:10::/64"]}
+    e = health_entry("web", "b11", "192.0.2.11", 80, ["maglev.vip=[2001:db8:10::10]:80"], create_index=11)
+    desired = compute_desired(snapshot_from_services(catalog(e)), parse_config({**v6, "encapsulation": "gue"}),
+                              "192.0.2.1")
+    assert [(vs.vip, [rs.address for rs in vs.real_servers]) for vs in desired.virtual_services] == [
+        ("2001:db8:10::10", ["192.0.2.11"])]
+    fou = parse_config({**v6, "tunnel_map": [{"backend": "192.0.2.0/24", "tunnel": "203.0.113.0/24"}]})
+    desired = compute_desired(snapshot_from_services(catalog(e)), fou, "192.0.2.1")
+    assert desired.virtual_services == () and "IPv6 VIPs need encapsulation: gue" in desired.rejected[0].reason
+
+
+def test_a_backend_receiving_ipv6_vips_by_gue_needs_sit0_up():
+    ipv6 = ["2001:db8:10::10"]
+    assert [op.describe() for op in plan_backend(ipv6, replace(live({6080: "gue"}), sit_up=False),
+                                                 receivers(GUE)) if "sit0" in op.target] == ["link up sit0"]
+    ops = plan_backend(ipv6, live({6080: "gue"}), receivers(GUE))
+    assert [op.target for op in ops if op.kind == "conflict"] == [
+        "sit0 is missing: load the sit module (modprobe sit); GUE hands IPv6 packets to it"]
+    assert not [op for op in plan_backend(["198.51.100.10"], live({6080: "gue"}), receivers(GUE)) if "sit0" in
+                op.target], "IPv4 VIPs need no sit0"

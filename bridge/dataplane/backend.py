@@ -35,6 +35,9 @@ from bridge.core.encap import Encapsulation
 from bridge.dataplane.fou import FOU_ENCAP_GUE, IPPROTO_IPIP, Fou
 
 TUNNEL_LINK = "tunl0"
+SIT_LINK = "sit0"
+"""Where a GUE packet carrying IPv6 ends up: the GUE header names IPPROTO_IPV6, which the sit module handles
+(ipip6_rcv), and it takes a packet from any remote only on its fallback device, and only while that is up."""
 IFA_F_NODAD = 0x02
 SYSCTL_ROOT = Path("/proc/sys")
 
@@ -49,6 +52,8 @@ class BackendLive:
     """None when tunl0 does not exist (the ipip module is not loaded)."""
     sysctls: Mapping[str, int]
     """net/ipv4/conf/<if>/{rp_filter,arp_ignore,arp_announce}, keyed "<if>/<key>"."""
+    sit_up: bool | None = None
+    """None when sit0 does not exist (the sit module is not loaded); needed for IPv6 VIPs in gue mode."""
 
 
 @dataclass(frozen=True)
@@ -127,11 +132,21 @@ def plan_backend(vips: Iterable[str], live: BackendLive,
         ops.append(BackendOp("conflict", f"{TUNNEL_LINK} is missing: load the ipip module (modprobe ipip)"))
     elif not live.tunnel_up:
         ops.append(BackendOp("link up", TUNNEL_LINK))
-    ops.extend(_sysctl_ops(live.sysctls))
     wanted = set(vips)
+    if any(kind == "gue" for kind, _ in receive) and any(":" in vip for vip in wanted):
+        ops.extend(_sit_ops(live.sit_up))
+    ops.extend(_sysctl_ops(live.sysctls))
     ops.extend(BackendOp("add vip", vip) for vip in sorted(wanted - set(live.vips), key=ip_value))
     ops.extend(BackendOp("delete vip", vip) for vip in sorted(set(live.vips) - wanted, key=ip_value))
     return ops
+
+
+def _sit_ops(sit_up: bool | None) -> list[BackendOp]:
+    """IPv6 VIPs over GUE arrive through sit0 (no reverse-path filter applies to IPv6 there)."""
+    if sit_up is None:
+        return [BackendOp("conflict", f"{SIT_LINK} is missing: load the sit module (modprobe sit); GUE hands "
+                                      "IPv6 packets to it")]
+    return [] if sit_up else [BackendOp("link up", SIT_LINK)]
 
 
 class BackendKernel:
@@ -162,9 +177,11 @@ class BackendKernel:
                 ports: dict[int, str] | None = {p.port: _receives(p.encap_type, p.ipproto) for p in fou.ports()}
         except (NetlinkError, OSError):
             ports = None
-        tunnel = self.ipr.link_lookup(ifname=TUNNEL_LINK)
-        up = bool(self.ipr.get_links(tunnel[0])[0]["flags"] & 1) if tunnel else None
-        return BackendLive(vips, ports, up, dict(_read_sysctls()))
+        return BackendLive(vips, ports, self._up(TUNNEL_LINK), dict(_read_sysctls()), self._up(SIT_LINK))
+
+    def _up(self, name: str) -> bool | None:
+        found = self.ipr.link_lookup(ifname=name)
+        return bool(self.ipr.get_links(found[0])[0]["flags"] & 1) if found else None
 
     def apply(self, ops: Iterable[BackendOp]) -> Iterator[tuple[BackendOp, str | None]]:
         for op in ops:
