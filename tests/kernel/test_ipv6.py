@@ -33,7 +33,7 @@ from bridge.core.ops import (
     SetDest,
     Withdraw,
 )
-from bridge.dataplane.backend import BackendKernel, plan_backend
+from bridge.dataplane.backend import BackendKernel, plan_backend, receivers
 from bridge.dataplane.kernel import Kernel
 from tests.harness.netns import Netns
 from tests.harness.wait import wait_until
@@ -213,7 +213,7 @@ def test_the_backend_holds_an_ipv6_vip_on_lo_and_no_interface_answers_solicitati
         be = BackendKernel(replace(CONFIG, role="backend"))
     try:
         live = be.read()
-        ops = [op for op in plan_backend([VIP6, "198.51.100.10"], live, CONFIG.fou_port) if "vip" in op.kind]
+        ops = [op for op in plan_backend([VIP6, "198.51.100.10"], live, receivers(CONFIG)) if "vip" in op.kind]
         failed = [(op.describe(), error) for op, error in be.apply(ops) if error]
         assert not failed, failed
         assert be.read().vips == ("198.51.100.10", VIP6)
@@ -246,7 +246,7 @@ def test_the_backend_holds_an_ipv6_vip_on_lo_and_no_interface_answers_solicitati
                    what="the VIP on eth0 advertised (control)")
         backend.ip("-6", "addr", "del", f"{VIP6}/128", "dev", "eth0")
 
-        ops = plan_backend([], be.read(), CONFIG.fou_port)
+        ops = plan_backend([], be.read(), receivers(CONFIG))
         failed = [(op.describe(), error) for op, error in be.apply([op for op in ops if "vip" in op.kind]) if error]
         assert not failed, failed
         assert be.read().vips == ()
