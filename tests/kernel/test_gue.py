@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
+import subprocess
 import time
 
 import pytest
@@ -231,3 +233,70 @@ def test_flows_moved_to_a_switched_director_keep_their_backend_only_with_connect
     else:
         assert harmed, f"expected flows moved across the modes to break without sync; {rec.summary()}"
         assert all(f.sport in on_d2 for f in rec.resets() + rec.changed_backend()), "only moved flows may break"
+
+
+VIP6 = "2001:db8:10::10"
+
+
+def test_an_ipv6_vip_over_the_ipv4_underlay_in_gue_mode_with_dsr(topology):
+    """IPv6 clients, an IPv6 VIP, IPv4 backends: IPVS puts the IPv6 packet in GUE to the backend's IPv4
+    address, the backend's fou hands it to sit0, and the backend answers the client directly over IPv6."""
+    subprocess.run(["modprobe", "sit"], check=True)  # on a real backend: `modprobe sit` (the agent says so)
+    topo = topology(directors=1, backends=2, clients=1)
+    d, client = topo.directors[0], topo.client
+    v6 = {node.label: f"2001:db8:1::{i:x}" for i, node in enumerate(topo.nodes, 1)}
+    for node in topo.nodes:
+        node.ip_batch([f"addr add {v6[node.label]}/64 dev eth0 nodad"])
+    client.ip_batch([f"route add 2001:db8:10::/64 via {v6[d.label]}"])
+    agent = AgentHarness(topo, encapsulation="gue", tunnel_map=None, vip_cidrs=["198.51.100.0/24", "2001:db8:10::/64"])
+    servers = []
+    for b in topo.backends:
+        agent.instance("web6", b, tags=[f"maglev.vip=[{VIP6}]:80"])
+        agent.instance("dns6", b, port=53, tags=[f"maglev.vip=[{VIP6}]:53/udp"])
+        servers += [b.start_server(80, "tcp", ipv6=True), b.start_server(53, "udp", ipv6=True)]
+    for server in servers:
+        server.wait_ready()
+    agent.apply_backends()
+    for b in topo.backends:
+        assert "UP" in b.run("ip", "-br", "link", "show", "sit0").stdout, "the agent brought sit0 up"
+        assert f"{VIP6}/128" in b.run("ip", "-6", "addr", "show", "dev", "lo").stdout
+    out = agent.apply(d)
+    assert f"add real server {topo.backends[0].address}:80 weight 1 via gue port 6080 in [{VIP6}]:80/tcp  ok" in out
+    for key in (("-t", f"[{VIP6}]:80"), ("-u", f"[{VIP6}]:53")):
+        found, listing = tunnels(d, key)
+        assert set(found) == {b.address for b in topo.backends}, listing
+        assert all(method == "Tunnel" and "6080" in info for method, info in found.values()), listing
+
+    answers: list[str] = []
+    with client.entered():
+        conns = []
+        for sport in range(40000, 40024):
+            s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            s.settimeout(30)
+            s.bind((v6[client.label], sport))
+            s.connect((VIP6, 80))
+            conns.append(s)
+        tcp = [s.recv(64).decode().strip() for s in conns]
+        for s in conns:
+            s.sendall(b"again\n")
+        assert [s.recv(64).decode().strip() for s in conns] == tcp, "each connection stays on its backend"
+        for s in conns:
+            s.close()
+        for sport in range(41000, 41024):
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as u:
+                u.settimeout(30)
+                u.bind((v6[client.label], sport))
+                u.sendto(b"?\n", (VIP6, 53))
+                answers.append(u.recvfrom(64)[0].decode().strip())
+    assert set(tcp) == {"b1", "b2"} and set(answers) == {"b1", "b2"}
+
+    def counters(flag: str, service: str) -> tuple[int, int, int]:
+        out = d.ipvsadm("-Ln", "--stats", "--exact", flag, service)
+        line = next(line for line in out.splitlines() if line.startswith(("TCP", "UDP")))
+        conns_, inpkts, outpkts = (int(x) for x in line.split()[2:5])
+        return conns_, inpkts, outpkts
+
+    wait_until(lambda: counters("-t", f"[{VIP6}]:80")[0] == 24 and counters("-u", f"[{VIP6}]:53")[0] == 24)
+    for flag, service in (("-t", f"[{VIP6}]:80"), ("-u", f"[{VIP6}]:53")):
+        _, inpkts, outpkts = counters(flag, service)
+        assert inpkts > 0 and outpkts == 0, f"{service}: replies go straight to the client (DSR)"
