@@ -4,7 +4,7 @@ and whether it is still alive.
 
 The server is python with no extra packages (a python start costs ~1-2 s in the VM: start several at once with
 ``Topology.serve()``).  TCP: on accept it sends ``<name>\\n``, then answers every line it receives with
-``<name>\\n``; UDP: it answers every datagram with ``<name>\\n``.
+``<name>\\n``; UDP: it answers every datagram with ``<name>\\n``. IPv4, or IPv6 when asked (an IPv6 VIP).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from pathlib import Path
 from tests.harness.netns import Netns, kill
 
 SERVER_CODE = r"""
-import socketserver, sys
+import socket, socketserver, sys
 name, port, proto = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+family = socket.AF_INET6 if sys.argv[4:] == ["6"] else socket.AF_INET
 reply = (name + "\n").encode()
 class TCP(socketserver.StreamRequestHandler):
     def handle(self):
@@ -33,14 +34,17 @@ class UDP(socketserver.BaseRequestHandler):
     def handle(self):
         self.request[1].sendto(reply, self.client_address)
 class TS(socketserver.ThreadingTCPServer):
+    address_family = family
     allow_reuse_address = True
     daemon_threads = True
     request_queue_size = 512
     def handle_error(self, request, client_address):
         pass
 class US(socketserver.UDPServer):
+    address_family = family
     allow_reuse_address = True
-srv = TS(("0.0.0.0", port), TCP) if proto == "tcp" else US(("0.0.0.0", port), UDP)
+host = "::" if family == socket.AF_INET6 else "0.0.0.0"
+srv = TS((host, port), TCP) if proto == "tcp" else US((host, port), UDP)
 print("ready", flush=True)
 srv.serve_forever()
 """

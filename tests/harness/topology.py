@@ -61,12 +61,14 @@ class Backend(Node):
         super().__init__(name, bed, label, index, address, bridge)
         self.tunnel_address = tunnel_address(index)
 
-    def start_server(self, port: int = 80, proto: str = "tcp", name: str | None = None) -> Server:
-        """Start the echo server without waiting for it (see Server.wait_ready, Topology.serve)."""
+    def start_server(self, port: int = 80, proto: str = "tcp", name: str | None = None,
+                     ipv6: bool = False) -> Server:
+        """Start the echo server without waiting for it (see Server.wait_ready, Topology.serve); `ipv6`: on
+        IPv6 (an IPv6 VIP's backends)."""
         assert proto in ("tcp", "udp"), proto
         name = name or self.label
-        log = self._bed.tmpdir / f"{self.name}-server-{proto}-{port}.log"
-        proc = self.popen(VENV_PYTHON, "-c", SERVER_CODE, name, str(port), proto,
+        log = self._bed.tmpdir / f"{self.name}-server-{proto}-{port}{'-6' if ipv6 else ''}.log"
+        proc = self.popen(VENV_PYTHON, "-c", SERVER_CODE, name, str(port), proto, *(["6"] if ipv6 else []),
                           stdout=subprocess.PIPE, stderr=log.open("ab"))
         return Server(self, name, port, proto, proc, log)
 
