@@ -58,9 +58,10 @@ class GueDirector:
 
     def sync(self, entries, now=0.0):
         desired = compute_desired(snapshot_from_services(catalog(*entries)), self.config, "192.0.2.1")
-        p = plan(desired, self.kernel.read(), self.memory, now, self.config.drain_timeout)
+        live = self.kernel.read()
+        p = plan(desired, live, self.memory, now, self.config.drain_timeout)
         self.kernel.run(p.ops)
-        self.memory = Memory(p.drain_deadlines, remember(self.memory.last_weights, p.ops))
+        self.memory = Memory(p.drain_deadlines, remember(self.memory.last_weights, live.services, p.ops))
         return p
 
     def dests(self):
