@@ -1,7 +1,9 @@
 """Benchmark (issue: director, section 7b), inside the test VM: a full `apply` from empty of 500 VIPs x 20
-backends, timed against `ipvsadm -R` restoring the same IPVS rules in the same boot, and one-instance
-changes counted in netlink operations. Then (issue: Consul) the running agent's passes on the same
-catalog against the real kernel: first full pass, full re-sync, and the small pass after one health change.
+backends, timed against `ipvsadm -R` restoring the same IPVS rules in the same boot, in each encapsulation
+(issue 12: `fou`, with a link and a route per backend, and `gue`, where IPVS encapsulates itself), with the
+director's link count after each, and one-instance changes counted in netlink operations. Then (issue:
+Consul) the running agent's passes on the same catalog against the real kernel: first full pass, full
+re-sync, and the small pass after one health change.
 
 Run: python -m tests.vm.boot -- .venv/bin/python bench/apply_bench.py   (or `make bench`)
 """
@@ -81,44 +83,67 @@ def apply(ns: str, config: Path, catalog_path: Path) -> tuple[float, list[str]]:
 def ipvsadm_rules(config: Path, catalog_path: Path) -> str:
     """The same IPVS rules as the agent's desired state, in `ipvsadm -R` form, in the same order."""
     desired = compute_desired(load_catalog(catalog_path), load_config(config), "192.0.2.1")
+    fwd = desired.forwarding
+    method = f"-i --tun-type gue --tun-port {fwd.port}" if fwd.method == "tunnel" else "-g"
     lines = []
     for vs in desired.virtual_services:
         lines.append(f"-A -t {vs.vip}:{vs.port} -s mh -b {','.join(vs.flags)}")
-        lines.extend(f"-a -t {vs.vip}:{vs.port} -r {rs.address}:{rs.port} -g -w {rs.weight}"
+        lines.extend(f"-a -t {vs.vip}:{vs.port} -r {rs.address}:{rs.port} {method} -w {rs.weight}"
                      for rs in reversed(vs.real_servers))
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    work = Path(tempfile.mkdtemp(prefix="apply-bench-"))
-    config = work / "config.yaml"
+def links(ns: str) -> str:
+    """The director's network interfaces besides lo and eth0, and how many of them are the agent's tunnels (the
+    rest is tunl0, which the ipip module creates in every namespace)."""
+    out = subprocess.run(["ip", "-n", ns, "-br", "link"], capture_output=True, text=True, check=True).stdout
+    names = [line.split()[0].split("@")[0] for line in out.splitlines()]
+    others = [name for name in names if name not in ("lo", "eth0")]
+    return f"{len(others)} ({sum(1 for name in others if name.startswith('mgl'))} of them the agent's tunnels)"
+
+
+def full_apply(work: Path, mode: str, catalog_path: Path) -> tuple[Path, float]:
+    """A full apply from empty in `mode` against `ipvsadm -R` of the same rules, each in a fresh namespace."""
+    config = work / f"config-{mode}.yaml"
     config.write_text("vip_cidrs: [198.51.100.0/24]\n"
                       "tunnel_map: [{backend: 192.0.2.96/27, tunnel: 203.0.113.96/27}]\n"
-                      f"local_address: 192.0.2.1\nstate_file: {work}/state.json\ndrain_timeout: 0\n")
-    catalog_path = work / "catalog.json"
-    services = catalog()
-    catalog_path.write_text(json.dumps(services))
-    netns("bench-agent")
-    netns("bench-ipvsadm")
+                      f"encapsulation: {mode}\n"
+                      f"local_address: 192.0.2.1\nstate_file: {work}/state-{mode}.json\ndrain_timeout: 0\n")
+    agent_ns, tool_ns = f"bench-agent-{mode}", f"bench-ipvsadm-{mode}"
+    netns(agent_ns)
+    netns(tool_ns)
     rules = ipvsadm_rules(config, catalog_path)
     start = time.perf_counter()
-    subprocess.run(["ip", "netns", "exec", "bench-ipvsadm", "ipvsadm", "-R"], input=rules, text=True, check=True)
+    subprocess.run(["ip", "netns", "exec", tool_ns, "ipvsadm", "-R"], input=rules, text=True, check=True)
     c_tool = time.perf_counter() - start
-    full, ops = apply("bench-agent", config, catalog_path)
+    full, ops = apply(agent_ns, config, catalog_path)
     ipvs_ops = sum(1 for op in ops if "service" in op or "real server" in op)
-    print(f"full apply from empty: {VIPS} VIPs x {BACKENDS} backends = {len(ops)} netlink operations "
-          f"({ipvs_ops} IPVS, {len(ops) - ipvs_ops} links and routes)")
+    print(f"{mode}: full apply from empty: {VIPS} VIPs x {BACKENDS} backends = {len(ops)} netlink operations "
+          f"({ipvs_ops} IPVS, {len(ops) - ipvs_ops} links, routes and sysctls); director links after: "
+          f"{links(agent_ns)}")
     print(f"  maglev-bridge apply (in-process, without interpreter start): {full:7.2f} s")
     print(f"  ipvsadm -R of the same {ipvs_ops} IPVS rules:                  {c_tool:7.2f} s")
     print(f"  ratio {full / c_tool:.2f}x (goal: within 2x of the C tool)")
-    noop, ops = apply("bench-agent", config, catalog_path)
+    subprocess.run(["ip", "netns", "del", tool_ns], check=False)
+    return config, full
+
+
+def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="apply-bench-"))
+    catalog_path = work / "catalog.json"
+    services = catalog()
+    catalog_path.write_text(json.dumps(services))
+    config, fou = full_apply(work, "fou", catalog_path)
+    _, gue = full_apply(work, "gue", catalog_path)
+    print(f"gue apply / fou apply: {gue / fou:.2f}x")
+    subprocess.run(["ip", "netns", "del", "bench-agent-gue"], check=False)
+    noop, ops = apply("bench-agent-fou", config, catalog_path)
     print(f"re-apply unchanged: {len(ops)} operations, {noop:.2f} s (reading {VIPS} services back)")
     for label, change in (("one instance critical", {(7, 3): "critical"}), ("and back", {})):
         catalog_path.write_text(json.dumps(catalog(change)))
-        elapsed, ops = apply("bench-agent", config, catalog_path)
+        elapsed, ops = apply("bench-agent-fou", config, catalog_path)
         print(f"{label}: {len(ops)} netlink operation(s) {ops} in {elapsed:.2f} s")
-    subprocess.run(["ip", "netns", "del", "bench-agent"], check=False)
-    subprocess.run(["ip", "netns", "del", "bench-ipvsadm"], check=False)
+    subprocess.run(["ip", "netns", "del", "bench-agent-fou"], check=False)
     agent_passes(config, services)
 
 

@@ -53,7 +53,7 @@ def test_default_allow_applies_to_instances_without_allow_tags():
         ("maglev.allow=10.0.0.0/33", "'10.0.0.0/33' is not a prefix"),
         ("maglev.allow=", "got nothing"),
         ("maglev.allow=10.0.0.0/8,", "empty prefix"),
-        ("maglev.allow=2001:db8::/32", "IPv6 source prefixes are not supported yet"),
+        ("maglev.allow=2001:db8::1/32", "'2001:db8::1/32' is not a prefix in CIDR form"),
         ("maglev.allow=web", "'web' is not a prefix"),
     ],
 )

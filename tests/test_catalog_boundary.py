@@ -110,7 +110,7 @@ def test_one_service_answer_from_consul_goes_through_the_same_schema():
     ("maglev.weight=" + "9" * 5000, "is not an integer from 0 to 65535"),
     ("maglev.vip=198.51.100.20:\uff18\uff10", "port '\uff18\uff10' is not a number from 1 to 65535"),
     ("maglev.vip=198.51.100.20:" + "1" * 5000, "is not a number from 1 to 65535"),
-    ("maglev.vip=١٩٨.51.100.20:80", "is not an IPv4 address"),
+    ("maglev.vip=١٩٨.51.100.20:80", "is not an IPv4 or IPv6 address"),
     ("maglev.flags=mh-port,\x1b[31m", "unknown flag(s) '\\x1b[31m'"),
     ("maglev.we\x00ight=1", "unknown key 'we\\x00ight'"),
 ])

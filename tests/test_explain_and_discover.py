@@ -5,6 +5,7 @@ import json
 import msgspec
 import pytest
 
+from bridge.core.keys import ServiceKey
 from bridge.core.maglev import Dest
 from bridge.inspect.discover import Director, Discovery, discovery_text, read_report
 from bridge.inspect.explain import ExplainError, ServiceView, explain_flow, explain_shares, parse_client, parse_service
@@ -47,8 +48,12 @@ def test_shares_report_the_worst_gap_between_table_and_weight():
     assert "worst gap" in lines[-1] and "fingerprint" in lines[0]
 
 
+WEB = ServiceKey("198.51.100.1", 80, "tcp")
+
+
 @pytest.mark.parametrize(("text", "parse"), [("198.51.100.1", parse_service), ("x:80", parse_service),
-                                              ("198.51.100.1:80/sctp", parse_service), ("1.2.3:4", parse_client)])
+                                              ("198.51.100.1:80/sctp", parse_service),
+                                              ("1.2.3:4", lambda text: parse_client(text, WEB))])
 def test_explain_arguments_are_checked(text, parse):
     with pytest.raises(ExplainError):
         parse(text)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.core.keys import DestKey, ServiceKey, dest_key_parser
 
-addresses = st.ip_addresses(v=4).map(str)
+addresses = st.ip_addresses().map(str)
+"""Both families: IPv6 VIPs and real servers, and an IPv6 VIP with IPv4 real servers (tunnel forwarding)."""
 ports = st.integers(1, 65535)
 services = st.builds(ServiceKey, addresses, ports, st.sampled_from(["tcp", "udp"]))
 dests = st.builds(DestKey, services, addresses, ports)
@@ -42,17 +45,17 @@ def test_a_batch_of_real_server_keys_whose_parts_repeat_reads_back_as_each_key_a
 def test_keys_sort_as_the_tuples_they_replaced_and_list_by_numeric_vip(keys):
     assert sorted(keys) == sorted(keys, key=tuple)
     assert sorted(keys, key=ServiceKey.listing_order) == sorted(
-        keys, key=lambda k: (tuple(int(b) for b in k.vip.split(".")), k.port, k.protocol))
+        keys, key=lambda k: (ipaddress.ip_address(k.vip).version, int(ipaddress.ip_address(k.vip)), k.port, k.protocol))
 
 
-SERVICE_FORM = "<ipv4>:<port>/<tcp|udp>"
-DEST_FORM = "<ipv4>:<port>/<tcp|udp>><ipv4>:<port>"
+SERVICE_FORM = "<vip>:<port>/<tcp|udp> (IPv6 in brackets: [2001:db8::10]:80/tcp)"
+DEST_FORM = "<vip>:<port>/<tcp|udp>><address>:<port> (IPv6 in brackets: [2001:db8::10]:80/tcp>[2001:db8::1]:80)"
 
 
 @pytest.mark.parametrize(("parse", "text", "expected", "form"), [
     (ServiceKey.parse, "198.51.100.10:80", "no protocol after '198.51.100.10:80'", SERVICE_FORM),
     (ServiceKey.parse, "198.51.100.10/tcp", "no port after '198.51.100.10'", SERVICE_FORM),
-    (ServiceKey.parse, "198.51.100.300:80/tcp", "'198.51.100.300' is not an IPv4 address", SERVICE_FORM),
+    (ServiceKey.parse, "198.51.100.300:80/tcp", "'198.51.100.300' is not an IPv4 or IPv6 address", SERVICE_FORM),
     (ServiceKey.parse, "198.51.100.10:0/tcp", "port '0' is not a number from 1 to 65535", SERVICE_FORM),
     (ServiceKey.parse, "198.51.100.10:\uff18\uff10/tcp", "port '\uff18\uff10' is not a number from 1 to 65535",
      SERVICE_FORM),
@@ -61,7 +64,7 @@ DEST_FORM = "<ipv4>:<port>/<tcp|udp>><ipv4>:<port>"
      DEST_FORM),
     (DestKey.parse, "198.51.100.10:80>203.0.113.11:80", "no protocol after '198.51.100.10:80'", DEST_FORM),
     (DestKey.parse, "198.51.100.10:80/tcp>203.0.113.11", "no port after '203.0.113.11'", DEST_FORM),
-    (DestKey.parse, "198.51.100.10:80/tcp>host:80", "'host' is not an IPv4 address", DEST_FORM),
+    (DestKey.parse, "198.51.100.10:80/tcp>host:80", "'host' is not an IPv4 or IPv6 address", DEST_FORM),
 ])
 def test_a_key_that_does_not_parse_names_the_whole_text_what_is_wrong_and_what_was_expected(parse, text, expected,
                                                                                              form):

@@ -149,7 +149,7 @@ class FakeBackendKernel:
         pass
 
     def read(self):
-        return BackendLive(("198.51.100.1", "198.51.100.9"), {5555: 4}, True,
+        return BackendLive(("198.51.100.1", "198.51.100.9"), {5555: "ipip"}, True,
                            {"all/arp_ignore": 1, "all/arp_announce": 2})
 
     def close(self) -> None:

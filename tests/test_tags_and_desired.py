@@ -45,12 +45,12 @@ def test_instance_without_vip_tag_is_ignored_even_with_other_maglev_tags():
 @pytest.mark.parametrize(
     ("tag", "expected"),
     [
-        ("maglev.vip=198.51.100.300:80", "is not an IPv4 address"),
+        ("maglev.vip=198.51.100.300:80", "is not an IPv4 or IPv6 address"),
         ("maglev.vip=198.51.100.10:0", "port '0' is not a number from 1 to 65535"),
         ("maglev.vip=198.51.100.10:70000", "port '70000'"),
         ("maglev.vip=198.51.100.10:80/sctp", "protocol 'sctp' is not tcp or udp"),
         ("maglev.vip=10.0.0.1:80", "outside vip_cidrs"),
-        ("maglev.vip=[2001:db8::1]:80", "IPv6 VIPs are not supported"),
+        ("maglev.vip=[2001:db8::1]:80", "VIP 2001:db8::1 is outside vip_cidrs (198.51.100.0/24)"),
         ("maglev.vip", "expected maglev.vip=<value>"),
     ],
 )

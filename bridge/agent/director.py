@@ -80,6 +80,8 @@ class DirectorReconciler:
         self.dataplane: Dataplane | None = None
         self._kernel: Kernel | None = None
         self._local_address = "0.0.0.0"
+        self.mtu_warning: str | None = None
+        """The underlay's MTU problem (bridge/core/encap.py), logged once when it appears."""
 
     def reconcile(self, snapshot: Snapshot, memory: Memory, *, full: bool, now: float,
                   stage: Stage) -> Reconciled:
@@ -121,7 +123,17 @@ class DirectorReconciler:
             else:
                 self.dataplane = KernelView(self._kernel)
         self._local_address = self._tunnel_source(self._kernel)
+        self._check_mtu(self._kernel)
         return self.dataplane
+
+    def _check_mtu(self, kernel: Kernel) -> None:
+        """On every full pass: an MTU raised or lowered by hand is noticed within a resync_interval."""
+        warning = kernel.mtu_warning(self._local_address)
+        if warning and warning != self.mtu_warning:
+            log.warning("%s", warning)
+        elif self.mtu_warning and not warning:
+            log.info("underlay MTU is now large enough for %s encapsulation", self.config.encapsulation)
+        self.mtu_warning = warning
 
     def _tunnel_source(self, kernel: Kernel) -> str:
         """Configured, else the default route's address; shadow mode on a host without a default route

@@ -26,7 +26,7 @@ from bridge.core.ops import AddAllow, AddDest, AddService, Announce, FilterOp, O
 from bridge.core.outcome import PassOutcome, StepResult
 from bridge.core.plan import plan
 from bridge.core.printable import printable
-from bridge.dataplane.backend import BackendKernel, plan_backend
+from bridge.dataplane.backend import BackendKernel, plan_backend, receivers
 from bridge.dataplane.kernel import ApplyError, open_kernel
 from bridge.dataplane.shadow import ShadowKernel
 from bridge.dataplane.view import Dataplane, KernelView
@@ -206,7 +206,7 @@ def backend_pass(snapshot: Snapshot, config: Config, *, dry_run: bool, now: floa
     try:
         live = backend.read()
         vips = {c.vip for c in claims} | (set(live.vips) if failures else set())
-        ops = plan_backend(vips, live, config.fou_port)
+        ops = plan_backend(vips, live, receivers(config))
         steps: Sequence[StepResult]
         if dry_run:
             steps = [StepResult(op.describe(), None) for op in ops]

@@ -44,7 +44,8 @@ from bridge.inspect.metrics import Metrics
 log = logging.getLogger("maglev-bridge")
 logging.getLogger("apscheduler").setLevel(logging.WARNING)
 LIVE_KEYS = frozenset({"vip_cidrs", "tunnel_map", "local_address", "fou_port", "drain_timeout", "resync_interval",
-                       "default_flags", "default_allow", "warning_serves", "mh_table_size"})
+                       "default_flags", "default_allow", "warning_serves", "mh_table_size", "encapsulation",
+                       "gue_port", "gue_checksum", "receive"})
 """What SIGHUP changes in a running agent: what each pass reads from the configuration. Everything else
 is built once at start (the catalog source, the HTTP endpoint, the state file and its lock, the data-plane
 mode, the Consul registration) or names what the agent owns in the kernel (route_protocol, link_prefix,
@@ -196,6 +197,7 @@ class Agent:
             "role": self.config.role,
             "version": version(),
             "dataplane": self.config.dataplane,
+            "encapsulation": self.config.encapsulation,
             "passes": record.passes,
             "last_pass_at": record.last_pass_at,
             "last_success_at": record.last_success_at,

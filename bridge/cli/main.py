@@ -109,8 +109,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if vs is None:
             raise ExplainError(f"{args.vip}: the catalog's desired state has no such virtual service")
         view = ServiceView(
-            args.vip, vs.flags, tuple(Dest(r.address, r.port, r.weight, r.last_weight) for r in vs.real_servers),
-            {r.address: r.backend for r in vs.real_servers}, source=f"desired state of {config.catalog_file}",
+            key.text, vs.flags, tuple(Dest(r.address, r.port, r.weight, r.last_weight) for r in vs.real_servers),
+            {r.address: r.backend for r in vs.real_servers},
+            source=f"desired state of {config.catalog_file}, {config.encapsulation} encapsulation",
             allow=vs.allow, service=vs.service,
         )
     else:
@@ -120,7 +121,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return EXIT_OK
     if not args.client:
         raise ExplainError("explain needs a client (<client-ip>[:<port>]) unless --shares is given")
-    client, port = parse_client(args.client)
+    client, port = parse_client(args.client, key)
     lines, _ = explain_flow(view, client, port, config.mh_table_size)
     print("\n".join(lines))
     return EXIT_OK

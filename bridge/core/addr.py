@@ -1,4 +1,4 @@
-"""Addresses: fast IPv4 text <-> integer helpers, and the host:port and URL forms the configuration writes.
+"""Addresses: fast IPv4 and IPv6 text <-> integer helpers, and the host:port and URL forms the configuration writes.
 
 A catalog repeats the same few thousand addresses across 100,000 instances; `ipaddress` objects for each of
 them cost more than the rest of planning together. The host:port and URL parsers are shared by the Consul
@@ -15,6 +15,7 @@ import socket
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal, NamedTuple
 from urllib.parse import urlsplit
 
 
@@ -29,6 +30,63 @@ def ipv4_int(text: str) -> int:
 
 def ipv4_text(value: int) -> str:
     return socket.inet_ntop(socket.AF_INET, value.to_bytes(4, "big"))
+
+
+Family = Literal[4, 6]
+
+
+class IpValue(NamedTuple):
+    """An address of either family as a number: what orders and matches VIPs, real servers and prefixes.
+    Sorting by it puts every IPv4 address before every IPv6 one, as `ipvsadm -Ln` lists services (it sorts
+    by address family, AF_INET before AF_INET6)."""
+
+    family: Family
+    value: int
+
+
+@lru_cache(maxsize=65536)
+def ip_value(text: str) -> IpValue:
+    """`text` as (family, number); ValueError unless it is a strict dotted quad or an IPv6 address (without
+    brackets, zone or prefix)."""
+    if ":" not in text:
+        return IpValue(4, ipv4_int(text))
+    try:
+        return IpValue(6, int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big"))
+    except (OSError, TypeError):
+        raise ValueError(f"{text!r} is not an IPv6 address") from None
+
+
+@lru_cache(maxsize=65536)
+def canonical_ip(text: str) -> str:
+    """The one text form of an address: IPv4 as given (a strict dotted quad has one form), IPv6 compressed
+    and lowercase (RFC 5952, as `ipaddress` writes it), so every director, the kernel's read-back and the
+    state file name one VIP with one string. ValueError as `ip_value`."""
+    family, value = ip_value(text)
+    return text if family == 4 else str(ipaddress.IPv6Address(value))
+
+
+def bracketed(address: str) -> str:
+    """An address as it stands before ":port": IPv6 in brackets, as URLs write it."""
+    return f"[{address}]" if ":" in address else address
+
+
+def host_prefix(address: str) -> str:
+    """The address as a host route or address prefix: /32 for IPv4, /128 for IPv6."""
+    return f"{address}/128" if ":" in address else f"{address}/32"
+
+
+def split_host_port(text: str) -> tuple[str, str, str]:
+    """(host, ":" or "", port text) of `<ipv4>[:<port>]` or `[<ipv6>][:<port>]`, brackets removed; the host
+    is not checked. ValueError for an unclosed bracket, text after it that is not ":port", brackets around
+    what cannot be IPv6, or an IPv6 address without brackets (its last group would be read as a port)."""
+    if text.startswith("["):
+        host, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")) or ":" not in host:
+            raise ValueError(f"expected [<ipv6>]:<port>, got {text!r}")
+        return host, rest[:1], rest[1:]
+    if text.count(":") > 1:
+        raise ValueError(f"an IPv6 address needs brackets, as in [2001:db8::10]:80, got {text!r}")
+    return text.partition(":")
 
 
 def ascii_number(text: str, high: int) -> int | None:

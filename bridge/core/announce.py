@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from bridge.core.addr import ipv4_int
+from bridge.core.addr import ip_value
 from bridge.core.model import DesiredState
 from bridge.core.ops import Announce, AnnounceOp, Withdraw
 
@@ -45,7 +45,7 @@ def announcing(desired: DesiredState, table: int, *, maintenance: bool, full_pas
 def announcement_ops(decision: Announcing, live: Collection[str]) -> tuple[list[AnnounceOp], list[AnnounceOp]]:
     """(withdrawals, which go first in the pass; announcements, which go last)."""
     wanted = set(decision.vips)
-    gone = sorted((vip for vip in live if vip not in wanted), key=ipv4_int)
+    gone = sorted((vip for vip in live if vip not in wanted), key=ip_value)
     withdraws: list[AnnounceOp] = [Withdraw(vip, decision.table) for vip in gone]
     if not decision.may_add:
         return withdraws, []

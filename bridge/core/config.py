@@ -15,13 +15,23 @@ from typing import Any, Literal
 
 import yaml
 
-from bridge.core.addr import EndpointError, HostPort, Url, check_readable, parse_host_port, parse_url
+from bridge.core.addr import EndpointError, HostPort, IpValue, Url, check_readable, parse_host_port, parse_url
 from bridge.core.allow import AllowList, PrefixError, collapse, parse_prefixes
+from bridge.core.encap import (
+    DEFAULT_GUE_PORT,
+    ENCAPSULATIONS,
+    GUE_CHECKSUMS,
+    Encapsulation,
+    Forwarding,
+    GueChecksum,
+    forwarding,
+)
 from bridge.core.model import TABLE_SIZES
 
 KNOWN_FLAGS = ("mh-port", "mh-fallback")
 Role = Literal["director", "backend"]
 DataplaneMode = Literal["kernel", "shadow"]
+VipNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(ValueError):
@@ -191,10 +201,19 @@ class ConnSyncConfig:
 class Config:
     role: Role = "director"
     dataplane: DataplaneMode = "kernel"
-    vip_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    vip_cidrs: tuple[VipNetwork, ...] = ()
+    """IPv4 and IPv6 prefixes: the only VIPs the agent may serve or touch."""
     tunnel_map: tuple[TunnelMapping, ...] = ()
     local_address: str | None = None
     fou_port: int = 5555
+    encapsulation: Encapsulation = "fou"
+    """fou (ipip links with FOU, real servers at tunnel addresses) or gue (IPVS's own GUE tunnel forwarding to
+    the backends' addresses): bridge/core/encap.py. The same on every director of a fleet."""
+    gue_port: int = DEFAULT_GUE_PORT
+    gue_checksum: GueChecksum = "none"
+    receive: tuple[Encapsulation, ...] | None = None
+    """The backend role's receivers: None means the one of `encapsulation`; both during a migration
+    (README, "Moving a fleet from fou to gue")."""
     tag_prefix: str = "maglev"
     drain_timeout: float = 60.0
     resync_interval: float = 300.0
@@ -220,15 +239,25 @@ class Config:
     conn_sync: ConnSyncConfig | None = None
 
     @cached_property
-    def _vip_masks(self) -> tuple[tuple[int, int], ...]:
-        return tuple((int(net.netmask), int(net.network_address)) for net in self.vip_cidrs)
+    def _vip_masks(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple((net.version, int(net.netmask), int(net.network_address)) for net in self.vip_cidrs)
 
-    def is_vip_allowed(self, address: int) -> bool:
-        return any(address & mask == network for mask, network in self._vip_masks)
+    def is_vip_allowed(self, address: IpValue) -> bool:
+        family, value = address
+        return any(family == version and value & mask == network for version, mask, network in self._vip_masks)
 
     @cached_property
     def http_address(self) -> HostPort:
         return parse_host_port("http_bind", self.http_bind, literal=True)
+
+    @property
+    def receivers(self) -> tuple[Encapsulation, ...]:
+        return self.receive if self.receive is not None else (self.encapsulation,)
+
+    @cached_property
+    def forwarding(self) -> Forwarding:
+        """What every real server of this director must have."""
+        return forwarding(self.encapsulation, self.gue_port, self.gue_checksum)
 
     def tunnel_address(self, backend: int) -> int | None:
         for mapping in self.tunnel_map:
@@ -238,11 +267,15 @@ class Config:
         return None
 
 
-def _network(key: str, value: object) -> ipaddress.IPv4Network:
+def _any_network(key: str, value: object) -> VipNetwork:
     try:
-        net = ipaddress.ip_network(str(value), strict=True)
+        return ipaddress.ip_network(str(value), strict=True)
     except ValueError as exc:
         raise ConfigError(f"{key}: {_show(value)} is not a network in CIDR form ({str(exc)[:120]})") from None
+
+
+def _network(key: str, value: object) -> ipaddress.IPv4Network:
+    net = _any_network(key, value)
     if not isinstance(net, ipaddress.IPv4Network):
         raise ConfigError(f"{key}: {_show(value)}: only IPv4 is supported")
     return net
@@ -360,6 +393,26 @@ def _check_client(name: str, section: ConsulConfig | NomadConfig) -> None:
         raise ConfigError(f"{name}.address: {tls[0]} is set but {url.text} is not https://; TLS settings need https")
 
 
+def _receive(value: object) -> tuple[Encapsulation, ...]:
+    """`receive: [fou, gue]`: the backend's receivers, each at most once."""
+    items = _list("receive", value)
+    if not items:
+        raise ConfigError(f"receive: expected a list of some of {list(ENCAPSULATIONS)}, got an empty list")
+    found = tuple(_choice(f"receive[{i}]", item, ENCAPSULATIONS) for i, item in enumerate(items))
+    if len(set(found)) != len(found):
+        raise ConfigError(f"receive: {list(found)} names an encapsulation twice")
+    return found
+
+
+def _check_ports(values: Mapping[str, Any]) -> None:
+    """A receiver's UDP port is either FOU or GUE (the kernel's fou module keeps one type per port)."""
+    receive = values.get("receive") or (values.get("encapsulation", "fou"),)
+    fou_port, gue_port = values.get("fou_port", 5555), values.get("gue_port", DEFAULT_GUE_PORT)
+    if set(receive) == set(ENCAPSULATIONS) and fou_port == gue_port:
+        raise ConfigError(f"gue_port: {gue_port} is also fou_port; a backend receiving both needs two ports "
+                          "(one UDP port is either FOU or GUE, never both)")
+
+
 def _sysctls(value: object) -> tuple[tuple[str, int], ...]:
     if not isinstance(value, Mapping):
         raise ConfigError(f"sysctls: expected a mapping of sysctl name to integer, got {_show(value)}")
@@ -375,10 +428,14 @@ def _sysctls(value: object) -> tuple[tuple[str, int], ...]:
 _PARSERS: dict[str, Any] = {
     "role": lambda v: _choice("role", v, ("director", "backend")),
     "dataplane": lambda v: _choice("dataplane", v, ("kernel", "shadow")),
-    "vip_cidrs": lambda v: tuple(_network(f"vip_cidrs[{i}]", n) for i, n in enumerate(_list("vip_cidrs", v))),
+    "vip_cidrs": lambda v: tuple(_any_network(f"vip_cidrs[{i}]", n) for i, n in enumerate(_list("vip_cidrs", v))),
     "tunnel_map": _tunnel_map,
     "local_address": lambda v: str(ipaddress.IPv4Address(_string("local_address", v))),
     "fou_port": lambda v: _integer("fou_port", v, 1, 65535),
+    "encapsulation": lambda v: _choice("encapsulation", v, ENCAPSULATIONS),
+    "gue_port": lambda v: _integer("gue_port", v, 1, 65535),
+    "gue_checksum": lambda v: _choice("gue_checksum", v, GUE_CHECKSUMS),
+    "receive": _receive,
     "tag_prefix": lambda v: _string("tag_prefix", v),
     "drain_timeout": lambda v: _number("drain_timeout", v, 0, 86400),
     "resync_interval": lambda v: _number("resync_interval", v, 1, 86400),
@@ -425,15 +482,16 @@ def parse_config(raw: object) -> Config:
         raise ConfigError(
             f"link_prefix: {_show(link_prefix)} is too long; at most 7 characters (links are <prefix><8 hex>)")
     _check_prefixes(values.get("tunnel_map", ()), values.get("vip_cidrs", ()))
+    _check_ports(values)
     return Config(**values)
 
 
-def _check_prefixes(tunnel_map: tuple[TunnelMapping, ...], vip_cidrs: tuple[ipaddress.IPv4Network, ...]) -> None:
+def _check_prefixes(tunnel_map: tuple[TunnelMapping, ...], vip_cidrs: tuple[VipNetwork, ...]) -> None:
     """Prefixes that would make two directors, or two backends, disagree silently: a backend in two
     mappings (the first would win), two backends on one tunnel address, a tunnel address that is also an
     underlay or VIP address (its /32 route through the tunnel would capture the underlay's or the VIP's
-    traffic; a tunnel to a backend routed through itself loops)."""
-    named: list[tuple[str, str, ipaddress.IPv4Network]] = [
+    traffic; a tunnel to a backend routed through itself loops). Prefixes of different families never overlap."""
+    named: list[tuple[str, str, VipNetwork]] = [
         (f"tunnel_map[{i}].{side}", side, getattr(m, side)) for i, m in enumerate(tunnel_map)
         for side in ("backend", "tunnel")]
     named += [(f"vip_cidrs[{i}]", "vip", net) for i, net in enumerate(vip_cidrs)]

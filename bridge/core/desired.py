@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
-from bridge.core.addr import ipv4_int, ipv4_text
+from bridge.core.addr import ip_value, ipv4_int, ipv4_text
+from bridge.core.allow import for_family
 from bridge.core.config import Config
 from bridge.core.gcpause import gc_paused
 from bridge.core.keys import ServiceKey
@@ -37,11 +38,11 @@ CACHE_LIMIT = 500_000
 
 
 class _Backed(NamedTuple):
-    """An accepted instance claim with its backend's tunnel address resolved (one per instance, hence
-    a NamedTuple: cheap to make)."""
+    """An accepted instance claim with its real-server address resolved (one per instance, hence a
+    NamedTuple: cheap to make): the backend's tunnel address in `fou` mode, its own address in `gue` mode."""
 
     claim: InstanceClaim
-    tunnel_address: str
+    address: str
 
 
 def _serves(instance: Instance, config: Config) -> bool:
@@ -60,6 +61,9 @@ def _resolve_backend(claim: InstanceClaim, config: Config, tunnels: dict[str, st
             instance.service, instance.instance_id, claim.claims[0].tag,
             f"backend address {instance.address!r} is not an IPv4 address",
         )
+    if config.encapsulation == "gue":
+        tunnels[instance.address] = instance.address  # IPVS encapsulates to the backend itself
+        return _Backed(claim, instance.address)
     tunnel = config.tunnel_address(backend)
     if tunnel is None:
         mapped = ", ".join(str(m.backend) for m in config.tunnel_map) or "none configured"
@@ -103,7 +107,7 @@ def _resolve_conflicts(
 def _real_servers(backed: list[_Backed], port: int, config: Config) -> tuple[RealServer, ...]:
     by_address: dict[str, list[_Backed]] = defaultdict(list)
     for b in backed:
-        by_address[b.tunnel_address].append(b)
+        by_address[b.address].append(b)
     servers = []
     for address, group in by_address.items():
         tagged = serving = 0
@@ -123,7 +127,7 @@ def _real_servers(backed: list[_Backed], port: int, config: Config) -> tuple[Rea
                 order_key=first.create_index,
             )
         )
-    servers.sort(key=lambda r: (r.order_key, int(ipv4_int(r.address))), reverse=True)
+    servers.sort(key=lambda r: (r.order_key, ip_value(r.address)), reverse=True)
     return tuple(servers)
 
 
@@ -143,7 +147,7 @@ def _virtual_service(key: ServiceKey, service: str, backed: list[_Backed], confi
         flags=first.flags,
         service=service,
         real_servers=_real_servers(backed, port, config),
-        allow=first.allow,
+        allow=for_family(first.allow, key.family),
     )
 
 
@@ -320,12 +324,16 @@ class DesiredBook:
             rejected=tuple(sorted(rejected, key=lambda r: (r.service, r.instance, r.tag))),
             sysctls=self.config.sysctls,
             sync_daemons=_sync_daemons(self.config),
+            forwarding=self.config.forwarding,
         )
         self._desired = (local_address, desired)
         return desired
 
     def _tunnels_for(self, local_address: str) -> tuple[Tunnel, ...]:
-        """One tunnel per backend that any real server uses, re-listed only when that set changed."""
+        """One tunnel per backend that any real server uses, re-listed only when that set changed; none in
+        `gue` mode, where IPVS encapsulates itself."""
+        if self.config.encapsulation == "gue":
+            return ()
         if self._tunnel_list is None or self._tunnel_list[0] != local_address:
             tunnels = tuple(
                 _tunnel(self.config.link_prefix, backend, local_address, tunnel_address, self.config.fou_port)

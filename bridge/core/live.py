@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from bridge.core.encap import DIRECT_ROUTING, Forwarding
 from bridge.core.keys import Protocol, ServiceKey
 from bridge.core.model import SyncDaemon
 
@@ -28,6 +29,7 @@ class LiveRealServer:
     active_conns: int = 0
     inactive_conns: int = 0
     stats: DestStats = field(default_factory=DestStats)
+    forwarding: Forwarding = DIRECT_ROUTING
 
 
 @dataclass(frozen=True)

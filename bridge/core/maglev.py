@@ -32,6 +32,7 @@ from functools import lru_cache, reduce
 import numpy as np
 import numpy.typing as npt
 
+from bridge.core.addr import bracketed
 from bridge.core.model import TABLE_SIZES
 
 IntArray = npt.NDArray[np.int64]
@@ -418,7 +419,7 @@ def fingerprint(table: MaglevTable) -> str:
     directors compare by what the table says, not by how they count or what else they hold.
     """
     owning = np.unique(table.slots[table.slots >= 0]).tolist()
-    names = {i: f"{table.dests[i].address}:{table.dests[i].port}" for i in owning}
+    names = {i: f"{bracketed(table.dests[i].address)}:{table.dests[i].port}" for i in owning}
     ordered = sorted(owning, key=names.__getitem__)
     canonical = np.full(len(table.dests) + 1, -1, dtype=np.int32)
     canonical[ordered] = np.arange(len(ordered), dtype=np.int32)

@@ -12,6 +12,7 @@ from functools import cached_property
 from itertools import chain
 from typing import Literal
 
+from bridge.core.encap import DIRECT_ROUTING, Forwarding
 from bridge.core.keys import Protocol, ServiceKey
 
 Health = Literal["passing", "warning", "critical"]
@@ -136,6 +137,8 @@ class DesiredState:
     sync_daemons: tuple[SyncDaemon, ...] | None = None
     """The connection sync daemons, master and backup; None when `conn_sync` is not configured (the agent
     then never touches them)."""
+    forwarding: Forwarding = DIRECT_ROUTING
+    """How every real server forwards (fleet-wide, from `encapsulation`; bridge/core/encap.py)."""
 
 
 TABLE_SIZES: tuple[int, ...] = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)

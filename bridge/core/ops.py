@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from bridge.core.addr import bracketed, host_prefix
+from bridge.core.encap import DIRECT_ROUTING, Forwarding
 from bridge.core.keys import ServiceKey
 from bridge.core.model import SyncDaemon, Tunnel
 
@@ -44,9 +46,13 @@ class _DestWeight:
     address: str
     port: int
     weight: int
+    forwarding: Forwarding = DIRECT_ROUTING
+    """Sent with every add and set: the kernel's SET_DEST takes the forwarding method and tunnel settings
+    from the request (absent tunnel attributes mean ipip, port 0), so a weight change must repeat them."""
 
     def describe(self) -> str:
-        return f"{self.verb} real server {self.address}:{self.port} weight {self.weight} in {self.key}"
+        via = "" if self.forwarding == DIRECT_ROUTING else f" via {self.forwarding.describe()}"
+        return f"{self.verb} real server {bracketed(self.address)}:{self.port} weight {self.weight}{via} in {self.key}"
 
 
 class AddDest(_DestWeight):
@@ -64,7 +70,7 @@ class DelDest:
     port: int
 
     def describe(self) -> str:
-        return f"delete real server {self.address}:{self.port} in {self.key}"
+        return f"delete real server {bracketed(self.address)}:{self.port} in {self.key}"
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,7 @@ class _RouteSpec:
 
     def describe(self) -> str:
         kind = "local " if self.table == "local" else ""
-        return f"{self.verb} route {kind}{self.dst}/32 dev {self.dev} table {self.table}"
+        return f"{self.verb} route {kind}{host_prefix(self.dst)} dev {self.dev} table {self.table}"
 
 
 class AddRoute(_RouteSpec):
@@ -123,7 +129,7 @@ class Announce:
     table: int
 
     def describe(self) -> str:
-        return f"announce {self.vip}/32 (route blackhole table {self.table})"
+        return f"announce {host_prefix(self.vip)} (route blackhole table {self.table})"
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,7 @@ class Withdraw:
     table: int
 
     def describe(self) -> str:
-        return f"withdraw {self.vip}/32 (delete route table {self.table})"
+        return f"withdraw {host_prefix(self.vip)} (delete route table {self.table})"
 
 
 @dataclass(frozen=True)

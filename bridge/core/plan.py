@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bridge.core.announce import Announcing, announcement_ops
+from bridge.core.encap import Forwarding
 from bridge.core.filter import plan_filter
 from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.live import LiveLink, LiveRealServer, LiveService, LiveState
@@ -77,21 +78,26 @@ def _reachable_by_edits(desired: RealServer, live_last: int | None) -> bool:
     return True
 
 
-def _edits(key: ServiceKey, desired: RealServer, live: LiveRealServer, live_last: int | None) -> list[Op]:
+def _edits(key: ServiceKey, desired: RealServer, live: LiveRealServer, live_last: int | None,
+           forwarding: Forwarding) -> list[Op]:
+    """Weight edits, each with the desired forwarding; a real server whose forwarding alone is wrong (another
+    encapsulation, GUE port or checksum setting) is set in place: the kernel's SET_DEST edits the tunnel
+    settings of a real server (ip_vs_ctl.c, __ip_vs_update_dest) and its connections use them from their
+    next packet (ip_vs_xmit.c reads cp->dest's), so nothing is deleted and no connection is lost."""
     ops: list[Op] = []
     if desired.last_weight != live_last and desired.last_weight > 0:
-        ops.append(SetDest(key, live.address, live.port, desired.last_weight))
+        ops.append(SetDest(key, live.address, live.port, desired.last_weight, forwarding))
         if desired.weight != desired.last_weight:
-            ops.append(SetDest(key, live.address, live.port, desired.weight))
-    elif desired.weight != live.weight:
-        ops.append(SetDest(key, live.address, live.port, desired.weight))
+            ops.append(SetDest(key, live.address, live.port, desired.weight, forwarding))
+    elif desired.weight != live.weight or live.forwarding != forwarding:
+        ops.append(SetDest(key, live.address, live.port, desired.weight, forwarding))
     return ops
 
 
-def _adds(key: ServiceKey, desired: RealServer) -> list[Op]:
-    ops: list[Op] = [AddDest(key, desired.address, desired.port, desired.last_weight)]
+def _adds(key: ServiceKey, desired: RealServer, forwarding: Forwarding) -> list[Op]:
+    ops: list[Op] = [AddDest(key, desired.address, desired.port, desired.last_weight, forwarding)]
     if desired.weight != desired.last_weight:
-        ops.append(SetDest(key, desired.address, desired.port, desired.weight))
+        ops.append(SetDest(key, desired.address, desired.port, desired.weight, forwarding))
     return ops
 
 
@@ -115,7 +121,10 @@ def plan_dests(
     live: tuple[LiveRealServer, ...],
     last_weights: Mapping[DestKey, int],
     drains: _Drains,
+    forwarding: Forwarding,
 ) -> list[Op]:
+    """A draining real server keeps the forwarding it has (a director moving from fou to gue drains its old
+    real servers through their old tunnels); the desired ones get `forwarding`."""
     wanted = {rs.address: rs for rs in desired}
     deletes: list[Op] = []
     drain_edits: list[Op] = []
@@ -130,21 +139,22 @@ def plan_dests(
         elif drains.expired(DestKey(key, rs.address, rs.port)):
             deletes.append(DelDest(key, rs.address, rs.port))
         elif rs.weight != 0:
-            drain_edits.append(SetDest(key, rs.address, rs.port, 0))
+            drain_edits.append(SetDest(key, rs.address, rs.port, 0, rs.forwarding))
     kept = _kept_suffix(desired, candidates)
     kept_addresses = {rs.address for rs in desired[len(desired) - kept :]}
     edits: list[Op] = []
     for rs in candidates:
         if rs.address in kept_addresses:
-            edits.extend(_edits(key, wanted[rs.address], rs, last_weight(key, rs, last_weights)))
+            edits.extend(_edits(key, wanted[rs.address], rs, last_weight(key, rs, last_weights), forwarding))
         else:
             deletes.append(DelDest(key, rs.address, rs.port))
-    adds = [op for rs in reversed(desired[: len(desired) - kept]) for op in _adds(key, rs)]
+    adds = [op for rs in reversed(desired[: len(desired) - kept]) for op in _adds(key, rs, forwarding)]
     return drain_edits + deletes + edits + adds
 
 
 def _plan_services(
-    desired: tuple[VirtualService, ...], live: tuple[LiveService, ...], memory: Memory, drains: _Drains
+    desired: tuple[VirtualService, ...], live: tuple[LiveService, ...], memory: Memory, drains: _Drains,
+    forwarding: Forwarding,
 ) -> tuple[list[Op], list[Op], list[Op], set[str]]:
     """Service-level ops (adds/sets first, deletions last), dest ops, and the VIPs still in use."""
     live_by_key = {s.key: s for s in live}
@@ -160,7 +170,7 @@ def _plan_services(
         elif (current.scheduler, current.flags) != (vs.scheduler, vs.flags):
             first.append(SetService(vs.key, vs.scheduler, vs.flags))
         existing = current.real_servers if current else ()
-        dests.extend(plan_dests(vs.key, vs.real_servers, existing, memory.last_weights, drains))
+        dests.extend(plan_dests(vs.key, vs.real_servers, existing, memory.last_weights, drains, forwarding))
     wanted = {vs.key for vs in desired}
     for current in live:
         if current.key in wanted:
@@ -169,7 +179,7 @@ def _plan_services(
             last.append(DelService(current.key))
             continue
         vips_in_use.add(current.vip)
-        dests.extend(plan_dests(current.key, (), current.real_servers, memory.last_weights, drains))
+        dests.extend(plan_dests(current.key, (), current.real_servers, memory.last_weights, drains, forwarding))
     return first, dests, last, vips_in_use
 
 
@@ -243,7 +253,7 @@ def plan(desired: DesiredState, live: LiveState, memory: Memory, now: float, dra
     if scope is not None:
         wanted_services = tuple(vs for vs in wanted_services if vs.key in scope)
         live_services = tuple(s for s in live_services if s.key in scope)
-    first, dests, last, vips = _plan_services(wanted_services, live_services, memory, drains)
+    first, dests, last, vips = _plan_services(wanted_services, live_services, memory, drains, desired.forwarding)
     deleted_services = {op.key for op in last if isinstance(op, DelService)}
     kept_services = {s.key for s in live_services} - deleted_services
     deleted = {(op.key, op.address) for op in dests if isinstance(op, DelDest)}

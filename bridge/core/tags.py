@@ -1,6 +1,7 @@
 """The tag grammar, the agent's user interface in Consul:
 
     <prefix>.vip=<ipv4>[:<port>][/tcp|/udp]   repeatable; port defaults to the instance's port
+    <prefix>.vip=[<ipv6>][:<port>][/tcp|/udp] an IPv6 VIP in brackets, as URLs write it (needs encapsulation: gue)
     <prefix>.weight=<0..65535>                 default 1
     <prefix>.flags=<mh-port,mh-fallback>       default from configuration
     <prefix>.allow=<cidr>[,<cidr>...]          repeatable; source prefixes the service accepts (bridge/core/allow.py)
@@ -11,19 +12,28 @@ applying part of what an operator wrote would be a guess.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple
 
-from bridge.core.addr import ascii_number, ipv4_int
-from bridge.core.allow import AllowList, PrefixError, collapse, parse_prefixes
+from bridge.core.addr import ascii_number, canonical_ip, ip_value, split_host_port
+from bridge.core.allow import (
+    FAMILY_NAMES,
+    AllowList,
+    Network,
+    PrefixError,
+    collapse,
+    describe,
+    for_family,
+    parse_prefixes,
+)
 from bridge.core.config import KNOWN_FLAGS, Config
 from bridge.core.keys import Protocol, ServiceKey
 from bridge.core.model import Instance, Rejection
 
 MAX_WEIGHT = 65535
 KEYS = ("vip", "weight", "flags", "allow")
+VIP_FORM = "<ipv4>[:<port>][/tcp|/udp] or [<ipv6>][:<port>][/tcp|/udp]"
 
 
 @dataclass(frozen=True)
@@ -68,21 +78,39 @@ def _port(tag: str, text: str) -> int:
     return port
 
 
+def ipv6_vip_refusal(config: Config) -> str | None:
+    """Why this fleet cannot serve IPv6 VIPs, or None when it can: the one place that decides it, for the
+    director and the backend role alike (a claim refused here creates nothing anywhere).
+
+    With `encapsulation: fou` a director reaches its real servers through ipip links by IPVS direct routing:
+    ipip carries only IPv4, and IPVS accepts a real server of another address family than its service only
+    with tunnel forwarding. In `gue` mode IPVS's own GUE tunnel carries the IPv6 packet to the backend's IPv4
+    address (the backend's fou hands it to the sit handler)."""
+    if config.encapsulation == "gue":
+        return None
+    return "IPv6 VIPs need encapsulation: gue (ipip+fou tunnels carry IPv4 only)"
+
+
 def parse_vip(tag: str, value: str, default_port: int, config: Config) -> Claim:
     rest, slash, proto = value.partition("/")
     if slash and proto not in ("tcp", "udp"):
         raise TagError(tag, f"protocol {proto!r} is not tcp or udp")
     protocol: Protocol = "udp" if proto == "udp" else "tcp"
-    if rest.startswith("[") or rest.count(":") > 1:
-        raise TagError(tag, "IPv6 VIPs are not supported yet; expected <ipv4>[:<port>][/tcp|/udp]")
-    host, colon, port_text = rest.partition(":")
     try:
-        address = ipv4_int(host)
+        host, colon, port_text = split_host_port(rest)
+    except ValueError as err:
+        raise TagError(tag, f"{err}; expected {VIP_FORM}") from None
+    try:
+        address = ip_value(host)
     except ValueError:
-        raise TagError(tag, f"{host!r} is not an IPv4 address; expected <ipv4>[:<port>][/tcp|/udp]") from None
+        raise TagError(tag, f"{host!r} is not an IPv4 or IPv6 address; expected {VIP_FORM}") from None
+    host = canonical_ip(host)
     if not config.is_vip_allowed(address):
         allowed = ", ".join(str(n) for n in config.vip_cidrs) or "none configured"
         raise TagError(tag, f"VIP {host} is outside vip_cidrs ({allowed})")
+    refusal = ipv6_vip_refusal(config) if address.family == 6 else None
+    if refusal:
+        raise TagError(tag, refusal)
     if colon:
         port = _port(tag, port_text)
     elif 1 <= default_port <= 65535:
@@ -108,7 +136,7 @@ def parse_flags(tag: str, value: str) -> tuple[str, ...]:
     return tuple(sorted(set(flags)))
 
 
-def parse_allow(tag: str, value: str) -> tuple[ipaddress.IPv4Network, ...]:
+def parse_allow(tag: str, value: str) -> tuple[Network, ...]:
     try:
         return parse_prefixes(value)
     except PrefixError as err:
@@ -157,7 +185,7 @@ class TagParser:
         claims: list[Claim] = []
         weight: int | None = None
         flags: tuple[str, ...] | None = None
-        allowed: list[ipaddress.IPv4Network] | None = None
+        allowed: list[Network] | None = None
         for tag in tags:
             if not tag.startswith(prefix):
                 continue
@@ -184,8 +212,11 @@ class TagParser:
             return None
         if len(claims) > 1:
             claims = sorted({c.key: c for c in claims}.values(), key=lambda c: c.key.listing_order())
+        allow = self.config.default_allow if allowed is None else collapse(allowed)
+        for claim in claims:
+            _check_allow_family(claim, allow, "default_allow" if allowed is None else f"the {prefix}allow list")
         return (tuple(claims), 1 if weight is None else weight, self.default_flags if flags is None else flags,
-                self.config.default_allow if allowed is None else collapse(allowed))
+                allow)
 
     def parse(self, instance: Instance) -> InstanceClaim | Rejection | None:
         """An instance's claim, a rejection naming the tag at fault, or None when the instance is not ours."""
@@ -195,6 +226,17 @@ class TagParser:
             if not any(t.startswith(self.prefix + "vip") for t in instance.tags):
                 return None
             return Rejection(instance.service, instance.instance_id, err.tag, err.reason)
+
+
+def _check_allow_family(claim: Claim, allow: AllowList, source: str) -> None:
+    """A list without a prefix of the VIP's family would drop every client of that VIP: refused, not guessed
+    (bridge/core/allow.py)."""
+    family = claim.key.family
+    if for_family(allow, family) == ():
+        name = FAMILY_NAMES[family]
+        everyone = "::/0" if family == 6 else "0.0.0.0/0"
+        raise TagError(claim.tag, f"{source} ({describe(allow)}) has no {name} prefix, so no client could reach "
+                                  f"{name} VIP {claim.vip}; add {name} prefixes ({everyone}: every client)")
 
 
 def parse_instance(instance: Instance, config: Config) -> InstanceClaim | Rejection | None:

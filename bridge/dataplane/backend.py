@@ -1,9 +1,22 @@
-"""The backend role: make this node accept FOU-encapsulated traffic for the VIPs its instances claim and
-answer the clients directly (DSR).
+"""The backend role: make this node accept FOU- or GUE-encapsulated traffic for the VIPs its instances claim
+and answer the clients directly (DSR).
 
-Replaces the seed's hand configuration: a fou receive port for ipip, `tunl0` up, reverse-path filtering
-relaxed only where the tunnel needs it, each claimed VIP as a /32 on `lo` (labelled, so the agent knows
-its own), and ARP settings that stop this node from answering ARP for a VIP.
+Replaces the seed's hand configuration: a fou receive port for ipip (`ip fou add port 5555 ipproto 4`), a GUE
+one (`ip fou add port 6080 gue`) in `gue` mode, both during a migration (`receive: [fou, gue]`), `tunl0` up,
+reverse-path filtering relaxed only where the tunnel needs it, each claimed VIP as a /32 on `lo` (labelled,
+so the agent knows its own), and ARP settings that stop this node from answering ARP for a VIP.
+
+Both receivers hand the inner IPv4 packet to the same place: fou's GUE receive path returns the GUE header's
+protocol (IPPROTO_IPIP) to the IP layer, which resubmits the packet to the ipip handler (net/ipv4/fou_core.c,
+gue_udp_recv; ip_local_deliver_finish's resubmit), so it arrives on `tunl0` exactly as a FOU-received one:
+the same rp_filter setting serves both.
+
+An IPv6 VIP goes on `lo` as a /128 with `nodad` (duplicate address detection would hold it tentative, and
+unusable, for a second; every backend holds the same VIP by design) and, since IPv6 addresses carry no
+label, the agent's route protocol number as the address's protocol (IFA_PROTO, Linux 5.18) marks it as
+the agent's. No sysctl is needed for IPv6: Linux answers a neighbour solicitation only for an address of the
+interface it arrived on (ndisc_recv_ns looks the target up strictly on that device), so a VIP on `lo` is
+never advertised on the node's other links (tests/kernel/test_ipv6.py proves it).
 """
 
 from __future__ import annotations
@@ -16,23 +29,31 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from bridge.core.addr import ipv4_int
+from bridge.core.addr import canonical_ip, ip_value
 from bridge.core.config import Config
-from bridge.dataplane.fou import IPPROTO_IPIP, Fou
+from bridge.core.encap import Encapsulation
+from bridge.dataplane.fou import FOU_ENCAP_GUE, IPPROTO_IPIP, Fou
 
 TUNNEL_LINK = "tunl0"
+SIT_LINK = "sit0"
+"""Where a GUE packet carrying IPv6 ends up: the GUE header names IPPROTO_IPV6, which the sit module handles
+(ipip6_rcv), and it takes a packet from any remote only on its fallback device, and only while that is up."""
+IFA_F_NODAD = 0x02
 SYSCTL_ROOT = Path("/proc/sys")
 
 
 @dataclass(frozen=True)
 class BackendLive:
     vips: tuple[str, ...]
-    fou_ports: Mapping[int, int] | None
-    """port -> ipproto of the kernel's fou receivers; None when the kernel has no fou module loaded."""
+    fou_ports: Mapping[int, str] | None
+    """port -> what the kernel's fou receiver on it takes: `gue`, `ipip` (FOU for ipip) or `ipproto N`; None
+    when the kernel has no fou module loaded."""
     tunnel_up: bool | None
     """None when tunl0 does not exist (the ipip module is not loaded)."""
     sysctls: Mapping[str, int]
     """net/ipv4/conf/<if>/{rp_filter,arp_ignore,arp_announce}, keyed "<if>/<key>"."""
+    sit_up: bool | None = None
+    """None when sit0 does not exist (the sit module is not loaded); needed for IPv6 VIPs in gue mode."""
 
 
 @dataclass(frozen=True)
@@ -76,25 +97,56 @@ def _sysctl_ops(sysctls: Mapping[str, int]) -> list[BackendOp]:
     return ops
 
 
-def plan_backend(vips: Iterable[str], live: BackendLive, fou_port: int) -> list[BackendOp]:
-    """Pure: what to change so this node receives its VIPs through FOU."""
+RECEIVES: dict[Encapsulation, str] = {"fou": "ipip", "gue": "gue"}
+
+
+def receivers(config: Config) -> tuple[tuple[Encapsulation, int], ...]:
+    """The receive ports this node must have: `receive` (or the fleet's `encapsulation`) with its port."""
+    ports: dict[Encapsulation, int] = {"fou": config.fou_port, "gue": config.gue_port}
+    return tuple((kind, ports[kind]) for kind in config.receivers)
+
+
+def _receiver_ops(wanted: Iterable[tuple[Encapsulation, int]], live: Mapping[int, str]) -> list[BackendOp]:
+    """A missing receiver is added; a port that receives something else is a conflict, never changed: it
+    may be another tool's, and one UDP port is either FOU or GUE."""
+    ops: list[BackendOp] = []
+    for kind, port in wanted:
+        found = live.get(port)
+        if found is None:
+            ops.append(BackendOp(f"add {kind} port", str(port)))
+        elif found != RECEIVES[kind]:
+            ops.append(BackendOp("conflict", f"fou port {port} receives {found}, not {RECEIVES[kind]} ({kind} "
+                                             f"needs its own port)"))
+    return ops
+
+
+def plan_backend(vips: Iterable[str], live: BackendLive,
+                 receive: Iterable[tuple[Encapsulation, int]]) -> list[BackendOp]:
+    """Pure: what to change so this node receives its VIPs through the `receive` receivers (kind, port)."""
     ops: list[BackendOp] = []
     if live.fou_ports is None:
         ops.append(BackendOp("conflict", "the kernel has no fou support: load the fou module (modprobe fou)"))
-    elif fou_port not in live.fou_ports:
-        ops.append(BackendOp("add fou port", str(fou_port)))
-    elif live.fou_ports[fou_port] != IPPROTO_IPIP:
-        other = live.fou_ports[fou_port]
-        ops.append(BackendOp("conflict", f"fou port {fou_port} exists for ipproto {other}, not ipip"))
+    else:
+        ops.extend(_receiver_ops(receive, live.fou_ports))
     if live.tunnel_up is None:
         ops.append(BackendOp("conflict", f"{TUNNEL_LINK} is missing: load the ipip module (modprobe ipip)"))
     elif not live.tunnel_up:
         ops.append(BackendOp("link up", TUNNEL_LINK))
-    ops.extend(_sysctl_ops(live.sysctls))
     wanted = set(vips)
-    ops.extend(BackendOp("add vip", vip) for vip in sorted(wanted - set(live.vips), key=ipv4_int))
-    ops.extend(BackendOp("delete vip", vip) for vip in sorted(set(live.vips) - wanted, key=ipv4_int))
+    if any(kind == "gue" for kind, _ in receive) and any(":" in vip for vip in wanted):
+        ops.extend(_sit_ops(live.sit_up))
+    ops.extend(_sysctl_ops(live.sysctls))
+    ops.extend(BackendOp("add vip", vip) for vip in sorted(wanted - set(live.vips), key=ip_value))
+    ops.extend(BackendOp("delete vip", vip) for vip in sorted(set(live.vips) - wanted, key=ip_value))
     return ops
+
+
+def _sit_ops(sit_up: bool | None) -> list[BackendOp]:
+    """IPv6 VIPs over GUE arrive through sit0 (no reverse-path filter applies to IPv6 there)."""
+    if sit_up is None:
+        return [BackendOp("conflict", f"{SIT_LINK} is missing: load the sit module (modprobe sit); GUE hands "
+                                      "IPv6 packets to it")]
+    return [] if sit_up else [BackendOp("link up", SIT_LINK)]
 
 
 class BackendKernel:
@@ -108,23 +160,28 @@ class BackendKernel:
     def _lo(self) -> int:
         return int(self.ipr.link_lookup(ifname="lo")[0])
 
-    def read(self) -> BackendLive:
+    def _owned_vips(self) -> Iterator[str]:
+        """IPv4 VIPs by their label on lo, IPv6 ones by their address protocol."""
         label = vip_label(self.config)
-        vips = tuple(
-            sorted(
-                (str(a.get_attr("IFA_ADDRESS")) for a in self.ipr.get_addr(family=socket.AF_INET, index=self._lo())
-                 if a.get_attr("IFA_LABEL") == label and a["prefixlen"] == 32),
-                key=ipv4_int,
-            )
-        )
+        for a in self.ipr.get_addr(family=socket.AF_INET, index=self._lo()):
+            if a.get_attr("IFA_LABEL") == label and a["prefixlen"] == 32:
+                yield str(a.get_attr("IFA_ADDRESS"))
+        for a in self.ipr.get_addr(family=socket.AF_INET6, index=self._lo()):
+            if a.get_attr("IFA_PROTO") == self.config.route_protocol and a["prefixlen"] == 128:
+                yield canonical_ip(str(a.get_attr("IFA_ADDRESS")))
+
+    def read(self) -> BackendLive:
+        vips = tuple(sorted(self._owned_vips(), key=ip_value))
         try:
             with Fou() as fou:
-                ports: dict[int, int] | None = {p.port: p.ipproto for p in fou.ports()}
+                ports: dict[int, str] | None = {p.port: _receives(p.encap_type, p.ipproto) for p in fou.ports()}
         except (NetlinkError, OSError):
             ports = None
-        tunnel = self.ipr.link_lookup(ifname=TUNNEL_LINK)
-        up = bool(self.ipr.get_links(tunnel[0])[0]["flags"] & 1) if tunnel else None
-        return BackendLive(vips, ports, up, dict(_read_sysctls()))
+        return BackendLive(vips, ports, self._up(TUNNEL_LINK), dict(_read_sysctls()), self._up(SIT_LINK))
+
+    def _up(self, name: str) -> bool | None:
+        found = self.ipr.link_lookup(ifname=name)
+        return bool(self.ipr.get_links(found[0])[0]["flags"] & 1) if found else None
 
     def apply(self, ops: Iterable[BackendOp]) -> Iterator[tuple[BackendOp, str | None]]:
         for op in ops:
@@ -136,13 +193,16 @@ class BackendKernel:
                 yield op, None
 
     def _apply_one(self, op: BackendOp) -> None:
-        if op.kind == "add fou port":
+        if op.kind in ("add fou port", "add gue port"):
             with Fou() as fou:
-                fou.add(int(op.target))
+                fou.add(int(op.target), gue=op.kind == "add gue port")
         elif op.kind == "link up":
             self.ipr.link("set", index=self.ipr.link_lookup(ifname=op.target)[0], state="up")
         elif op.kind == "sysctl":
             (SYSCTL_ROOT / "net/ipv4/conf" / op.target).write_text(f"{op.value}\n")
+        elif op.kind in ("add vip", "delete vip") and ":" in op.target:
+            self.ipr.addr("add" if op.kind == "add vip" else "del", index=self._lo(), address=op.target,
+                          prefixlen=128, flags=IFA_F_NODAD, proto=self.config.route_protocol)
         elif op.kind in ("add vip", "delete vip"):
             self.ipr.addr(
                 "add" if op.kind == "add vip" else "del",
@@ -150,6 +210,12 @@ class BackendKernel:
             )
         else:
             raise RuntimeError(op.target)
+
+
+def _receives(encap_type: int, ipproto: int) -> str:
+    if encap_type == FOU_ENCAP_GUE:
+        return "gue"
+    return "ipip" if ipproto == IPPROTO_IPIP else f"ipproto {ipproto}"
 
 
 def _read_sysctls() -> Iterator[tuple[str, int]]:

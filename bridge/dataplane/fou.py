@@ -20,6 +20,7 @@ FOU_CMD_ADD = 1
 FOU_CMD_DEL = 2
 FOU_CMD_GET = 3
 FOU_ENCAP_DIRECT = 1
+FOU_ENCAP_GUE = 2
 IPPROTO_IPIP = 4
 
 
@@ -88,8 +89,13 @@ class Fou(GenericNetlinkSocket):  # type: ignore[misc]
     def _port_attrs(self, port: int) -> list[tuple[str, Any]]:
         return [("FOU_ATTR_PORT", port), ("FOU_ATTR_AF", socket.AF_INET)]
 
-    def add(self, port: int) -> None:
-        attrs = [*self._port_attrs(port), ("FOU_ATTR_IPPROTO", IPPROTO_IPIP), ("FOU_ATTR_TYPE", FOU_ENCAP_DIRECT)]
+    def add(self, port: int, *, gue: bool = False) -> None:
+        """`ip fou add port N ipproto 4`, or with `gue` `ip fou add port N gue` (GUE names the inner protocol in
+        its own header, so it takes no ipproto)."""
+        if gue:
+            attrs = [*self._port_attrs(port), ("FOU_ATTR_TYPE", FOU_ENCAP_GUE)]
+        else:
+            attrs = [*self._port_attrs(port), ("FOU_ATTR_IPPROTO", IPPROTO_IPIP), ("FOU_ATTR_TYPE", FOU_ENCAP_DIRECT)]
         self._request(FOU_CMD_ADD, attrs, NLM_F_REQUEST | NLM_F_ACK)
 
     def delete(self, port: int) -> None:

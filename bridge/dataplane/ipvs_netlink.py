@@ -1,6 +1,12 @@
 """IPVS over generic netlink, on the batched netlink socket (see netlink_batch for why not pyroute2's IPVS
 class: it measured 17x `ipvsadm -R` for a 10,500-rule apply). The IPVS netlink ABI
 (include/uapi/linux/ip_vs.h) is small and stable; pyroute2 still resolves the family id.
+
+The tunnel attributes are written here too, and not through pyroute2's `ipvsmsg`, which declares
+IPVS_DEST_ATTR_TUN_PORT as a host-order `uint16` (pyroute2 0.9.7) while the kernel reads it with
+`nla_get_be16` (ip_vs_ctl.c, ip_vs_genl_parse_dest): through pyroute2 port 5555 arrives as 45845 on a
+little-endian host. The port is network order both ways (`be16` below, `!H` when read back), which
+`ipvsadm -Ln --tun-info` confirms in tests/kernel/test_gue.py.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from dataclasses import dataclass, field
 from pyroute2.netlink.generic import GenericNetlinkSocket
 from pyroute2.netlink.generic.ipvs import ipvsmsg
 
+from bridge.core.addr import canonical_ip
+from bridge.core.encap import DIRECT_ROUTING, GUE_CHECKSUMS, Forwarding, GueChecksum
 from bridge.core.live import DestStats
 from bridge.core.model import SyncDaemon
 from bridge.dataplane.netlink_batch import BatchSocket, attr, be16, parse_attrs, u16, u32
@@ -27,7 +35,14 @@ SVC_SCHED_NAME, SVC_FLAGS, SVC_TIMEOUT, SVC_NETMASK = 6, 7, 8, 9
 DEST_ADDR, DEST_PORT, DEST_FWD_METHOD, DEST_WEIGHT, DEST_U_THRESH, DEST_L_THRESH = 1, 2, 3, 4, 5, 6
 DEST_ACTIVE_CONNS, DEST_INACT_CONNS, DEST_ADDR_FAMILY, DEST_STATS64 = 7, 8, 11, 12
 STATS_CONNS, STATS_INPKTS, STATS_OUTPKTS, STATS_INBYTES, STATS_OUTBYTES = 1, 2, 3, 4, 5
-FWD_DIRECT_ROUTING = 3
+DEST_TUN_TYPE, DEST_TUN_PORT, DEST_TUN_FLAGS = 13, 14, 15
+FWD_METHODS = {"masq": 0, "local": 1, "tunnel": 2, "route": 3, "bypass": 4}
+"""IP_VS_CONN_F_MASQ ... IP_VS_CONN_F_BYPASS (the low bits of the dest's conn_flags)."""
+FWD_NAMES = {v: k for k, v in FWD_METHODS.items()}
+TUN_TYPES = {"ipip": 0, "gue": 1, "gre": 2}
+TUN_NAMES = {v: k for k, v in TUN_TYPES.items()}
+TUN_FLAG_BITS: dict[GueChecksum, int] = {"none": 0, "csum": 1, "remcsum": 2}
+"""IP_VS_TUNNEL_ENCAP_FLAG_NOCSUM, _CSUM, _REMCSUM."""
 CMD_NEW_DAEMON, CMD_DEL_DAEMON, CMD_GET_DAEMON = 9, 10, 11
 ATTR_DAEMON = 3
 DAEMON_STATE, DAEMON_MCAST_IFN, DAEMON_SYNC_ID = 1, 2, 3
@@ -71,6 +86,7 @@ class DestRecord:
     active_conns: int
     inactive_conns: int
     stats: DestStats = field(default_factory=DestStats)
+    forwarding: Forwarding = DIRECT_ROUTING
 
 
 @dataclass(frozen=True)
@@ -83,31 +99,72 @@ class Request:
     flags: int = 0
     dest: tuple[str, int] | None = None
     weight: int = 0
+    forwarding: Forwarding = DIRECT_ROUTING
+
+
+def address_family(address: str) -> int:
+    """AF_INET or AF_INET6 for an address in text."""
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
 def addr_attr(kind: int, address: str) -> bytes:
-    return attr(kind, socket.inet_aton(address) + b"\0" * 12)
+    """An address as IPVS carries it: a 16-byte `union nf_inet_addr`, IPv4 in the first 4 bytes and the rest
+    zero (ip_vs_mh hashes an IPv4 real server of an IPv6 service as those 16 bytes)."""
+    family = address_family(address)
+    return attr(kind, socket.inet_pton(family, address).ljust(16, b"\0"))
+
+
+def address_of(family: int, data: bytes) -> str:
+    """The canonical text of an address attribute of `family` (the kernel sends 16 bytes for either)."""
+    if family == socket.AF_INET6:
+        return canonical_ip(socket.inet_ntop(socket.AF_INET6, data[:16]))
+    return socket.inet_ntoa(data[:4])
 
 
 def _service_attrs(request: Request) -> bytes:
     key = request.service
-    attrs = u16(SVC_AF, socket.AF_INET) + u16(SVC_PROTOCOL, key.protocol) + addr_attr(SVC_ADDR, key.address)
+    family = address_family(key.address)
+    attrs = u16(SVC_AF, family) + u16(SVC_PROTOCOL, key.protocol) + addr_attr(SVC_ADDR, key.address)
     attrs += be16(SVC_PORT, key.port)
     if request.cmd in (CMD_NEW_SERVICE, CMD_SET_SERVICE):
         attrs += attr(SVC_SCHED_NAME, request.scheduler.encode() + b"\0")
         attrs += attr(SVC_FLAGS, struct.pack("=II", request.flags, 0xFFFFFFFF))
-        attrs += u32(SVC_TIMEOUT, 0) + attr(SVC_NETMASK, socket.inet_aton("255.255.255.255"))
+        # the netmask of an IPv6 service is a prefix length (1-128), as ipvsadm sends it
+        netmask = u32(SVC_NETMASK, 128) if family == socket.AF_INET6 else attr(SVC_NETMASK, b"\xff" * 4)
+        attrs += u32(SVC_TIMEOUT, 0) + netmask
     return attr(ATTR_SERVICE, attrs)
 
 
 def _dest_attrs(request: Request) -> bytes:
     assert request.dest is not None
     address, port = request.dest
-    attrs = addr_attr(DEST_ADDR, address) + be16(DEST_PORT, port) + u16(DEST_ADDR_FAMILY, socket.AF_INET)
+    attrs = addr_attr(DEST_ADDR, address) + be16(DEST_PORT, port) + u16(DEST_ADDR_FAMILY, address_family(address))
     if request.cmd in (CMD_NEW_DEST, CMD_SET_DEST):
-        attrs += u32(DEST_FWD_METHOD, FWD_DIRECT_ROUTING) + u32(DEST_WEIGHT, request.weight)
+        fwd = request.forwarding
+        attrs += u32(DEST_FWD_METHOD, FWD_METHODS[fwd.method]) + u32(DEST_WEIGHT, request.weight)
         attrs += u32(DEST_U_THRESH, 0) + u32(DEST_L_THRESH, 0)
+        if fwd.method == "tunnel":  # direct routing sends none, as before (and as kernels before 5.2 expect)
+            attrs += attr(DEST_TUN_TYPE, struct.pack("=B", TUN_TYPES[fwd.tunnel])) + be16(DEST_TUN_PORT, fwd.port)
+            attrs += u16(DEST_TUN_FLAGS, TUN_FLAG_BITS[fwd.checksum])
     return attr(ATTR_DEST, attrs)
+
+
+def _forwarding(dest: dict[int, bytes]) -> Forwarding:
+    """The forwarding method and tunnel settings the kernel reports for a real server (kernels before 5.2
+    report no tunnel attributes: ipip, port 0)."""
+    method = FWD_NAMES.get(_u32_of(dest, DEST_FWD_METHOD) & 0x7, "masq")
+    if method != "tunnel":
+        return DIRECT_ROUTING if method == "route" else Forwarding(method)
+    tun_type = dest.get(DEST_TUN_TYPE, b"\0")[0]
+    port = struct.unpack("!H", dest[DEST_TUN_PORT][:2])[0] if DEST_TUN_PORT in dest else 0
+    flags = struct.unpack("=H", dest[DEST_TUN_FLAGS][:2])[0] if DEST_TUN_FLAGS in dest else 0
+    checksum: GueChecksum = next((name for name in reversed(GUE_CHECKSUMS) if flags & TUN_FLAG_BITS[name]), "none")
+    return Forwarding("tunnel", TUN_NAMES.get(tun_type, str(tun_type)), port, checksum)
+
+
+def _u16_of(attrs: dict[int, bytes], kind: int) -> int:
+    value = attrs.get(kind)
+    return int(struct.unpack("=H", value[:2])[0]) if value else 0
 
 
 def _u32_of(attrs: dict[int, bytes], kind: int) -> int:
@@ -122,11 +179,13 @@ def _nested(data: bytes, kind: int) -> dict[int, bytes]:
 
 
 def _service_record(data: bytes) -> ServiceRecord | None:
+    """A service of either family; None for a firewall-mark service (no address)."""
     svc = _nested(data, ATTR_SERVICE)
-    if struct.unpack("=H", svc[SVC_AF][:2])[0] != socket.AF_INET or SVC_ADDR not in svc:
+    family = struct.unpack("=H", svc[SVC_AF][:2])[0]
+    if family not in (socket.AF_INET, socket.AF_INET6) or SVC_ADDR not in svc:
         return None
-    key = WireKey(socket.inet_ntoa(svc[SVC_ADDR][:4]), struct.unpack("!H", svc[SVC_PORT][:2])[0],
-                     struct.unpack("=H", svc[SVC_PROTOCOL][:2])[0])
+    key = WireKey(address_of(family, svc[SVC_ADDR]), struct.unpack("!H", svc[SVC_PORT][:2])[0],
+                  struct.unpack("=H", svc[SVC_PROTOCOL][:2])[0])
     flags = struct.unpack("=II", svc[SVC_FLAGS][:8])[0] if SVC_FLAGS in svc else 0
     return ServiceRecord(key, svc.get(SVC_SCHED_NAME, b"").rstrip(b"\0").decode(), flags)
 
@@ -171,18 +230,22 @@ class IpvsNetlink:
         return None if data is None else _service_record(data)
 
     def dests(self, key: WireKey) -> list[DestRecord]:
-        """Real servers in kernel list order (the order ip_vs_mh fills its table in)."""
+        """Real servers in kernel list order (the order ip_vs_mh fills its table in). A real server's family is
+        its own (DEST_ADDR_FAMILY, sent since Linux 3.18), which differs from the service's under tunnel
+        forwarding."""
         body = struct.pack("=BBH", CMD_GET_DEST, 1, 0) + _service_attrs(Request(CMD_GET_DEST, key))
         found = []
         for data in self.batch.dump(self.family, body):
             dest = _nested(data, ATTR_DEST)
+            family = _u16_of(dest, DEST_ADDR_FAMILY) or address_family(key.address)
             found.append(DestRecord(
-                address=socket.inet_ntoa(dest[DEST_ADDR][:4]),
+                address=address_of(family, dest[DEST_ADDR]),
                 port=struct.unpack("!H", dest[DEST_PORT][:2])[0],
                 weight=_u32_of(dest, DEST_WEIGHT),
                 active_conns=_u32_of(dest, DEST_ACTIVE_CONNS),
                 inactive_conns=_u32_of(dest, DEST_INACT_CONNS),
                 stats=_stats(dest.get(DEST_STATS64)),
+                forwarding=_forwarding(dest),
             ))
         return found
 

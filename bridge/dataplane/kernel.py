@@ -19,8 +19,9 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from bridge.core.addr import ipv4_int
+from bridge.core.addr import canonical_ip, ip_value
 from bridge.core.config import Config
+from bridge.core.encap import mtu_problem
 from bridge.core.keys import Protocol, ServiceKey
 from bridge.core.live import LiveFilter, LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
 from bridge.core.ops import (
@@ -54,6 +55,7 @@ from bridge.dataplane.ipvs_netlink import (
     Request,
     ServiceRecord,
     WireKey,
+    address_family,
 )
 from bridge.dataplane.netlink_batch import NLM_F_CREATE, NLM_F_EXCL, BatchSocket, attr, describe, u32
 from bridge.dataplane.nft import FilterError, Nft
@@ -72,6 +74,7 @@ SCOPE_HOST = 254
 TUNNEL_TTL = 64
 RTM_NEWROUTE, RTM_DELROUTE = 24, 25
 RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
+HOST_LENGTHS: dict[int, int] = {socket.AF_INET: 32, socket.AF_INET6: 128}
 
 
 class ApplyError(RuntimeError):
@@ -127,7 +130,7 @@ class Kernel:
 
     def _owned_vip(self, address: str) -> bool:
         try:
-            return self.config.is_vip_allowed(ipv4_int(address))
+            return self.config.is_vip_allowed(ip_value(address))
         except ValueError:
             return False
 
@@ -143,7 +146,7 @@ class Kernel:
             if record is None or protocol is None or not self._owned_vip(record.key.address):
                 continue
             dests = tuple(
-                LiveRealServer(d.address, d.port, d.weight, d.active_conns, d.inactive_conns, d.stats)
+                LiveRealServer(d.address, d.port, d.weight, d.active_conns, d.inactive_conns, d.stats, d.forwarding)
                 for d in self.ipvs.dests(record.key)
             )
             services.append(LiveService(record.key.address, record.key.port, protocol, record.scheduler,
@@ -176,21 +179,21 @@ class Kernel:
             )
         return tuple(sorted(links, key=lambda link: link.name))
 
+    def _host_routes(self, table: int) -> Iterator[Any]:
+        """The agent's host routes (/32 and /128, its protocol number) in `table`, of both families."""
+        for family, length in HOST_LENGTHS.items():
+            for msg in self.ipr.get_routes(family=family, table=table, proto=self.config.route_protocol):
+                if msg["dst_len"] == length and msg["proto"] == self.config.route_protocol and (
+                        msg.get_attr("RTA_TABLE") or msg["table"]) == table:
+                    yield msg
+
     def _parse_routes(self, link_msgs: list[Any]) -> tuple[LiveRoute, ...]:
         names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in link_msgs}
-        routes = []
-        for table in TABLES.values():
-            for msg in self.ipr.get_routes(family=socket.AF_INET, table=table, proto=self.config.route_protocol):
-                if msg["dst_len"] != 32 or msg["proto"] != self.config.route_protocol:
-                    continue
-                table_id = msg.get_attr("RTA_TABLE") or msg["table"]
-                routes.append(
-                    LiveRoute(
-                        dst=str(msg.get_attr("RTA_DST")),
-                        table=TABLE_NAMES.get(table_id, str(table_id)),
-                        dev=str(names.get(msg.get_attr("RTA_OIF"), "")),
-                    )
-                )
+        routes = [
+            LiveRoute(dst=canonical_ip(str(msg.get_attr("RTA_DST"))), table=TABLE_NAMES[table],
+                      dev=str(names.get(msg.get_attr("RTA_OIF"), "")))
+            for table in TABLES.values() for msg in self._host_routes(table)
+        ]
         return tuple(sorted(set(routes), key=lambda r: (r.table, r.dst, r.dev)))
 
     def read(self, services: bool = True, filter_table: bool = True) -> LiveState:
@@ -239,12 +242,8 @@ class Kernel:
         protocol there are someone else's and never read as ours."""
         if self.config.bgp is None:
             return ()
-        table = self.config.bgp.table
-        found = {str(msg.get_attr("RTA_DST"))
-                 for msg in self.ipr.get_routes(family=socket.AF_INET, table=table, proto=self.config.route_protocol)
-                 if msg["dst_len"] == 32 and msg["proto"] == self.config.route_protocol
-                 and (msg.get_attr("RTA_TABLE") or msg["table"]) == table}
-        return tuple(sorted(found, key=ipv4_int))
+        found = {canonical_ip(str(msg.get_attr("RTA_DST"))) for msg in self._host_routes(self.config.bgp.table)}
+        return tuple(sorted(found, key=ip_value))
 
     def default_local_address(self) -> str:
         """The underlay source address: the one on the interface holding the default route."""
@@ -256,6 +255,15 @@ class Kernel:
             for addr in self.ipr.get_addr(family=socket.AF_INET, index=oif):
                 return str(addr.get_attr("IFA_ADDRESS"))
         raise ApplyError("local_address is not set and there is no IPv4 default route to derive it from")
+
+    def mtu_warning(self, local_address: str) -> str | None:
+        """Whether the underlay interface (the one holding the tunnel source address) can carry full-size
+        packets in this director's encapsulation; the warning when it cannot."""
+        for addr in self.ipr.get_addr(family=socket.AF_INET, address=local_address):
+            link = self.ipr.get_links(addr["index"])[0]
+            return mtu_problem(self.config.encapsulation, str(link.get_attr("IFLA_IFNAME")),
+                               int(link.get_attr("IFLA_MTU")))
+        return None
 
     # ---- applying ------------------------------------------------------------------------------
 
@@ -334,9 +342,11 @@ class Kernel:
             raise ApplyError(f"no link named {op.dev}")
         local = op.table == "local"
         table = TABLES[op.table]
-        header = struct.pack("=BBBBBBBBI", socket.AF_INET, 32, 0, 0, table, self.config.route_protocol,
-                             SCOPE_HOST if local else SCOPE_LINK, RTN_LOCAL if local else RTN_UNICAST, 0)
-        body = header + attr(RTA_DST, socket.inet_aton(op.dst)) + u32(RTA_OIF, indexes[op.dev]) + u32(RTA_TABLE, table)
+        family, length, dst = _host_dst(op.dst)
+        scope = 0 if family == socket.AF_INET6 else SCOPE_HOST if local else SCOPE_LINK  # IPv6 routes have none
+        header = struct.pack("=BBBBBBBBI", family, length, 0, 0, table, self.config.route_protocol, scope,
+                             RTN_LOCAL if local else RTN_UNICAST, 0)
+        body = header + dst + u32(RTA_OIF, indexes[op.dev]) + u32(RTA_TABLE, table)
         if isinstance(op, AddRoute):
             return RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body
         return RTM_DELROUTE, 0, body
@@ -346,9 +356,10 @@ class Kernel:
         """A blackhole /32 in the announce table: BIRD learns it and exports it with itself as next hop; it
         needs no device and forwards nothing. A withdrawal deletes only a route of the agent's protocol."""
         table = op.table
-        header = struct.pack("=BBBBBBBBI", socket.AF_INET, 32, 0, 0, table, self.config.route_protocol, 0,
+        family, length, dst = _host_dst(op.vip)
+        header = struct.pack("=BBBBBBBBI", family, length, 0, 0, table, self.config.route_protocol, 0,
                              RTN_BLACKHOLE if isinstance(op, Announce) else 0, 0)
-        body = header + attr(RTA_DST, socket.inet_aton(op.vip)) + u32(RTA_TABLE, table)
+        body = header + dst + u32(RTA_TABLE, table)
         if isinstance(op, Announce):
             return RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body
         return RTM_DELROUTE, 0, body
@@ -357,6 +368,12 @@ class Kernel:
 GONE = describe(errno.ESRCH)
 """A withdrawal of a route already gone has done what it was for: `maintenance on` deletes the announcements
 itself, and a pass that began before the agent saw the file still plans their withdrawal."""
+
+
+def _host_dst(address: str) -> tuple[int, int, bytes]:
+    """(family, prefix length, RTA_DST attribute) of a host route to `address`."""
+    family = address_family(address)
+    return family, HOST_LENGTHS[family], attr(RTA_DST, socket.inet_pton(family, address))
 
 
 def _sysctl_path(name: str) -> Path:
@@ -386,7 +403,7 @@ def _ipvs_request(op: IpvsOp) -> Request:
         return Request(CMD_DEL_SERVICE, key)
     if isinstance(op, AddDest | SetDest):
         return Request(CMD_NEW_DEST if isinstance(op, AddDest) else CMD_SET_DEST, key, dest=(op.address, op.port),
-                       weight=op.weight)
+                       weight=op.weight, forwarding=op.forwarding)
     return Request(CMD_DEL_DEST, key, dest=(op.address, op.port))
 
 

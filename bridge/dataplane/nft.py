@@ -10,7 +10,8 @@ package, and nothing else of the system's, through scripts/venv-nftables.sh (mak
 Ownership: everything lives in `table inet maglev_bridge`; the agent never lists, flushes or changes any
 other table, so an operator's tables and iptables-nft rules are never touched. Inside its table, names say
 what belongs to which virtual service (`allow_<vip hex>_<proto>_<port>` for the set, `drop_...` for the
-counter) and the rule's comment names the service's VIP:port/protocol.
+counter) and the rule's comment names the service's VIP:port/protocol. IPv6 VIPs get their rules and sets in
+the same table (`meta nfproto ipv6 ip6 daddr ... ip6 saddr != @allow_<32 hex digits>_...`).
 
 Where the chain sits: a base chain on the input hook at priority `filter` (0). IPVS takes packets on
 NF_INET_LOCAL_IN at NF_IP_PRI_NAT_SRC - 2 and - 1 (98 and 99, net/netfilter/ipvs/ip_vs_core.c), so this
@@ -24,7 +25,8 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-from bridge.core.addr import ipv4_int
+from bridge.core.addr import ip_value
+from bridge.core.allow import Network
 from bridge.core.keys import ServiceKey
 from bridge.core.live import LiveAllow, LiveFilter
 from bridge.core.ops import CreateFilter, FilterOp
@@ -42,33 +44,36 @@ class FilterError(RuntimeError):
 
 
 def object_id(key: ServiceKey) -> str:
-    """Reversible, and short enough for nftables' names (at most 255 bytes)."""
-    return f"{ipv4_int(key.vip):08x}_{key.protocol}_{key.port}"
+    """Reversible, and short enough for nftables' names (at most 255 bytes): the VIP as 8 hex digits (IPv4)
+    or 32 (IPv6)."""
+    family, value = ip_value(key.vip)
+    return f"{value:0{8 if family == 4 else 32}x}_{key.protocol}_{key.port}"
 
 
 def _key(object_id: str) -> ServiceKey | None:
     vip, _, rest = object_id.partition("_")
     protocol, _, port = rest.partition("_")
-    if len(vip) != 8 or protocol not in ("tcp", "udp") or not port.isdigit():
+    if len(vip) not in (8, 32) or protocol not in ("tcp", "udp") or not port.isdigit():
         return None
     try:
-        address = str(ipaddress.IPv4Address(int(vip, 16)))
+        value = int(vip, 16)
+        address = str(ipaddress.IPv4Address(value) if len(vip) == 8 else ipaddress.IPv6Address(value))
     except ValueError:
         return None
     return ServiceKey(address, int(port), "udp" if protocol == "udp" else "tcp")
 
 
 def _prefixes(elements: Iterable[Any]) -> tuple[str, ...]:
-    """The set's elements as the agent writes them: a /32 comes back as a bare address, a range that is no
-    prefix (written by someone else) as the prefixes covering it."""
-    found: list[ipaddress.IPv4Network] = []
+    """The set's elements as the agent writes them: a host prefix (/32, /128) comes back as a bare address, a
+    range that is no prefix (written by someone else) as the prefixes covering it. A set holds one family."""
+    found: list[Network] = []
     for element in elements:
         if isinstance(element, str):
-            found.append(ipaddress.IPv4Network(element))
+            found.append(ipaddress.ip_network(element))
         elif "prefix" in element:
-            found.append(ipaddress.IPv4Network((element["prefix"]["addr"], element["prefix"]["len"])))
+            found.append(ipaddress.ip_network(f"{element['prefix']['addr']}/{element['prefix']['len']}"))
         elif "range" in element:
-            low, high = (ipaddress.IPv4Address(a) for a in element["range"])
+            low, high = (ipaddress.ip_address(a) for a in element["range"])
             found.extend(ipaddress.summarize_address_range(low, high))
     return tuple(str(n) for n in sorted(found))
 

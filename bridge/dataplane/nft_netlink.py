@@ -52,7 +52,7 @@ NF_DROP, NF_ACCEPT = 0, 1
 NFT_REG_VERDICT, NFT_REG_1 = 0, 1
 NFT_SET_INTERVAL = 0x4
 NFT_SET_ELEM_INTERVAL_END = 0x1
-TYPE_IPADDR = 7
+TYPE_IPADDR, TYPE_IP6ADDR = 7, 8
 BYTEORDER_BIG_ENDIAN = 2
 ELEMENTS_PER_MESSAGE = 1000
 """A nested attribute's length is 16 bits: 1,000 elements of 24 bytes stay well under it."""
@@ -94,57 +94,81 @@ def _equal(value: bytes) -> bytes:
     return _expr("cmp", _be32(1, NFT_REG_1), _be32(2, 0), _nest(3, attr(1, value)))  # SREG, OP eq, DATA{VALUE}
 
 
-_IPV4 = _meta(15) + _equal(b"\x02")  # NFT_META_NFPROTO == NFPROTO_IPV4
-_DADDR, _DPORT, _SADDR = _payload(1, 16, 4), _payload(2, 2, 2), _payload(1, 12, 4)
+@dataclass(frozen=True)
+class _Family:
+    """What differs between an IPv4 and an IPv6 rule and set: the nfproto match, where the addresses sit in
+    the network header, the address length and the set's key type."""
+
+    nfproto: bytes
+    daddr: bytes
+    saddr: bytes
+    size: int
+    key_type: int
+
+
+FAMILIES = {
+    4: _Family(_meta(15) + _equal(b"\x02"), _payload(1, 16, 4), _payload(1, 12, 4), 4, TYPE_IPADDR),  # NFPROTO_IPV4
+    6: _Family(_meta(15) + _equal(b"\x0a"), _payload(1, 24, 16), _payload(1, 8, 16), 16, TYPE_IP6ADDR),  # ..._IPV6
+}
+_DPORT = _payload(2, 2, 2)
 _L4PROTO = {name: _meta(16) + _equal(bytes([number])) for name, number in PROTOCOLS.items()}  # NFT_META_L4PROTO
 _DROP = _expr("immediate", _be32(1, NFT_REG_VERDICT), _nest(2, _nest(2, _be32(1, NF_DROP))))  # DATA{VERDICT{CODE}}
 
 
 def rule_expressions(key: ServiceKey, ident: str) -> bytes:
     """`meta nfproto ipv4 ip daddr VIP meta l4proto P P dport PORT ip saddr != @allow_ID counter name
-    drop_ID drop`, the expressions libnftables generates for that rule in an inet table (the fixed ones
-    encoded once)."""
+    drop_ID drop` (for an IPv6 VIP `meta nfproto ipv6 ip6 daddr ... ip6 saddr`), the expressions libnftables
+    generates for that rule in an inet table (the fixed ones encoded once)."""
+    family = FAMILIES[key.family]
+    vip = socket.inet_pton(socket.AF_INET6 if key.family == 6 else socket.AF_INET, key.vip)
     return b"".join((
-        _IPV4, _DADDR, _equal(socket.inet_aton(key.vip)),
+        family.nfproto, family.daddr, _equal(vip),
         _L4PROTO[key.protocol], _DPORT, _equal(struct.pack("!H", key.port)),
-        _SADDR, _expr("lookup", _string(1, f"allow_{ident}"), _be32(2, NFT_REG_1), _be32(5, 1)),  # SET, SREG, F_INV
+        family.saddr,
+        _expr("lookup", _string(1, f"allow_{ident}"), _be32(2, NFT_REG_1), _be32(5, 1)),  # SET, SREG, F_INV
         _expr("objref", _be32(1, NFT_OBJECT_COUNTER), _string(2, f"drop_{ident}")),  # IMM_TYPE, IMM_NAME
         _DROP,
     ))
 
 
-_START = struct.Struct("=HHHHHH4s")
-_END = struct.Struct("=HHHHHH4sHH4s")
 _INTERVAL_END = struct.pack("!I", NFT_SET_ELEM_INTERVAL_END)
 _OPEN = attr(6, struct.pack("=BBI", 1, 4, 1))
 """NFTA_SET_ELEM_USERDATA { NFTNL_UDATA_SET_ELEM_FLAGS: NFTNL_SET_ELEM_F_INTERVAL_OPEN }: an interval that
 runs to the last address, which has no end element."""
 
 
-def _end(address: int) -> bytes:
-    return _END.pack(24, _NESTED_1, 12, _NESTED_1, 8, 1, address.to_bytes(4, "big"), 8, 3, _INTERVAL_END)
+def _start(first: bytes) -> bytes:
+    size = len(first)
+    return struct.pack(f"=HHHHHH{size}s", 12 + size, _NESTED_1, 8 + size, _NESTED_1, 4 + size, 1, first)
+
+
+def _end(address: int, size: int) -> bytes:
+    return struct.pack(f"=HHHHHH{size}sHH4s", 20 + size, _NESTED_1, 8 + size, _NESTED_1, 4 + size, 1,
+                       address.to_bytes(size, "big"), 8, 3, _INTERVAL_END)
 
 
 def interval_elements(prefixes: Iterable[str]) -> list[bytes]:
-    """The prefixes as libnftables writes them into an interval set (`nft --debug=netlink`): an end element
-    at 0.0.0.0 unless a prefix starts there; then, in address order, each prefix's first address and the
-    address after its last one flagged as an interval end (a prefix reaching 255.255.255.255 has no end
-    and is marked open). Each element is packed whole (NFTA_LIST_ELEM { NFTA_SET_ELEM_KEY {
-    NFTA_DATA_VALUE address } }): a large table has tens of thousands, and attribute by attribute they
-    cost more than the kernel's whole transaction."""
+    """The prefixes (all of one family) as libnftables writes them into an interval set (`nft
+    --debug=netlink`): an end element at 0.0.0.0 (or ::) unless a prefix starts there; then, in address
+    order, each prefix's first address and the address after its last one flagged as an interval end (a
+    prefix reaching the last address has no end and is marked open). Each element is packed whole
+    (NFTA_LIST_ELEM { NFTA_SET_ELEM_KEY { NFTA_DATA_VALUE address } }): a large table has tens of thousands,
+    and attribute by attribute they cost more than the kernel's whole transaction."""
     ranges = []
+    size = 4
     for prefix in prefixes:
         address, _, length = prefix.partition("/")
-        first = socket.inet_aton(address)
-        ranges.append((first, int.from_bytes(first, "big") + (1 << (32 - int(length or 32)))))
+        family, size = (socket.AF_INET6, 16) if ":" in address else (socket.AF_INET, 4)
+        first = socket.inet_pton(family, address)
+        ranges.append((first, int.from_bytes(first, "big") + (1 << (size * 8 - int(length or size * 8)))))
     ranges.sort()
-    found = [] if ranges and ranges[0][0] == bytes(4) else [_end(0)]
+    found = [] if ranges and ranges[0][0] == bytes(size) else [_end(0, size)]
     for first, end in ranges:
-        start = _START.pack(16, _NESTED_1, 12, _NESTED_1, 8, 1, first)
-        if end < 1 << 32:
-            found += (start, _end(end))
+        start = _start(first)
+        if end < 1 << size * 8:
+            found += (start, _end(end, size))
         else:
-            found.append(struct.pack("=HH", 16 + len(_OPEN), _NESTED_1) + start[4:] + _OPEN)
+            found.append(struct.pack("=HH", len(start) + len(_OPEN), _NESTED_1) + start[4:] + _OPEN)
     return found
 
 
@@ -172,8 +196,9 @@ def messages(op: FilterOp, table: str, chain: str, comment: str, ident: str, lab
         yield Message(NEWOBJ, NLM_F_CREATE, counter + _nest(4) + attr(8, _comment(f"{comment} {label}")))
         # FLAGS, KEY_TYPE, KEY_LEN, ID (required; this batch names sets, so any number), USERDATA
         byteorder = struct.pack("=BBI", 0, 4, BYTEORDER_BIG_ENDIAN)  # NFTNL_UDATA_SET_KEYBYTEORDER
-        yield Message(NEWSET, NLM_F_CREATE, allow + _be32(3, NFT_SET_INTERVAL) + _be32(4, TYPE_IPADDR)
-                      + _be32(5, 4) + _be32(10, zlib.crc32(ident.encode())) + attr(13, byteorder))
+        family = FAMILIES[op.key.family]
+        yield Message(NEWSET, NLM_F_CREATE, allow + _be32(3, NFT_SET_INTERVAL) + _be32(4, family.key_type)
+                      + _be32(5, family.size) + _be32(10, zlib.crc32(ident.encode())) + attr(13, byteorder))
     if isinstance(op, ChangeAllow):
         yield Message(DELSETELEM, 0, allow)  # no element list: the kernel flushes the set
     if isinstance(op, AddAllow | ChangeAllow):

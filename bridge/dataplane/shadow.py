@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
-from bridge.core.addr import ipv4_int
+from bridge.core.addr import ip_value
 from bridge.core.filter import applied
 from bridge.core.keys import ServiceKey
 from bridge.core.live import LiveLink, LiveRealServer, LiveRoute, LiveService, LiveState
@@ -63,7 +63,7 @@ class ShadowKernel:
             self._network = (tuple(sorted(self.links.values(), key=lambda k: k.name)),
                              tuple(sorted(self.routes, key=lambda r: (r.table, r.dst, r.dev))))
         return LiveState(tuple(services), *self._network, tuple(sorted(self.sysctls.items())),
-                         tuple(sorted(self.announced, key=ipv4_int)),
+                         tuple(sorted(self.announced, key=ip_value)),
                          tuple(sorted(self.sync_daemons, key=lambda d: d.state)), self.filter)
 
     def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:
@@ -124,11 +124,12 @@ class ShadowKernel:
         if isinstance(op, AddDest):
             if present:
                 return "EEXIST"
-            servers = (LiveRealServer(op.address, op.port, op.weight), *svc.real_servers)
+            servers = (LiveRealServer(op.address, op.port, op.weight, forwarding=op.forwarding), *svc.real_servers)
         elif not present:
             return "ENOENT"
         elif isinstance(op, SetDest):
-            servers = tuple(replace(r, weight=op.weight) if r.address == op.address else r for r in svc.real_servers)
+            servers = tuple(replace(r, weight=op.weight, forwarding=op.forwarding) if r.address == op.address else r
+                            for r in svc.real_servers)
         else:
             servers = others
         self.services[op.key] = replace(svc, real_servers=servers)

@@ -51,6 +51,8 @@ class StatusReport(msgspec.Struct, frozen=True):
 
     agent: ReportedAgent = ReportedAgent()
     virtual_services: tuple[ReportedService, ...] = ()
+    encapsulation: str | None = None
+    """fou or gue; None from agents before encapsulations existed (they are fou) and from backends."""
 
 
 def read_report(body: bytes | str) -> StatusReport:
@@ -79,6 +81,26 @@ class Discovery:
     @property
     def disagreeing(self) -> list[str]:
         return sorted(vip for vip, prints in self.fingerprints.items() if len(set(prints.values())) > 1)
+
+    @property
+    def encapsulations(self) -> dict[str, list[str]]:
+        """Encapsulation -> the directors using it (an agent that does not report one is fou)."""
+        found: dict[str, list[str]] = defaultdict(list)
+        for d in self.directors:
+            if d.status is not None and d.status.agent.role == "director":
+                found[d.status.encapsulation or "fou"].append(d.label)
+        return dict(found)
+
+
+def mixed_text(encapsulations: dict[str, list[str]]) -> str | None:
+    """The flag of a fleet whose directors use different encapsulations: their real servers have different
+    addresses (tunnel addresses in fou, backend addresses in gue), so their Maglev tables differ by design and
+    a flow moved between two of them (maintenance, a failure, ECMP rehashing) reaches another backend."""
+    if len(encapsulations) < 2:
+        return None
+    groups = "; ".join(f"{kind}: {', '.join(sorted(labels))}" for kind, labels in sorted(encapsulations.items()))
+    return (f"MIXED ENCAPSULATION ({groups}): their Maglev tables differ by design; finish the migration "
+            "(README, \"Moving a fleet from fou to gue\") before moving flows between directors")
 
 
 def _dns_server(config: Config) -> tuple[str, int]:
@@ -146,6 +168,9 @@ def discovery_text(found: Discovery) -> str:
             agrees = "NO: tables differ" if key in bad else "yes"
             lines.append(f"{who} {key:<24} {len(vs.real_servers):>4} {vs.fingerprint or '-':<17} {agrees}")
     lines.extend(f"maintenance: {line}" for line in maintained)
+    mixed = mixed_text(found.encapsulations)
+    if mixed:
+        lines.append(mixed)
     lines.append(f"{len(found.directors)} director(s); " + (
         f"{len(bad)} virtual service(s) with differing tables: {', '.join(sorted(bad))}" if bad
         else "all agree on every virtual service"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bridge.core.addr import ipv4_int
+from bridge.core.addr import bracketed, canonical_ip, ip_value, split_host_port
 from bridge.core.allow import AllowList, admits, describe
 from bridge.core.keys import ServiceKey
 from bridge.core.maglev import Choice, Dest, MaglevTable, address_key, build_table, fingerprint, lookup, shares
@@ -44,29 +44,40 @@ def parse_service(text: str) -> ServiceKey:
         raise ExplainError(str(exc)) from None
 
 
-def parse_client(text: str) -> tuple[str, int]:
-    host, colon, port = text.partition(":")
+CLIENT_FORM = "<client-ip>[:<port>] (IPv6: [<client-ip>]:<port>, or the address alone)"
+
+
+def parse_client(text: str, key: ServiceKey) -> tuple[str, int]:
+    """The client address (canonical) and source port (0 when left out) of a flow to `key`. An IPv6 client
+    may be written without brackets when it has no port. A client of the other family than the VIP is
+    refused: its packets can never reach that virtual service."""
     try:
-        ipv4_int(host)
+        host, colon, port = ("", "", "") if text.count(":") > 1 and not text.startswith("[") else (
+            split_host_port(text))
+        client = canonical_ip(host or text)
     except ValueError:
-        raise ExplainError(f"{text!r}: expected <client-ip>[:<port>]") from None
-    if colon and not (port.isdigit() and int(port) <= 65535):
+        raise ExplainError(f"{text!r}: expected {CLIENT_FORM}") from None
+    if colon and not (port.isascii() and port.isdigit() and int(port) <= 65535):
         raise ExplainError(f"{text!r}: port {port!r} is not a number from 0 to 65535")
-    return host, int(port) if colon else 0
+    if ip_value(client).family != key.family:
+        raise ExplainError(f"client {client} is IPv{ip_value(client).family} and {key} is IPv{key.family}: "
+                           "its packets can never reach that virtual service")
+    return client, int(port) if colon else 0
 
 
 def _name(view: ServiceView, dest: Dest) -> str:
     backend = view.backends.get(dest.address)
     via = f" (backend {backend})" if backend else ""
     state = "" if dest.available else f", unavailable: weight 0, remembers {dest.last_weight}"
-    return f"{dest.address}:{dest.port}{via}{state}"
+    return f"{bracketed(dest.address)}:{dest.port}{via}{state}"
 
 
 def explain_flow(view: ServiceView, client: str, port: int, size: int) -> tuple[list[str], Choice | None]:
     table = build_table(view.dests, size)
     mh_port, mh_fallback = "mh-port" in view.flags, "mh-fallback" in view.flags
     lines = [f"{view.label}  flags {','.join(view.flags) or '-'}  table {size} slots  ({view.source})",
-             f"client {client}:{port}" + ("" if mh_port else "  (no mh-port: the source port is not hashed)")]
+             f"client {bracketed(client)}:{port}"
+             + ("" if mh_port else "  (no mh-port: the source port is not hashed)")]
     filtered = not admits(view.allow, client)
     if filtered:
         lines.append(f"source {client} is not in {view.service or view.label}'s allow list "
@@ -114,7 +125,7 @@ def explain_shares(view: ServiceView, size: int) -> list[str]:
         d = share.dest
         gap = share.distortion
         gap_text = "-" if gap is None else f"{gap:+.1%}"
-        lines.append(f"{d.address + ':' + str(d.port):<24} {d.last_weight:>7} {share.slots:>6} "
+        lines.append(f"{bracketed(d.address) + ':' + str(d.port):<24} {d.last_weight:>7} {share.slots:>6} "
                      f"{share.slot_share:>8.2%} {share.weight_share:>8.2%} {gap_text:>8}")
         if gap is not None and (worst is None or abs(gap) > abs(worst[0])):
             worst = (gap, d.address)

@@ -239,9 +239,9 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 
 def _agent_metrics(state: dict[str, Any], rejected: tuple[Rejection, ...], tag_prefix: str) -> Iterator[Metric]:
-    info = InfoMetricFamily(f"{NAMESPACE}_agent", "The agent's data-plane mode (its role is the target label "
-                            "the Consul discovery sets)")
-    info.add_metric([], {"dataplane": state["dataplane"]})
+    info = InfoMetricFamily(f"{NAMESPACE}_agent", "The agent's data-plane mode and encapsulation (its role is the "
+                            "target label the Consul discovery sets)")
+    info.add_metric([], {"dataplane": state["dataplane"], "encapsulation": state.get("encapsulation", "fou")})
     yield info
     yield _gauge("ready", "1 after the first complete pass (what /health says)", 1 if state["ready"] else 0)
     yield _gauge("fail_static", "1 while the agent keeps the kernel as it is because the catalog is unavailable "

@@ -7,12 +7,13 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
+from bridge.core.addr import bracketed
 from bridge.core.config import Config
 from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.live import LiveService
 from bridge.core.maglev import Dest, build_table, fingerprint
 from bridge.core.memory import last_weight
-from bridge.dataplane.kernel import ApplyError, open_kernel
+from bridge.dataplane.kernel import ApplyError, Kernel, open_kernel
 from bridge.files.maintenance import maintenance_json, read_maintenance
 from bridge.files.store import load_state
 from bridge.inspect.explain import ExplainError, ServiceView
@@ -27,14 +28,15 @@ def live_dests(service: LiveService, last_weights: Mapping[DestKey, int]) -> tup
     for rs in service.real_servers:
         last = last_weight(service.key, rs, last_weights)
         if last is None:
-            assumed.append(f"{rs.address}:{rs.port}")
+            assumed.append(f"{bracketed(rs.address)}:{rs.port}")
             last = 0
         dests.append(Dest(rs.address, rs.port, rs.weight, last))
     return tuple(dests), tuple(assumed)
 
 
 def live_view(config: Config, key: ServiceKey) -> ServiceView:
-    """One live virtual service, with each real server traced through its route and tunnel to its backend."""
+    """One live virtual service, with each real server traced through its route and tunnel to its backend (in
+    `gue` mode the real server is the backend, reached by IPVS's own tunnel)."""
     stored = load_state(config.state_file)
     with open_kernel(config) as kernel:
         live = kernel.read()
@@ -43,10 +45,22 @@ def live_view(config: Config, key: ServiceKey) -> ServiceView:
         raise ExplainError(f"{key}: no such virtual service owned by this agent in the kernel")
     remotes = {link.name: link.remote for link in live.links}
     backends = {r.dst: remotes[r.dev] or "" for r in live.routes if r.table == "main" and r.dev in remotes}
+    backends.update((rs.address, f"{rs.address} via {rs.forwarding.describe()}") for rs in service.real_servers
+                    if rs.forwarding.method == "tunnel")  # gue: IPVS encapsulates to the backend itself
     dests, assumed = live_dests(service, stored.memory.last_weights)
     entry = next((e for e in live.filter.allows if e.key == key), None)
     return ServiceView(key.text, service.flags, dests, backends, assumed,
                        allow=entry.prefixes if entry else None)
+
+
+def _mtu_warning(config: Config, kernel: Kernel) -> str | None:
+    """A director's underlay MTU problem; none for a backend (it only receives) or without an underlay."""
+    if config.role != "director":
+        return None
+    try:
+        return kernel.mtu_warning(config.local_address or kernel.default_local_address())
+    except ApplyError:
+        return None
 
 
 @lru_cache(maxsize=8192)
@@ -75,9 +89,12 @@ def read_status(config: Config) -> dict[str, Any]:
         except ApplyError as exc:
             live = kernel.read(services=False)
             kernel_note = str(exc)
+        mtu = _mtu_warning(config, kernel)
     prints = service_fingerprints(live.services, stored.memory.last_weights, config.mh_table_size)
     data = status_json(live, stored.report, prints)
     data["kernel_note"] = kernel_note
+    data["encapsulation"] = config.encapsulation if config.role == "director" else None
+    data["mtu_warning"] = mtu
     if config.bgp is not None:
         data["bgp_table"] = config.bgp.table
         data["maintenance"] = maintenance_json(read_maintenance(config.bgp.maintenance_file))

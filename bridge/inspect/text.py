@@ -9,7 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from bridge.core.addr import bracketed, host_prefix
 from bridge.core.allow import describe as describe_allow
+from bridge.core.encap import Forwarding
 from bridge.core.keys import ServiceKey
 from bridge.core.live import LiveState
 from bridge.core.model import DesiredState, Rejection
@@ -42,6 +44,7 @@ def desired_json(desired: DesiredState) -> dict[str, Any]:
         "rejected": [asdict(r) for r in desired.rejected],
         "sysctls": dict(desired.sysctls),
         "sync_daemons": None if desired.sync_daemons is None else [asdict(d) for d in desired.sync_daemons],
+        "forwarding": asdict(desired.forwarding),
     }
 
 
@@ -63,10 +66,12 @@ def desired_text(desired: DesiredState) -> str:
                      f"  flags {','.join(vs.flags) or '-'}  allow {describe_allow(vs.allow)}")
         for rs in vs.real_servers:
             note = "" if rs.weight == rs.last_weight else f" (remembers {rs.last_weight})"
-            lines.append(f"  -> {rs.address}:{rs.port}  weight {rs.weight}{note}  backend {rs.backend} "
+            lines.append(f"  -> {bracketed(rs.address)}:{rs.port}  weight {rs.weight}{note}  backend {rs.backend} "
                          f"({printable(rs.node)})")
     for t in desired.tunnels:
         lines.append(f"tunnel {t.name}: {t.local} -> {t.remote} fou:{t.fou_port}, route {t.tunnel_address}/32")
+    if desired.forwarding.method == "tunnel":
+        lines.append(f"real servers forward by IPVS tunnel: {desired.forwarding.describe()} (no links, no routes)")
     lines.extend(f"sysctl {name} = {value}" for name, value in desired.sysctls)
     lines.extend(f"connection sync {d.state} on {d.interface} syncid {d.syncid}" for d in desired.sync_daemons or ())
     if desired.rejected:
@@ -129,8 +134,8 @@ def status_text(data: dict[str, Any]) -> str:
         lines.append(f"{label:<26} {s['scheduler']:<6} {flags:<20} {s['fingerprint'] or '-':<17} "
                      f"{len(s['real_servers'])}")
         for rs in s["real_servers"]:
-            lines.append(f"    -> {rs['address'] + ':' + str(rs['port']):<22} weight {rs['weight']:<6} "
-                         f"active {rs['active_conns']:<6} inactive {rs['inactive_conns']}")
+            lines.append(f"    -> {bracketed(rs['address']) + ':' + str(rs['port']):<22} weight {rs['weight']:<6} "
+                         f"active {rs['active_conns']:<6} inactive {rs['inactive_conns']}{_via(rs)}")
     if not data["virtual_services"]:
         lines.append("(no virtual services owned by this agent)")
     lines.append("")
@@ -141,7 +146,7 @@ def status_text(data: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"{'ROUTE':<18} {'TABLE':<6} DEV")
     for r in data["routes"]:
-        lines.append(f"{r['dst'] + '/32':<18} {r['table']:<6} {r['dev']}")
+        lines.append(f"{host_prefix(r['dst']):<18} {r['table']:<6} {r['dev']}")
     lines.extend(_director_text(data))
     report = data.get("last_pass") or {}
     if report:
@@ -156,9 +161,22 @@ def status_text(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _via(rs: dict[str, Any]) -> str:
+    """A real server's forwarding when it is not direct routing (`.get`: older agents do not report it)."""
+    found = rs.get("forwarding") or {"method": "route"}
+    if found["method"] == "route":
+        return ""
+    return "  via " + Forwarding(**found).describe()
+
+
 def _director_text(data: dict[str, Any]) -> list[str]:
-    """Sysctls, announcements, maintenance and sync daemons (`.get`: a status from an older agent lacks them)."""
+    """Encapsulation, sysctls, announcements, maintenance and sync daemons (`.get`: a status from an older
+    agent lacks them)."""
     lines = [""]
+    if data.get("encapsulation"):
+        lines.append(f"encapsulation: {data['encapsulation']}")
+    if data.get("mtu_warning"):
+        lines.append(f"WARNING: {data['mtu_warning']}")
     lines.extend(f"sysctl {name} = {'missing' if value is None else value}"
                  for name, value in data.get("sysctls", {}).items())
     maintenance = data.get("maintenance") or {"on": False}

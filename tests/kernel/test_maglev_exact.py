@@ -277,7 +277,12 @@ def matrix(rng: random.Random) -> list[Service]:
     """Histories covering what the table depends on: 1 to 50 servers, weights up to 65535 (shifted to fit),
     weight 0 at add (no slots) and edited to 0 (slots kept: re-hashed with mh-fallback, dropped without),
     deletions, re-adds from the kernel's trash, IPv6, TCP and UDP, address-only and address+port hashing,
-    and (NAT) several real servers on one address with their own ports."""
+    (NAT) several real servers on one address with their own ports, real servers forwarding by GUE tunnel
+    (`encapsulation: gue`: the backends' own addresses; the forwarding method must not move a flow), and an IPv6
+    service whose real servers are IPv4 (mixed address families, which IPVS allows only with tunnel forwarding:
+    what an IPv6 VIP over an IPv4 underlay is). The kernel hashes a real server with the service's family
+    (`ip_vs_mh_permutate` passes `svc->af`), so an IPv4 real server of an IPv6 service is folded as a 16-byte
+    address whose last 12 bytes are zero: the same number as the IPv4 address, which is what the model hashes."""
     rs = REAL_SERVERS
     weights = [0 if i % 9 == 0 else rng.randint(1, 20) for i in range(50)]  # every ninth added at 0
     drained, flapped = rng.sample(rs[1:50:2], 6), rng.sample(rs[2:50:2], 2)
@@ -294,6 +299,10 @@ def matrix(rng: random.Random) -> list[Service]:
     v6 = adds(REAL_SERVERS6[:30], 8010, [rng.randint(1, 10) for _ in range(30)])
     v6 += [Step("edit", a, 8010, 0) for a in REAL_SERVERS6[3:30:9]]
     nat = [Step("add", rs[i // 2], 9001 + i % 2, rng.randint(1, 5)) for i in range(10)]
+    gue = adds(rs[50:70], 8013, [rng.randint(1, 6) for _ in range(20)])
+    gue += [Step("edit", a, 8013, 0) for a in rs[52:70:6]] + [Step("del", rs[55], 8013), Step("add", rs[55], 8013, 3)]
+    mixed = adds(rs[60:85], 8012, [rng.randint(1, 10) for _ in range(25)])
+    mixed += [Step("edit", a, 8012, 0) for a in rs[62:85:8]]
     return [
         Service("one server", "udp", vip(1), 8001, ("mh-port",), tuple(adds(rs[:1], 8001, [1])),
                 random_flows(rng, 300)),
@@ -318,6 +327,12 @@ def matrix(rng: random.Random) -> list[Service]:
                 tuple(v6), random_flows(rng, 1500, random_v6_sources(rng, 1000))),
         Service("NAT, two real servers per address on their own ports", "udp", vip(11), 8011, ("mh-port",),
                 tuple(nat), random_flows(rng, 800), forward="-m"),
+        Service("IPv6 VIP, IPv4 real servers by tunnel forwarding, three drained", "tcp", "2001:db8:2::12", 8012,
+                ("mh-port", "mh-fallback"), tuple(mixed), random_flows(rng, 1500, random_v6_sources(rng, 1000)),
+                forward="-i"),
+        Service("GUE tunnel real servers (encapsulation: gue), drained, re-added, fallback", "tcp", vip(13), 8013,
+                ("mh-port", "mh-fallback"), tuple(gue), random_flows(rng, 800),
+                forward="-i --tun-type gue --tun-port 6080"),
     ]
 
 

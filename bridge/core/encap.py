@@ -1,0 +1,79 @@
+"""How a director's packets reach a backend: the two encapsulations and what each costs on the wire.
+
+`fou`: the real server is the backend's tunnel address (tunnel_map), IPVS forwards by direct routing, and a
+per-backend ipip link with FOU encapsulation and a /32 route carry the packet (the seed's design).
+`gue`: the real server is the backend's own address, and IPVS encapsulates the packet itself (tunnel
+forwarding, `IPVS_DEST_ATTR_TUN_TYPE` = GUE, since Linux 5.2): no link, no route per backend.
+
+The real-server address differs between the two, and ip_vs_mh hashes it, so the Maglev tables of a `fou`
+director and a `gue` director differ: every director of a fleet must use the same encapsulation (the README's
+migration runbook says how to move a fleet from one to the other).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Encapsulation = Literal["fou", "gue"]
+ENCAPSULATIONS: tuple[Encapsulation, ...] = ("fou", "gue")
+GueChecksum = Literal["none", "csum", "remcsum"]
+GUE_CHECKSUMS: tuple[GueChecksum, ...] = ("none", "csum", "remcsum")
+"""ipvsadm's --tun-nocsum, --tun-csum, --tun-remcsum (IP_VS_TUNNEL_ENCAP_FLAG_*): none sends a zero UDP checksum
+(the inner packet keeps its own); csum fills the outer UDP checksum; remcsum adds GUE's remote checksum offload
+option (4 more bytes on packets whose checksum is left to offload)."""
+DEFAULT_GUE_PORT = 6080
+"""The port ipvsadm's manual uses for GUE (`--tun-port 6080`, `ip fou add port 6080 gue`); kept apart from FOU's
+5555 because one UDP port of a receiver is either FOU or GUE, never both."""
+
+OUTER_IPV4 = 20
+UDP = 8
+GUE_HEADER = 4
+OVERHEAD: dict[Encapsulation, int] = {"fou": OUTER_IPV4 + UDP, "gue": OUTER_IPV4 + UDP + GUE_HEADER}
+"""Bytes each encapsulation adds to a packet with an IPv4 outer header: FOU puts the inner IP packet right after
+the UDP header (28); GUE adds its 4-byte header (32; remcsum adds 4 more where it applies)."""
+INNER_MTU = 1500
+"""The packet size the clients' side of the internet uses: what the underlay must carry inside the tunnel."""
+
+
+@dataclass(frozen=True)
+class Forwarding:
+    """How IPVS sends a real server's packets (IPVS_DEST_ATTR_FWD_METHOD and the tunnel attributes), as the
+    kernel reports it: the planner compares it so that a real server in the wrong mode, port or checksum
+    setting is corrected, and a draining one keeps the forwarding it has."""
+
+    method: str = "route"
+    """route (direct routing), tunnel, masq, local or bypass."""
+    tunnel: str = "ipip"
+    """With `tunnel`: ipip, gue or gre (IP_VS_CONN_F_TUNNEL_TYPE_*)."""
+    port: int = 0
+    checksum: GueChecksum = "none"
+
+    def describe(self) -> str:
+        if self.method != "tunnel":
+            return self.method
+        if self.tunnel != "gue":
+            return f"tunnel {self.tunnel}"
+        return f"gue port {self.port}" + ("" if self.checksum == "none" else f" {self.checksum}")
+
+
+DIRECT_ROUTING = Forwarding()
+
+
+def forwarding(encapsulation: Encapsulation, gue_port: int, gue_checksum: GueChecksum) -> Forwarding:
+    """What every real server of a director in this mode must have."""
+    if encapsulation == "gue":
+        return Forwarding("tunnel", "gue", gue_port, gue_checksum)
+    return DIRECT_ROUTING
+
+
+def mtu_problem(encapsulation: Encapsulation, interface: str, mtu: int) -> str | None:
+    """A warning when the underlay cannot carry a full-size client packet in this encapsulation without
+    fragmenting (a director does not fragment for its clients: large packets of a DF flow are lost until PMTU
+    discovery, which DSR's asymmetric path often breaks). None when it can."""
+    needed = INNER_MTU + OVERHEAD[encapsulation]
+    if mtu >= needed:
+        return None
+    return (f"underlay MTU {mtu} on {interface} cannot carry {INNER_MTU}-byte packets in {encapsulation} "
+            f"encapsulation (+{OVERHEAD[encapsulation]} bytes): raise it to {needed} or more, or clamp the "
+            f"clients' MSS to {mtu - OVERHEAD[encapsulation] - 40}")
