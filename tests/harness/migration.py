@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from tests.harness.addresses import FOU_PORT, vip
+from tests.harness.agent import AgentHarness, tunnel_of
 from tests.harness.netns import VENV_PYTHON, Bed
 from tests.harness.topology import Backend, Director, Topology
 from tests.harness.traffic import Traffic
@@ -41,11 +42,6 @@ SYNC_ID = 1
 AGENT_SYSCTLS = {"net.ipv4.vs.sloppy_tcp": 1, "net.ipv4.vs.expire_nodest_conn": 1}
 """The agent's director sysctls (README, "The director's sysctls")."""
 FORWARDING: dict[Mode, str] = {"fou": "-g", "gue": f"-i --tun-type gue --tun-port {GUE_PORT}"}
-
-
-def real_server(backend: Backend, mode: Mode) -> str:
-    """The address IPVS is given for this backend in this encapsulation."""
-    return backend.tunnel_address if mode == "fou" else backend.address
 
 
 class MigrationBed:
@@ -75,6 +71,10 @@ class MigrationBed:
         self.route(self.directors)
         for s in servers:
             s.wait_ready()
+
+    def real_server(self, backend: Backend, mode: Mode) -> str:
+        """The address IPVS is given for this backend in this encapsulation."""
+        return backend.tunnel_address if mode == "fou" else backend.address
 
     def _director(self, d: Director) -> None:
         links = []
@@ -119,11 +119,11 @@ class MigrationBed:
         them, so ip_vs_mh gives them no slot (it builds its table from each real server's last non-zero
         weight) and the Maglev table does not change; connections synced from a director in that mode are
         bound to them and forwarded with their encapsulation."""
-        self.ipvs(d, [f"-a {SERVICE} -r {real_server(b, mode)}:{PORT} {FORWARDING[mode]} -w 0"
+        self.ipvs(d, [f"-a {SERVICE} -r {self.real_server(b, mode)}:{PORT} {FORWARDING[mode]} -w 0"
                       for b in self.backends])
 
     def set_weights(self, d: Director, mode: Mode, weight: int) -> None:
-        self.ipvs(d, [f"-e {SERVICE} -r {real_server(b, mode)}:{PORT} {FORWARDING[mode]} -w {weight}"
+        self.ipvs(d, [f"-e {SERVICE} -r {self.real_server(b, mode)}:{PORT} {FORWARDING[mode]} -w {weight}"
                       for b in self.backends])
 
     def switch(self, d: Director, old: Mode, new: Mode) -> None:
@@ -133,14 +133,23 @@ class MigrationBed:
         self.set_weights(d, old, 0)
 
     def delete_real_servers(self, d: Director, mode: Mode) -> None:
-        self.ipvs(d, [f"-d {SERVICE} -r {real_server(b, mode)}:{PORT}" for b in self.backends])
+        self.ipvs(d, [f"-d {SERVICE} -r {self.real_server(b, mode)}:{PORT}" for b in self.backends])
 
     def add_real_servers(self, d: Director, mode: Mode, weight: int = 1) -> None:
-        self.ipvs(d, [f"-a {SERVICE} -r {real_server(b, mode)}:{PORT} {FORWARDING[mode]} -w {weight}"
+        self.ipvs(d, [f"-a {SERVICE} -r {self.real_server(b, mode)}:{PORT} {FORWARDING[mode]} -w {weight}"
                       for b in self.backends])
 
     def delete_links(self, d: Director) -> None:
         d.ip_batch([f"link del mgl{b.index:08x}" for b in self.backends])
+
+    def remove_fou(self, d: Director) -> None:
+        """Step 3 on one director: its fou real servers, then its links and routes."""
+        self.delete_real_servers(d, "fou")
+        self.delete_links(d)
+
+    def links(self, d: Director) -> list[str]:
+        return [line.split(":")[1].strip().split("@")[0] for line in d.ip("-o", "link", "show").stdout.splitlines()
+                if line.split(":")[1].strip().startswith("mgl")]
 
     # ------------------------------------------------------------------------------- the router
 
@@ -196,3 +205,42 @@ class MigrationBed:
     def keep(self, folder: Path) -> None:
         """Copy the recordings and logs (for a failed run)."""
         shutil.copytree(self.folder, folder, dirs_exist_ok=True)
+
+
+class AgentMigrationBed(MigrationBed):
+    """The same bed with the agent doing what it does: ``maglev-bridge apply`` configures the backends (both
+    receivers) and the directors (fou, then `encapsulation: gue`), with connection sync and a drain_timeout
+    longer than the test, so that it keeps real servers it does not want at weight 0.  Step 1 (the standby
+    gue real servers) and the deletions of step 3 stay ipvsadm commands: the agent has no key for them yet
+    (docs/gue-migration.md, "What the agent does")."""
+
+    def __init__(self, bed: Bed, directors: int = 2, backends: int = 3):
+        super().__init__(bed, directors, backends)
+        self.agents = AgentHarness(self.topology, drain_timeout=3600, resync_interval=300, receive=["fou", "gue"],
+                                   gue_port=GUE_PORT, conn_sync={"interface": "eth0", "syncid": SYNC_ID})
+
+    def real_server(self, backend: Backend, mode: Mode) -> str:
+        return tunnel_of(backend) if mode == "fou" else backend.address
+
+    def start(self) -> None:
+        for b in self.backends:
+            self.agents.instance("web", b)
+        servers = [b.start_server(PORT) for b in self.backends]
+        self.agents.apply_backends()
+        for d in self.directors:
+            self.agents.apply(d)
+        self.route(self.directors)
+        for s in servers:
+            s.wait_ready()
+
+    def switch(self, d: Director, old: Mode, new: Mode) -> None:
+        """`encapsulation: gue` in the director's configuration, applied (SIGHUP does the same to a running
+        agent)."""
+        self.agents.config_overrides["encapsulation"] = new
+        self.agents.apply(d)
+
+    def remove_fou(self, d: Director) -> None:
+        """The fou real servers deleted by hand (the agent would at their drain deadline); the agent's next full
+        pass then deletes the links and routes nothing uses any more."""
+        self.delete_real_servers(d, "fou")
+        self.agents.apply(d)

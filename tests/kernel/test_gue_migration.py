@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.migration import MigrationBed, real_server
+from tests.harness.migration import AgentMigrationBed, MigrationBed
 from tests.harness.netns import Bed
 from tests.harness.traffic import Recording
 from tests.harness.wait import wait_until
@@ -45,11 +45,11 @@ HUNG = 3.0
 
 
 @pytest.fixture
-def migration(_bed: Bed, request: pytest.FixtureRequest) -> Iterator[Callable[[], MigrationBed]]:
+def migration(_bed: Bed, request: pytest.FixtureRequest) -> Iterator[Callable[..., MigrationBed]]:
     beds: list[MigrationBed] = []
 
-    def make() -> MigrationBed:
-        m = MigrationBed(_bed)
+    def make(kind: type[MigrationBed] = MigrationBed) -> MigrationBed:
+        m = kind(_bed)
         m.start()
         beds.append(m)
         return m
@@ -88,6 +88,13 @@ def through_each(m: MigrationBed) -> dict[str, dict[int, str]]:
     return picks
 
 
+def switched(m: MigrationBed, d) -> bool:
+    """Every gue real server forwards by tunnel with a weight; every fou one by direct routing at weight 0."""
+    found = m.real_servers(d)
+    return all(found[m.real_server(b, "gue")][:2] == ("Tunnel", 1)
+               and found[m.real_server(b, "fou")][:2] == ("Route", 0) for b in m.backends)
+
+
 def harmed(rec: Recording, since: float, interval: float = 0.1) -> tuple[list[int], list[int], list[int]]:
     """(reset, changed backend, hung: no answer for HUNG seconds more than its interval after `since`) client
     ports."""
@@ -97,8 +104,11 @@ def harmed(rec: Recording, since: float, interval: float = 0.1) -> tuple[list[in
     return resets, changed, hung
 
 
-def test_the_migration_resets_no_connection(migration):
-    m = migration()
+@pytest.mark.parametrize("kind", [MigrationBed, AgentMigrationBed], ids=["by-hand", "by-the-agent"])
+def test_the_migration_resets_no_connection(migration, kind):
+    """by-hand: every step with ipvsadm and ip; by-the-agent: the backends and the directors' switch by
+    `maglev-bridge apply` (`encapsulation: gue`), step 1 and the deletion of step 3 by hand."""
+    m = migration(kind)
     d1, d2 = m.directors
     old = m.traffic(OLD, "old")
     slow = m.traffic(SLOW, "slow", interval=SLOW_INTERVAL)
@@ -115,6 +125,8 @@ def test_the_migration_resets_no_connection(migration):
 
     # 2. d1 switches: gue real servers get their weights, fou real servers drain at weight 0 (links kept)
     m.switch(d1, "fou", "gue")
+    assert switched(m, d1), f"d1: gue real servers with weights, fou ones draining: {m.real_servers(d1)}"
+    assert m.links(d1), "d1 keeps its fou links while fou real servers drain"
     mixed = through_each(m)
     differ = sum(mixed["d1"][p] != mixed["d2"][p] for p in PROBES)
     print(f"fou and gue directors' tables: {differ} of {len(PROBES)} probe flows pick another backend")
@@ -130,10 +142,11 @@ def test_the_migration_resets_no_connection(migration):
 
     # 2'. d2 switches; then both are gue and agree again
     m.switch(d2, "fou", "gue")
+    assert switched(m, d2), f"d2: gue real servers with weights, fou ones draining: {m.real_servers(d2)}"
     before = m.packets(d1)
     flap(m, "d2")  # d2's old (fou) connections reach d1 (gue): d1's draining fou real servers carry them
-    fou_on_d1 = wait_until(lambda: sum(m.packets(d1).get(b.tunnel_address, 0) - before.get(b.tunnel_address, 0)
-                                       for b in m.backends), timeout=30,
+    fou = [m.real_server(b, "fou") for b in m.backends]
+    fou_on_d1 = wait_until(lambda: sum(m.packets(d1).get(a, 0) - before.get(a, 0) for a in fou), timeout=30,
                            what="d1 (gue) forwards old connections by its draining fou real servers")
     print(f"d1, now gue, carried fou connections through its draining fou real servers: {fou_on_d1} packets")
     gue_tables = through_each(m)
@@ -146,12 +159,12 @@ def test_the_migration_resets_no_connection(migration):
     # backends' FOU receiver
     old_rec, slow_rec, mixed_rec = old.stop(), slow.stop(), mixed_traffic.stop()
     for d in m.directors:
-        wait_until(lambda d=d: all(m.real_servers(d)[real_server(b, "fou")][2] == 0 for b in m.backends),
+        wait_until(lambda d=d: all(m.real_servers(d)[m.real_server(b, "fou")][2] == 0 for b in m.backends),
                    timeout=60, what=f"no active connection on {d.label}'s fou real servers")
     t_cleanup = time.monotonic()
     for d in m.directors:
-        m.delete_real_servers(d, "fou")
-        m.delete_links(d)
+        m.remove_fou(d)
+        assert not m.links(d), f"{d.label}: the fou links are gone with the last fou real server"
     m.receive(["gue"])
     pure = through_each(m)
     assert pure["d1"] == pure["d2"], "gue directors without fou real servers agree"
