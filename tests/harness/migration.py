@@ -4,11 +4,12 @@ tunnel addresses, the agent's sysctls, connection sync daemons), backends receiv
 port, and a router in front with a static ECMP route to the VIP, so that moving flows between directors is
 one route change (BGP and BFD add nothing to what is measured here; tests/kernel/test_failover.py covers them).
 
-This is a prototype of the kernel steps of docs/gue-migration.md, driven with ipvsadm and ip exactly as the
-runbook's steps change the kernel: each method is one step, named as in the runbook.  Real servers of the two
-encapsulations:
+``MigrationBed`` is a prototype of the kernel steps of docs/gue-migration.md, driven with ipvsadm and ip
+exactly as the runbook's steps change the kernel: each method is one step.  ``AgentMigrationBed`` lets the
+agent (``maglev-bridge apply``) do the steps it knows.  Real servers of the two encapsulations:
 
-* ``fou``: the backend's tunnel address (tests.harness.addresses.tunnel_address), direct routing (``-g``),
+* ``fou``: the backend's tunnel address (tests.harness.addresses.tunnel_address by hand, the agent harness's
+  tunnel_map through the agent), direct routing (``-g``),
   carried by the per-backend ipip link with FOU encapsulation and its /32 route;
 * ``gue``: the backend's own address, IPVS tunnel forwarding with GUE to port GUE_PORT
   (``-i --tun-type gue --tun-port 6080``), no link, no route.

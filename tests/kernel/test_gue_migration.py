@@ -1,10 +1,12 @@
 """Moving a running fleet from `fou` to `gue` without resetting a connection (issue 12; the runbook is
 docs/gue-migration.md).
 
-PROTOTYPE OF THE RUNBOOK'S KERNEL STEPS: the directors are configured by hand (tests/harness/migration.py),
-with ipvsadm and ip doing exactly what each step of the runbook does to the kernel, because the agent's `gue`
-mode was not on main when this was written.  Two directors behind a router's ECMP route, three backends, long-
-lived connections asking every 100 ms (tests/harness/traffic.py), connection sync on.
+Two ways (tests/harness/migration.py): `by-hand`, every step done with ipvsadm and ip exactly as the runbook
+says (a prototype of its kernel steps, independent of the agent), and `by-the-agent`, where `maglev-bridge
+apply` configures the backends and switches the directors (`encapsulation: gue`), with step 1 (standby gue
+real servers) and the deletions of step 3 by hand because the agent has no key for them yet.  Two directors
+behind a router's ECMP route, three backends, long-lived connections asking every 100 ms (and some every 2 s;
+tests/harness/traffic.py), connection sync on.
 
 The real-server address differs between the modes (tunnel address vs the backend's own), so the Maglev tables
 differ (the first test measures it).  What carries a connection across the switch: connection sync (every
@@ -40,8 +42,11 @@ MIXED = range(41000, 41030)
 GUE = range(42000, 42020)
 """Connections opened once every director is gue; they live through the removal of everything fou."""
 PROBES = range(45000, 45024)
-HUNG = 3.0
-"""A connection without an answer for this long is hung (it asks every 100 ms)."""
+HUNG = 5.0
+"""A connection without an answer for this long more than its interval is hung.  Under emulation on the loaded
+machine every connection at once sometimes goes 2-3.5 s without an answer (the recorder itself was not
+scheduled for up to 1 s of that, measured): a pause of the machine, not of the network; a connection whose
+packets go nowhere for 3 s stays silent for 7 s or more (TCP's retransmission backoff, measured)."""
 
 
 @pytest.fixture
@@ -199,8 +204,9 @@ through d1 (the router's route over d1 alone), so that each is exposed:
       ask slowly);
     * no-standby: d1 switches as the runbook says, but d2 (still fou) has no gue real servers: connections d1
       opened by gue are synced to d2 as entries without a real server (the sync message carries the forwarding
-      method, not the GUE port, which only a real server holds), and when their flows reach d2 they get no
-      answer (measured on Debian's 6.1: no reset, no kernel message, the packets go nowhere).
+      method, not the GUE port, which only a real server holds), and while their flows are on d2 they get no
+      answer (measured on Debian's 6.1: no reset, no kernel message, the packets go nowhere; they come back
+      when the flows return to d1).
     """
     m = migration()
     d1, d2 = m.directors
@@ -215,6 +221,7 @@ through d1 (the router's route over d1 alone), so that each is exposed:
     if design == "no-standby":
         m.route([d2])
         time.sleep(3)
+        t_back = time.monotonic()
         m.route([d1])
     elif design == "real-servers-replaced":
         m.delete_real_servers(d1, "fou")
@@ -229,6 +236,8 @@ through d1 (the router's route over d1 alone), so that each is exposed:
     time.sleep(5)
     rec = old.stop()
     resets, changed, hung = harmed(rec, t_change, interval)
+    if design == "no-standby":  # silent while d2 carried them (the first 0.5 s: answers already on their way)
+        hung = [f.sport for f in rec.flows if not any(t_change + 0.5 < t < t_back for t in f.answers)]
     print(f"{design}: {len(resets)} reset, {len(changed)} changed backend, {len(hung)} hung of {len(rec.flows)}; "
           f"{rec.summary()}")
     assert resets or changed or hung, f"{design} harmed nothing: {rec.summary()}"
