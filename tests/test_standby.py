@@ -6,6 +6,7 @@ the Maglev table they leave alone, and what `plan` and `status` say. The migrati
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 
 import pytest
@@ -18,6 +19,7 @@ from bridge.core.ops import AddDest, DelDest, SetDest
 from bridge.inspect.status import service_fingerprints, standby_servers
 from bridge.inspect.text import desired_text, status_json, status_text
 from tests.catalog_builder import catalog
+from tests.test_diff import _random_history
 from tests.test_gue import FOU, GUE, GUE_6080, KEY, GueDirector, entry
 
 STANDBY = replace(FOU, standby_encapsulation="gue")
@@ -132,6 +134,29 @@ def test_a_switched_director_builds_the_table_of_a_director_that_started_in_gue(
     fresh.sync([entry(11), entry(12)], now=0)
     assert switched.dests() == fresh.dests()
     assert fingerprints(switched) == fingerprints(fresh)
+
+
+def test_directors_with_different_histories_and_standby_real_servers_build_the_fou_table_and_switch_alike():
+    """Adds, removals, re-registrations, weight changes and flaps, watched by one director and seen only at the
+    end by another: the same table as a director without the key, and the switch deletes and re-adds nothing
+    (the standby real servers are kept in their order among themselves); after the drain, the same list."""
+    for seed in range(20):
+        history = _random_history(random.Random(seed))
+        final = history[-1]
+        watcher, late, plain = GueDirector(STANDBY), GueDirector(STANDBY), GueDirector(FOU)
+        for t, entries in enumerate(history):
+            watcher.sync(entries, now=t)
+        end = len(history) + FOU.drain_timeout + 1
+        for d in (watcher, late, plain):
+            d.sync(final, now=end)
+            d.sync(final, now=end + 1)
+        assert fingerprints(watcher) == fingerprints(late) == fingerprints(plain), seed
+        assert all(w == 0 for _, w, f in watcher.dests() if f == GUE_6080), seed
+        for d in (watcher, late):
+            d.config = SWITCHED
+            assert not [op for op in d.sync(final, now=end + 2).ops if isinstance(op, AddDest | DelDest)], seed
+            d.sync(final, now=end + 2 + FOU.drain_timeout)
+        assert watcher.kernel.table_state() == late.kernel.table_state(), seed
 
 
 # ---- status ------------------------------------------------------------------------------------------------

@@ -120,6 +120,19 @@ def _kept_suffix(desired: tuple[RealServer, ...], candidates: list[LiveRealServe
     return kept
 
 
+def _orders(desired: tuple[RealServer, ...]) -> tuple[tuple[RealServer, ...], ...]:
+    """The lists whose order the planner keeps: the director's own real servers, and apart from them the standby
+    ones. A standby real server has no last weight, and ip_vs_mh skips such a one without touching the others'
+    permutations, so where it sits among the director's own does not matter to the table: one is never deleted
+    to be moved there (a deletion expires the synchronised connections bound to it), and a new one goes to the
+    head. Among themselves they keep the desired order, so that the switch to their encapsulation, which gives
+    them their weights where they are, finds them in it and re-adds nothing."""
+    standby = tuple(rs for rs in desired if rs.standby is not None)
+    if not standby:
+        return (desired,)
+    return tuple(rs for rs in desired if rs.standby is None), standby
+
+
 def plan_dests(
     key: ServiceKey,
     desired: tuple[RealServer, ...],
@@ -136,9 +149,8 @@ def plan_dests(
     weight at all between the two and drop new connections. Deletions come before the adds, which may re-add
     the same real server at its place in the list.
 
-    A standby real server's place in the list does not matter (it has no last weight, and ip_vs_mh skips such
-    a real server without touching the others' permutations), so it is never deleted to be moved: a deletion
-    would expire the synchronised connections bound to it. A missing one is added at the head."""
+    The director's own real servers and the standby ones are each kept in their order, but not with respect to
+    each other (`_orders`)."""
     wanted = {rs.address: rs for rs in desired}
     deletes: list[Op] = []
     drain_edits: list[Op] = []
@@ -154,10 +166,10 @@ def plan_dests(
             deletes.append(DelDest(key, rs.address, rs.port))
         elif rs.weight != 0:
             drain_edits.append(SetDest(key, rs.address, rs.port, 0, rs.forwarding))
-    ordered = tuple(rs for rs in desired if rs.standby is None)
-    kept = _kept_suffix(ordered, candidates)
-    kept_addresses = {rs.address for rs in ordered[len(ordered) - kept :]}
-    kept_addresses.update(rs.address for rs in candidates if wanted[rs.address].standby is not None)
+    kept_addresses: set[str] = set()
+    for ordered in _orders(desired):
+        kept = _kept_suffix(ordered, candidates)
+        kept_addresses.update(rs.address for rs in ordered[len(ordered) - kept :])
     edits: list[Op] = []
     for rs in candidates:
         if rs.address in kept_addresses:
