@@ -134,12 +134,13 @@ def test_a_changed_gue_port_or_checksum_is_set_in_place_keeping_order_and_weight
 
 def test_moving_a_director_from_fou_to_gue_drains_the_old_real_servers_through_their_old_tunnels():
     """The old real servers (tunnel addresses, direct routing) keep their forwarding, links and routes at
-    weight 0 until drain_timeout, so the connections on them go on; then they, their routes and links go."""
+    weight 0 until drain_timeout, so the connections on them go on; then they, their routes and links go.
+    The new real server gets its weight before the old one goes to 0: never a moment without a weight."""
     d = GueDirector(FOU)
     d.sync([entry(11)], now=0)
     d.config = GUE
     p = d.sync([entry(11)], now=100)
-    assert p.ops == (SetDest(KEY, "203.0.113.11", 80, 0, DIRECT_ROUTING), AddDest(KEY, "192.0.2.11", 80, 1, GUE_6080))
+    assert p.ops == (AddDest(KEY, "192.0.2.11", 80, 1, GUE_6080), SetDest(KEY, "203.0.113.11", 80, 0, DIRECT_ROUTING))
     assert d.dests() == [("192.0.2.11", 1, GUE_6080), ("203.0.113.11", 0, DIRECT_ROUTING)]
     assert d.sync([entry(11)], now=129).ops == ()
     assert d.sync([entry(11)], now=130).ops == (DelDest(KEY, "203.0.113.11", 80),

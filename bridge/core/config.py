@@ -209,6 +209,11 @@ class Config:
     encapsulation: Encapsulation = "fou"
     """fou (ipip links with FOU, real servers at tunnel addresses) or gue (IPVS's own GUE tunnel forwarding to
     the backends' addresses): bridge/core/encap.py. The same on every director of a fleet."""
+    standby_encapsulation: Encapsulation | None = None
+    """`gue` on a `fou` director during a migration: every backend's gue real server is desired too, added and
+    kept at weight 0 (no slot, the table does not change), so that the connections a switched director
+    synchronises here have a real server of their own encapsulation (docs/gue-migration.md). Not `fou`: a
+    `gue` director's fou real servers need links and routes the standby does not build."""
     gue_port: int = DEFAULT_GUE_PORT
     gue_checksum: GueChecksum = "none"
     receive: tuple[Encapsulation, ...] | None = None
@@ -258,6 +263,13 @@ class Config:
     def forwarding(self) -> Forwarding:
         """What every real server of this director must have."""
         return forwarding(self.encapsulation, self.gue_port, self.gue_checksum)
+
+    @cached_property
+    def standby_forwarding(self) -> Forwarding | None:
+        """What the standby real servers have (`standby_encapsulation`); None without them."""
+        if self.standby_encapsulation is None:
+            return None
+        return forwarding(self.standby_encapsulation, self.gue_port, self.gue_checksum)
 
     def tunnel_address(self, backend: int) -> int | None:
         for mapping in self.tunnel_map:
@@ -413,6 +425,20 @@ def _check_ports(values: Mapping[str, Any]) -> None:
                           "(one UDP port is either FOU or GUE, never both)")
 
 
+def _check_standby(values: Mapping[str, Any]) -> None:
+    """The standby real servers are the other encapsulation's; only gue ones on a fou director exist."""
+    standby = values.get("standby_encapsulation")
+    encapsulation = values.get("encapsulation", "fou")
+    if standby is None:
+        return
+    if standby == encapsulation:
+        raise ConfigError(f"standby_encapsulation: {standby} is also encapsulation; the standby real servers are "
+                          "the other encapsulation's (gue on a fou director during a migration)")
+    if standby != "gue":
+        raise ConfigError(f"standby_encapsulation: {standby} is not supported: only gue standby real servers on a "
+                          "fou director (fou ones would need the links and routes of a fou director)")
+
+
 def _sysctls(value: object) -> tuple[tuple[str, int], ...]:
     if not isinstance(value, Mapping):
         raise ConfigError(f"sysctls: expected a mapping of sysctl name to integer, got {_show(value)}")
@@ -433,6 +459,7 @@ _PARSERS: dict[str, Any] = {
     "local_address": lambda v: str(ipaddress.IPv4Address(_string("local_address", v))),
     "fou_port": lambda v: _integer("fou_port", v, 1, 65535),
     "encapsulation": lambda v: _choice("encapsulation", v, ENCAPSULATIONS),
+    "standby_encapsulation": lambda v: _choice("standby_encapsulation", v, ENCAPSULATIONS),
     "gue_port": lambda v: _integer("gue_port", v, 1, 65535),
     "gue_checksum": lambda v: _choice("gue_checksum", v, GUE_CHECKSUMS),
     "receive": _receive,
@@ -483,6 +510,7 @@ def parse_config(raw: object) -> Config:
             f"link_prefix: {_show(link_prefix)} is too long; at most 7 characters (links are <prefix><8 hex>)")
     _check_prefixes(values.get("tunnel_map", ()), values.get("vip_cidrs", ()))
     _check_ports(values)
+    _check_standby(values)
     return Config(**values)
 
 

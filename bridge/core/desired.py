@@ -128,6 +128,26 @@ def _real_servers(backed: list[_Backed], port: int, config: Config) -> tuple[Rea
             )
         )
     servers.sort(key=lambda r: (r.order_key, ip_value(r.address)), reverse=True)
+    return _standby_servers(backed, port, config) + tuple(servers)
+
+
+def _standby_servers(backed: list[_Backed], port: int, config: Config) -> tuple[RealServer, ...]:
+    """The standby real servers (`standby_encapsulation`), one per backend whatever its health (each is where a
+    peer's synchronised connections to that backend bind), at weight 0 with no last weight. In front of the
+    director's own: the kernel puts what is added later at the head, so a director that gets the key keeps its
+    list as it is, and the switch to the standby's encapsulation leaves them where they are."""
+    standby = config.standby_forwarding
+    if standby is None:
+        return ()
+    first: dict[str, Instance] = {}
+    for b in backed:
+        instance = b.claim.instance
+        known = first.get(instance.address)
+        if known is None or (instance.create_index, instance.instance_id) < (known.create_index, known.instance_id):
+            first[instance.address] = instance
+    servers = [RealServer(address, port, 0, 0, address, i.node, i.create_index, standby)
+               for address, i in first.items()]
+    servers.sort(key=lambda r: (r.order_key, ip_value(r.address)), reverse=True)
     return tuple(servers)
 
 
@@ -300,6 +320,8 @@ class DesiredBook:
 
     def _count_backends(self, vs: VirtualService | None, step: int) -> None:
         for rs in vs.real_servers if vs else ():
+            if rs.standby is not None:
+                continue  # its own forwarding reaches the backend: no tunnel
             pair = (rs.backend, rs.address)
             count = self._backends[pair] + step
             if not count or pair not in self._backends:

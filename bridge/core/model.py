@@ -84,6 +84,12 @@ class RealServer:
     backend: str
     node: str
     order_key: int
+    standby: Forwarding | None = None
+    """Set on a standby real server (`standby_encapsulation`): its own forwarding, another encapsulation than
+    the director's. It is added at weight 0 and kept there, so it never has a last weight and takes no slot
+    (ip_vs_mh skips a real server whose last weight is 0): the table stays the director's own, and a connection
+    another director synchronises in that encapsulation has a real server to bind to here. None: a real server
+    of the director's encapsulation (`DesiredState.forwarding`)."""
 
 
 @dataclass(frozen=True)

@@ -49,10 +49,14 @@ class _DestWeight:
     forwarding: Forwarding = DIRECT_ROUTING
     """Sent with every add and set: the kernel's SET_DEST takes the forwarding method and tunnel settings
     from the request (absent tunnel attributes mean ipip, port 0), so a weight change must repeat them."""
+    standby: bool = False
+    """A standby real server's (`standby_encapsulation`): said in the plan, not sent."""
 
     def describe(self) -> str:
         via = "" if self.forwarding == DIRECT_ROUTING else f" via {self.forwarding.describe()}"
-        return f"{self.verb} real server {bracketed(self.address)}:{self.port} weight {self.weight}{via} in {self.key}"
+        note = " (standby)" if self.standby else ""
+        return (f"{self.verb} real server {bracketed(self.address)}:{self.port} weight {self.weight}{via}{note} "
+                f"in {self.key}")
 
 
 class AddDest(_DestWeight):

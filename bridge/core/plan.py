@@ -83,19 +83,24 @@ def _edits(key: ServiceKey, desired: RealServer, live: LiveRealServer, live_last
     """Weight edits, each with the desired forwarding; a real server whose forwarding alone is wrong (another
     encapsulation, GUE port or checksum setting) is set in place: the kernel's SET_DEST edits the tunnel
     settings of a real server (ip_vs_ctl.c, __ip_vs_update_dest) and its connections use them from their
-    next packet (ip_vs_xmit.c reads cp->dest's), so nothing is deleted and no connection is lost."""
+    next packet (ip_vs_xmit.c reads cp->dest's), so nothing is deleted and no connection is lost. `forwarding` is
+    the director's; a standby real server has its own."""
     ops: list[Op] = []
+    standby = desired.standby is not None
+    forwarding = desired.standby or forwarding
     if desired.last_weight != live_last and desired.last_weight > 0:
         ops.append(SetDest(key, live.address, live.port, desired.last_weight, forwarding))
         if desired.weight != desired.last_weight:
             ops.append(SetDest(key, live.address, live.port, desired.weight, forwarding))
     elif desired.weight != live.weight or live.forwarding != forwarding:
-        ops.append(SetDest(key, live.address, live.port, desired.weight, forwarding))
+        ops.append(SetDest(key, live.address, live.port, desired.weight, forwarding, standby))
     return ops
 
 
 def _adds(key: ServiceKey, desired: RealServer, forwarding: Forwarding) -> list[Op]:
-    ops: list[Op] = [AddDest(key, desired.address, desired.port, desired.last_weight, forwarding)]
+    forwarding = desired.standby or forwarding
+    ops: list[Op] = [AddDest(key, desired.address, desired.port, desired.last_weight, forwarding,
+                             desired.standby is not None)]
     if desired.weight != desired.last_weight:
         ops.append(SetDest(key, desired.address, desired.port, desired.weight, forwarding))
     return ops
@@ -115,6 +120,19 @@ def _kept_suffix(desired: tuple[RealServer, ...], candidates: list[LiveRealServe
     return kept
 
 
+def _orders(desired: tuple[RealServer, ...]) -> tuple[tuple[RealServer, ...], ...]:
+    """The lists whose order the planner keeps: the director's own real servers, and apart from them the standby
+    ones. A standby real server has no last weight, and ip_vs_mh skips such a one without touching the others'
+    permutations, so where it sits among the director's own does not matter to the table: one is never deleted
+    to be moved there (a deletion expires the synchronised connections bound to it), and a new one goes to the
+    head. Among themselves they keep the desired order, so that the switch to their encapsulation, which gives
+    them their weights where they are, finds them in it and re-adds nothing."""
+    standby = tuple(rs for rs in desired if rs.standby is not None)
+    if not standby:
+        return (desired,)
+    return tuple(rs for rs in desired if rs.standby is None), standby
+
+
 def plan_dests(
     key: ServiceKey,
     desired: tuple[RealServer, ...],
@@ -124,7 +142,15 @@ def plan_dests(
     forwarding: Forwarding,
 ) -> list[Op]:
     """A draining real server keeps the forwarding it has (a director moving from fou to gue drains its old
-    real servers through their old tunnels); the desired ones get `forwarding`."""
+    real servers through their old tunnels); the desired ones get `forwarding`, a standby one its own.
+
+    The real servers that stay or come get their weights before the leaving ones are set to 0: in the other
+    order a director switching its encapsulation in place, whose every real server changes, would hold no
+    weight at all between the two and drop new connections. Deletions come before the adds, which may re-add
+    the same real server at its place in the list.
+
+    The director's own real servers and the standby ones are each kept in their order, but not with respect to
+    each other (`_orders`)."""
     wanted = {rs.address: rs for rs in desired}
     deletes: list[Op] = []
     drain_edits: list[Op] = []
@@ -140,16 +166,18 @@ def plan_dests(
             deletes.append(DelDest(key, rs.address, rs.port))
         elif rs.weight != 0:
             drain_edits.append(SetDest(key, rs.address, rs.port, 0, rs.forwarding))
-    kept = _kept_suffix(desired, candidates)
-    kept_addresses = {rs.address for rs in desired[len(desired) - kept :]}
+    kept_addresses: set[str] = set()
+    for ordered in _orders(desired):
+        kept = _kept_suffix(ordered, candidates)
+        kept_addresses.update(rs.address for rs in ordered[len(ordered) - kept :])
     edits: list[Op] = []
     for rs in candidates:
         if rs.address in kept_addresses:
             edits.extend(_edits(key, wanted[rs.address], rs, last_weight(key, rs, last_weights), forwarding))
         else:
             deletes.append(DelDest(key, rs.address, rs.port))
-    adds = [op for rs in reversed(desired[: len(desired) - kept]) for op in _adds(key, rs, forwarding)]
-    return drain_edits + deletes + edits + adds
+    adds = [op for rs in reversed(desired) if rs.address not in kept_addresses for op in _adds(key, rs, forwarding)]
+    return edits + deletes + adds + drain_edits
 
 
 def _plan_services(

@@ -9,6 +9,7 @@ from typing import Any
 
 from bridge.core.addr import bracketed
 from bridge.core.config import Config
+from bridge.core.encap import Forwarding
 from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.live import LiveService
 from bridge.core.maglev import Dest, build_table, fingerprint
@@ -32,6 +33,17 @@ def live_dests(service: LiveService, last_weights: Mapping[DestKey, int]) -> tup
             last = 0
         dests.append(Dest(rs.address, rs.port, rs.weight, last))
     return tuple(dests), tuple(assumed)
+
+
+def standby_servers(services: tuple[LiveService, ...], last_weights: Mapping[DestKey, int],
+                    standby: Forwarding | None) -> frozenset[DestKey]:
+    """The real servers `status` calls standby: with the standby's forwarding, at weight 0 and known to have no
+    last weight (so no slot). One the agent cannot vouch for (no memory of it, or set to 0 from a weight) is
+    listed as what it is, a real server at weight 0."""
+    if standby is None:
+        return frozenset()
+    return frozenset(DestKey(service.key, rs.address, rs.port) for service in services for rs in service.real_servers
+                     if rs.forwarding == standby and last_weight(service.key, rs, last_weights) == 0)
 
 
 def live_view(config: Config, key: ServiceKey) -> ServiceView:
@@ -91,9 +103,11 @@ def read_status(config: Config) -> dict[str, Any]:
             kernel_note = str(exc)
         mtu = _mtu_warning(config, kernel)
     prints = service_fingerprints(live.services, stored.memory.last_weights, config.mh_table_size)
-    data = status_json(live, stored.report, prints)
+    data = status_json(live, stored.report, prints, standby_servers(live.services, stored.memory.last_weights,
+                                                                     config.standby_forwarding))
     data["kernel_note"] = kernel_note
     data["encapsulation"] = config.encapsulation if config.role == "director" else None
+    data["standby_encapsulation"] = config.standby_encapsulation if config.role == "director" else None
     data["mtu_warning"] = mtu
     if config.bgp is not None:
         data["bgp_table"] = config.bgp.table

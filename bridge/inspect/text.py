@@ -12,7 +12,7 @@ from typing import Any
 from bridge.core.addr import bracketed, host_prefix
 from bridge.core.allow import describe as describe_allow
 from bridge.core.encap import Forwarding
-from bridge.core.keys import ServiceKey
+from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.live import LiveState
 from bridge.core.model import DesiredState, Rejection
 from bridge.core.outcome import PassOutcome
@@ -33,7 +33,8 @@ def desired_json(desired: DesiredState) -> dict[str, Any]:
                 "allow": None if vs.allow is None else list(vs.allow),
                 "real_servers": [
                     {"address": rs.address, "port": rs.port, "weight": rs.weight, "backend": rs.backend,
-                     "node": rs.node, "last_weight": rs.last_weight}
+                     "node": rs.node, "last_weight": rs.last_weight,
+                     "standby": None if rs.standby is None else asdict(rs.standby)}
                     for rs in vs.real_servers
                 ],
             }
@@ -66,6 +67,8 @@ def desired_text(desired: DesiredState) -> str:
                      f"  flags {','.join(vs.flags) or '-'}  allow {describe_allow(vs.allow)}")
         for rs in vs.real_servers:
             note = "" if rs.weight == rs.last_weight else f" (remembers {rs.last_weight})"
+            if rs.standby is not None:
+                note = f" standby via {rs.standby.describe()} (no slot)"
             lines.append(f"  -> {bracketed(rs.address)}:{rs.port}  weight {rs.weight}{note}  backend {rs.backend} "
                          f"({printable(rs.node)})")
     for t in desired.tunnels:
@@ -98,13 +101,16 @@ def outcome_text(outcome: PassOutcome) -> str:
     return "\n".join(lines)
 
 
-def status_json(live: LiveState, report: dict[str, Any], fingerprints: Mapping[ServiceKey, str]) -> dict[str, Any]:
+def status_json(live: LiveState, report: dict[str, Any], fingerprints: Mapping[ServiceKey, str],
+                standby: frozenset[DestKey] = frozenset()) -> dict[str, Any]:
+    """`standby`: the real servers to mark as standby ones (bridge/inspect/status.py, `standby_servers`)."""
     return {
         "virtual_services": [
             {
                 "vip": s.vip, "port": s.port, "protocol": s.protocol, "scheduler": s.scheduler,
                 "flags": list(s.flags), "fingerprint": fingerprints.get(s.key),
-                "real_servers": [asdict(rs) for rs in s.real_servers],
+                "real_servers": [{**asdict(rs), "standby": DestKey(s.key, rs.address, rs.port) in standby}
+                                 for rs in s.real_servers],
             }
             for s in live.services
         ],
@@ -164,9 +170,10 @@ def status_text(data: dict[str, Any]) -> str:
 def _via(rs: dict[str, Any]) -> str:
     """A real server's forwarding when it is not direct routing (`.get`: older agents do not report it)."""
     found = rs.get("forwarding") or {"method": "route"}
+    standby = "  standby (weight 0, no slot)" if rs.get("standby") else ""
     if found["method"] == "route":
-        return ""
-    return "  via " + Forwarding(**found).describe()
+        return standby
+    return "  via " + Forwarding(**found).describe() + standby
 
 
 def _director_text(data: dict[str, Any]) -> list[str]:
@@ -174,7 +181,9 @@ def _director_text(data: dict[str, Any]) -> list[str]:
     agent lacks them)."""
     lines = [""]
     if data.get("encapsulation"):
-        lines.append(f"encapsulation: {data['encapsulation']}")
+        standby = data.get("standby_encapsulation")
+        lines.append(f"encapsulation: {data['encapsulation']}"
+                     + (f" (standby {standby} real servers at weight 0)" if standby else ""))
     if data.get("mtu_warning"):
         lines.append(f"WARNING: {data['mtu_warning']}")
     lines.extend(f"sysctl {name} = {'missing' if value is None else value}"

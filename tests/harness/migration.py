@@ -210,10 +210,10 @@ class MigrationBed:
 
 class AgentMigrationBed(MigrationBed):
     """The same bed with the agent doing what it does: ``maglev-bridge apply`` configures the backends (both
-    receivers) and the directors (fou, then `encapsulation: gue`), with connection sync and a drain_timeout
-    longer than the test, so that it keeps real servers it does not want at weight 0.  Step 1 (the standby
-    gue real servers) and the deletions of step 3 stay ipvsadm commands: the agent has no key for them yet
-    (docs/gue-migration.md, "What the agent does")."""
+    receivers) and the directors (fou, `standby_encapsulation: gue` for step 1, then `encapsulation: gue`), with
+    connection sync and a drain_timeout longer than the test, so that it keeps the fou real servers at weight 0
+    after the switch.  The deletions of step 3 stay ipvsadm commands (the agent makes them at the drain
+    deadline, which the test does not wait for)."""
 
     def __init__(self, bed: Bed, directors: int = 2, backends: int = 3):
         super().__init__(bed, directors, backends)
@@ -234,10 +234,17 @@ class AgentMigrationBed(MigrationBed):
         for s in servers:
             s.wait_ready()
 
+    def add_standby(self, d: Director, mode: Mode) -> None:
+        """`standby_encapsulation: gue` in the director's configuration, applied: the agent adds the standby
+        real servers at weight 0 and keeps them there."""
+        self.agents.config_overrides["standby_encapsulation"] = mode
+        self.agents.apply(d)
+
     def switch(self, d: Director, old: Mode, new: Mode) -> None:
-        """`encapsulation: gue` in the director's configuration, applied (SIGHUP does the same to a running
-        agent)."""
-        self.agents.config_overrides["encapsulation"] = new
+        """`encapsulation: gue` in the director's configuration and `standby_encapsulation` removed (a standby
+        of the director's own encapsulation is a configuration error), applied (SIGHUP does the same to a
+        running agent)."""
+        self.agents.config_overrides.update(encapsulation=new, standby_encapsulation=None)
         self.agents.apply(d)
 
     def remove_fou(self, d: Director) -> None:

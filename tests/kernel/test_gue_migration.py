@@ -3,8 +3,9 @@ docs/gue-migration.md).
 
 Two ways (tests/harness/migration.py): `by-hand`, every step done with ipvsadm and ip exactly as the runbook
 says (a prototype of its kernel steps, independent of the agent), and `by-the-agent`, where `maglev-bridge
-apply` configures the backends and switches the directors (`encapsulation: gue`), with step 1 (standby gue
-real servers) and the deletions of step 3 by hand because the agent has no key for them yet.  Two directors
+apply` configures the backends, adds the standby gue real servers (`standby_encapsulation: gue`, step 1) and
+switches the directors (`encapsulation: gue`), with the deletions of step 3 by hand (the agent makes them at the
+drain deadline, which the test does not wait for).  Two directors
 behind a router's ECMP route, three backends, long-lived connections asking every 100 ms (and some every 2 s;
 tests/harness/traffic.py), connection sync on.
 
@@ -111,8 +112,9 @@ def harmed(rec: Recording, since: float, interval: float = 0.1) -> tuple[list[in
 
 @pytest.mark.parametrize("kind", [MigrationBed, AgentMigrationBed], ids=["by-hand", "by-the-agent"])
 def test_the_migration_resets_no_connection(migration, kind):
-    """by-hand: every step with ipvsadm and ip; by-the-agent: the backends and the directors' switch by
-    `maglev-bridge apply` (`encapsulation: gue`), step 1 and the deletion of step 3 by hand."""
+    """by-hand: every step with ipvsadm and ip; by-the-agent: the backends, step 1 and the directors' switch
+    by `maglev-bridge apply` (`standby_encapsulation: gue`, then `encapsulation: gue`), the deletion of step 3
+    by hand."""
     m = migration(kind)
     d1, d2 = m.directors
     old = m.traffic(OLD, "old")
