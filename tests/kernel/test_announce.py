@@ -181,6 +181,15 @@ def announce_route(director, address: str) -> Iterator[RouteWatcher]:
         watcher.stop()
 
 
+def tcp_timeouts(node) -> int:
+    """The node's TCP retransmission timeouts so far (TcpExt TCPTimeouts of its namespace)."""
+    lines = node.run("cat", "/proc/net/netstat").stdout.splitlines()
+    for head, values in zip(lines[::2], lines[1::2], strict=False):
+        if head.startswith("TcpExt:"):
+            return int(dict(zip(head.split()[1:], values.split()[1:], strict=True))["TCPTimeouts"])
+    raise AssertionError("no TcpExt in /proc/net/netstat")
+
+
 def established_from(director, client_address: str) -> int:
     """How many established connections from this client the director's IPVS holds."""
     return len(re.findall(rf"ESTABLISHED\s+\[?{re.escape(client_address)}\]?:\d+", director.ipvsadm("-Lnc")))
@@ -196,6 +205,7 @@ def test_an_ipv6_vip_is_announced_through_a_real_router_and_withdrawn_like_the_i
     client = topo.client
     v4, v6 = vip(1), vip6(1)
     assert topo.router is not None and topo.router.sysctl("net.ipv6.fib_multipath_hash_policy") == 1
+    assert client.sysctl("net.core.txrehash") == 0
     agents = RoutedAgents(topo, encapsulation="gue", tunnel_map=None, vip_cidrs=[VIP_NET, VIP6_NET],
                           resync_interval=300)
     for b in topo.backends:
@@ -226,6 +236,21 @@ def test_an_ipv6_vip_is_announced_through_a_real_router_and_withdrawn_like_the_i
         wait_until(lambda: sum(d.ipvs_stats(f"[{v6}]", 80).conns for d in topo.directors) == 24, timeout=60,
                    what="IPVS counters of the IPv6 VIP")
         assert all(d.ipvs_stats(f"[{v6}]", 80).outpkts == 0 for d in topo.directors), "DSR: no reply via a director"
+
+        # A loss episode: the client's retransmission timeouts must not move its flows to the other director
+        # (topology.CLIENT_SYSCTLS: in this bed the router's ECMP would follow the client's socket hash)
+        held = {d.label: established_from(d, str(client.address6)) for d in topo.directors}
+        timeouts = tcp_timeouts(client)
+        topo.router.run("nft", "add table inet loss; add chain inet loss f { type filter hook forward priority 0; }; "
+                               f"add rule inet loss f ip6 daddr {v6} drop")
+        for c in conns6:
+            c.sock.sendall(b"?\n")
+        wait_until(lambda: tcp_timeouts(client) >= timeouts + 2 * len(conns6), timeout=120,
+                   what="two retransmission timeouts per connection")
+        topo.router.run("nft", "delete table inet loss")
+        assert [c.answer() for c in conns6] == [c.backend for c in conns6]
+        assert {d.label: established_from(d, str(client.address6)) for d in topo.directors} == held, \
+            "no flow reached the other director"
 
         with announce_route(d1, v6) as announce6:
             started = time.monotonic()
