@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 import urllib.error
@@ -25,6 +26,7 @@ from bridge.core.ops import Announce, DelService, Op, OpResult, SetDest, SetSysc
 from bridge.core.plan import plan
 from bridge.dataplane.shadow import ShadowKernel
 from bridge.files.maintenance import Maintenance, clear_maintenance, read_maintenance, write_maintenance
+from tests.catalog_builder import health_entry
 from tests.harness.consul_agent import free_port
 from tests.test_agent_passes import Catalog, web
 from tests.test_diff import CONFIG
@@ -153,6 +155,24 @@ def test_maintenance_withdraws_every_vip_and_keeps_ipvs_tunnels_and_sysctls(tmp_
     assert reason == "maintenance off" and full
     agent.sync(reason, full)
     assert announced(agent) == {"198.51.100.2", "198.51.100.3"}
+
+
+def test_ipv6_vips_are_announced_withdrawn_and_kept_by_the_same_rules_as_ipv4_ones(tmp_path):
+    web6 = health_entry("web6", "b1", "192.0.2.11", 80, ["maglev.vip=[2001:DB8:10::0010]:80/tcp"])
+    v6_cidrs = (*CONFIG.vip_cidrs, ipaddress.IPv6Network("2001:db8:10::/64"))
+    flaky = Flaky(fails=SetSysctl)
+    agent = director(tmp_path, Catalog([web(1), web6]), flaky, encapsulation="gue", tunnel_map=(), vip_cidrs=v6_cidrs)
+    agent.sync("start", full=True)
+    assert announced(agent) == set(), "not announced before a full pass applied without failures"
+    flaky.fails = None
+    outcome = agent.sync("resync", full=True)
+    assert steps(outcome)[-2:] == [Announce(vip, TABLE).describe() for vip in ("198.51.100.2", "2001:db8:10::10")]
+    assert agent.sync("resync", full=True).steps == (), "announced once, kept"
+    assert agent.config.bgp is not None
+    write_maintenance(agent.config.bgp.maintenance_file, Maintenance("kernel upgrade", 1.0, "ops@lb1"))
+    agent.watch(agent.reconciler.maintenance_changed)
+    outcome = agent.sync(*agent.trigger.take())
+    assert steps(outcome) == [Withdraw(vip, TABLE).describe() for vip in ("198.51.100.2", "2001:db8:10::10")]
 
 
 def test_health_answers_429_in_maintenance_and_says_why(tmp_path):

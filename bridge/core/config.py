@@ -162,8 +162,9 @@ SYSCTL_PREFIX = "net.ipv4.vs."
 
 @dataclass(frozen=True)
 class BgpConfig:
-    """Announcements: one blackhole /32 route per served VIP in `table`, which the operator's BIRD learns
-    (kernel protocol with `learn`) and exports; the agent never writes BIRD's configuration."""
+    """Announcements: one blackhole host route (/32, /128 for an IPv6 VIP) per served VIP in `table`, which
+    the operator's BIRD learns (a kernel protocol with `learn` per family) and exports; the agent never writes
+    BIRD's configuration."""
 
     table: int = 245
     """A kernel routing table no `ip rule` consults: it only feeds BIRD."""

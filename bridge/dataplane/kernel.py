@@ -238,8 +238,8 @@ class Kernel:
         return tuple(values)
 
     def read_announced(self) -> tuple[str, ...]:
-        """VIPs announced by this agent: /32 routes of its protocol in the announce table. Routes of any other
-        protocol there are someone else's and never read as ours."""
+        """VIPs announced by this agent: host routes (/32, /128) of its protocol in the announce table. Routes of
+        any other protocol there are someone else's and never read as ours."""
         if self.config.bgp is None:
             return ()
         found = {canonical_ip(str(msg.get_attr("RTA_DST"))) for msg in self._host_routes(self.config.bgp.table)}
@@ -353,7 +353,7 @@ class Kernel:
 
 
     def _announce_request(self, op: Announce | Withdraw) -> tuple[int, int, bytes]:
-        """A blackhole /32 in the announce table: BIRD learns it and exports it with itself as next hop; it
+        """A blackhole /32 (/128) in the announce table: BIRD learns it and exports it with itself as next hop; it
         needs no device and forwards nothing. A withdrawal deletes only a route of the agent's protocol."""
         table = op.table
         family, length, dst = _host_dst(op.vip)

@@ -104,6 +104,11 @@ class Conn:
         self.sock.sendall(b"?\n")
         return self._line()
 
+    def answer(self) -> str:
+        """The answer to a line already sent (with sock.sendall, e.g. during a loss episode)."""
+        self.sock.settimeout(self.timeout)
+        return self._line()
+
     def alive(self) -> bool:
         try:
             return bool(self.ask())

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from tests.harness.addresses import ROUTER_ADDRESS, VIP_NET
+from tests.harness.addresses import ROUTER_ADDRESS, VIP6_NET, VIP_NET
 from tests.harness.topology import Director, Node, Topology
 from tests.harness.wait import wait_until
 
@@ -36,8 +36,8 @@ ROUTER_CONF = ROOT / "examples" / "bird-router.conf"
 DIRECTOR_CONF = ROOT / "examples" / "bird-director.conf"
 ROUTER_AS, DIRECTOR_AS = 64512, 64513
 ANNOUNCE_TABLE, ROUTE_PROTOCOL = 245, 245
-VIP_SET = f"{VIP_NET}{{32,32}}"
-RTMGRP_IPV4_ROUTE, NETLINK_ROUTE = 0x40, 0
+VIP_SET, VIP6_SET = f"{VIP_NET}{{32,32}}", f"{VIP6_NET}{{128,128}}"
+RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, NETLINK_ROUTE = 0x40, 0x400, 0
 EXAMPLE_BFD = (100, 3)
 """The examples' BFD timing: (interval ms, multiplier)."""
 CALM_BFD = (500, 4)
@@ -122,10 +122,10 @@ class Bird:
 
 @dataclass
 class RouteWatcher:
-    """Every state of a node's route to one VIP (default: the router's, in its main table), as (monotonic
-    time, next-hop addresses).  A thread inside
-    the router's namespace waits on a netlink socket subscribed to IPv4 route changes and, on each, reads the
-    VIP's next hops again (no ip exec per sample: each costs ~0.1 s in the emulated VM).  The subscription
+    """Every state of a node's route to one VIP of either family (default: the router's, in its main table), as
+    (monotonic time, next-hop addresses).  A thread inside the router's namespace waits on a netlink socket
+    subscribed to the VIP family's route changes and, on each, reads the VIP's next hops again (no ip exec
+    per sample: each costs ~0.1 s in the emulated VM).  The subscription
     is a plain stdlib socket because pyroute2 0.9's IPRoute does not deliver notifications to a thread other
     than the one that made it."""
 
@@ -147,9 +147,14 @@ class RouteWatcher:
         with self.router.entered():
             return self._read()
 
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.vip else socket.AF_INET
+
     def _read(self) -> frozenset[str]:
         with IPRoute() as ipr:
-            routes = ipr.route("dump", dst=self.vip, dst_len=32, table=self.table)
+            routes = ipr.route("dump", family=self.family, dst=self.vip,
+                               dst_len=128 if self.family == socket.AF_INET6 else 32, table=self.table)
         hops: set[str] = set()
         for r in routes:
             if r.get_attr("RTA_DST") != self.vip:
@@ -163,7 +168,7 @@ class RouteWatcher:
 
     def _loop(self) -> None:
         with self.router.entered(), socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE) as sub:
-            sub.bind((0, RTMGRP_IPV4_ROUTE))
+            sub.bind((0, RTMGRP_IPV6_ROUTE if self.family == socket.AF_INET6 else RTMGRP_IPV4_ROUTE))
             sub.setblocking(False)
             self.changes.append((time.monotonic(), self._read()))
             self._ready.set()
@@ -210,11 +215,13 @@ class RouterBed:
                                for d in topology.directors)
         self.router_bird = Bird(self.router, render(
             ROUTER_CONF, log_file=folder / "bird-rt.log", router_id=ROUTER_ADDRESS, local_address=ROUTER_ADDRESS,
-            interface="eth0", local_as=ROUTER_AS, vip_cidrs=VIP_SET, directors=neighbours), folder)
+            interface="eth0", local_as=ROUTER_AS, vip_cidrs=VIP_SET, vip6_cidrs=VIP6_SET,
+            directors=neighbours), folder)
         self.birds = {d.label: Bird(d, render(
             DIRECTOR_CONF, log_file=folder / f"bird-{d.label}.log", router_id=d.address, local_address=d.address,
             interface="eth0", router_address=ROUTER_ADDRESS, local_as=DIRECTOR_AS, router_as=ROUTER_AS,
-            vip_cidrs=VIP_SET, table=ANNOUNCE_TABLE, route_protocol=ROUTE_PROTOCOL), folder)
+            vip_cidrs=VIP_SET, vip6_cidrs=VIP6_SET, local_address6=d.address6, table=ANNOUNCE_TABLE,
+            route_protocol=ROUTE_PROTOCOL), folder)
             for d in topology.directors}
         for bird in [self.router_bird, *self.birds.values()]:
             text = bird.conf.read_text()
@@ -261,7 +268,8 @@ class RouterBed:
         return RouteWatcher(self.router, vip).nexthops()
 
     def wait_nexthops(self, vip: str, directors: Iterable[Director], timeout: float = 60) -> None:
-        want = frozenset(d.address for d in directors)
+        """Until the router routes `vip` over exactly these directors (their IPv6 addresses for an IPv6 VIP)."""
+        want = frozenset(str(d.address6) if ":" in vip else d.address for d in directors)
         wait_until(lambda: self.nexthops(vip) == want, timeout=timeout,
                    what=f"router route to {vip} via {sorted(want)} (now {sorted(self.nexthops(vip))})")
 
