@@ -26,7 +26,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,8 @@ from bridge.core.maglev import DEFAULT_TABLE_SIZE, Dest, MaglevTable, address_ke
 from bridge.core.memory import Memory
 from bridge.core.ops import AddDest, AddService, DelDest, Op, SetDest
 from tests.catalog_builder import catalog
-from tests.harness.fake_kernel import FakeKernel
-from tests.test_diff import CONFIG, KEY, Director, entry
+from tests.harness.fake_kernel import FakeDirector, FakeKernel
+from tests.test_diff import CONFIG, KEY, entry
 
 Entries = list[dict[str, Any]]
 Routes = npt.NDArray[np.int64]
@@ -120,11 +120,19 @@ class Naive:
         self.kernel.run(ops)
 
 
-def restart(director: Director | Naive, keep_state: bool) -> Director | Naive:
+def agent() -> FakeDirector:
+    """The agent's passes on the fake kernel (tests/harness/fake_kernel.py)."""
+    return FakeDirector(CONFIG)
+
+
+Strategy = Callable[[], FakeDirector | Naive]
+
+
+def restart(director: FakeDirector | Naive, keep_state: bool) -> FakeDirector | Naive:
     """A new process on the same kernel; the agent keeps its state file, or has lost it."""
-    fresh = type(director)()
+    fresh = agent() if isinstance(director, FakeDirector) else Naive()
     fresh.kernel = director.kernel
-    if isinstance(director, Director) and isinstance(fresh, Director):
+    if isinstance(director, FakeDirector) and isinstance(fresh, FakeDirector):
         fresh.memory = replace(director.memory) if keep_state else Memory()
     return fresh
 
@@ -137,12 +145,12 @@ def kernel_routes(kernel: FakeKernel, keys: U64, ports: U64) -> Routes:
     return routes(build_table(dests, DEFAULT_TABLE_SIZE), service.flags if service else FLAGS, keys, ports)
 
 
-def agreement(trio: Sequence[Director | Naive], keys: U64, ports: U64) -> float:
+def agreement(trio: Sequence[FakeDirector | Naive], keys: U64, ports: U64) -> float:
     a, b, c = (kernel_routes(d.kernel, keys, ports) for d in trio)
     return float(np.mean((a == b) & (b == c)))
 
 
-def scenario(history: list[Entries], strategy: type[Director | Naive], keep_state: bool, keys: U64,
+def scenario(history: list[Entries], strategy: Strategy, keep_state: bool, keys: U64,
              ports: U64) -> tuple[float, float]:
     """Agreement of watcher, late starter and restarted director: at the last event, and settled."""
     watcher, restarted = strategy(), strategy()
@@ -178,8 +186,8 @@ def bench_agreement(seeds: int, flows: int) -> None:
         keys = rng.integers(0, 2**32, flows, dtype=np.uint64)
         ports = rng.integers(1024, 65536, flows, dtype=np.uint64)
         history = catalog_history(random.Random(seed))
-        kept = scenario(history, Director, True, keys, ports)
-        lost = scenario(history, Director, False, keys, ports)
+        kept = scenario(history, agent, True, keys, ports)
+        lost = scenario(history, agent, False, keys, ports)
         naive = scenario(history, Naive, True, keys, ports)
         row = [kept[0], lost[0], naive[0], kept[1], lost[1], naive[1]]
         for column, value in zip(columns, row, strict=True):

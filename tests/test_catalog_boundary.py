@@ -16,7 +16,7 @@ from bridge.catalog.consul_format import CatalogFormatError, parse_catalog, pars
 from bridge.core.desired import compute_desired
 from bridge.core.model import Snapshot
 from bridge.core.printable import printable
-from bridge.inspect.text import desired_text
+from bridge.inspect.text import desired_text, dumps
 from tests.catalog_builder import catalog, health_entry
 from tests.test_tags_and_desired import CONFIG
 
@@ -133,6 +133,16 @@ def test_names_and_tags_are_escaped_in_text_output():
     assert "service we\\x1b]0;pwned\\x07b" in text and "(node\\x0d)" in text
     assert "instance we\\x1b]0;pwned\\x07b-node\\x0aFAKE LOG LINE" in text
     assert all(line.isprintable() for line in text.splitlines())
+
+
+def test_a_large_json_answer_is_one_line_of_the_same_data_and_escapes_names_as_json_does():
+    rows = [{"service": f"web-{i}", "node": "node-1", "weight": i, "allow": None} for i in range(20_000)]
+    plain = dumps({"virtual_services": rows})
+    assert len(plain) > 1_000_000 and "\n" not in plain and json.loads(plain) == {"virtual_services": rows}
+    evil = {"virtual_services": [*rows, {"service": "we\x1b]0;pwned\x07b", "node": "ok\u202e\n"}]}
+    escaped = dumps(evil)
+    assert escaped.isascii() and escaped == json.dumps(evil)
+    assert dumps({"small": "ok\u202e"}) == json.dumps({"small": "ok\u202e"}, indent=2)
 
 
 def test_printable_cuts_long_names_and_says_how_long_they_were():

@@ -4,11 +4,9 @@ import ipaddress
 import random
 from dataclasses import replace
 
-from bridge.catalog.consul_format import snapshot_from_services
 from bridge.core.config import Config, TunnelMapping
-from bridge.core.desired import compute_desired
 from bridge.core.keys import DestKey, ServiceKey
-from bridge.core.memory import Memory, remember
+from bridge.core.memory import Memory
 from bridge.core.ops import (
     AddDest,
     AddLink,
@@ -22,8 +20,8 @@ from bridge.core.ops import (
     SetSysctl,
 )
 from bridge.core.plan import plan
-from tests.catalog_builder import catalog, health_entry
-from tests.harness.fake_kernel import FakeKernel
+from tests.catalog_builder import health_entry
+from tests.harness.fake_kernel import FakeDirector
 
 CONFIG = Config(
     vip_cidrs=(ipaddress.IPv4Network("198.51.100.0/24"),),
@@ -39,30 +37,12 @@ def entry(n, *, status="passing", weight=1, index=None, vip=VIP):
                         create_index=index if index is not None else n)
 
 
-class Director:
-    """The planner and a fake kernel, with the memory the agent keeps in its state file."""
-
-    def __init__(self):
-        self.kernel = FakeKernel()
-        self.memory = Memory()
-        self.last_ops = ()
-
-    def sync(self, entries, now=0.0, scope=None):
-        desired = compute_desired(snapshot_from_services(catalog(*entries)), CONFIG, "192.0.2.1")
-        live = self.kernel.read(scope)
-        p = plan(desired, live, self.memory, now, CONFIG.drain_timeout, scope)
-        self.kernel.run(p.ops)
-        self.memory = Memory(p.drain_deadlines, remember(self.memory.last_weights, live.services, p.ops))
-        self.last_ops = p.ops
-        return p
-
-
 def order(director):
-    return [r.address for r in director.kernel.services[KEY].real_servers]
+    return [address for address, _, _ in director.dests(KEY)]
 
 
 def test_first_apply_builds_everything_in_order_and_second_is_a_no_op():
-    d = Director()
+    d = FakeDirector(CONFIG)
     p = d.sync([entry(11), entry(12), entry(13)])
     kinds = [type(op) for op in p.ops]
     assert kinds == [SetSysctl] * 2 + [AddLink] * 3 + [AddRoute] * 4 + [AddService] + [AddDest] * 3
@@ -71,7 +51,7 @@ def test_first_apply_builds_everything_in_order_and_second_is_a_no_op():
 
 
 def test_one_instance_going_critical_is_one_operation():
-    d = Director()
+    d = FakeDirector(CONFIG)
     d.sync([entry(11), entry(12)])
     p = d.sync([entry(11, status="critical"), entry(12)])
     assert p.ops == (SetDest(KEY, "203.0.113.11", 80, 0),)
@@ -79,7 +59,7 @@ def test_one_instance_going_critical_is_one_operation():
 
 
 def test_new_newest_backend_is_one_add_at_the_head_plus_its_tunnel():
-    d = Director()
+    d = FakeDirector(CONFIG)
     d.sync([entry(11), entry(12)])
     p = d.sync([entry(11), entry(12), entry(13)])
     assert [op for op in p.ops if isinstance(op, AddDest | SetDest | DelDest)] == [AddDest(KEY, "203.0.113.13", 80, 1)]
@@ -87,14 +67,14 @@ def test_new_newest_backend_is_one_add_at_the_head_plus_its_tunnel():
 
 
 def test_critical_backend_is_added_with_its_tagged_weight_then_set_to_zero():
-    d = Director()
+    d = FakeDirector(CONFIG)
     p = d.sync([entry(11, status="critical", weight=5)])
     assert [op for op in p.ops if isinstance(op, AddDest | SetDest)] == [
         AddDest(KEY, "203.0.113.11", 80, 5), SetDest(KEY, "203.0.113.11", 80, 0)]
 
 
 def test_backend_inserted_in_the_middle_re_adds_only_those_in_front_of_it():
-    d = Director()
+    d = FakeDirector(CONFIG)
     d.sync([entry(11, index=10), entry(12, index=30), entry(13, index=40)])
     p = d.sync([entry(11, index=10), entry(12, index=30), entry(13, index=40), entry(14, index=20)])
     dest_ops = [op for op in p.ops if isinstance(op, AddDest | DelDest)]
@@ -106,7 +86,7 @@ def test_backend_inserted_in_the_middle_re_adds_only_those_in_front_of_it():
 
 
 def test_deregistered_backend_drains_at_weight_zero_then_is_deleted_at_its_deadline():
-    d = Director()
+    d = FakeDirector(CONFIG)
     d.sync([entry(11), entry(12)], now=0)
     p = d.sync([entry(12)], now=100)
     assert p.ops == (SetDest(KEY, "203.0.113.11", 80, 0),)
@@ -119,7 +99,7 @@ def test_deregistered_backend_drains_at_weight_zero_then_is_deleted_at_its_deadl
 
 
 def test_backend_returning_during_drain_is_restored_in_place():
-    d = Director()
+    d = FakeDirector(CONFIG)
     d.sync([entry(11), entry(12)], now=0)
     d.sync([entry(12)], now=10)
     assert d.sync([entry(11), entry(12)], now=20).ops == (SetDest(KEY, "203.0.113.11", 80, 1),)
@@ -127,7 +107,7 @@ def test_backend_returning_during_drain_is_restored_in_place():
 
 
 def test_virtual_service_losing_its_last_claim_is_drained_before_deletion():
-    d = Director()
+    d = FakeDirector(CONFIG)
     d.sync([entry(11)], now=0)
     p = d.sync([], now=1)
     assert p.ops == (SetDest(KEY, "203.0.113.11", 80, 0),)
@@ -138,7 +118,7 @@ def test_virtual_service_losing_its_last_claim_is_drained_before_deletion():
 
 
 def test_tagged_weight_zero_after_serving_needs_a_fresh_add_to_forget_its_slots():
-    d = Director()
+    d = FakeDirector(CONFIG)
     d.sync([entry(11, index=1), entry(12, index=2)])
     p = d.sync([entry(11, index=1, weight=0), entry(12, index=2)])
     dest_ops = [op for op in p.ops if isinstance(op, AddDest | DelDest | SetDest)]
@@ -172,7 +152,7 @@ def test_directors_with_different_histories_converge_to_identical_lists_and_reme
     for seed in range(30):
         history = _random_history(random.Random(seed))
         final = history[-1]
-        watcher, restarted, late = Director(), Director(), Director()
+        watcher, restarted, late = FakeDirector(CONFIG), FakeDirector(CONFIG), FakeDirector(CONFIG)
         for t, entries in enumerate(history):
             watcher.sync(entries, now=t)
             if t % 3 == 0:
@@ -190,14 +170,14 @@ def test_directors_with_different_histories_converge_to_identical_lists_and_reme
 
 def replace_kernel_keep_memory(director):
     """An agent restart: the kernel and the state file survive, the process does not."""
-    fresh = Director()
+    fresh = FakeDirector(CONFIG)
     fresh.kernel = director.kernel
     fresh.memory = replace(director.memory)
     return fresh
 
 
 def test_a_director_that_lost_its_state_file_never_assumes_what_the_kernel_remembers():
-    d = Director()
+    d = FakeDirector(CONFIG)
     d.sync([entry(11, index=1, weight=2), entry(12, index=2)])
     d.sync([entry(11, index=1, weight=2, status="critical"), entry(12, index=2)])
     d.memory = Memory()  # the state file is gone; the kernel still remembers weight 2 for .11
@@ -206,7 +186,7 @@ def test_a_director_that_lost_its_state_file_never_assumes_what_the_kernel_remem
     d.memory = Memory()
     p = d.sync([entry(11, index=1, weight=0), entry(12, index=2)])
     assert [type(op) for op in p.ops if isinstance(op, AddDest | DelDest)] == [DelDest, DelDest, AddDest, AddDest]
-    fresh = Director()
+    fresh = FakeDirector(CONFIG)
     fresh.sync([entry(11, index=1, weight=0), entry(12, index=2)])
     assert d.kernel.table_state() == fresh.kernel.table_state()
 
@@ -216,11 +196,11 @@ OTHER_KEY = ServiceKey("198.51.100.20", 80, "tcp")
 
 
 def test_scoped_plan_of_one_health_change_is_the_full_plan_of_that_change():
-    d = Director()
+    d = FakeDirector(CONFIG)
     entries = [entry(11), entry(12), entry(21, vip=OTHER_VIP), entry(22, vip=OTHER_VIP)]
     d.sync(entries)
     entries[0] = entry(11, status="critical")
-    desired = compute_desired(snapshot_from_services(catalog(*entries)), CONFIG, "192.0.2.1")
+    desired = d.desired(entries)
     live = d.kernel.read()
     full = plan(desired, live, d.memory, 1.0, CONFIG.drain_timeout)
     scoped = plan(desired, d.kernel.read(frozenset({KEY})), d.memory, 1.0, CONFIG.drain_timeout, frozenset({KEY}))
@@ -228,12 +208,11 @@ def test_scoped_plan_of_one_health_change_is_the_full_plan_of_that_change():
 
 
 def test_scoped_plan_keeps_deadlines_outside_its_scope_and_deletes_no_link_or_route():
-    d = Director()
+    d = FakeDirector(CONFIG)
     d.sync([entry(11), entry(21, vip=OTHER_VIP), entry(22, vip=OTHER_VIP)], now=0.0)
     d.sync([entry(11), entry(21, vip=OTHER_VIP)], now=1.0)  # 22 drains until 31
     assert set(d.memory.drain_deadlines) == {DestKey.parse("198.51.100.20:80/tcp>203.0.113.22:80")}
-    desired = compute_desired(snapshot_from_services(catalog(entry(11, status="critical"), entry(21, vip=OTHER_VIP))),
-                              CONFIG, "192.0.2.1")
+    desired = d.desired([entry(11, status="critical"), entry(21, vip=OTHER_VIP)])
     scoped = plan(desired, d.kernel.read(frozenset({KEY})), d.memory, 100.0, CONFIG.drain_timeout, frozenset({KEY}))
     assert scoped.ops == (SetDest(KEY, "203.0.113.11", 80, 0),)
     assert scoped.drain_deadlines == d.memory.drain_deadlines  # past due, but not this pass's to delete
@@ -251,14 +230,14 @@ def kernel_memory_at_weight_zero(kernel):
 def test_the_memory_holds_exactly_what_the_kernel_remembers_for_its_real_servers_at_weight_zero():
     for seed in range(30):
         rng = random.Random(seed)
-        d = Director()
+        d = FakeDirector(CONFIG)
         for t, entries in enumerate(_random_history(rng)):
             d.sync(entries, now=t, scope=rng.choice([None, frozenset({KEY})]))
             assert d.memory.last_weights == kernel_memory_at_weight_zero(d.kernel), (seed, t)
 
 
 def test_an_edit_to_weight_zero_remembers_the_weight_the_real_server_had_before_it():
-    d = Director()
+    d = FakeDirector(CONFIG)
     d.sync([entry(11, weight=2), entry(12)])
     assert d.memory.last_weights == {}, "serving real servers: the kernel reports their weights"
     d.sync([entry(11, weight=2, status="critical"), entry(12)])
@@ -272,12 +251,12 @@ def test_an_edit_to_weight_zero_remembers_the_weight_the_real_server_had_before_
 
 def test_a_state_file_that_remembers_every_real_server_plans_the_same_and_the_next_pass_trims_it():
     entries = [entry(11, weight=2), entry(12, weight=3, status="critical"), entry(13), entry(21, vip=OTHER_VIP)]
-    d = Director()
+    d = FakeDirector(CONFIG)
     d.sync(entries)
     every = dict(d.kernel.last_weight)  # what state files held before: every real server's weight
     assert len(every) == 4 and d.memory.last_weights == {DestKey(KEY, "203.0.113.12", 80): 3}
     entries[0] = entry(11, weight=2, status="critical")
-    desired = compute_desired(snapshot_from_services(catalog(*entries)), CONFIG, "192.0.2.1")
+    desired = d.desired(entries)
     old_file = Memory(d.memory.drain_deadlines, every)
     assert plan(desired, d.kernel.read(), old_file, 1.0, CONFIG.drain_timeout) == plan(
         desired, d.kernel.read(), d.memory, 1.0, CONFIG.drain_timeout)
@@ -290,7 +269,7 @@ def test_a_state_file_that_remembers_every_real_server_plans_the_same_and_the_ne
 
 
 def test_remembered_weights_stay_the_same_mapping_when_no_real_server_at_weight_zero_changes():
-    d = Director()
+    d = FakeDirector(CONFIG)
     d.sync([entry(11), entry(12)])
     d.sync([entry(11, status="critical"), entry(12)])
     weights = d.memory.last_weights

@@ -15,9 +15,7 @@ from bridge.core.config import Config, ConfigError, TunnelMapping, parse_config
 from bridge.core.desired import compute_desired
 from bridge.core.encap import DIRECT_ROUTING, Forwarding, mtu_problem
 from bridge.core.keys import ServiceKey
-from bridge.core.memory import Memory, remember
 from bridge.core.ops import AddDest, AddLink, AddRoute, DelDest, DelLink, DelRoute, SetDest
-from bridge.core.plan import plan
 from bridge.dataplane.backend import BackendLive, plan_backend, receivers
 from bridge.dataplane.ipvs_netlink import (
     ATTR_DEST,
@@ -35,7 +33,7 @@ from bridge.dataplane.ipvs_netlink import (
 from bridge.dataplane.netlink_batch import parse_attrs
 from bridge.inspect.discover import Director, Discovery, discovery_text, read_report
 from tests.catalog_builder import catalog, health_entry
-from tests.harness.fake_kernel import FakeKernel
+from tests.harness.fake_kernel import FakeDirector
 
 VIPS = (ipaddress.IPv4Network("198.51.100.0/24"),)
 TUNNELS = (TunnelMapping(ipaddress.IPv4Network("192.0.2.0/24"), ipaddress.IPv4Network("203.0.113.0/24")),)
@@ -48,24 +46,6 @@ KEY = ServiceKey("198.51.100.10", 80, "tcp")
 def entry(n, *, status="passing"):
     return health_entry("web", f"b{n}", f"192.0.2.{n}", 80, ["maglev.vip=198.51.100.10:80"], status=status,
                         create_index=n)
-
-
-class GueDirector:
-    def __init__(self, config):
-        self.config = config
-        self.kernel = FakeKernel()
-        self.memory = Memory()
-
-    def sync(self, entries, now=0.0):
-        desired = compute_desired(snapshot_from_services(catalog(*entries)), self.config, "192.0.2.1")
-        live = self.kernel.read()
-        p = plan(desired, live, self.memory, now, self.config.drain_timeout)
-        self.kernel.run(p.ops)
-        self.memory = Memory(p.drain_deadlines, remember(self.memory.last_weights, live.services, p.ops))
-        return p
-
-    def dests(self):
-        return [(r.address, r.weight, r.forwarding) for r in self.kernel.services[KEY].real_servers]
 
 
 # ---- configuration ---------------------------------------------------------------------------------------
@@ -104,7 +84,7 @@ def test_gue_real_servers_are_the_backends_own_addresses_with_no_tunnel_and_no_t
 
 
 def test_gue_apply_adds_real_servers_with_their_tunnel_and_no_links_or_tunnel_routes():
-    d = GueDirector(GUE)
+    d = FakeDirector(GUE)
     p = d.sync([entry(11), entry(12)])
     assert not [op for op in p.ops if isinstance(op, AddLink)]
     assert [op for op in p.ops if isinstance(op, AddRoute)] == [AddRoute("198.51.100.10", "local", "lo")]
@@ -117,31 +97,31 @@ def test_gue_apply_adds_real_servers_with_their_tunnel_and_no_links_or_tunnel_ro
 def test_a_weight_change_in_gue_mode_repeats_the_tunnel_settings():
     """The kernel's SET_DEST takes absent tunnel attributes as ipip port 0: a bare weight edit would turn a
     GUE real server into an ipip one."""
-    d = GueDirector(GUE)
+    d = FakeDirector(GUE)
     d.sync([entry(11), entry(12)])
     assert d.sync([entry(11, status="critical"), entry(12)]).ops == (SetDest(KEY, "192.0.2.11", 80, 0, GUE_6080),)
 
 
 def test_a_changed_gue_port_or_checksum_is_set_in_place_keeping_order_and_weights():
-    d = GueDirector(GUE)
+    d = FakeDirector(GUE)
     d.sync([entry(11), entry(12, status="critical")])
     d.config = replace(GUE, gue_port=7000, gue_checksum="csum")
     moved = Forwarding("tunnel", "gue", 7000, "csum")
     p = d.sync([entry(11), entry(12, status="critical")])
     assert p.ops == (SetDest(KEY, "192.0.2.12", 80, 0, moved), SetDest(KEY, "192.0.2.11", 80, 1, moved))
-    assert d.dests() == [("192.0.2.12", 0, moved), ("192.0.2.11", 1, moved)]
+    assert d.dests(KEY) == [("192.0.2.12", 0, moved), ("192.0.2.11", 1, moved)]
 
 
 def test_moving_a_director_from_fou_to_gue_drains_the_old_real_servers_through_their_old_tunnels():
     """The old real servers (tunnel addresses, direct routing) keep their forwarding, links and routes at
     weight 0 until drain_timeout, so the connections on them go on; then they, their routes and links go.
     The new real server gets its weight before the old one goes to 0: never a moment without a weight."""
-    d = GueDirector(FOU)
+    d = FakeDirector(FOU)
     d.sync([entry(11)], now=0)
     d.config = GUE
     p = d.sync([entry(11)], now=100)
     assert p.ops == (AddDest(KEY, "192.0.2.11", 80, 1, GUE_6080), SetDest(KEY, "203.0.113.11", 80, 0, DIRECT_ROUTING))
-    assert d.dests() == [("192.0.2.11", 1, GUE_6080), ("203.0.113.11", 0, DIRECT_ROUTING)]
+    assert d.dests(KEY) == [("192.0.2.11", 1, GUE_6080), ("203.0.113.11", 0, DIRECT_ROUTING)]
     assert d.sync([entry(11)], now=129).ops == ()
     assert d.sync([entry(11)], now=130).ops == (DelDest(KEY, "203.0.113.11", 80),
                                                 DelRoute("203.0.113.11", "main", "mglc000020b"),
@@ -149,7 +129,7 @@ def test_moving_a_director_from_fou_to_gue_drains_the_old_real_servers_through_t
 
 
 def test_moving_back_from_gue_to_fou_drains_the_gue_real_servers_with_their_gue_forwarding():
-    d = GueDirector(GUE)
+    d = FakeDirector(GUE)
     d.sync([entry(11)], now=0)
     d.config = FOU
     p = d.sync([entry(11)], now=1)

@@ -19,14 +19,15 @@ from bridge.core.ops import AddDest, DelDest, SetDest
 from bridge.inspect.status import service_fingerprints, standby_servers
 from bridge.inspect.text import desired_text, status_json, status_text
 from tests.catalog_builder import catalog
+from tests.harness.fake_kernel import FakeDirector
 from tests.test_diff import _random_history
-from tests.test_gue import FOU, GUE, GUE_6080, KEY, GueDirector, entry
+from tests.test_gue import FOU, GUE, GUE_6080, KEY, entry
 
 STANDBY = replace(FOU, standby_encapsulation="gue")
 SWITCHED = replace(GUE, standby_encapsulation=None)
 
 
-def fingerprints(d: GueDirector) -> dict:
+def fingerprints(d: FakeDirector) -> dict:
     return service_fingerprints(d.kernel.read().services, d.memory.last_weights, 4093)
 
 
@@ -68,7 +69,7 @@ def test_every_backend_gets_a_standby_real_server_at_weight_0_in_front_of_the_di
 # ---- the planner -------------------------------------------------------------------------------------------
 
 def test_the_key_adds_the_standby_real_servers_at_weight_0_and_the_table_stays_as_it_was():
-    d = GueDirector(FOU)
+    d = FakeDirector(FOU)
     d.sync([entry(11), entry(12)])
     before = fingerprints(d)
     d.config = STANDBY
@@ -76,7 +77,7 @@ def test_the_key_adds_the_standby_real_servers_at_weight_0_and_the_table_stays_a
     assert p.ops == (AddDest(KEY, "192.0.2.11", 80, 0, GUE_6080, True),
                      AddDest(KEY, "192.0.2.12", 80, 0, GUE_6080, True))
     assert "add real server 192.0.2.11:80 weight 0 via gue port 6080 (standby) in" in p.ops[0].describe()
-    assert d.dests() == [("192.0.2.12", 0, GUE_6080), ("192.0.2.11", 0, GUE_6080),
+    assert d.dests(KEY) == [("192.0.2.12", 0, GUE_6080), ("192.0.2.11", 0, GUE_6080),
                          ("203.0.113.12", 1, DIRECT_ROUTING), ("203.0.113.11", 1, DIRECT_ROUTING)]
     assert d.memory.last_weights == {k: 0 for k in d.memory.last_weights} and len(d.memory.last_weights) == 2
     assert fingerprints(d) == before, "added at weight 0: no last weight, no slot"
@@ -85,7 +86,7 @@ def test_the_key_adds_the_standby_real_servers_at_weight_0_and_the_table_stays_a
 
 def test_a_standby_real_server_is_never_given_a_weight():
     """Health changes move the director's own real servers only; a new backend's standby is added at 0."""
-    d = GueDirector(STANDBY)
+    d = FakeDirector(STANDBY)
     d.sync([entry(11), entry(12)])
     assert d.sync([entry(11), entry(12, status="critical")]).ops == (SetDest(KEY, "203.0.113.12", 80, 0),)
     assert d.sync([entry(11), entry(12)]).ops == (SetDest(KEY, "203.0.113.12", 80, 1),)
@@ -93,12 +94,12 @@ def test_a_standby_real_server_is_never_given_a_weight():
     assert not [op for op in p.ops if isinstance(op, DelDest)], "the standby ones stay where they are in the list"
     assert [op for op in p.ops if isinstance(op, AddDest | SetDest) and op.forwarding == GUE_6080] == [
         AddDest(KEY, "192.0.2.13", 80, 0, GUE_6080, True)]
-    assert all(w == 0 for a, w, f in d.dests() if f == GUE_6080)
+    assert all(w == 0 for a, w, f in d.dests(KEY) if f == GUE_6080)
 
 
 def test_two_fou_directors_with_and_without_standby_real_servers_have_the_same_table():
     """So `status --discover` sees them agree: a fingerprint ignores real servers without slots."""
-    plain, standby = GueDirector(FOU), GueDirector(STANDBY)
+    plain, standby = FakeDirector(FOU), FakeDirector(STANDBY)
     for d in (plain, standby):
         d.sync([entry(11), entry(12), entry(13, status="critical")])
     assert fingerprints(plain) == fingerprints(standby)
@@ -107,7 +108,7 @@ def test_two_fou_directors_with_and_without_standby_real_servers_have_the_same_t
 def test_switching_in_place_gives_the_standby_their_weights_before_the_fou_real_servers_go_to_0():
     """Nothing is deleted or re-added (a deletion would expire the connections bound to it), the list order
     needs no repair, and at no moment is every weight 0."""
-    d = GueDirector(STANDBY)
+    d = FakeDirector(STANDBY)
     d.sync([entry(11), entry(12)], now=0)
     d.config = SWITCHED
     p = d.sync([entry(11), entry(12)], now=100)
@@ -117,7 +118,7 @@ def test_switching_in_place_gives_the_standby_their_weights_before_the_fou_real_
     for op in p.ops:
         weights[op.address] = op.weight
         assert any(weights.values()), f"every weight 0 after {op.describe()}"
-    assert d.dests() == [("192.0.2.12", 1, GUE_6080), ("192.0.2.11", 1, GUE_6080),
+    assert d.dests(KEY) == [("192.0.2.12", 1, GUE_6080), ("192.0.2.11", 1, GUE_6080),
                          ("203.0.113.12", 0, DIRECT_ROUTING), ("203.0.113.11", 0, DIRECT_ROUTING)]
     assert d.sync([entry(11), entry(12)], now=129).ops == ()
     deleted = [op for op in d.sync([entry(11), entry(12)], now=130).ops if isinstance(op, DelDest)]
@@ -126,13 +127,13 @@ def test_switching_in_place_gives_the_standby_their_weights_before_the_fou_real_
 
 def test_a_switched_director_builds_the_table_of_a_director_that_started_in_gue():
     """Once the fou real servers are deleted: the standby became the director's own at its place in the list."""
-    switched, fresh = GueDirector(STANDBY), GueDirector(SWITCHED)
+    switched, fresh = FakeDirector(STANDBY), FakeDirector(SWITCHED)
     switched.sync([entry(11), entry(12)], now=0)
     switched.config = SWITCHED
     switched.sync([entry(11), entry(12)], now=100)
     switched.sync([entry(11), entry(12)], now=130)
     fresh.sync([entry(11), entry(12)], now=0)
-    assert switched.dests() == fresh.dests()
+    assert switched.dests(KEY) == fresh.dests(KEY)
     assert fingerprints(switched) == fingerprints(fresh)
 
 
@@ -143,7 +144,7 @@ def test_directors_with_different_histories_and_standby_real_servers_build_the_f
     for seed in range(20):
         history = _random_history(random.Random(seed))
         final = history[-1]
-        watcher, late, plain = GueDirector(STANDBY), GueDirector(STANDBY), GueDirector(FOU)
+        watcher, late, plain = FakeDirector(STANDBY), FakeDirector(STANDBY), FakeDirector(FOU)
         for t, entries in enumerate(history):
             watcher.sync(entries, now=t)
         end = len(history) + FOU.drain_timeout + 1
@@ -151,7 +152,7 @@ def test_directors_with_different_histories_and_standby_real_servers_build_the_f
             d.sync(final, now=end)
             d.sync(final, now=end + 1)
         assert fingerprints(watcher) == fingerprints(late) == fingerprints(plain), seed
-        assert all(w == 0 for _, w, f in watcher.dests() if f == GUE_6080), seed
+        assert all(w == 0 for _, w, f in watcher.dests(KEY) if f == GUE_6080), seed
         for d in (watcher, late):
             d.config = SWITCHED
             assert not [op for op in d.sync(final, now=end + 2).ops if isinstance(op, AddDest | DelDest)], seed
@@ -162,7 +163,7 @@ def test_directors_with_different_histories_and_standby_real_servers_build_the_f
 # ---- status ------------------------------------------------------------------------------------------------
 
 def test_status_calls_a_standby_real_server_standby_only_when_it_has_no_last_weight():
-    d = GueDirector(STANDBY)
+    d = FakeDirector(STANDBY)
     d.sync([entry(11)])
     live = d.kernel.read()
     marked = standby_servers(live.services, d.memory.last_weights, STANDBY.standby_forwarding)

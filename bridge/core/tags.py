@@ -213,8 +213,9 @@ class TagParser:
         if len(claims) > 1:
             claims = sorted({c.key: c for c in claims}.values(), key=lambda c: c.key.listing_order())
         allow = self.config.default_allow if allowed is None else collapse(allowed)
-        for claim in claims:
-            _check_allow_family(claim, allow, "default_allow" if allowed is None else f"the {prefix}allow list")
+        if allow is not None:  # None admits every client of both families (and is the common case: no call)
+            for claim in claims:
+                _check_allow_family(claim, allow, "default_allow" if allowed is None else f"the {prefix}allow list")
         return (tuple(claims), 1 if weight is None else weight, self.default_flags if flags is None else flags,
                 allow)
 

@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
+import msgspec
+
 from bridge.core.addr import bracketed, host_prefix
 from bridge.core.allow import describe as describe_allow
 from bridge.core.encap import Forwarding
@@ -214,6 +216,11 @@ def maintenance_text(found: dict[str, Any]) -> str:
 
 
 def dumps(data: Any) -> str:
-    """Compact (one line) when large: json's indenting encoder is pure Python and dominates a big plan."""
-    text = json.dumps(data)
-    return text if len(text) > 1_000_000 else json.dumps(data, indent=2)
+    """Compact (one line) when large: json's indenting encoder is pure Python and dominates a big plan. The
+    compact form by msgspec's encoder, which writes a 100,000-instance plan 5x faster than json's C encoder
+    (0.07 against 0.35 s of CPU, bench/plan_bench.py's catalog); json's when that text is not ASCII, since json
+    escapes it (a node name in any script prints on any terminal's encoding), as for every small answer."""
+    compact = msgspec.json.encode(data)
+    if len(compact) <= 1_000_000:
+        return json.dumps(data, indent=2)
+    return compact.decode() if compact.isascii() else json.dumps(data)

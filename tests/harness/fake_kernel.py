@@ -5,16 +5,27 @@ list); this adds what the kernel remembers for every real server and never repor
 (ip_vs_ctl.c: last_weight is set on add, and on edits to a non-zero weight), written here apart from the
 agent's own bookkeeping (bridge.core.memory.remember, which keeps only what the kernel cannot report) so
 that tests can check one against the other. The real kernel tests confirm the rule
-(tests/kernel/test_maglev_exact.py).
+(tests/kernel/test_maglev_exact.py). `FakeDirector` runs the agent's passes on one: plan, apply, remember.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, MutableMapping
+from typing import Any
 
-from bridge.core.keys import DestKey
-from bridge.core.ops import AddDest, DelDest, DelService, Op, SetDest
+from bridge.catalog.consul_format import snapshot_from_services
+from bridge.core.config import Config
+from bridge.core.desired import compute_desired
+from bridge.core.encap import Forwarding
+from bridge.core.keys import DestKey, ServiceKey
+from bridge.core.memory import Memory, remember
+from bridge.core.model import DesiredState
+from bridge.core.ops import AddDest, DelDest, DelService, Op, Scope, SetDest
+from bridge.core.plan import Plan, plan
 from bridge.dataplane.shadow import ShadowKernel
+from tests.catalog_builder import catalog
+
+LOCAL_ADDRESS = "192.0.2.1"
 
 
 def follow(last_weight: MutableMapping[DestKey, int], op: Op) -> bool:
@@ -55,3 +66,31 @@ class FakeKernel(ShadowKernel):
                            for r in s.real_servers))
             for k, s in sorted(self.services.items())
         ]
+
+
+class FakeDirector:
+    """One director's passes without Consul or a kernel: the catalog's desired state, planned against a
+    FakeKernel, run on it, and the memory (drain deadlines, remembered weights) the agent keeps in its state
+    file carried to the next pass, as `bridge.agent.director` does. The planner tests drive it through catalog
+    histories and compare what two of them leave in their kernels."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.kernel = FakeKernel()
+        self.memory = Memory()
+
+    def desired(self, entries: Iterable[dict[str, Any]]) -> DesiredState:
+        """The desired state of a catalog of these health entries (tests/catalog_builder.py)."""
+        return compute_desired(snapshot_from_services(catalog(*entries)), self.config, LOCAL_ADDRESS)
+
+    def sync(self, entries: Iterable[dict[str, Any]], now: float = 0.0, scope: Scope = None) -> Plan:
+        """One pass (a small one with a `scope`): plan, run, remember."""
+        live = self.kernel.read(scope)
+        p = plan(self.desired(entries), live, self.memory, now, self.config.drain_timeout, scope)
+        self.kernel.run(p.ops)
+        self.memory = Memory(p.drain_deadlines, remember(self.memory.last_weights, live.services, p.ops))
+        return p
+
+    def dests(self, key: ServiceKey) -> list[tuple[str, int, Forwarding]]:
+        """The kernel's real servers of `key` in list order: address, weight, forwarding."""
+        return [(r.address, r.weight, r.forwarding) for r in self.kernel.services[key].real_servers]
