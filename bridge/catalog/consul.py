@@ -648,16 +648,17 @@ class ConsulSource:
             return True
         assert self._endpoint is not None
         done = 0
+        paths = [f"/v1/catalog/service/{name}" for name in names]
         with self._connection():
-            async for indexes in probe_indexes(self._endpoint, [f"/v1/catalog/service/{name}" for name in names],
-                                               READ_TIMEOUT):
-                batch, done = names[done:done + len(indexes)], done + len(indexes)
-                self.reads += len(indexes)
-                with self._lock:
-                    moved = [name for name, index in zip(batch, indexes, strict=True)
-                             if index != self._indexes.get(name)]
-                for name in moved:
-                    self._spawn(self._refresh(name))
+            async with contextlib.aclosing(probe_indexes(self._endpoint, paths, READ_TIMEOUT)) as answers:
+                async for indexes in answers:  # closed at once, whatever ends the loop
+                    batch, done = names[done:done + len(indexes)], done + len(indexes)
+                    self.reads += len(indexes)
+                    with self._lock:
+                        moved = [name for name, index in zip(batch, indexes, strict=True)
+                                 if index != self._indexes.get(name)]
+                    for name in moved:
+                        self._spawn(self._refresh(name))
         return done == len(names)
 
     async def _refresh(self, name: str) -> None:

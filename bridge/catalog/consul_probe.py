@@ -6,7 +6,7 @@ is in, so a sweep of 2,000 probes over a few connections costs hundreds of round
 host every round trip waits for a core, and `bench/consul_latency.py` measured registrations taking seconds
 to be noticed. Consul (Go's net/http) answers pipelined requests in order. Only what these answers need is
 here: the status line, three headers, and a body (Content-Length or chunked) that is read and dropped,
-since a probe is filtered to match nothing and only its `X-Consul-Index` matters.
+since a probe asks for a tag no instance carries and only its `X-Consul-Index` matters.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from urllib.parse import quote, urlencode
@@ -42,7 +42,7 @@ class Endpoint:
     server_name: str | None
     headers: Mapping[str, str]
     params: Sequence[tuple[str, str]]
-    """The query every probe carries (dc, stale, the filter)."""
+    """The query every probe carries (dc, stale, the tag no instance carries)."""
 
     def request(self, path: str) -> bytes:
         return b"GET %s?%s HTTP/1.1\r\n%s" % (quote(path, safe=PATH_SAFE).encode("utf-8"), self._query, self._head)
@@ -59,7 +59,7 @@ class Endpoint:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
 
 
-async def probe_indexes(endpoint: Endpoint, paths: Sequence[str], timeout: float) -> AsyncIterator[list[int]]:
+async def probe_indexes(endpoint: Endpoint, paths: Sequence[str], timeout: float) -> AsyncGenerator[list[int], None]:
     """The `X-Consul-Index` of each path's answer, in order, a batch at a time as the answers come in (the
     caller fetches what moved while the rest is probed); -1 for an answer other than 200 (the caller reads
     that one alone and reports what is wrong). Fewer than `paths` in all when Consul closes the connection
