@@ -501,8 +501,9 @@ def main() -> None:
             idle_passes = reader.passes - passes0
             idle_pct = 100 * idle_cpu / idle_wall if idle_seconds else float("nan")
             idle_sockets = sockets.last
-            print(f"idle: {idle_pct:.2f}% of one core over {idle_wall:.0f} s ({idle_passes} passes; user "
-                  f"{idle_user:.1f} s, system {idle_sys:.1f} s)", flush=True)
+            if idle_seconds:
+                print(f"idle: {idle_pct:.2f}% of one core over {idle_wall:.0f} s ({idle_passes} passes; user "
+                      f"{idle_user:.1f} s, system {idle_sys:.1f} s)", flush=True)
             reader.drain()
 
             # (a) latency, one change at a time: flip a random instance to critical, then back
