@@ -540,7 +540,8 @@ class ConsulSource:
                     table.pop(name, None)
                 self._unreadable.discard(name)
                 self._errors.pop(f"health:{name}", None)
-            named = sorted(name for name in tagged if name not in self._indexes or tags[name] != self._tags.get(name))
+            named = sorted(name for name in tagged - self._unreadable
+                           if name not in self._indexes or tags[name] != self._tags.get(name))
             self._tags = tags
         for name in named:  # new, or its tags changed: this answer says which, no need to wait for the sweep
             self._spawn(self._refresh(name))
