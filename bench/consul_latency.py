@@ -28,7 +28,11 @@ registrations; idle CPU < 0.5% of one core; at most 8 connections.
 Knobs (environment): BENCH_SERVICES (2000), BENCH_INSTANCES (5), BENCH_CHANGES (200), BENCH_ARRIVALS (40),
 BENCH_IDLE (1.1 x wait: every watch re-arms once inside the window, so the figure is the steady state),
 BENCH_LATENCY_BUDGET (200 s: phase (a) stops early, saying so), BENCH_WAIT (consul.wait, the agent's default),
-BENCH_RESYNC (resync_interval, 3600: no periodic pass during the measurements; its cost is reported).
+BENCH_RESYNC (resync_interval, 3600: no periodic pass during the measurements; its cost is reported),
+BENCH_ONLY=registrations (phases (a2) and (a3) alone, with the connections: no idle window, no health
+changes, no replay or py-spy; a few minutes instead of 8-14, for iterating on the sweep).
+The load average (1 minute) is sampled through the run and reported: the host is shared, and the sweep that
+finds registrations slows with CPU contention.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ WAIT = os.environ.get("BENCH_WAIT", ConsulConfig().wait)
 IDLE_SECONDS = float(os.environ.get("BENCH_IDLE", 1.1 * ConsulConfig(wait=WAIT).wait_seconds))
 DEFAULT_RESYNC = Config().resync_interval
 RESYNC = float(os.environ.get("BENCH_RESYNC", 3600))
+REGISTRATIONS_ONLY = os.environ.get("BENCH_ONLY", "") == "registrations"
 NODES = 1000
 CHANGE_TIMEOUT = 30.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -296,17 +301,20 @@ def consul_connections(pid: int, port: int) -> int:
 
 
 class ConnectionSampler:
-    """The most connections the agent held to Consul, sampled twice a second from its sockets."""
+    """The most connections the agent held to Consul, sampled twice a second from its sockets, and the host's
+    load average (1 minute) at the same moments."""
 
     def __init__(self, pid: int, port: int) -> None:
         self.pid, self.port = pid, port
         self.most = 0
         self.last = 0
+        self.loads: list[float] = []
         self.stopped = threading.Event()
         threading.Thread(target=self._run, name="connections", daemon=True).start()
 
     def _run(self) -> None:
         while not self.stopped.wait(0.5):
+            self.loads.append(os.getloadavg()[0])
             try:
                 self.last = consul_connections(self.pid, self.port)
             except OSError:
@@ -477,23 +485,25 @@ def main() -> None:
             reader.drain()
 
             # (b) idle CPU
-            py_spy = find_py_spy()
+            idle_seconds = 0.0 if REGISTRATIONS_ONLY else IDLE_SECONDS
+            py_spy = None if REGISTRATIONS_ONLY else find_py_spy()
             passes0, split0, w0 = reader.passes, cpu_split(proc.pid), time.time()
-            time.sleep(IDLE_SECONDS / 2)
+            time.sleep(idle_seconds / 2)
             idle_spy = "py-spy not found (pip install py-spy; or PYSPY=/path)"
             if py_spy:  # sample the second half of the idle window
-                sampler = spy(py_spy, proc.pid, IDLE_SECONDS / 2 - 2, tmp / "py-spy-idle.txt")
-            time.sleep(IDLE_SECONDS / 2)
+                sampler = spy(py_spy, proc.pid, idle_seconds / 2 - 2, tmp / "py-spy-idle.txt")
+            time.sleep(idle_seconds / 2)
             split1, idle_wall = cpu_split(proc.pid), time.time() - w0
             idle_user, idle_sys = split1[0] - split0[0], split1[1] - split0[1]
             idle_cpu = idle_user + idle_sys
             if py_spy:
                 idle_spy = finish_spy(sampler, tmp / "py-spy-idle.txt", 30)
             idle_passes = reader.passes - passes0
-            idle_pct = 100 * idle_cpu / idle_wall
+            idle_pct = 100 * idle_cpu / idle_wall if idle_seconds else float("nan")
             idle_sockets = sockets.last
-            print(f"idle: {idle_pct:.2f}% of one core over {idle_wall:.0f} s ({idle_passes} passes; user "
-                  f"{idle_user:.1f} s, system {idle_sys:.1f} s)", flush=True)
+            if idle_seconds:
+                print(f"idle: {idle_pct:.2f}% of one core over {idle_wall:.0f} s ({idle_passes} passes; user "
+                      f"{idle_user:.1f} s, system {idle_sys:.1f} s)", flush=True)
             reader.drain()
 
             # (a) latency, one change at a time: flip a random instance to critical, then back
@@ -501,7 +511,7 @@ def main() -> None:
             changes: list[Change] = []
             cpu_a0, passes_a0, wall_a0 = cpu_seconds(proc.pid), reader.passes, time.time()
             current: Instance | None = None
-            for i in range(CHANGES):
+            for i in range(0 if REGISTRATIONS_ONLY else CHANGES):
                 if time.time() - wall_a0 > LATENCY_BUDGET:
                     print(f"latency budget of {LATENCY_BUDGET:.0f} s used up after {i} changes", flush=True)
                     break
@@ -557,14 +567,17 @@ def main() -> None:
                 proc.kill()
                 proc.wait(5)
 
-        steps, profile_text = replay_passes(config_path, client, tmp)
+        steps, profile_text = {}, "skipped (BENCH_ONLY=registrations)"
+        if not REGISTRATIONS_ONLY:
+            steps, profile_text = replay_passes(config_path, client, tmp)
     shutil.rmtree(tmp, ignore_errors=True)
 
     report(changes, steps, profile_text, spy_text, rows, arrivals=arrivals, departures=departures,
            connections=connections, threads=threads, reg=reg, sync_s=sync_s,
            startup_cpu=startup_cpu, idle_pct=idle_pct, idle_spy=idle_spy,
            idle_user=idle_user, idle_sys=idle_sys, idle_wall=idle_wall, idle_passes=idle_passes,
-           cpu_a=cpu_a, passes_a=passes_a, wall_a=wall_a, errors=reader.errors, total=time.time() - t_start)
+           cpu_a=cpu_a, passes_a=passes_a, wall_a=wall_a, errors=reader.errors, total=time.time() - t_start,
+           loads=sockets.loads)
 
 
 def summarize_spy(path: Path, top: int = 14) -> str:
@@ -611,6 +624,7 @@ def report(changes: list[Change], steps: dict[str, float], profile_text: str, sp
     coalesced = sum(1 for c in changes if c.coalesced)
     extra_passes = sum(1 for c in changes if c.block is not None and c.passes_seen > 1)
     pass_cpu = m["cpu_a"] / m["passes_a"] if m["passes_a"] else float("nan")
+    loads = m["loads"] or [float("nan")]
     resync = steps.get("full re-sync (nothing to change)", float("nan")) / 1000
 
     print("\n--- the agent's passes replayed in this process (median wall time), shadow mode ---")
@@ -649,7 +663,7 @@ def report(changes: list[Change], steps: dict[str, float], profile_text: str, sp
         ("(a) coalesced changes", f"{coalesced} (pass reason not just this service); {extra_passes} needed "
                                   f"more than one pass"),
         ("pass in agent (CPU per pass)", f"{1000 * pass_cpu:.0f} ms CPU over {m['passes_a']} passes "
-                                         f"({100 * m['cpu_a'] / m['wall_a']:.0f}% of a core during (a))"),
+                                         f"({100 * m['cpu_a'] / max(m['wall_a'], 1e-9):.0f}% of a core during (a))"),
         ("small pass replayed (wall)", f"{steps.get('small pass after one health change', float('nan')):.1f} ms"),
         ("full re-sync replayed (wall)", f"{steps.get('full re-sync (nothing to change)', float('nan')):.0f} ms"),
         ("(b) idle CPU", f"{m['idle_pct']:.2f}% of one core over {m['idle_wall']:.0f} s, {m['idle_passes']} passes, "
@@ -662,6 +676,8 @@ def report(changes: list[Change], steps: dict[str, float], profile_text: str, sp
         ("(b) + periodic full re-sync", f"~{m['idle_pct'] + 100 * resync / DEFAULT_RESYNC:.2f}% with the default "
                                         f"resync_interval {DEFAULT_RESYNC:.0f} s (idle + replayed re-sync / interval;"
                                         f" the bench ran with {RESYNC:.0f} s)"),
+        ("load average (1 min)", f"mean {statistics.mean(loads):.1f}, {min(loads):.1f}-{max(loads):.1f} while "
+                                 f"the agent ran (sampled twice a second; {os.cpu_count()} cores)"),
         ("bench wall time", f"{m['total']:.0f} s"),
     ]
     print("\n=== consul latency benchmark (real Consul, real agent, shadow mode) ===")

@@ -12,21 +12,25 @@ only the node list's index; each of them moves the index of the services involve
 queries ("feeds") say *that*, and sometimes *which*, something changed, and a bounded pool asks only for
 what moved:
 
-* the service list (`/v1/catalog/services`): which services are tagged; any answer starts a sweep;
+* the service list (`/v1/catalog/services`): which services are tagged; a service new to it, or whose tags
+  changed, is fetched at once, and any answer starts a sweep;
 * the critical and the warning checks (`/v1/health/state/critical`, `.../warning`, small in a healthy
   fleet): a check that starts or stops failing, of an instance or of a node, names the services to fetch at once,
   which keeps health changes as fast as a watch of their own;
 * the node list, filtered to nothing (`/v1/catalog/nodes`): only its index, which moves when a node's
   address changes; a move starts a sweep.
 
-A sweep asks every tagged service for its index alone (`/v1/catalog/service/<name>` filtered to nothing:
-an empty body; the same index as its health, cheaper for Consul), pipelined on half of the remaining
-connections (bridge/catalog/consul_probe.py), and fetches the services whose index moved on the other
-half, where the failing-check fetches go too. Sweeps never overlap and take at most a quarter of the time
-over the long run (SWEEP_SHARE); `max_connections` bounds feeds, probes and fetches together, idle
-keep-alive connections included. Each health answer is turned into `Instance` values once, when it
-arrives, and an answer that folds to the same instances keeps the very same objects, which lets the
-agent's DesiredBook see in a glance which services changed.
+A sweep asks every tagged service for its index alone (`/v1/catalog/service/<name>` asked for a tag no
+instance carries: an empty body; the same index as its health, cheaper for Consul: PROBE_TAG), pipelined on
+half of the remaining connections (bridge/catalog/consul_probe.py), and fetches the services whose index
+moved on the other half, where the failing-check fetches go too, as soon as their batch of probes is
+answered, not when the sweep ends. The services whose index moved most recently are probed first: a service
+in the middle of a change (a rolling deploy, a registration followed by its deregistration) is found in the
+first batch. Sweeps never overlap and send at most SWEEP_RATE probes a second over the long run;
+`max_connections` bounds feeds, probes and fetches together, idle keep-alive connections included. Each
+health answer is turned into `Instance` values once, when it arrives, and an answer that folds to the same
+instances keeps the very same objects, which lets the agent's DesiredBook see in a glance which services
+changed.
 
 * The index is reset to 0 when it goes backwards and never sent below 1; a return is not assumed to be
   a change (the content is compared).
@@ -82,6 +86,12 @@ a filter builds and filters every check of the datacenter on each change (10,000
 NO_NODE = 'Node == ""'
 """A filter that matches no node or instance: the answer is `[]` and only its index says anything (nodes
 always have names)."""
+PROBE_TAG = "maglev-bridge.probe"
+"""A tag no instance is expected to carry: a sweep's probe asks a service for the instances that carry it, so
+the answer is `[]` and only its index says anything (an instance that did carry it would make the answer
+longer, never its index wrong). Consul picks instances by tag in its state store; the first version's
+`filter=Node == ""` (go-bexpr, compiled for every request) cost the local agent 3.5x the CPU: 670 against
+190 ms for 2,000 probes, a sweep of 2,477 against 565 ms at load 9 on 2 cores."""
 READ_TIMEOUT = 30.0
 
 
@@ -147,13 +157,15 @@ class TokenBucket:
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
-SWEEP_SHARE = 0.25
+SWEEP_RATE = 3000.0
 SWEEP_BURST = 2.0
-"""Sweeps take at most a quarter of the time over the long run, however busy the rest of the catalog is, yet
-start at once after a quiet spell: the time spent sweeping is earned back at SWEEP_SHARE a second, up to two
-sweeps in advance. Every sweep asks Consul for the index of every tagged service, which the local agent
-forwards to the servers; a fixed rest after each (four times its length, in a first version) made a
-registration that came after another wait seconds (bench/consul_latency.py)."""
+"""Sweeps send at most SWEEP_RATE probes a second over the long run, however busy the rest of the catalog is,
+yet start at once after a quiet spell: the probes of a sweep are earned back at SWEEP_RATE a second, up to two
+sweeps in advance. Every probe costs the local Consul agent (and the servers it forwards to) about the same
+CPU whatever the load on the host, so the budget counts probes. A first version counted the sweeps' wall time
+(a quarter of it): under CPU contention a sweep took seconds, and its rest four times as long, so a
+registration waited ~10 s (bench/consul_latency.py); a fixed rest after each sweep (four times its length, in
+a version before) made a registration that came after another wait seconds."""
 
 
 class ConsulAnswerError(RuntimeError):
@@ -262,7 +274,7 @@ def probe_endpoint(config: ConsulConfig, client: consul.aio.Consul) -> Endpoint:
     if client.consistency == "stale":
         params.append(("stale", "1"))
     return Endpoint(config.url.where.netloc.rpartition(":")[0].strip("[]"), config.url.where.port or 8500, tls,
-                    config.tls_server_name, client.prepare_headers(), (*params, ("filter", NO_NODE)))
+                    config.tls_server_name, client.prepare_headers(), (*params, ("tag", PROBE_TAG)))
 
 
 def describe_error(exc: Exception) -> str:
@@ -381,6 +393,14 @@ class ConsulSource:
         self._rejected: dict[str, tuple[Rejection, ...]] = {}
         self._indexes: dict[str, int] = {}
         """Each service's index at its last answer that was taken in; a sweep fetches it again when it moves."""
+        self._tags: dict[str, frozenset[str]] = {}
+        """Each tagged service's tags in the last service list (those of all its instances, in an order that
+        changes from one answer to the next): a service whose tags change is fetched at once."""
+        self._moved: dict[str, int] = {}
+        self._moves = 0
+        """When each service's index last moved (a count of moves): sweeps probe the latest first, since a
+        service that just changed (a rolling deploy, a registration and its deregistration) is the likeliest
+        to change again."""
         self._unreadable: set[str] = set()
         self._failing: dict[str, dict[tuple[str, str], CheckState]] = {}
         self._fetching: set[str] = set()
@@ -506,7 +526,9 @@ class ConsulSource:
         if not isinstance(services, dict):
             self._on_error("services", CatalogFormatError("the service list is not a JSON object"))
             return
-        tagged = {name for name, tags in services.items() if self._is_tagged(tags)}
+        tags = {name: frozenset(t for t in tags if isinstance(t, str))  # Consul lists them in any order
+                for name, tags in services.items() if self._is_tagged(tags)}
+        tagged = set(tags)
         self._sweep_asked = max(self._sweep_asked, index)
         with self._lock:
             first = self._tagged is None
@@ -514,10 +536,15 @@ class ConsulSource:
             removed = (self._tagged or set()) - tagged
             self._tagged = tagged
             for name in removed:
-                for table in (self._instances, self._rejected, self._indexes):
+                for table in (self._instances, self._rejected, self._indexes, self._moved):
                     table.pop(name, None)
                 self._unreadable.discard(name)
                 self._errors.pop(f"health:{name}", None)
+            named = sorted(name for name in tagged - self._unreadable
+                           if name not in self._indexes or tags[name] != self._tags.get(name))
+            self._tags = tags
+        for name in named:  # new, or its tags changed: this answer says which, no need to wait for the sweep
+            self._spawn(self._refresh(name))
         self._want_sweep()
         if removed:
             self._changed(f"consul: services no longer tagged: {', '.join(printable(n) for n in sorted(removed))}")
@@ -570,11 +597,11 @@ class ConsulSource:
     # ---- reads through the pool ------------------------------------------------------------------
 
     async def _sweep_forever(self) -> None:
-        """Sweeps one after another within their budget (SWEEP_SHARE); after a failed one (Consul away) the next waits
-        with capped exponential backoff."""
+        """Sweeps one after another within their budget (SWEEP_RATE); after a failed one (Consul away) the next
+        waits with capped exponential backoff."""
         assert self._sweep_wanted is not None
         backoff = BACKOFF_START
-        budget = TokenBucket(capacity=0.0, rate=SWEEP_SHARE, tokens=0.0)  # seconds, paid once a sweep ends
+        budget = TokenBucket(capacity=0.0, rate=SWEEP_RATE, tokens=0.0)  # probes, paid once a sweep ends
         while True:
             await self._sweep_wanted.wait()
             pause = budget.delay(0.0)
@@ -582,9 +609,8 @@ class ConsulSource:
                 await asyncio.sleep(pause)
             self._sweep_wanted.clear()
             self._sweep_covers = self._sweep_asked
-            started = time.monotonic()
             try:
-                await self._sweep()
+                probes = await self._sweep()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -597,39 +623,44 @@ class ConsulSource:
             with self._lock:
                 self._errors.pop("sweep", None)
             self.sweeps += 1
-            spent = time.monotonic() - started
-            budget.capacity = SWEEP_BURST * spent
-            budget.tokens -= spent
+            budget.capacity = SWEEP_BURST * probes
+            budget.tokens -= probes
 
-    async def _sweep(self) -> None:
+    async def _sweep(self) -> int:
         """The index of every tagged service alone, probed on `probers` connections at once, and a fetch of
-        those that moved; services never taken in are fetched without a probe."""
+        those that moved; services never taken in are fetched without a probe. The number of probes sent."""
         with self._lock:
             watched = sorted((self._tagged or set()) - self._unreadable)
-            known = [name for name in watched if name in self._indexes]
+            known = sorted((name for name in watched if name in self._indexes),
+                           key=lambda name: -self._moved.get(name, 0))
             unknown = [name for name in watched if name not in self._indexes and name not in self._fetching]
         for name in unknown:
             self._spawn(self._refresh(name))
         parts = await asyncio.gather(*(self._probe(known[n::self.probers]) for n in range(self.probers)))
         if not all(parts):  # Consul closed a connection early: the rest at the next sweep
             self._want_sweep()
+        return len(known)
 
     async def _probe(self, names: list[str]) -> bool:
-        """Probes `names` on one pipelined connection and fetches those whose index moved; False when the
-        connection ended before every answer was in."""
+        """Probes `names` on one pipelined connection and fetches those whose index moved as soon as their
+        batch is answered, while the rest is probed; False when the connection ended before every answer was
+        in."""
         if not names:
             return True
         assert self._endpoint is not None
+        done = 0
+        paths = [f"/v1/catalog/service/{name}" for name in names]
         with self._connection():
-            indexes = await probe_indexes(self._endpoint, [f"/v1/catalog/service/{name}" for name in names],
-                                          READ_TIMEOUT)
-        self.reads += len(indexes)
-        with self._lock:
-            moved = [name for name, index in zip(names[:len(indexes)], indexes, strict=True)
-                     if index != self._indexes.get(name)]
-        for name in moved:
-            self._spawn(self._refresh(name))
-        return len(indexes) == len(names)
+            async with contextlib.aclosing(probe_indexes(self._endpoint, paths, READ_TIMEOUT)) as answers:
+                async for indexes in answers:  # closed at once, whatever ends the loop
+                    batch, done = names[done:done + len(indexes)], done + len(indexes)
+                    self.reads += len(indexes)
+                    with self._lock:
+                        moved = [name for name, index in zip(batch, indexes, strict=True)
+                                 if index != self._indexes.get(name)]
+                    for name in moved:
+                        self._spawn(self._refresh(name))
+        return done == len(names)
 
     async def _refresh(self, name: str) -> None:
         """Fetch one service's health until an answer is taken in. One fetch per service at a time: asked
@@ -677,6 +708,9 @@ class ConsulSource:
         with self._lock:
             if name not in (self._tagged or ()):
                 return
+            if self._indexes.get(name, index) != index:
+                self._moves += 1
+                self._moved[name] = self._moves
             self._indexes[name] = index
             if parsed is None:
                 return

@@ -242,3 +242,25 @@ def test_an_answer_that_cannot_be_taken_in_is_reported_and_the_watch_goes_on(con
         wait_until(lambda: source.health()["ok"])
     finally:
         source.stop()
+
+
+def test_a_new_service_and_new_tags_are_fetched_from_the_service_list_alone(consul_agent, monkeypatch):
+    """The service list names them: they are fetched without waiting for a sweep of every tagged service's
+    index (sweeps are switched off here once the source has its first catalog)."""
+    register(consul_agent, "web", "b1", "192.0.2.11", 80, [VIP])
+    source = source_for(consul_agent)
+    source.start(lambda reason: None)
+
+    async def no_sweep(self: ConsulSource) -> int:
+        return 0
+
+    try:
+        wait_until(lambda: instances(source) == {("web", "b1", "passing")})
+        monkeypatch.setattr(ConsulSource, "_sweep", no_sweep)
+        register(consul_agent, "db", "b3", "192.0.2.13", 5432, ["maglev.vip=198.51.100.11"])
+        wait_until(lambda: ("db", "b3", "passing") in instances(source))
+        register(consul_agent, "web", "b1", "192.0.2.11", 80, [VIP, "maglev.weight=3"])
+        wait_until(lambda: {i.tags for i in source.snapshot().instances if i.service == "web"}
+                   == {(VIP, "maglev.weight=3")})
+    finally:
+        source.stop()
