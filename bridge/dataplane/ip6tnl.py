@@ -38,6 +38,6 @@ def set_protocol(proto: int) -> None:
     parm = ctypes.create_string_buffer(PARM.pack(FALLBACK.encode(), 0, proto, 0, 0, 0, 0, bytes(16), bytes(16)),
                                        PARM.size)
     # struct ifreq: the device name, then ifr_data (a pointer to the parameters), padded to 40 bytes
-    ifreq = struct.pack("=16sP", FALLBACK.encode(), ctypes.addressof(parm)).ljust(40, b"\0")
+    ifreq = struct.pack("@16sP", FALLBACK.encode(), ctypes.addressof(parm)).ljust(40, b"\0")
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
         fcntl.ioctl(sock.fileno(), SIOCCHGTUNNEL, ifreq)
