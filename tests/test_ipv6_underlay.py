@@ -12,10 +12,12 @@ from bridge.core.config import ConnSyncConfig, parse_config
 from bridge.core.desired import compute_desired
 from bridge.core.encap import ipv6_underlay, mtu_problem
 from bridge.core.keys import DestKey, ServiceKey
+from bridge.core.live import LiveRealServer, LiveService
 from bridge.core.maglev import Dest, address_key, build_table, fingerprint
 from bridge.core.model import Snapshot
 from bridge.core.node_book import NodeBook
 from bridge.dataplane.backend import BackendLive, plan_backend, receivers
+from bridge.inspect.status import live_dests
 from tests.catalog_builder import catalog, health_entry
 
 BASE = {"vip_cidrs": ["198.51.100.0/24", "2001:db8:10::/64"], "encapsulation": "gue"}
@@ -146,3 +148,13 @@ def test_service_keys_of_ipv4_vips_still_sort_before_ipv6_ones_with_ipv6_real_se
     state = desired(GUE, web("b1", "2001:db8:1::5", [VIP6, VIP4]))
     assert [vs.key for vs in state.virtual_services] == [ServiceKey("198.51.100.10", 80, "tcp"),
                                                          ServiceKey("2001:db8:10::10", 80, "tcp")]
+
+
+def test_status_fingerprints_hash_the_kernels_ipv6_real_servers_by_their_services_family():
+    servers = (LiveRealServer("2001:db8:1::5", 80, 1), LiveRealServer("2001:db8:1::6", 80, 1))
+    v4 = LiveService("198.51.100.10", 80, "tcp", "mh", (), servers)
+    v6 = LiveService("2001:db8:10::10", 80, "tcp", "mh", (), servers)
+    (dests4, _), (dests6, _) = live_dests(v4, {}), live_dests(v6, {})
+    assert {d.service_family for d in dests4} == {4} and {d.service_family for d in dests6} == {6}
+    assert len({d.key for d in dests4}) == 1, "one /32: the kernel hashes both alike for an IPv4 VIP"
+    assert len({d.key for d in dests6}) == 2
