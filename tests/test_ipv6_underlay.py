@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from bridge.catalog.consul_format import snapshot_from_services
 from bridge.core.config import ConnSyncConfig, parse_config
-from bridge.core.desired import compute_desired
+from bridge.core.desired import compute_desired, hashed_alike
 from bridge.core.encap import ipv6_underlay, mtu_problem
 from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.live import LiveRealServer, LiveService
@@ -158,3 +158,13 @@ def test_status_fingerprints_hash_the_kernels_ipv6_real_servers_by_their_service
     assert {d.service_family for d in dests4} == {4} and {d.service_family for d in dests6} == {6}
     assert len({d.key for d in dests4}) == 1, "one /32: the kernel hashes both alike for an IPv4 VIP"
     assert len({d.key for d in dests6}) == 2
+
+
+def test_plan_notes_ipv4_vips_whose_ipv6_real_servers_the_kernel_hashes_alike():
+    alike = desired(GUE, web("b1", "2001:db8:1::5", [VIP4, VIP6]), web("b2", "2001:db8:1::6", [VIP4, VIP6], 11))
+    note = hashed_alike(alike) or ""
+    assert note.startswith("198.51.100.10:80/tcp: IPv6 real servers of an IPv4 VIP that share their first 32 bits")
+    assert "[2001:db8:10::10]" not in note, "an IPv6 VIP hashes the whole address"
+    apart = desired(GUE, web("b1", "2001:db8:1::5", [VIP4]), web("b2", "2001:db9:1::6", [VIP4], 11),
+                    web("b3", "192.0.2.3", [VIP4], 12))
+    assert hashed_alike(apart) is None, "other /32s, or IPv4 backends, hash apart"

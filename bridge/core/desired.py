@@ -19,6 +19,7 @@ from bridge.core.allow import for_family
 from bridge.core.config import Config
 from bridge.core.gcpause import gc_paused
 from bridge.core.keys import ServiceKey
+from bridge.core.maglev import address_key
 from bridge.core.model import (
     DesiredState,
     Instance,
@@ -399,6 +400,28 @@ def _tunnel(link_prefix: str, backend: str, local_address: str, tunnel_address: 
     """The link name is deterministic and reversible, so a restarted agent recognises its own links. Cached:
     every pass after a change lists every tunnel again, and they almost never change."""
     return Tunnel(f"{link_prefix}{ipv4_int(backend):08x}", backend, local_address, tunnel_address, fou_port)
+
+
+def hashed_alike(state: DesiredState) -> str | None:
+    """A note when an IPv4 virtual service has IPv6 real servers that ip_vs_mh cannot tell apart: it hashes a
+    real server by its service's family, so of an IPv6 address only the first 32 bits count for an IPv4 VIP
+    (bridge/core/maglev.py `address_key`). Their Maglev permutations are then equal, which keeps directors in
+    agreement but loses Maglev's small disruption (README: underlays). One note for all such services, so a
+    large catalog is not one line per VIP."""
+    alike = []
+    for vs in state.virtual_services:
+        if vs.key.family != 4:
+            continue
+        seen = Counter((address_key(rs.address, 4), rs.port) for rs in vs.real_servers
+                       if rs.standby is None and ":" in rs.address)
+        if any(count > 1 for count in seen.values()):
+            alike.append(vs.key.text)
+    if not alike:
+        return None
+    shown = ", ".join(alike[:3]) + (f" and {len(alike) - 3} more" if len(alike) > 3 else "")
+    return (f"{shown}: IPv6 real servers of an IPv4 VIP that share their first 32 bits and port, which is all the "
+            "kernel's Maglev hashes of them: their tables agree, but adding or removing one moves most flows "
+            "(use an IPv6 VIP, or IPv4 backend addresses)")
 
 
 def claims_of_node(snapshot: Snapshot, config: Config, node: str) -> tuple[tuple[Claim, ...], dict[str, str]]:

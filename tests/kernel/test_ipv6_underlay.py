@@ -105,6 +105,8 @@ def test_ipv6_and_ipv4_vips_over_an_ipv6_underlay_in_gue_mode_with_dsr(topology)
     backend6 = v6[topo.backends[0].label]
     assert f"add real server [{backend6}]:80 weight 1 via gue port 6080 in [{VIP6}]:80/tcp  ok" in out
     assert f"add real server [{backend6}]:80 weight 1 via gue port 6080 in {VIP4}:80/tcp  ok" in out
+    assert f"{VIP4}:53/udp, {VIP4}:80/tcp: IPv6 real servers of an IPv4 VIP that share their first 32 bits" in out, \
+        "one /64 here: the kernel hashes both backends of the IPv4 VIP alike, and apply says so"
     for key in (("-t", f"[{VIP6}]:80"), ("-u", f"[{VIP6}]:53"), ("-t", f"{VIP4}:80"), ("-u", f"{VIP4}:53")):
         found, listing = tunnels(d, key)
         assert set(found) == {v6[b.label] for b in topo.backends}, listing
