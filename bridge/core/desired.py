@@ -412,9 +412,8 @@ def hashed_alike(state: DesiredState) -> str | None:
     for vs in state.virtual_services:
         if vs.key.family != 4:
             continue
-        seen = Counter((address_key(rs.address, 4), rs.port) for rs in vs.real_servers
-                       if rs.standby is None and ":" in rs.address)
-        if any(count > 1 for count in seen.values()):
+        ipv6 = [rs for rs in vs.real_servers if ":" in rs.address and rs.standby is None]
+        if len(ipv6) > 1 and len({(address_key(rs.address, 4), rs.port) for rs in ipv6}) < len(ipv6):
             alike.append(vs.key.text)
     if not alike:
         return None
