@@ -1,7 +1,7 @@
 """Backends whose Consul address is IPv6 (an IPv6 underlay), without a kernel: which combinations the desired
-state accepts (`gue` mode: IPv4 and IPv6 VIPs; `fou` mode and connection sync across families are refused with a
-reason), the keys and model that name and hash IPv6 real servers, the IPv6 underlay's MTU, and what the backend
-role must add to receive GUE over IPv6. tests/kernel/test_ipv6_underlay.py proves the same on the VM kernel."""
+state accepts (`gue` mode: IPv6 VIPs; IPv4 VIPs, `fou` mode and connection sync across families are refused with
+a reason), the keys that name IPv6 real servers, the IPv6 underlay's MTU, and what the backend role must add to
+receive GUE over IPv6. tests/kernel/test_ipv6_underlay.py proves the same on the VM kernel."""
 
 from __future__ import annotations
 
@@ -9,15 +9,12 @@ from dataclasses import replace
 
 from bridge.catalog.consul_format import snapshot_from_services
 from bridge.core.config import ConnSyncConfig, parse_config
-from bridge.core.desired import compute_desired, hashed_alike
+from bridge.core.desired import compute_desired
 from bridge.core.encap import ipv6_underlay, mtu_problem
 from bridge.core.keys import DestKey, ServiceKey
-from bridge.core.live import LiveRealServer, LiveService
-from bridge.core.maglev import Dest, address_key, build_table, fingerprint
 from bridge.core.model import Snapshot
 from bridge.core.node_book import NodeBook
 from bridge.dataplane.backend import BackendLive, plan_backend, receivers
-from bridge.inspect.status import live_dests
 from tests.catalog_builder import catalog, health_entry
 
 BASE = {"vip_cidrs": ["198.51.100.0/24", "2001:db8:10::/64"], "encapsulation": "gue"}
@@ -43,14 +40,30 @@ def servers(state):
 
 # ---- which combinations are built --------------------------------------------------------------------------
 
-def test_in_gue_mode_an_ipv6_backend_is_a_real_server_of_ipv4_and_ipv6_vips_by_its_canonical_address():
-    state = desired(GUE, web("b1", "2001:DB8:1:0::5", [VIP4, VIP6]), web("b2", "192.0.2.2", [VIP4, VIP6], 11))
-    assert servers(state) == {"198.51.100.10:80/tcp": ["192.0.2.2", "2001:db8:1::5"],
+def test_in_gue_mode_an_ipv6_backend_is_a_real_server_of_ipv6_vips_by_its_canonical_address():
+    state = desired(GUE, web("b1", "2001:DB8:1:0::5", [VIP6]), web("b2", "192.0.2.2", [VIP4, VIP6], 11))
+    assert servers(state) == {"198.51.100.10:80/tcp": ["192.0.2.2"],
                               "[2001:db8:10::10]:80/tcp": ["192.0.2.2", "2001:db8:1::5"]}
     assert state.rejected == () and state.tunnels == (), "no link, no route: IPVS encapsulates over either family"
     keys = [str(DestKey(vs.key, rs.address, rs.port)) for vs in state.virtual_services for rs in vs.real_servers]
-    assert "198.51.100.10:80/tcp>[2001:db8:1::5]:80" in keys and "[2001:db8:10::10]:80/tcp>[2001:db8:1::5]:80" in keys
+    assert "[2001:db8:10::10]:80/tcp>[2001:db8:1::5]:80" in keys and "[2001:db8:10::10]:80/tcp>192.0.2.2:80" in keys
     assert all(DestKey.parse(k).text == k for k in keys), "every key reads back as itself"
+
+
+def test_an_ipv6_backend_of_an_ipv4_vip_is_refused_because_the_kernel_hashes_only_its_first_32_bits():
+    """ip_vs_mh_permutate hashes a real server by its service's family: every IPv6 backend of one /32 would get
+    the same Maglev permutation, and one leaving would move most flows (README: underlays). The instance's whole
+    claim is refused, as for any bad claim; every other instance and virtual service is built as before."""
+    state = desired(GUE, web("b1", "2001:db8:1::5", [VIP6, VIP4]), web("b2", "2001:db8:1::6", [VIP6], 11),
+                    web("b3", "192.0.2.3", [VIP4], 12))
+    assert servers(state) == {"198.51.100.10:80/tcp": ["192.0.2.3"], "[2001:db8:10::10]:80/tcp": ["2001:db8:1::6"]}
+    (refused,) = state.rejected
+    assert (refused.service, refused.instance, refused.tag) == ("web", "web-b1", VIP4)
+    assert refused.reason.startswith("backend address 2001:db8:1::5 is IPv6 and VIP 198.51.100.10 is IPv4: the "
+                                     "kernel's Maglev hashes only the first 32 bits of an IPv4 VIP's IPv6 real "
+                                     "servers")
+    assert refused.reason.endswith("use an IPv6 VIP ([...]:80) or give the instance an IPv4 address")
+    assert desired(GUE, web("b1", "192.0.2.1", [VIP4])).rejected == (), "IPv4 backends of IPv4 VIPs are built"
 
 
 def test_in_fou_mode_an_ipv6_backend_is_refused_naming_the_service_instance_tag_and_gue():
@@ -69,26 +82,14 @@ def test_a_backend_address_that_is_no_address_is_refused_naming_both_families():
 
 def test_with_connection_sync_a_real_server_of_another_family_than_its_vip_is_refused():
     """ip_vs_ctl.c refuses such a real server while a sync daemon runs, and a daemon while one exists."""
-    state = desired(SYNCED, web("b1", "2001:db8:1::5", [VIP6]), web("b2", "2001:db8:1::6", [VIP4], 11),
+    state = desired(SYNCED, web("b1", "2001:db8:1::5", [VIP6]), web("b2", "192.0.2.6", [VIP6], 11),
                     web("b3", "192.0.2.3", [VIP4], 12))
     assert servers(state) == {"198.51.100.10:80/tcp": ["192.0.2.3"], "[2001:db8:10::10]:80/tcp": ["2001:db8:1::5"]}
     (refused,) = state.rejected
-    assert (refused.instance, refused.tag) == ("web-b2", VIP4)
-    assert "backend address 2001:db8:1::6 is IPv6 and VIP 198.51.100.10 is IPv4" in refused.reason
+    assert (refused.instance, refused.tag) == ("web-b2", VIP6)
+    assert "backend address 192.0.2.6 is IPv4 and VIP 2001:db8:10::10 is IPv6" in refused.reason
     assert "conn_sync" in refused.reason
-    assert desired(GUE, web("b2", "2001:db8:1::6", [VIP4])).rejected == (), "without conn_sync it is built"
-
-
-# ---- the model hashes an IPv6 real server as the kernel does -------------------------------------------------
-
-def test_the_kernel_folds_an_ipv6_real_server_of_an_ipv4_service_to_its_first_32_bits():
-    """ip_vs_mh_permutate hashes with svc->af: for an IPv4 service only addr->ip, the first word, counts."""
-    assert address_key("2001:db8:1::5", service_family=4) == 0x20010DB8 == address_key("32.1.13.184")
-    assert address_key("2001:db8:1::5", service_family=6) == address_key("2001:db8:1::5") == 0x20010DB8 ^ 0x10000 ^ 5
-    assert address_key("192.0.2.2", service_family=6) == address_key("192.0.2.2"), "12 zero bytes XOR to nothing"
-    as_v4 = [Dest("2001:db8:1::5", 80, 1, 1, service_family=4), Dest("2001:db8:1::6", 80, 1, 1, service_family=4)]
-    as_v6 = [replace(d, service_family=6) for d in as_v4]
-    assert fingerprint(build_table(as_v4)) != fingerprint(build_table(as_v6))
+    assert desired(GUE, web("b2", "192.0.2.6", [VIP6])).rejected == (), "without conn_sync it is built"
 
 
 def test_mtu_of_gue_over_an_ipv6_underlay_is_1552_and_the_check_follows_the_lowest_ipv6_real_server():
@@ -145,26 +146,6 @@ def test_the_node_book_reports_the_families_of_its_instances_that_claim_a_vip():
 
 
 def test_service_keys_of_ipv4_vips_still_sort_before_ipv6_ones_with_ipv6_real_servers():
-    state = desired(GUE, web("b1", "2001:db8:1::5", [VIP6, VIP4]))
+    state = desired(GUE, web("b1", "2001:db8:1::5", [VIP6]), web("b2", "192.0.2.2", [VIP4], 11))
     assert [vs.key for vs in state.virtual_services] == [ServiceKey("198.51.100.10", 80, "tcp"),
                                                          ServiceKey("2001:db8:10::10", 80, "tcp")]
-
-
-def test_status_fingerprints_hash_the_kernels_ipv6_real_servers_by_their_services_family():
-    servers = (LiveRealServer("2001:db8:1::5", 80, 1), LiveRealServer("2001:db8:1::6", 80, 1))
-    v4 = LiveService("198.51.100.10", 80, "tcp", "mh", (), servers)
-    v6 = LiveService("2001:db8:10::10", 80, "tcp", "mh", (), servers)
-    (dests4, _), (dests6, _) = live_dests(v4, {}), live_dests(v6, {})
-    assert {d.service_family for d in dests4} == {4} and {d.service_family for d in dests6} == {6}
-    assert len({d.key for d in dests4}) == 1, "one /32: the kernel hashes both alike for an IPv4 VIP"
-    assert len({d.key for d in dests6}) == 2
-
-
-def test_plan_notes_ipv4_vips_whose_ipv6_real_servers_the_kernel_hashes_alike():
-    alike = desired(GUE, web("b1", "2001:db8:1::5", [VIP4, VIP6]), web("b2", "2001:db8:1::6", [VIP4, VIP6], 11))
-    note = hashed_alike(alike) or ""
-    assert note.startswith("198.51.100.10:80/tcp: IPv6 real servers of an IPv4 VIP that share their first 32 bits")
-    assert "[2001:db8:10::10]" not in note, "an IPv6 VIP hashes the whole address"
-    apart = desired(GUE, web("b1", "2001:db8:1::5", [VIP4]), web("b2", "2001:db9:1::6", [VIP4], 11),
-                    web("b3", "192.0.2.3", [VIP4], 12))
-    assert hashed_alike(apart) is None, "other /32s, or IPv4 backends, hash apart"

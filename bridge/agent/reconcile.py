@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from bridge.core.announce import Announcing, announcing
 from bridge.core.config import Config
-from bridge.core.desired import compute_desired, hashed_alike
+from bridge.core.desired import compute_desired
 from bridge.core.live import LiveState
 from bridge.core.memory import Memory, remember
 from bridge.core.model import DesiredState, Snapshot
@@ -123,11 +123,9 @@ def director_pass(desired: DesiredState, config: Config, dataplane: Dataplane, m
     not right must not attract traffic."""
     live = dataplane.read(scope)
     result = plan(desired, live, memory, now, config.drain_timeout, scope, announce)
-    note = hashed_alike(desired) if scope is None else None  # full passes only: it reads every real server
-    notes = (note,) if note else ()
     if not apply:
         steps = tuple(StepResult(op.describe(), None) for op in result.ops)
-        return PassOutcome("director", False, steps, desired.rejected, result.draining, desired, notes), memory
+        return PassOutcome("director", False, steps, desired.rejected, result.draining, desired), memory
     announces = [op for op in result.ops if isinstance(op, Announce)]
     results = _apply_filtered_first(dataplane, [op for op in result.ops if not isinstance(op, Announce)])
     if any(r.error for r in results):
@@ -135,7 +133,7 @@ def director_pass(desired: DesiredState, config: Config, dataplane: Dataplane, m
     else:
         results += dataplane.apply(announces)
     done = PassOutcome("director", True, tuple(StepResult(r.op.describe(), r.error) for r in results),
-                       desired.rejected, result.draining, desired, notes)
+                       desired.rejected, result.draining, desired)
     succeeded = [r.op for r in results if r.error is None]
     return done, Memory(result.drain_deadlines, remember(memory.last_weights, live.services, succeeded))
 
@@ -192,7 +190,7 @@ def apply_once(snapshot: Snapshot, config: Config, *, dry_run: bool) -> PassOutc
             shadow = ShadowKernel(kernel.read(services=False))
             outcome, _ = director_pass(desired, config, shadow, stored.memory, apply=False, now=now,
                                        announce=announce)
-            return replace(outcome, notes=(*outcome.notes, f"planned against an empty IPVS table: {exc}"))
+            return replace(outcome, notes=(f"planned against an empty IPVS table: {exc}",))
     if not dry_run:
         save_state(config.state_file, Stored(memory, outcome.report(now)))
     return outcome
