@@ -109,8 +109,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if vs is None:
             raise ExplainError(f"{args.vip}: the catalog's desired state has no such virtual service")
         view = ServiceView(
-            key.text, vs.flags,
-            tuple(Dest(r.address, r.port, r.weight, r.last_weight, service_family=key.family) for r in vs.real_servers),
+            key.text, vs.flags, tuple(Dest(r.address, r.port, r.weight, r.last_weight) for r in vs.real_servers),
             {r.address: r.backend for r in vs.real_servers},
             source=f"desired state of {config.catalog_file}, {config.encapsulation} encapsulation",
             allow=vs.allow, service=vs.service,

@@ -181,15 +181,11 @@ def hsiphash_u32_array(values: npt.ArrayLike, key: tuple[int, int]) -> U64Array:
 # Inputs
 
 
-def address_key(address: str, service_family: int | None = None) -> int:
+def address_key(address: str) -> int:
     """The host-order u32 that `ip_vs_mh_hashkey` folds an address to.
 
     IPv4 is `ntohl(addr)`.  IPv6 is `ntohl` of the XOR of the four big-endian 32-bit words, which
-    equals the XOR of the words read as host-order integers.  The kernel folds a real server by its
-    service's family (`ip_vs_mh_permutate` passes `svc->af`): an IPv4 real server of an IPv6 service is
-    16 bytes with 12 zero ones, which XOR to the IPv4 number, but an IPv6 real server of an IPv4 service
-    (`gue` mode's IPv6 backends of an IPv4 VIP) is folded to its first 32-bit word alone (`addr->ip`), so
-    real servers that share their first 32 bits and port hash alike.
+    equals the XOR of the words read as host-order integers.
     """
     try:
         return int.from_bytes(socket.inet_pton(socket.AF_INET, address), "big")
@@ -199,8 +195,6 @@ def address_key(address: str, service_family: int | None = None) -> int:
         packed = socket.inet_pton(socket.AF_INET6, address)
     except OSError:
         raise ValueError(f"{address!r} is not an IP address") from None
-    if service_family == 4:
-        return int.from_bytes(packed[:4], "big")
     words = (int.from_bytes(packed[i : i + 4], "big") for i in range(0, 16, 4))
     return reduce(lambda a, b: a ^ b, words)
 
@@ -225,9 +219,6 @@ class Dest:
     overloaded: bool = False
     """IP_VS_DEST_F_OVERLOAD: the connection count passed the upper threshold.  Such a server keeps its
     slots but counts as unavailable, exactly like weight 0."""
-    service_family: int | None = None
-    """4 or 6: the virtual service's address family, which the kernel hashes the address by (`address_key`);
-    None: the address's own, which is the same number except for an IPv6 real server of an IPv4 service."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 0xFFFF:
@@ -236,9 +227,9 @@ class Dest:
             raise ValueError("IPVS weights are never negative")
 
     @classmethod
-    def added(cls, address: str, port: int, weight: int, service_family: int | None = None) -> Dest:
+    def added(cls, address: str, port: int, weight: int) -> Dest:
         """A real server as `ipvsadm -a` leaves it: an add always sets `last_weight`, even to 0."""
-        return cls(address, port, weight, weight, service_family=service_family)
+        return cls(address, port, weight, weight)
 
     def with_weight(self, weight: int) -> Dest:
         """The server after `ipvsadm -e`: an edit sets `last_weight` only to a non-zero weight."""
@@ -251,7 +242,7 @@ class Dest:
 
     @property
     def key(self) -> int:
-        return address_key(self.address, self.service_family)
+        return address_key(self.address)
 
 
 def table_bits(size: int) -> int:

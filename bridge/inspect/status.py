@@ -31,7 +31,7 @@ def live_dests(service: LiveService, last_weights: Mapping[DestKey, int]) -> tup
         if last is None:
             assumed.append(f"{bracketed(rs.address)}:{rs.port}")
             last = 0
-        dests.append(Dest(rs.address, rs.port, rs.weight, last, service_family=service.key.family))
+        dests.append(Dest(rs.address, rs.port, rs.weight, last))
     return tuple(dests), tuple(assumed)
 
 
