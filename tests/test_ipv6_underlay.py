@@ -109,17 +109,18 @@ def ready(**changes):
     return replace(base, **changes)
 
 
-def test_a_backend_with_an_ipv6_address_receives_gue_over_ipv6_through_ip6tnl0_taking_any_protocol():
-    ops = plan_backend(["198.51.100.10", "2001:db8:10::10"], ready(ip6tnl=(False, 41),
-                                                                   sysctls={"ip6tnl0/rp_filter": 1}),
+def test_a_backend_with_an_ipv6_address_receives_gue_over_ipv6_through_ip6tnl0_as_the_kernel_made_it():
+    """ip6tnl0 is brought up, its mode (shared with every other user of the device) and its rp_filter are left
+    alone: the inner packets are IPv6, which the module's default mode (ip6ip6) takes."""
+    ops = plan_backend(["2001:db8:10::10"], ready(ip6tnl=(False, 41), sysctls={"ip6tnl0/rp_filter": 1}),
                        receivers(GUE), frozenset({6}))
     assert [op.describe() for op in ops] == [
-        "add gue port 6080 over IPv6", "set ip6tnl0 mode any", "link up ip6tnl0",
-        "set net.ipv4.conf.ip6tnl0.rp_filter = 0", "set net.ipv4.conf.all.arp_ignore = 1",
-        "set net.ipv4.conf.all.arp_announce = 2", "add vip 198.51.100.10", "add vip 2001:db8:10::10"]
+        "add gue port 6080 over IPv6", "link up ip6tnl0", "set net.ipv4.conf.all.arp_ignore = 1",
+        "set net.ipv4.conf.all.arp_announce = 2", "add vip 2001:db8:10::10"]
     assert not [op for op in ops if "sit0" in op.target], "IPv6 VIPs over an IPv6 underlay need no sit0"
-    done = ready(fou6_ports={6080: "gue"}, ip6tnl=(True, 0), vips=("198.51.100.10", "2001:db8:10::10"))
-    assert plan_backend(["198.51.100.10", "2001:db8:10::10"], done, receivers(GUE), frozenset({6})) == []
+    for mode in (41, 0):
+        done = ready(fou6_ports={6080: "gue"}, ip6tnl=(True, mode), vips=("2001:db8:10::10",))
+        assert plan_backend(["2001:db8:10::10"], done, receivers(GUE), frozenset({6})) == [], f"mode {mode}"
 
 
 def test_a_missing_ip6tnl0_or_a_foreign_ipv6_port_is_a_conflict_naming_what_to_do():
@@ -127,6 +128,13 @@ def test_a_missing_ip6tnl0_or_a_foreign_ipv6_port_is_a_conflict_naming_what_to_d
     assert [op.target for op in ops if op.kind == "conflict"] == [
         "fou port 6080 over IPv6 receives ipip, not gue (gue needs its own port)",
         "ip6tnl0 is missing: load the ip6_tunnel module (modprobe ip6_tunnel); GUE over IPv6 hands its packets to it"]
+
+
+def test_an_ip6tnl0_in_a_mode_that_takes_no_ipv6_is_a_conflict_naming_the_fix_and_is_not_changed():
+    ops = plan_backend([], ready(fou6_ports={6080: "gue"}, ip6tnl=(True, 4)), receivers(GUE), frozenset({6}))
+    assert [(op.kind, op.target) for op in ops] == [
+        ("conflict", "ip6tnl0 is in mode ipip6, which takes no IPv6 packets, and GUE over IPv6 hands it IPv6 ones: "
+                     "ip -6 tunnel change ip6tnl0 mode ip6ip6")]
 
 
 def test_only_gue_and_only_an_ipv6_address_make_a_backend_receive_over_ipv6():

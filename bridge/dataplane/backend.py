@@ -13,9 +13,12 @@ the same rp_filter setting serves both.
 
 A backend whose own (Consul) address is IPv6 is reached by GUE over IPv6 (`gue` mode only): it gets a GUE
 receive port over IPv6 too (`ip fou add port 6080 gue -6`, an IPv6-only socket beside the IPv4 one), and fou
-hands the inner packet, IPv4 or IPv6, to ip6_tunnel, whose fallback device `ip6tnl0` must be up and take any
-inner protocol (bridge/dataplane/ip6tnl.py says why and how); an IPv4 inner packet then arrives on `ip6tnl0`,
-which gets rp_filter 0 as `tunl0` does (the client's address is routed elsewhere).
+hands the inner IPv6 packet to ip6_tunnel, which takes a packet from any remote only on its fallback device
+`ip6tnl0`, only while that is up, and only when its mode takes IPv6 inside (ip6ip6, as the module creates it, or
+any: ipxip6_rcv drops `tproto != ipproto && tproto != 0`). The agent brings it up (the module creates it down)
+but never changes its mode, which every other user of the device shares: a mode that takes no IPv6 is a
+conflict naming the fix. It needs no rp_filter setting: the inner packets are IPv6 (an IPv4 VIP's claim by an
+instance with an IPv6 address is refused), and IPv6 has no reverse-path filter.
 
 An IPv6 VIP goes on `lo` as a /128 with `nodad` (duplicate address detection would hold it tentative, and
 unusable, for a second; every backend holds the same VIP by design) and, since IPv6 addresses carry no
@@ -39,14 +42,16 @@ from bridge.core.addr import canonical_ip, ip_value
 from bridge.core.config import Config
 from bridge.core.encap import Encapsulation
 from bridge.dataplane.fou import FOU_ENCAP_GUE, IPPROTO_IPIP, Fou
-from bridge.dataplane.ip6tnl import ANY, FALLBACK, set_protocol
 
 TUNNEL_LINK = "tunl0"
 SIT_LINK = "sit0"
 """Where a GUE packet carrying IPv6 ends up: the GUE header names IPPROTO_IPV6, which the sit module handles
 (ipip6_rcv), and it takes a packet from any remote only on its fallback device, and only while that is up."""
-IP6TNL_LINK = FALLBACK
-"""Where GUE over IPv6 ends up (ip6_tunnel's fallback device), for IPv4 and IPv6 VIPs alike."""
+IP6TNL_LINK = "ip6tnl0"
+"""Where GUE over IPv6 ends up: ip6_tunnel's fallback device."""
+IP6TNL_MODES = {socket.IPPROTO_IPV6: "ip6ip6", 0: "any", socket.IPPROTO_IPIP: "ipip6"}
+"""The device's inner protocol (IFLA_IP6TNL_PROTO) by the name `ip -6 tunnel` gives it."""
+IP6TNL_TAKES_IPV6 = frozenset({socket.IPPROTO_IPV6, 0})
 IFA_F_NODAD = 0x02
 SYSCTL_ROOT = Path("/proc/sys")
 
@@ -66,7 +71,8 @@ class BackendLive:
     fou6_ports: Mapping[int, str] = field(default_factory=dict)
     """As `fou_ports`, of the receivers over IPv6 (`ip fou add ... -6`)."""
     ip6tnl: tuple[bool, int] | None = None
-    """(up, inner protocol: 0 any, 4 or 41) of ip6tnl0; None when it does not exist (ip6_tunnel not loaded)."""
+    """(up, inner protocol: 0 any, 4 ipip6 or 41 ip6ip6) of ip6tnl0; None when it does not exist (ip6_tunnel not
+    loaded)."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,6 @@ class BackendOp:
     def describe(self) -> str:
         if self.kind == "sysctl":
             return f"set net.ipv4.conf.{self.target.replace('/', '.')} = {self.value}"
-        if self.kind == "mode any":
-            return f"set {self.target} mode any"
         return f"{self.kind} {self.target}" + (" over IPv6" if self.value == 6 else "")
 
 
@@ -161,7 +165,7 @@ def plan_backend(vips: Iterable[str], live: BackendLive, receive: Iterable[tuple
     wanted = set(vips)
     if gue and 4 in underlays and any(":" in vip for vip in wanted):
         ops.extend(_sit_ops(live.sit_up))
-    ops.extend(_sysctl_ops(live.sysctls, (TUNNEL_LINK, IP6TNL_LINK) if gue6 else (TUNNEL_LINK,)))
+    ops.extend(_sysctl_ops(live.sysctls, (TUNNEL_LINK,)))
     ops.extend(BackendOp("add vip", vip) for vip in sorted(wanted - set(live.vips), key=ip_value))
     ops.extend(BackendOp("delete vip", vip) for vip in sorted(set(live.vips) - wanted, key=ip_value))
     return ops
@@ -176,13 +180,19 @@ def _sit_ops(sit_up: bool | None) -> list[BackendOp]:
 
 
 def _ip6tnl_ops(ip6tnl: tuple[bool, int] | None) -> list[BackendOp]:
-    """GUE over IPv6 arrives through ip6tnl0, which must be up and take any inner protocol."""
+    """GUE over IPv6 arrives through ip6tnl0, which must be up and take IPv6 inside. Its mode is shared by
+    every user of the device, so one that takes no IPv6 is a conflict, never changed."""
     if ip6tnl is None:
         return [BackendOp("conflict", f"{IP6TNL_LINK} is missing: load the ip6_tunnel module (modprobe ip6_tunnel); "
                                       "GUE over IPv6 hands its packets to it")]
     up, proto = ip6tnl
-    return ([] if proto == ANY else [BackendOp("mode any", IP6TNL_LINK)]) + ([] if up else
-                                                                           [BackendOp("link up", IP6TNL_LINK)])
+    ops = [] if up else [BackendOp("link up", IP6TNL_LINK)]
+    if proto not in IP6TNL_TAKES_IPV6:
+        mode = IP6TNL_MODES.get(proto, f"protocol {proto}")
+        ops.append(BackendOp("conflict", f"{IP6TNL_LINK} is in mode {mode}, which takes no IPv6 packets, and GUE "
+                                         f"over IPv6 hands it IPv6 ones: ip -6 tunnel change {IP6TNL_LINK} mode "
+                                         "ip6ip6"))
+    return ops
 
 
 class BackendKernel:
@@ -246,8 +256,6 @@ class BackendKernel:
             with Fou() as fou:
                 fou.add(int(op.target), gue=op.kind == "add gue port",
                         family=socket.AF_INET6 if op.value == 6 else socket.AF_INET)
-        elif op.kind == "mode any":
-            set_protocol(ANY)
         elif op.kind == "link up":
             self.ipr.link("set", index=self.ipr.link_lookup(ifname=op.target)[0], state="up")
         elif op.kind == "sysctl":
