@@ -1,9 +1,10 @@
 """`encapsulation: gue` with backends whose Consul address is IPv6 (an IPv6 underlay), through the agent's command
 line: IPVS encapsulates an IPv6 VIP's packet in GUE over IPv6 to the backend's own address (tunnel forwarding),
-the backend's fou takes it on an IPv6 GUE port and hands it to ip6_tunnel's `ip6tnl0`, and the backend answers the
-client directly (DSR). `ipvsadm -Ln --tun-info` is the witness of each real server's address, tunnel type and port;
-the director creates no link and no route per backend. An IPv4 VIP's claims by such backends are refused (the
-kernel's Maglev hashes only the first 32 bits of their addresses) and build nothing."""
+the backend's fou takes it on an IPv6 GUE port and hands it to ip6_tunnel's `ip6tnl0` (which the backend role
+brings up, leaving its mode and rp_filter as they were), and the backend answers the client directly (DSR).
+`ipvsadm -Ln --tun-info` is the witness of each real server's address, tunnel type and port; the director creates
+no link and no route per backend. An IPv4 VIP's claims by such backends are refused (the kernel's Maglev hashes
+only the first 32 bits of their addresses) and build nothing."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import subprocess
 import pytest
 
 from bridge.core.config import load_config
-from bridge.dataplane.backend import BackendKernel
+from bridge.dataplane.backend import BackendKernel, BackendLive
 from tests.catalog_builder import health_entry
 from tests.harness.addresses import vip
 from tests.harness.agent import AgentHarness
@@ -76,6 +77,16 @@ def dual_stack(topology, module: str):
     return topo, d, client, v6, agent
 
 
+def backend_live(agent, b) -> BackendLive:
+    """What the backend role reads on node `b`."""
+    with b.entered():
+        be = BackendKernel(load_config(agent.config_path(b, "backend")))
+        try:
+            return be.read()
+        finally:
+            be.close()
+
+
 def test_ipv6_vips_over_an_ipv6_underlay_in_gue_mode_with_dsr_and_ipv4_vips_refused(topology):
     topo, d, client, v6, agent = dual_stack(topology, "ip6_tunnel")
     tags = {"web6": [f"maglev.vip=[{VIP6}]:80"], "dns6": [f"maglev.vip=[{VIP6}]:53/udp"],
@@ -89,17 +100,15 @@ def test_ipv6_vips_over_an_ipv6_underlay_in_gue_mode_with_dsr_and_ipv4_vips_refu
     agent.write_catalog()
     for server in servers:
         server.wait_ready()
+    for b in topo.backends:
+        assert backend_live(agent, b).ip6tnl == (False, socket.IPPROTO_IPV6), "the module makes it down, ip6ip6"
+        b.sysctl("net.ipv4.conf.ip6tnl0.rp_filter", 2)
     agent.apply_backends()
     for b in topo.backends:
-        with b.entered():
-            be = BackendKernel(load_config(agent.config_path(b, "backend")))
-            try:
-                live = be.read()
-            finally:
-                be.close()
+        live = backend_live(agent, b)
         assert live.fou6_ports == {6080: "gue"} and live.fou_ports == {6080: "gue"}, "GUE over IPv6 and IPv4"
-        assert live.ip6tnl == (True, 0), "ip6tnl0 up, taking any inner protocol"
-        assert live.sysctls.get("ip6tnl0/rp_filter") == 0
+        assert live.ip6tnl == (True, socket.IPPROTO_IPV6), "ip6tnl0 up, its mode as the kernel made it"
+        assert b.sysctl("net.ipv4.conf.ip6tnl0.rp_filter") == 2, "its rp_filter untouched"
         assert f"{VIP6}/128" in b.run("ip", "-6", "addr", "show", "dev", "lo").stdout
 
     out = agent.apply(d)
