@@ -17,6 +17,7 @@ from bridge.catalog.source import FileStamp, file_stamp
 from bridge.core.announce import Announcing
 from bridge.core.config import BgpConfig, Config
 from bridge.core.desired import DesiredBook
+from bridge.core.encap import ipv6_underlay
 from bridge.core.keys import ServiceKey
 from bridge.core.live import LiveState
 from bridge.core.memory import Memory
@@ -92,6 +93,10 @@ class DirectorReconciler:
         stage.name = "desired state"
         scope = None if full else frozenset(self.pending)
         desired = self.book.desired(self._local_address)
+        if full and self._kernel is not None:
+            stage.name = "kernel read"
+            self._check_mtu(self._kernel, desired)
+            stage.name = "desired state"
         if scope is None and self.book.unknown:
             # a service never computed may own kernel state: plan only what is known, delete nothing else
             scope = frozenset(vs.key for vs in desired.virtual_services)
@@ -123,12 +128,13 @@ class DirectorReconciler:
             else:
                 self.dataplane = KernelView(self._kernel)
         self._local_address = self._tunnel_source(self._kernel)
-        self._check_mtu(self._kernel)
         return self.dataplane
 
-    def _check_mtu(self, kernel: Kernel) -> None:
-        """On every full pass: an MTU raised or lowered by hand is noticed within a resync_interval."""
-        warning = kernel.mtu_warning(self._local_address)
+    def _check_mtu(self, kernel: Kernel, desired: DesiredState) -> None:
+        """On every full pass: an MTU raised or lowered by hand is noticed within a resync_interval. With IPv6
+        real servers (`gue` mode's IPv6 backends) also the IPv6 underlay's, towards one of them."""
+        warning = kernel.mtu_warning(self._local_address, ipv6_underlay(
+            rs.address for vs in desired.virtual_services for rs in vs.real_servers))
         if warning and warning != self.mtu_warning:
             log.warning("%s", warning)
         elif self.mtu_warning and not warning:

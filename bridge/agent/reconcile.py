@@ -207,7 +207,7 @@ def backend_pass(snapshot: Snapshot, config: Config, *, dry_run: bool, now: floa
     try:
         live = backend.read()
         vips = set(desired.vips) | (set(live.vips) if failures else set())
-        ops = plan_backend(vips, live, receivers(config))
+        ops = plan_backend(vips, live, receivers(config), desired.underlays)
         steps: Sequence[StepResult]
         if dry_run:
             steps = [StepResult(op.describe(), None) for op in ops]

@@ -12,8 +12,12 @@ migration runbook says how to move a fleet from one to the other).
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
+
+from bridge.core.addr import ip_value
 
 Encapsulation = Literal["fou", "gue"]
 ENCAPSULATIONS: tuple[Encapsulation, ...] = ("fou", "gue")
@@ -27,11 +31,21 @@ DEFAULT_GUE_PORT = 6080
 5555 because one UDP port of a receiver is either FOU or GUE, never both."""
 
 OUTER_IPV4 = 20
+OUTER_IPV6 = 40
 UDP = 8
 GUE_HEADER = 4
-OVERHEAD: dict[Encapsulation, int] = {"fou": OUTER_IPV4 + UDP, "gue": OUTER_IPV4 + UDP + GUE_HEADER}
-"""Bytes each encapsulation adds to a packet with an IPv4 outer header: FOU puts the inner IP packet right after
-the UDP header (28); GUE adds its 4-byte header (32; remcsum adds 4 more where it applies)."""
+OUTER: dict[int, int] = {4: OUTER_IPV4, 6: OUTER_IPV6}
+ENCAP_HEADERS: dict[Encapsulation, int] = {"fou": UDP, "gue": UDP + GUE_HEADER}
+"""Bytes each encapsulation adds after the outer IP header: FOU puts the inner IP packet right after the UDP
+header (8); GUE adds its 4-byte header (12; remcsum adds 4 more where it applies). With the outer header: 28 and
+32 over an IPv4 underlay, 52 for GUE over an IPv6 one (`gue` mode's IPv6 backends; fou carries IPv4 only)."""
+
+
+def overhead(encapsulation: Encapsulation, outer: int = 4) -> int:
+    """Bytes the encapsulation adds to a packet whose outer header is of IP version `outer`."""
+    return OUTER[outer] + ENCAP_HEADERS[encapsulation]
+
+
 INNER_MTU = 1500
 """The packet size the clients' side of the internet uses: what the underlay must carry inside the tunnel."""
 
@@ -67,13 +81,22 @@ def forwarding(encapsulation: Encapsulation, gue_port: int, gue_checksum: GueChe
     return DIRECT_ROUTING
 
 
-def mtu_problem(encapsulation: Encapsulation, interface: str, mtu: int) -> str | None:
-    """A warning when the underlay cannot carry a full-size client packet in this encapsulation without
-    fragmenting (a director does not fragment for its clients: large packets of a DF flow are lost until PMTU
-    discovery, which DSR's asymmetric path often breaks). None when it can."""
-    needed = INNER_MTU + OVERHEAD[encapsulation]
+def mtu_problem(encapsulation: Encapsulation, interface: str, mtu: int, outer: int = 4) -> str | None:
+    """A warning when the underlay cannot carry a full-size client packet in this encapsulation (outer header
+    of IP version `outer`) without fragmenting (a director does not fragment for its clients: large packets of
+    a DF flow are lost until PMTU discovery, which DSR's asymmetric path often breaks). None when it can."""
+    added = overhead(encapsulation, outer)
+    needed = INNER_MTU + added
     if mtu >= needed:
         return None
-    return (f"underlay MTU {mtu} on {interface} cannot carry {INNER_MTU}-byte packets in {encapsulation} "
-            f"encapsulation (+{OVERHEAD[encapsulation]} bytes): raise it to {needed} or more, or clamp the "
-            f"clients' MSS to {mtu - OVERHEAD[encapsulation] - 40}")
+    underlay = "underlay" if outer == 4 else "IPv6 underlay"
+    return (f"{underlay} MTU {mtu} on {interface} cannot carry {INNER_MTU}-byte packets in {encapsulation} "
+            f"encapsulation (+{added} bytes): raise it to {needed} or more, or clamp the "
+            f"clients' MSS to {mtu - added - 40}")
+
+
+def ipv6_underlay(addresses: Iterable[str]) -> str | None:
+    """The IPv6 real server (the lowest) whose route the MTU check of the IPv6 underlay follows, or None when
+    every real server is IPv4: IPv6 real-server addresses exist only in `gue` mode, as IPv6 backends."""
+    found = [ip_value(a) for a in addresses if ":" in a]
+    return str(ipaddress.IPv6Address(min(found).value)) if found else None

@@ -26,6 +26,9 @@ class NodeDesired:
     """Services whose claims could not be computed (a bug, not bad data), with why."""
     rejected: tuple[Rejection, ...]
     """The rejected claims of the node's own instances."""
+    underlays: frozenset[int] = frozenset({4})
+    """The address families (4, 6) of the node's instances that claim a VIP: how `gue` directors reach this
+    node, GUE over IPv4 or over IPv6, so what it must receive (bridge/dataplane/backend.py)."""
 
 
 class NodeBook:
@@ -48,5 +51,9 @@ class NodeBook:
         self._desired.update(snapshot)
         own = {i.instance_id for i in snapshot.instances if i.node == node}
         rejected = tuple(r for r in self._desired.desired("0.0.0.0").rejected if r.instance in own)
+        vip_tag = self.config.tag_prefix + ".vip="
+        underlays = frozenset(6 if ":" in i.address else 4 for i in snapshot.instances
+                              if i.node == node and any(t.startswith(vip_tag) for t in i.tags))
         return NodeDesired(frozenset().union(*(vips for _, vips, _ in claims.values())),
-                           {name: why for _, _, failed in claims.values() for name, why in failed.items()}, rejected)
+                           {name: why for _, _, failed in claims.values() for name, why in failed.items()}, rejected,
+                           underlays)

@@ -11,6 +11,15 @@ protocol (IPPROTO_IPIP) to the IP layer, which resubmits the packet to the ipip 
 gue_udp_recv; ip_local_deliver_finish's resubmit), so it arrives on `tunl0` exactly as a FOU-received one:
 the same rp_filter setting serves both.
 
+A backend whose own (Consul) address is IPv6 is reached by GUE over IPv6 (`gue` mode only): it gets a GUE
+receive port over IPv6 too (`ip fou add port 6080 gue -6`, an IPv6-only socket beside the IPv4 one), and fou
+hands the inner IPv6 packet to ip6_tunnel, which takes a packet from any remote only on its fallback device
+`ip6tnl0`, only while that is up, and only when its mode takes IPv6 inside (ip6ip6, as the module creates it, or
+any: ipxip6_rcv drops `tproto != ipproto && tproto != 0`). The agent brings it up (the module creates it down)
+but never changes its mode, which every other user of the device shares: a mode that takes no IPv6 is a
+conflict naming the fix. It needs no rp_filter setting: the inner packets are IPv6 (an IPv4 VIP's claim by an
+instance with an IPv6 address is refused), and IPv6 has no reverse-path filter.
+
 An IPv6 VIP goes on `lo` as a /128 with `nodad` (duplicate address detection would hold it tentative, and
 unusable, for a second; every backend holds the same VIP by design) and, since IPv6 addresses carry no
 label, the agent's route protocol number as the address's protocol (IFA_PROTO, Linux 5.18) marks it as
@@ -23,7 +32,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -38,6 +47,11 @@ TUNNEL_LINK = "tunl0"
 SIT_LINK = "sit0"
 """Where a GUE packet carrying IPv6 ends up: the GUE header names IPPROTO_IPV6, which the sit module handles
 (ipip6_rcv), and it takes a packet from any remote only on its fallback device, and only while that is up."""
+IP6TNL_LINK = "ip6tnl0"
+"""Where GUE over IPv6 ends up: ip6_tunnel's fallback device."""
+IP6TNL_MODES = {socket.IPPROTO_IPV6: "ip6ip6", 0: "any", socket.IPPROTO_IPIP: "ipip6"}
+"""The device's inner protocol (IFLA_IP6TNL_PROTO) by the name `ip -6 tunnel` gives it."""
+IP6TNL_TAKES_IPV6 = frozenset({socket.IPPROTO_IPV6, 0})
 IFA_F_NODAD = 0x02
 SYSCTL_ROOT = Path("/proc/sys")
 
@@ -54,6 +68,11 @@ class BackendLive:
     """net/ipv4/conf/<if>/{rp_filter,arp_ignore,arp_announce}, keyed "<if>/<key>"."""
     sit_up: bool | None = None
     """None when sit0 does not exist (the sit module is not loaded); needed for IPv6 VIPs in gue mode."""
+    fou6_ports: Mapping[int, str] = field(default_factory=dict)
+    """As `fou_ports`, of the receivers over IPv6 (`ip fou add ... -6`)."""
+    ip6tnl: tuple[bool, int] | None = None
+    """(up, inner protocol: 0 any, 4 ipip6 or 41 ip6ip6) of ip6tnl0; None when it does not exist (ip6_tunnel not
+    loaded)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +84,7 @@ class BackendOp:
     def describe(self) -> str:
         if self.kind == "sysctl":
             return f"set net.ipv4.conf.{self.target.replace('/', '.')} = {self.value}"
-        return f"{self.kind} {self.target}"
+        return f"{self.kind} {self.target}" + (" over IPv6" if self.value == 6 else "")
 
 
 def vip_label(config: Config) -> str:
@@ -77,17 +96,18 @@ def _conf(interface: str, key: str) -> str:
     return f"{interface}/{key}"
 
 
-def _sysctl_ops(sysctls: Mapping[str, int]) -> list[BackendOp]:
-    """rp_filter off on tunl0; since the kernel uses max(all, interface), lowering `all` first raises
-    every other interface to the old `all` value, so their effective filtering does not change."""
+def _sysctl_ops(sysctls: Mapping[str, int], tunnels: tuple[str, ...]) -> list[BackendOp]:
+    """rp_filter off on the tunnel devices; since the kernel uses max(all, interface), lowering `all` first
+    raises every other interface to the old `all` value, so their effective filtering does not change."""
     ops: list[BackendOp] = []
-    if sysctls.get(_conf(TUNNEL_LINK, "rp_filter"), 0) != 0:
-        ops.append(BackendOp("sysctl", _conf(TUNNEL_LINK, "rp_filter"), 0))
+    for tunnel in tunnels:
+        if sysctls.get(_conf(tunnel, "rp_filter"), 0) != 0:
+            ops.append(BackendOp("sysctl", _conf(tunnel, "rp_filter"), 0))
     all_rp = sysctls.get(_conf("all", "rp_filter"), 0)
     if all_rp:
         for name, value in sorted(sysctls.items()):
             interface, _, key = name.rpartition("/")
-            if key != "rp_filter" or interface in ("all", TUNNEL_LINK) or value >= all_rp:
+            if key != "rp_filter" or interface == "all" or interface in tunnels or value >= all_rp:
                 continue
             ops.append(BackendOp("sysctl", name, all_rp))
         ops.append(BackendOp("sysctl", _conf("all", "rp_filter"), 0))
@@ -106,36 +126,46 @@ def receivers(config: Config) -> tuple[tuple[Encapsulation, int], ...]:
     return tuple((kind, ports[kind]) for kind in config.receivers)
 
 
-def _receiver_ops(wanted: Iterable[tuple[Encapsulation, int]], live: Mapping[int, str]) -> list[BackendOp]:
+def _receiver_ops(wanted: Iterable[tuple[Encapsulation, int]], live: Mapping[int, str],
+                  family: int = 4) -> list[BackendOp]:
     """A missing receiver is added; a port that receives something else is a conflict, never changed: it
     may be another tool's, and one UDP port is either FOU or GUE."""
     ops: list[BackendOp] = []
+    over = " over IPv6" if family == 6 else ""
     for kind, port in wanted:
         found = live.get(port)
         if found is None:
-            ops.append(BackendOp(f"add {kind} port", str(port)))
+            ops.append(BackendOp(f"add {kind} port", str(port), family if family == 6 else 0))
         elif found != RECEIVES[kind]:
-            ops.append(BackendOp("conflict", f"fou port {port} receives {found}, not {RECEIVES[kind]} ({kind} "
-                                             f"needs its own port)"))
+            ops.append(BackendOp("conflict", f"fou port {port}{over} receives {found}, not {RECEIVES[kind]} "
+                                             f"({kind} needs its own port)"))
     return ops
 
 
-def plan_backend(vips: Iterable[str], live: BackendLive,
-                 receive: Iterable[tuple[Encapsulation, int]]) -> list[BackendOp]:
-    """Pure: what to change so this node receives its VIPs through the `receive` receivers (kind, port)."""
+def plan_backend(vips: Iterable[str], live: BackendLive, receive: Iterable[tuple[Encapsulation, int]],
+                 underlays: frozenset[int] = frozenset({4})) -> list[BackendOp]:
+    """Pure: what to change so this node receives its VIPs through the `receive` receivers (kind, port) over
+    the `underlays`, the families of its instances' addresses: with 6, GUE over IPv6 too (through ip6tnl0);
+    with 4, IPv6 VIPs come by GUE over IPv4 (through sit0)."""
+    receive = tuple(receive)
+    gue = any(kind == "gue" for kind, _ in receive)
+    gue6 = gue and 6 in underlays
     ops: list[BackendOp] = []
     if live.fou_ports is None:
         ops.append(BackendOp("conflict", "the kernel has no fou support: load the fou module (modprobe fou)"))
     else:
         ops.extend(_receiver_ops(receive, live.fou_ports))
+        if gue6:
+            ops.extend(_receiver_ops([(k, p) for k, p in receive if k == "gue"], live.fou6_ports, 6))
+            ops.extend(_ip6tnl_ops(live.ip6tnl))
     if live.tunnel_up is None:
         ops.append(BackendOp("conflict", f"{TUNNEL_LINK} is missing: load the ipip module (modprobe ipip)"))
     elif not live.tunnel_up:
         ops.append(BackendOp("link up", TUNNEL_LINK))
     wanted = set(vips)
-    if any(kind == "gue" for kind, _ in receive) and any(":" in vip for vip in wanted):
+    if gue and 4 in underlays and any(":" in vip for vip in wanted):
         ops.extend(_sit_ops(live.sit_up))
-    ops.extend(_sysctl_ops(live.sysctls))
+    ops.extend(_sysctl_ops(live.sysctls, (TUNNEL_LINK,)))
     ops.extend(BackendOp("add vip", vip) for vip in sorted(wanted - set(live.vips), key=ip_value))
     ops.extend(BackendOp("delete vip", vip) for vip in sorted(set(live.vips) - wanted, key=ip_value))
     return ops
@@ -147,6 +177,22 @@ def _sit_ops(sit_up: bool | None) -> list[BackendOp]:
         return [BackendOp("conflict", f"{SIT_LINK} is missing: load the sit module (modprobe sit); GUE hands "
                                       "IPv6 packets to it")]
     return [] if sit_up else [BackendOp("link up", SIT_LINK)]
+
+
+def _ip6tnl_ops(ip6tnl: tuple[bool, int] | None) -> list[BackendOp]:
+    """GUE over IPv6 arrives through ip6tnl0, which must be up and take IPv6 inside. Its mode is shared by
+    every user of the device, so one that takes no IPv6 is a conflict, never changed."""
+    if ip6tnl is None:
+        return [BackendOp("conflict", f"{IP6TNL_LINK} is missing: load the ip6_tunnel module (modprobe ip6_tunnel); "
+                                      "GUE over IPv6 hands its packets to it")]
+    up, proto = ip6tnl
+    ops = [] if up else [BackendOp("link up", IP6TNL_LINK)]
+    if proto not in IP6TNL_TAKES_IPV6:
+        mode = IP6TNL_MODES.get(proto, f"protocol {proto}")
+        ops.append(BackendOp("conflict", f"{IP6TNL_LINK} is in mode {mode}, which takes no IPv6 packets, and GUE "
+                                         f"over IPv6 hands it IPv6 ones: ip -6 tunnel change {IP6TNL_LINK} mode "
+                                         "ip6ip6"))
+    return ops
 
 
 class BackendKernel:
@@ -172,12 +218,25 @@ class BackendKernel:
 
     def read(self) -> BackendLive:
         vips = tuple(sorted(self._owned_vips(), key=ip_value))
+        ports6: dict[int, str] = {}
         try:
             with Fou() as fou:
-                ports: dict[int, str] | None = {p.port: _receives(p.encap_type, p.ipproto) for p in fou.ports()}
+                found = fou.ports()
+            ports: dict[int, str] | None = {p.port: _receives(p.encap_type, p.ipproto) for p in found
+                                            if p.family == socket.AF_INET}
+            ports6 = {p.port: _receives(p.encap_type, p.ipproto) for p in found if p.family == socket.AF_INET6}
         except (NetlinkError, OSError):
             ports = None
-        return BackendLive(vips, ports, self._up(TUNNEL_LINK), dict(_read_sysctls()), self._up(SIT_LINK))
+        return BackendLive(vips, ports, self._up(TUNNEL_LINK), dict(_read_sysctls()), self._up(SIT_LINK),
+                           ports6, self._ip6tnl())
+
+    def _ip6tnl(self) -> tuple[bool, int] | None:
+        found = self.ipr.link_lookup(ifname=IP6TNL_LINK)
+        if not found:
+            return None
+        link = self.ipr.get_links(found[0])[0]
+        data = link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
+        return bool(link["flags"] & 1), int(data.get_attr("IFLA_IP6TNL_PROTO") or 0)
 
     def _up(self, name: str) -> bool | None:
         found = self.ipr.link_lookup(ifname=name)
@@ -195,7 +254,8 @@ class BackendKernel:
     def _apply_one(self, op: BackendOp) -> None:
         if op.kind in ("add fou port", "add gue port"):
             with Fou() as fou:
-                fou.add(int(op.target), gue=op.kind == "add gue port")
+                fou.add(int(op.target), gue=op.kind == "add gue port",
+                        family=socket.AF_INET6 if op.value == 6 else socket.AF_INET)
         elif op.kind == "link up":
             self.ipr.link("set", index=self.ipr.link_lookup(ifname=op.target)[0], state="up")
         elif op.kind == "sysctl":

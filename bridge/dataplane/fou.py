@@ -47,6 +47,9 @@ class FouPort:
     port: int
     ipproto: int
     encap_type: int
+    family: int = socket.AF_INET
+    """The receiving socket's family: an AF_INET6 one (`ip fou add ... -6`) is IPv6-only (fou_nl_parse sets
+    ipv6_v6only), so one port number may receive over both families on two sockets."""
 
 
 class AsyncFou(AsyncGenericNetlinkSocket):  # type: ignore[misc]
@@ -81,22 +84,24 @@ class Fou(GenericNetlinkSocket):  # type: ignore[misc]
                 port=int(m.get_attr("FOU_ATTR_PORT")),
                 ipproto=int(m.get_attr("FOU_ATTR_IPPROTO") or 0),
                 encap_type=int(m.get_attr("FOU_ATTR_TYPE") or 0),
+                family=int(m.get_attr("FOU_ATTR_AF") or socket.AF_INET),
             )
             for m in msgs
-            if m.get_attr("FOU_ATTR_AF") in (None, socket.AF_INET)
+            if m.get_attr("FOU_ATTR_AF") in (None, socket.AF_INET, socket.AF_INET6)
         ]
 
-    def _port_attrs(self, port: int) -> list[tuple[str, Any]]:
-        return [("FOU_ATTR_PORT", port), ("FOU_ATTR_AF", socket.AF_INET)]
+    def _port_attrs(self, port: int, family: int) -> list[tuple[str, Any]]:
+        return [("FOU_ATTR_PORT", port), ("FOU_ATTR_AF", family)]
 
-    def add(self, port: int, *, gue: bool = False) -> None:
+    def add(self, port: int, *, gue: bool = False, family: int = socket.AF_INET) -> None:
         """`ip fou add port N ipproto 4`, or with `gue` `ip fou add port N gue` (GUE names the inner protocol in
-        its own header, so it takes no ipproto)."""
+        its own header, so it takes no ipproto); with `family` AF_INET6 the same over IPv6 (`... -6`)."""
         if gue:
-            attrs = [*self._port_attrs(port), ("FOU_ATTR_TYPE", FOU_ENCAP_GUE)]
+            attrs = [*self._port_attrs(port, family), ("FOU_ATTR_TYPE", FOU_ENCAP_GUE)]
         else:
-            attrs = [*self._port_attrs(port), ("FOU_ATTR_IPPROTO", IPPROTO_IPIP), ("FOU_ATTR_TYPE", FOU_ENCAP_DIRECT)]
+            attrs = [*self._port_attrs(port, family), ("FOU_ATTR_IPPROTO", IPPROTO_IPIP),
+                     ("FOU_ATTR_TYPE", FOU_ENCAP_DIRECT)]
         self._request(FOU_CMD_ADD, attrs, NLM_F_REQUEST | NLM_F_ACK)
 
-    def delete(self, port: int) -> None:
-        self._request(FOU_CMD_DEL, self._port_attrs(port), NLM_F_REQUEST | NLM_F_ACK)
+    def delete(self, port: int, family: int = socket.AF_INET) -> None:
+        self._request(FOU_CMD_DEL, self._port_attrs(port, family), NLM_F_REQUEST | NLM_F_ACK)

@@ -256,13 +256,34 @@ class Kernel:
                 return str(addr.get_attr("IFA_ADDRESS"))
         raise ApplyError("local_address is not set and there is no IPv4 default route to derive it from")
 
-    def mtu_warning(self, local_address: str) -> str | None:
+    def mtu_warning(self, local_address: str, ipv6_backend: str | None = None) -> str | None:
         """Whether the underlay interface (the one holding the tunnel source address) can carry full-size
-        packets in this director's encapsulation; the warning when it cannot."""
+        packets in this director's encapsulation; the warning when it cannot. With an `ipv6_backend` (a `gue`
+        director with IPv6 real servers) also the interface of the route to it, for GUE over IPv6 (+52 bytes):
+        IPVS takes the outer source and interface of such a packet from that route (it has no source setting
+        of its own), and one lookup per full pass keeps the check's cost independent of the fleet's size."""
+        warnings = [self._mtu_of_address(local_address)]
+        if ipv6_backend is not None:
+            warnings.append(self._mtu_towards(ipv6_backend))
+        found = [w for w in warnings if w]
+        return "; ".join(found) if found else None
+
+    def _mtu_of_address(self, local_address: str) -> str | None:
         for addr in self.ipr.get_addr(family=socket.AF_INET, address=local_address):
             link = self.ipr.get_links(addr["index"])[0]
             return mtu_problem(self.config.encapsulation, str(link.get_attr("IFLA_IFNAME")),
                                int(link.get_attr("IFLA_MTU")))
+        return None
+
+    def _mtu_towards(self, address: str) -> str | None:
+        try:
+            routes = self.ipr.route("get", dst=address)
+        except NetlinkError:
+            return None  # no route: the real server is unreachable, which the traffic, not the MTU, shows
+        for route in routes:
+            link = self.ipr.get_links(route.get_attr("RTA_OIF"))[0]
+            return mtu_problem(self.config.encapsulation, str(link.get_attr("IFLA_IFNAME")),
+                               int(link.get_attr("IFLA_MTU")), outer=6)
         return None
 
     # ---- applying ------------------------------------------------------------------------------

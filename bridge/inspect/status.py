@@ -9,9 +9,9 @@ from typing import Any
 
 from bridge.core.addr import bracketed
 from bridge.core.config import Config
-from bridge.core.encap import Forwarding
+from bridge.core.encap import Forwarding, ipv6_underlay
 from bridge.core.keys import DestKey, ServiceKey
-from bridge.core.live import LiveService
+from bridge.core.live import LiveService, LiveState
 from bridge.core.maglev import Dest, build_table, fingerprint
 from bridge.core.memory import last_weight
 from bridge.dataplane.kernel import ApplyError, Kernel, open_kernel
@@ -65,12 +65,13 @@ def live_view(config: Config, key: ServiceKey) -> ServiceView:
                        allow=entry.prefixes if entry else None)
 
 
-def _mtu_warning(config: Config, kernel: Kernel) -> str | None:
+def _mtu_warning(config: Config, kernel: Kernel, live: LiveState) -> str | None:
     """A director's underlay MTU problem; none for a backend (it only receives) or without an underlay."""
     if config.role != "director":
         return None
     try:
-        return kernel.mtu_warning(config.local_address or kernel.default_local_address())
+        return kernel.mtu_warning(config.local_address or kernel.default_local_address(), ipv6_underlay(
+            rs.address for service in live.services for rs in service.real_servers))
     except ApplyError:
         return None
 
@@ -101,7 +102,7 @@ def read_status(config: Config) -> dict[str, Any]:
         except ApplyError as exc:
             live = kernel.read(services=False)
             kernel_note = str(exc)
-        mtu = _mtu_warning(config, kernel)
+        mtu = _mtu_warning(config, kernel, live)
     prints = service_fingerprints(live.services, stored.memory.last_weights, config.mh_table_size)
     data = status_json(live, stored.report, prints, standby_servers(live.services, stored.memory.last_weights,
                                                                      config.standby_forwarding))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
@@ -19,6 +18,7 @@ from tests.harness.echo import spread
 from tests.harness.router_bed import CALM_BFD
 from tests.harness.wait import wait_until
 from tests.kernel import test_failover as failover_bed
+from tests.kernel.test_ipv6_underlay import counters, dual_stack
 
 pytestmark = pytest.mark.kernel
 SPORTS = range(40000, 40040)
@@ -241,14 +241,7 @@ VIP6 = "2001:db8:10::10"
 def test_an_ipv6_vip_over_the_ipv4_underlay_in_gue_mode_with_dsr(topology):
     """IPv6 clients, an IPv6 VIP, IPv4 backends: IPVS puts the IPv6 packet in GUE to the backend's IPv4
     address, the backend's fou hands it to sit0, and the backend answers the client directly over IPv6."""
-    subprocess.run(["modprobe", "sit"], check=True)  # on a real backend: `modprobe sit` (the agent says so)
-    topo = topology(directors=1, backends=2, clients=1)
-    d, client = topo.directors[0], topo.client
-    v6 = {node.label: f"2001:db8:1::{i:x}" for i, node in enumerate(topo.nodes, 1)}
-    for node in topo.nodes:
-        node.ip_batch([f"addr add {v6[node.label]}/64 dev eth0 nodad"])
-    client.ip_batch([f"route add 2001:db8:10::/64 via {v6[d.label]}"])
-    agent = AgentHarness(topo, encapsulation="gue", tunnel_map=None, vip_cidrs=["198.51.100.0/24", "2001:db8:10::/64"])
+    topo, d, client, v6, agent = dual_stack(topology, "sit")  # on a real backend: `modprobe sit` (the agent says so)
     servers = []
     for b in topo.backends:
         agent.instance("web6", b, tags=[f"maglev.vip=[{VIP6}]:80"])
@@ -290,13 +283,7 @@ def test_an_ipv6_vip_over_the_ipv4_underlay_in_gue_mode_with_dsr(topology):
                 answers.append(u.recvfrom(64)[0].decode().strip())
     assert set(tcp) == {"b1", "b2"} and set(answers) == {"b1", "b2"}
 
-    def counters(flag: str, service: str) -> tuple[int, int, int]:
-        out = d.ipvsadm("-Ln", "--stats", "--exact", flag, service)
-        line = next(line for line in out.splitlines() if line.startswith(("TCP", "UDP")))
-        conns_, inpkts, outpkts = (int(x) for x in line.split()[2:5])
-        return conns_, inpkts, outpkts
-
-    wait_until(lambda: counters("-t", f"[{VIP6}]:80")[0] == 24 and counters("-u", f"[{VIP6}]:53")[0] == 24)
+    wait_until(lambda: counters(d, "-t", f"[{VIP6}]:80")[0] == 24 and counters(d, "-u", f"[{VIP6}]:53")[0] == 24)
     for flag, service in (("-t", f"[{VIP6}]:80"), ("-u", f"[{VIP6}]:53")):
-        _, inpkts, outpkts = counters(flag, service)
+        _, inpkts, outpkts = counters(d, flag, service)
         assert inpkts > 0 and outpkts == 0, f"{service}: replies go straight to the client (DSR)"

@@ -282,7 +282,9 @@ def matrix(rng: random.Random) -> list[Service]:
     service whose real servers are IPv4 (mixed address families, which IPVS allows only with tunnel forwarding:
     what an IPv6 VIP over an IPv4 underlay is). The kernel hashes a real server with the service's family
     (`ip_vs_mh_permutate` passes `svc->af`), so an IPv4 real server of an IPv6 service is folded as a 16-byte
-    address whose last 12 bytes are zero: the same number as the IPv4 address, which is what the model hashes."""
+    address whose last 12 bytes are zero: the same number as the IPv4 address, which is what the model hashes; and
+    an IPv6 service whose real servers are IPv6 by GUE tunnel (`gue` mode's IPv6 backends). An IPv4 service with
+    IPv6 real servers is not here: the agent refuses that pair (the kernel hashes only their first 32 bits)."""
     rs = REAL_SERVERS
     weights = [0 if i % 9 == 0 else rng.randint(1, 20) for i in range(50)]  # every ninth added at 0
     drained, flapped = rng.sample(rs[1:50:2], 6), rng.sample(rs[2:50:2], 2)
@@ -303,6 +305,9 @@ def matrix(rng: random.Random) -> list[Service]:
     gue += [Step("edit", a, 8013, 0) for a in rs[52:70:6]] + [Step("del", rs[55], 8013), Step("add", rs[55], 8013, 3)]
     mixed = adds(rs[60:85], 8012, [rng.randint(1, 10) for _ in range(25)])
     mixed += [Step("edit", a, 8012, 0) for a in rs[62:85:8]]
+    under6 = adds(REAL_SERVERS6[12:40], 8015, [rng.randint(1, 6) for _ in range(28)])
+    under6 += [Step("edit", a, 8015, 0) for a in REAL_SERVERS6[14:40:7]]
+    by_gue = "-i --tun-type gue --tun-port 6080"
     return [
         Service("one server", "udp", vip(1), 8001, ("mh-port",), tuple(adds(rs[:1], 8001, [1])),
                 random_flows(rng, 300)),
@@ -332,7 +337,10 @@ def matrix(rng: random.Random) -> list[Service]:
                 forward="-i"),
         Service("GUE tunnel real servers (encapsulation: gue), drained, re-added, fallback", "tcp", vip(13), 8013,
                 ("mh-port", "mh-fallback"), tuple(gue), random_flows(rng, 800),
-                forward="-i --tun-type gue --tun-port 6080"),
+                forward=by_gue),
+        Service("IPv6 VIP, IPv6 real servers by GUE over IPv6, four drained", "tcp", "2001:db8:2::15", 8015,
+                ("mh-port", "mh-fallback"), tuple(under6), random_flows(rng, 1000, random_v6_sources(rng, 800)),
+                forward=by_gue),
     ]
 
 
