@@ -68,6 +68,11 @@ def test_encapsulation_defaults_to_fou_and_gue_to_port_6080_without_checksum():
     ({"receive": ["fou", "vxlan"]}, "receive[1]: expected one of ['fou', 'gue'], got 'vxlan'"),
     ({"receive": ["gue", "gue"]}, "receive: ['gue', 'gue'] names an encapsulation twice"),
     ({"receive": ["fou", "gue"], "gue_port": 5555}, "gue_port: 5555 is also fou_port; a backend receiving both"),
+    ({"encapsulation": "gue", "retire_encapsulation": "gue"}, "retire_encapsulation: gue is also encapsulation"),
+    ({"retire_encapsulation": "fou"}, "retire_encapsulation: fou is also encapsulation"),
+    ({"standby_encapsulation": "gue", "retire_encapsulation": "gue"},
+     "retire_encapsulation: gue is also standby_encapsulation"),
+    ({"encapsulation": "gue", "retire_encapsulation": "vxlan"}, "retire_encapsulation: expected one of"),
 ])
 def test_bad_encapsulation_settings_are_refused_naming_the_key(raw, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -126,6 +131,47 @@ def test_moving_a_director_from_fou_to_gue_drains_the_old_real_servers_through_t
     assert d.sync([entry(11)], now=130).ops == (DelDest(KEY, "203.0.113.11", 80),
                                                 DelRoute("203.0.113.11", "main", "mglc000020b"),
                                                 DelLink("mglc000020b"))
+
+
+def connections(d: GueDirector, address: str, active: int, inactive: int = 0) -> None:
+    """Give one real server of the fake kernel these connection counters (the kernel's ActiveConns, InActConns)."""
+    service = d.kernel.services[KEY]
+    d.kernel.services[KEY] = replace(service, real_servers=tuple(
+        replace(rs, active_conns=active, inactive_conns=inactive) if rs.address == address else rs
+        for rs in service.real_servers))
+
+
+def test_a_retired_encapsulations_real_servers_go_together_once_none_holds_a_connection():
+    """`retire_encapsulation: fou` (the runbook's last step, once every director is gue): the old real servers of
+    a virtual service are deleted, with their routes and links, in the first pass that finds none of them holding
+    a connection entry, long before their deadline; an entry on any of them, even an inactive one (maybe a
+    half-closed connection still receiving), keeps them all."""
+    d = GueDirector(FOU)
+    d.sync([entry(11), entry(12)], now=0)
+    d.config = GUE
+    d.sync([entry(11), entry(12)], now=100)
+    connections(d, "203.0.113.11", active=2)
+    connections(d, "203.0.113.12", active=0, inactive=1)
+    d.config = replace(GUE, retire_encapsulation="fou")
+    assert d.sync([entry(11), entry(12)], now=101).ops == ()
+    connections(d, "203.0.113.11", active=0, inactive=0)
+    assert d.sync([entry(11), entry(12)], now=102).ops == ()
+    connections(d, "203.0.113.12", active=0, inactive=0)
+    assert d.sync([entry(11), entry(12)], now=103).ops == (
+        DelDest(KEY, "203.0.113.12", 80), DelDest(KEY, "203.0.113.11", 80),
+        DelRoute("203.0.113.11", "main", "mglc000020b"), DelRoute("203.0.113.12", "main", "mglc000020c"),
+        DelLink("mglc000020b"), DelLink("mglc000020c"))
+    assert d.dests() == [("192.0.2.12", 1, GUE_6080), ("192.0.2.11", 1, GUE_6080)]
+
+
+def test_retiring_an_encapsulation_leaves_the_directors_own_drains_to_their_deadline():
+    """A backend that leaves the catalog drains as always, idle or not: only the retired encapsulation's real
+    servers go early."""
+    d = GueDirector(replace(GUE, retire_encapsulation="fou"))
+    d.sync([entry(11), entry(12)], now=0)
+    assert d.sync([entry(11)], now=1).ops == (SetDest(KEY, "192.0.2.12", 80, 0, GUE_6080),)
+    assert d.sync([entry(11)], now=30).ops == ()
+    assert d.sync([entry(11)], now=31).ops == (DelDest(KEY, "192.0.2.12", 80),)
 
 
 def test_moving_back_from_gue_to_fou_drains_the_gue_real_servers_with_their_gue_forwarding():

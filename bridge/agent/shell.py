@@ -45,7 +45,7 @@ log = logging.getLogger("maglev-bridge")
 logging.getLogger("apscheduler").setLevel(logging.WARNING)
 LIVE_KEYS = frozenset({"vip_cidrs", "tunnel_map", "local_address", "fou_port", "drain_timeout", "resync_interval",
                        "default_flags", "default_allow", "warning_serves", "mh_table_size", "encapsulation",
-                       "standby_encapsulation", "gue_port", "gue_checksum", "receive"})
+                       "standby_encapsulation", "retire_encapsulation", "gue_port", "gue_checksum", "receive"})
 """What SIGHUP changes in a running agent: what each pass reads from the configuration. Everything else
 is built once at start (the catalog source, the HTTP endpoint, the state file and its lock, the data-plane
 mode, the Consul registration) or names what the agent owns in the kernel (route_protocol, link_prefix,

@@ -215,6 +215,11 @@ class Config:
     kept at weight 0 (no slot, the table does not change), so that the connections a switched director
     synchronises here have a real server of their own encapsulation (docs/gue-migration.md). Not `fou`: a
     `gue` director's fou real servers need links and routes the standby does not build."""
+    retire_encapsulation: Encapsulation | None = None
+    """`fou` on a `gue` director once every director of the fleet has switched (the runbook's last step): the
+    real servers of that encapsulation the director no longer wants are deleted as soon as none of a virtual
+    service's holds a connection entry, instead of at their drain deadline (docs/gue-migration.md). The
+    director cannot know on its own that no peer is still `fou`, so it is the operator's statement."""
     gue_port: int = DEFAULT_GUE_PORT
     gue_checksum: GueChecksum = "none"
     receive: tuple[Encapsulation, ...] | None = None
@@ -440,6 +445,16 @@ def _check_standby(values: Mapping[str, Any]) -> None:
                           "fou director (fou ones would need the links and routes of a fou director)")
 
 
+def _check_retire(values: Mapping[str, Any]) -> None:
+    """Only what the director no longer wants can retire: not its own encapsulation, not its standby's."""
+    retire = values.get("retire_encapsulation")
+    for key in ("encapsulation", "standby_encapsulation"):
+        if retire is not None and retire == values.get(key, "fou" if key == "encapsulation" else None):
+            raise ConfigError(f"retire_encapsulation: {retire} is also {key}; only the real servers of an "
+                              "encapsulation the director no longer uses retire (fou on a gue director after "
+                              "the switch)")
+
+
 def _sysctls(value: object) -> tuple[tuple[str, int], ...]:
     if not isinstance(value, Mapping):
         raise ConfigError(f"sysctls: expected a mapping of sysctl name to integer, got {_show(value)}")
@@ -461,6 +476,7 @@ _PARSERS: dict[str, Any] = {
     "fou_port": lambda v: _integer("fou_port", v, 1, 65535),
     "encapsulation": lambda v: _choice("encapsulation", v, ENCAPSULATIONS),
     "standby_encapsulation": lambda v: _choice("standby_encapsulation", v, ENCAPSULATIONS),
+    "retire_encapsulation": lambda v: _choice("retire_encapsulation", v, ENCAPSULATIONS),
     "gue_port": lambda v: _integer("gue_port", v, 1, 65535),
     "gue_checksum": lambda v: _choice("gue_checksum", v, GUE_CHECKSUMS),
     "receive": _receive,
@@ -512,6 +528,7 @@ def parse_config(raw: object) -> Config:
     _check_prefixes(values.get("tunnel_map", ()), values.get("vip_cidrs", ()))
     _check_ports(values)
     _check_standby(values)
+    _check_retire(values)
     return Config(**values)
 
 

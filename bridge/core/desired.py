@@ -381,6 +381,7 @@ class DesiredBook:
             sysctls=self.config.sysctls,
             sync_daemons=_sync_daemons(self.config),
             forwarding=self.config.forwarding,
+            retire=self.config.retire_encapsulation,
         )
         self._desired = (local_address, desired)
         return desired

@@ -81,6 +81,16 @@ def forwarding(encapsulation: Encapsulation, gue_port: int, gue_checksum: GueChe
     return DIRECT_ROUTING
 
 
+def encapsulation_of(found: Forwarding) -> Encapsulation | None:
+    """The encapsulation a live real server's forwarding belongs to: direct routing is `fou`'s (the links carry
+    it), GUE tunnel forwarding `gue`'s; anything else is neither (the agent never makes it)."""
+    if found.method == "route":
+        return "fou"
+    if found.method == "tunnel" and found.tunnel == "gue":
+        return "gue"
+    return None
+
+
 def mtu_problem(encapsulation: Encapsulation, interface: str, mtu: int, outer: int = 4) -> str | None:
     """A warning when the underlay cannot carry a full-size client packet in this encapsulation (outer header
     of IP version `outer`) without fragmenting (a director does not fragment for its clients: large packets of

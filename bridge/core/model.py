@@ -12,7 +12,7 @@ from functools import cached_property
 from itertools import chain
 from typing import Literal
 
-from bridge.core.encap import DIRECT_ROUTING, Forwarding
+from bridge.core.encap import DIRECT_ROUTING, Encapsulation, Forwarding
 from bridge.core.keys import Protocol, ServiceKey
 
 Health = Literal["passing", "warning", "critical"]
@@ -145,6 +145,8 @@ class DesiredState:
     then never touches them)."""
     forwarding: Forwarding = DIRECT_ROUTING
     """How every real server forwards (fleet-wide, from `encapsulation`; bridge/core/encap.py)."""
+    retire: Encapsulation | None = None
+    """`retire_encapsulation`: the unwanted real servers of this encapsulation go once they hold no connection."""
 
 
 TABLE_SIZES: tuple[int, ...] = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131071)

@@ -11,7 +11,8 @@ Pure: no I/O, the clock comes in as `now`. Two things make this more than a set 
   server that must sit at weight 0 while remembering weight w is set to w and then to 0.
 
 Anything that leaves the catalog is drained: weight 0 at once, deleted when its deadline passes. The
-deadline is fixed when this director first notices, never moved by connection counters.
+deadline is fixed when this director first notices, never moved by connection counters. The one exception is
+the old encapsulation's real servers once the operator retires it (`retire_encapsulation`, `_retired`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from bridge.core.announce import Announcing, announcement_ops
-from bridge.core.encap import Forwarding
+from bridge.core.encap import Encapsulation, Forwarding, encapsulation_of
 from bridge.core.filter import plan_filter
 from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.live import LiveLink, LiveRealServer, LiveService, LiveState
@@ -133,6 +134,26 @@ def _orders(desired: tuple[RealServer, ...]) -> tuple[tuple[RealServer, ...], ..
     return tuple(rs for rs in desired if rs.standby is None), standby
 
 
+def _wanted(rs: LiveRealServer, wanted: Mapping[str, RealServer]) -> bool:
+    target = wanted.get(rs.address)
+    return target is not None and target.port == rs.port
+
+
+def _retired(leaving: list[LiveRealServer], retire: Encapsulation | None) -> set[str]:
+    """The leaving real servers of the retired encapsulation, all of them or none: those of a virtual service go
+    together once none holds a connection entry, active or inactive (the director's own and the synchronised
+    ones). Deleting a real server expires every entry bound to it (expire_nodest_conn, Linux 5.9+), and an
+    inactive one may be a half-closed connection whose client still acknowledges data (IPVS sees only the client's
+    side: FIN_WAIT): its next packet would be scheduled afresh, maybe to another backend, which resets it. With no
+    entry left the deletion ends nothing; all at once, the Maglev table changes once."""
+    if retire is None:
+        return set()
+    retiring = [rs for rs in leaving if encapsulation_of(rs.forwarding) == retire]
+    if any(rs.active_conns or rs.inactive_conns for rs in retiring):
+        return set()
+    return {rs.address for rs in retiring}
+
+
 def plan_dests(
     key: ServiceKey,
     desired: tuple[RealServer, ...],
@@ -140,6 +161,7 @@ def plan_dests(
     last_weights: Mapping[DestKey, int],
     drains: _Drains,
     forwarding: Forwarding,
+    retire: Encapsulation | None = None,
 ) -> list[Op]:
     """A draining real server keeps the forwarding it has (a director moving from fou to gue drains its old
     real servers through their old tunnels); the desired ones get `forwarding`, a standby one its own.
@@ -150,19 +172,21 @@ def plan_dests(
     the same real server at its place in the list.
 
     The director's own real servers and the standby ones are each kept in their order, but not with respect to
-    each other (`_orders`)."""
+    each other (`_orders`). The leaving ones of the `retire` encapsulation go before their deadline when
+    `_retired` says so."""
     wanted = {rs.address: rs for rs in desired}
     deletes: list[Op] = []
     drain_edits: list[Op] = []
     candidates: list[LiveRealServer] = []
+    retired = _retired([rs for rs in live if not _wanted(rs, wanted)], retire)
     for rs in live:
-        target = wanted.get(rs.address)
-        if target is not None and target.port == rs.port:
+        if _wanted(rs, wanted):
+            target = wanted[rs.address]
             if _reachable_by_edits(target, last_weight(key, rs, last_weights)):
                 candidates.append(rs)
             else:
                 deletes.append(DelDest(key, rs.address, rs.port))
-        elif drains.expired(DestKey(key, rs.address, rs.port)):
+        elif drains.expired(DestKey(key, rs.address, rs.port)) or rs.address in retired:
             deletes.append(DelDest(key, rs.address, rs.port))
         elif rs.weight != 0:
             drain_edits.append(SetDest(key, rs.address, rs.port, 0, rs.forwarding))
@@ -182,7 +206,7 @@ def plan_dests(
 
 def _plan_services(
     desired: tuple[VirtualService, ...], live: tuple[LiveService, ...], memory: Memory, drains: _Drains,
-    forwarding: Forwarding,
+    forwarding: Forwarding, retire: Encapsulation | None,
 ) -> tuple[list[Op], list[Op], list[Op], set[str]]:
     """Service-level ops (adds/sets first, deletions last), dest ops, and the VIPs still in use."""
     live_by_key = {s.key: s for s in live}
@@ -198,7 +222,7 @@ def _plan_services(
         elif (current.scheduler, current.flags) != (vs.scheduler, vs.flags):
             first.append(SetService(vs.key, vs.scheduler, vs.flags))
         existing = current.real_servers if current else ()
-        dests.extend(plan_dests(vs.key, vs.real_servers, existing, memory.last_weights, drains, forwarding))
+        dests.extend(plan_dests(vs.key, vs.real_servers, existing, memory.last_weights, drains, forwarding, retire))
     wanted = {vs.key for vs in desired}
     for current in live:
         if current.key in wanted:
@@ -207,7 +231,8 @@ def _plan_services(
             last.append(DelService(current.key))
             continue
         vips_in_use.add(current.vip)
-        dests.extend(plan_dests(current.key, (), current.real_servers, memory.last_weights, drains, forwarding))
+        dests.extend(plan_dests(current.key, (), current.real_servers, memory.last_weights, drains, forwarding,
+                                retire))
     return first, dests, last, vips_in_use
 
 
@@ -281,7 +306,8 @@ def plan(desired: DesiredState, live: LiveState, memory: Memory, now: float, dra
     if scope is not None:
         wanted_services = tuple(vs for vs in wanted_services if vs.key in scope)
         live_services = tuple(s for s in live_services if s.key in scope)
-    first, dests, last, vips = _plan_services(wanted_services, live_services, memory, drains, desired.forwarding)
+    first, dests, last, vips = _plan_services(wanted_services, live_services, memory, drains, desired.forwarding,
+                                              desired.retire)
     deleted_services = {op.key for op in last if isinstance(op, DelService)}
     kept_services = {s.key for s in live_services} - deleted_services
     deleted = {(op.key, op.address) for op in dests if isinstance(op, DelDest)}

@@ -3,9 +3,9 @@ docs/gue-migration.md).
 
 Two ways (tests/harness/migration.py): `by-hand`, every step done with ipvsadm and ip exactly as the runbook
 says (a prototype of its kernel steps, independent of the agent), and `by-the-agent`, where `maglev-bridge
-apply` configures the backends, adds the standby gue real servers (`standby_encapsulation: gue`, step 1) and
-switches the directors (`encapsulation: gue`), with the deletions of step 3 by hand (the agent makes them at the
-drain deadline, which the test does not wait for).  Two directors
+apply` configures the backends, adds the standby gue real servers (`standby_encapsulation: gue`, step 1),
+switches the directors (`encapsulation: gue`) and deletes the fou real servers once no connection entry is left
+on them (`retire_encapsulation: fou`, step 3).  Two directors
 behind a router's ECMP route, three backends, long-lived connections asking every 100 ms (and some every 2 s;
 tests/harness/traffic.py), connection sync on.
 
@@ -112,9 +112,9 @@ def harmed(rec: Recording, since: float, interval: float = 0.1) -> tuple[list[in
 
 @pytest.mark.parametrize("kind", [MigrationBed, AgentMigrationBed], ids=["by-hand", "by-the-agent"])
 def test_the_migration_resets_no_connection(migration, kind):
-    """by-hand: every step with ipvsadm and ip; by-the-agent: the backends, step 1 and the directors' switch
-    by `maglev-bridge apply` (`standby_encapsulation: gue`, then `encapsulation: gue`), the deletion of step 3
-    by hand."""
+    """by-hand: every step with ipvsadm and ip; by-the-agent: every step by `maglev-bridge apply`
+    (`standby_encapsulation: gue`, then `encapsulation: gue`, then `retire_encapsulation: fou`), which is also
+    shown deleting nothing while connections are on the fou real servers."""
     m = migration(kind)
     d1, d2 = m.directors
     old = m.traffic(OLD, "old")
@@ -162,16 +162,23 @@ def test_the_migration_resets_no_connection(migration, kind):
     synced(m, GUE)
 
     # 3. the connections on fou real servers end (the old ones, and the mixed ones d2 opened while still fou);
-    # once no fou real server holds an active connection on any director, delete them, then the links, then the
+    # once no fou real server holds a connection entry on any director, delete them, then the links, then the
     # backends' FOU receiver
+    if kind is AgentMigrationBed:  # retired while connections are on them: the agent deletes nothing
+        m.remove_fou(d1)
+        assert set(fou) <= set(m.real_servers(d1)) and m.links(d1), "d1 keeps fou real servers with connections"
     old_rec, slow_rec, mixed_rec = old.stop(), slow.stop(), mixed_traffic.stop()
     for d in m.directors:
-        wait_until(lambda d=d: all(m.real_servers(d)[m.real_server(b, "fou")][2] == 0 for b in m.backends),
-                   timeout=60, what=f"no active connection on {d.label}'s fou real servers")
+        wait_until(lambda d=d: all(m.real_servers(d)[a][2:] == (0, 0) for a in fou), timeout=120,
+                   what=f"no connection entry on {d.label}'s fou real servers")
     t_cleanup = time.monotonic()
+    removed = []
     for d in m.directors:
         m.remove_fou(d)
+        removed.append(time.monotonic())
+        assert not set(fou) & set(m.real_servers(d)), f"{d.label}: the fou real servers are gone"
         assert not m.links(d), f"{d.label}: the fou links are gone with the last fou real server"
+    print(f"fou real servers deleted on d1 and d2 {removed[1] - removed[0]:.1f} s apart")
     m.receive(["gue"])
     pure = through_each(m)
     assert pure["d1"] == pure["d2"], "gue directors without fou real servers agree"
