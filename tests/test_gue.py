@@ -133,7 +133,7 @@ def test_moving_a_director_from_fou_to_gue_drains_the_old_real_servers_through_t
                                                 DelLink("mglc000020b"))
 
 
-def connections(d: GueDirector, address: str, active: int, inactive: int = 0) -> None:
+def connections(d: FakeDirector, address: str, active: int, inactive: int = 0) -> None:
     """Give one real server of the fake kernel these connection counters (the kernel's ActiveConns, InActConns)."""
     service = d.kernel.services[KEY]
     d.kernel.services[KEY] = replace(service, real_servers=tuple(
@@ -146,7 +146,7 @@ def test_a_retired_encapsulations_real_servers_go_together_once_none_holds_a_con
     a virtual service are deleted, with their routes and links, in the first pass that finds none of them holding
     a connection entry, long before their deadline; an entry on any of them, even an inactive one (maybe a
     half-closed connection still receiving), keeps them all."""
-    d = GueDirector(FOU)
+    d = FakeDirector(FOU)
     d.sync([entry(11), entry(12)], now=0)
     d.config = GUE
     d.sync([entry(11), entry(12)], now=100)
@@ -161,13 +161,13 @@ def test_a_retired_encapsulations_real_servers_go_together_once_none_holds_a_con
         DelDest(KEY, "203.0.113.12", 80), DelDest(KEY, "203.0.113.11", 80),
         DelRoute("203.0.113.11", "main", "mglc000020b"), DelRoute("203.0.113.12", "main", "mglc000020c"),
         DelLink("mglc000020b"), DelLink("mglc000020c"))
-    assert d.dests() == [("192.0.2.12", 1, GUE_6080), ("192.0.2.11", 1, GUE_6080)]
+    assert d.dests(KEY) == [("192.0.2.12", 1, GUE_6080), ("192.0.2.11", 1, GUE_6080)]
 
 
 def test_retiring_an_encapsulation_leaves_the_directors_own_drains_to_their_deadline():
     """A backend that leaves the catalog drains as always, idle or not: only the retired encapsulation's real
     servers go early."""
-    d = GueDirector(replace(GUE, retire_encapsulation="fou"))
+    d = FakeDirector(replace(GUE, retire_encapsulation="fou"))
     d.sync([entry(11), entry(12)], now=0)
     assert d.sync([entry(11)], now=1).ops == (SetDest(KEY, "192.0.2.12", 80, 0, GUE_6080),)
     assert d.sync([entry(11)], now=30).ops == ()
