@@ -8,7 +8,8 @@ import pytest
 from bridge.core.keys import ServiceKey
 from bridge.core.maglev import Dest
 from bridge.inspect.discover import Director, Discovery, discovery_text, read_report
-from bridge.inspect.explain import ExplainError, ServiceView, explain_flow, explain_shares, parse_client, parse_service
+from bridge.inspect.errors import ExplainError
+from bridge.inspect.explain import ServiceView, explain_flow, explain_shares, parse_client, parse_service
 
 
 def view(flags=("mh-fallback", "mh-port"), weights=(1, 1, 2)):

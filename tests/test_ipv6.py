@@ -204,7 +204,8 @@ def test_explain_takes_an_ipv6_client_with_or_without_a_port(text, expected):
     ("2001:db8:4::1::80", V6_SERVICE, "expected <client-ip>[:<port>]"),
 ])
 def test_explain_refuses_a_client_that_cannot_reach_the_service(text, key, expected):
-    from bridge.inspect.explain import ExplainError, parse_client
+    from bridge.inspect.errors import ExplainError
+    from bridge.inspect.explain import parse_client
 
     with pytest.raises(ExplainError, match=re.escape(expected)):
         parse_client(text, key)
