@@ -14,7 +14,7 @@ from bridge.core.model import Snapshot
 from bridge.core.ops import SetDest
 from bridge.files.store import load_state
 from tests.catalog_builder import catalog, health_entry
-from tests.test_diff import CONFIG
+from tests.harness.web import CONFIG
 
 
 class Catalog:

@@ -28,8 +28,8 @@ from bridge.dataplane.shadow import ShadowKernel
 from bridge.files.maintenance import Maintenance, clear_maintenance, read_maintenance, write_maintenance
 from tests.catalog_builder import health_entry
 from tests.harness.consul_agent import free_port
+from tests.harness.web import CONFIG
 from tests.test_agent_passes import Catalog, web
-from tests.test_diff import CONFIG
 
 TABLE = 245
 

@@ -20,8 +20,8 @@ from bridge.dataplane.backend import BackendLive
 from bridge.dataplane.shadow import ShadowKernel
 from tests.catalog_builder import catalog, health_entry
 from tests.harness.wait import wait_until
+from tests.harness.web import CONFIG
 from tests.test_agent_passes import Catalog, shadow_agent, web
-from tests.test_diff import CONFIG
 
 
 class Boom(RuntimeError):
