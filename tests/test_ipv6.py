@@ -20,7 +20,7 @@ from bridge.core.addr import canonical_ip, ip_value, split_host_port
 from bridge.core.allow import admits, collapse, for_family, parse_prefixes
 from bridge.core.config import ConfigError, parse_config
 from bridge.core.keys import DestKey, ServiceKey
-from tests.test_tags_and_desired import CONFIG, desired, web
+from tests.harness.desired import CONFIG, desired, web
 
 V6_CONFIG = replace(CONFIG, vip_cidrs=(*CONFIG.vip_cidrs, ipaddress.IPv6Network("2001:db8:10::/64")))
 VIP6 = "maglev.vip=[2001:db8:10::10]:80/tcp"
