@@ -158,7 +158,7 @@ def main() -> None:
     same passes."""
     from bridge.core.memory import remember
     from bridge.files.store import save_state
-    from tests.test_diff import CONFIG
+    from tests.harness.web import CONFIG
 
     vips = int(os.environ.get("BENCH_VIPS", 2000))
     backends = int(os.environ.get("BENCH_BACKENDS", 5))

@@ -44,7 +44,7 @@ from bridge.core.memory import Memory
 from bridge.core.ops import AddDest, AddService, DelDest, Op, SetDest
 from tests.catalog_builder import catalog
 from tests.harness.fake_kernel import FakeDirector, FakeKernel
-from tests.test_diff import CONFIG, KEY, entry
+from tests.harness.web import CONFIG, KEY, entry
 
 Entries = list[dict[str, Any]]
 Routes = npt.NDArray[np.int64]

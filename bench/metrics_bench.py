@@ -33,8 +33,8 @@ from bridge.agent.shell import Agent  # noqa: E402
 from bridge.core.live import LiveService  # noqa: E402
 from bridge.inspect.metrics import BACKEND_FAMILIES, BACKEND_PREFIX, backend_text  # noqa: E402
 from tests.catalog_builder import health_entry  # noqa: E402
-from tests.test_diff import CONFIG  # noqa: E402
-from tests.test_metrics import reference_backend_families, reference_text  # noqa: E402
+from tests.harness.metrics_reference import reference_backend_families, reference_text  # noqa: E402
+from tests.harness.web import CONFIG  # noqa: E402
 
 VIPS = int(os.environ.get("BENCH_VIPS", 2000))
 BACKENDS = int(os.environ.get("BENCH_BACKENDS", 20))

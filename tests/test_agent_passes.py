@@ -3,40 +3,11 @@ virtual services it touched; full passes (start, re-sync) plan everything and fi
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any
-
-from bridge.agent.director import DirectorReconciler
-from bridge.agent.shell import Agent
-from bridge.catalog.consul_format import snapshot_from_services
 from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.model import Snapshot
 from bridge.core.ops import SetDest
 from bridge.files.store import load_state
-from tests.catalog_builder import catalog, health_entry
-from tests.test_diff import CONFIG
-
-
-class Catalog:
-    def __init__(self, entries: list[dict[str, Any]]) -> None:
-        self.entries = entries
-
-    def snapshot(self) -> Snapshot:
-        return snapshot_from_services(catalog(*self.entries))
-
-    def health(self) -> dict[str, Any]:
-        return {"ok": True}
-
-
-def web(n: int, status: str = "passing") -> dict[str, Any]:
-    return health_entry(f"svc-{n}", f"b{n}", f"192.0.2.{n + 10}", 80, [f"maglev.vip=198.51.100.{n + 1}:80"],
-                        status=status)
-
-
-def shadow_agent(tmp_path, source: Catalog) -> Agent:
-    config = replace(CONFIG, dataplane="shadow", local_address="192.0.2.1", state_file=str(tmp_path / "state.json"),
-                     link_prefix="mgltest")
-    return Agent(DirectorReconciler(config), source)  # type: ignore[arg-type]
+from tests.harness.shadow_agent import Catalog, shadow_agent, web
 
 
 def test_one_health_change_is_a_small_pass_with_one_operation(tmp_path):

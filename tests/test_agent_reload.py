@@ -12,8 +12,8 @@ import pytest
 from bridge.agent.director import DirectorReconciler
 from bridge.agent.shell import Agent
 from bridge.core.config import Config, ConfigError
-from tests.test_agent_passes import Catalog, web
-from tests.test_diff import CONFIG
+from tests.harness.shadow_agent import Catalog, web
+from tests.harness.web import CONFIG
 
 
 def agent_with(tmp_path, reload) -> Agent:

@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 
 from bridge.core.allow import admits, collapse, parse_prefixes
 from bridge.core.config import ConfigError, parse_config
-from bridge.inspect.explain import explain_flow
-from tests.test_tags_and_desired import CONFIG, desired, web
+from tests.harness.desired import CONFIG, desired, web
 
 VIP = "maglev.vip=198.51.100.10:80"
 
@@ -93,16 +92,3 @@ def test_the_collapsed_list_admits_exactly_the_sources_of_the_tagged_prefixes(ne
 def test_the_list_does_not_depend_on_tag_order(nets):
     text = ",".join(map(str, nets))
     assert collapse(parse_prefixes(text)) == collapse(parse_prefixes(",".join(map(str, reversed(nets)))))
-
-
-def test_explain_says_a_source_outside_the_list_is_filtered_before_maglev():
-    from dataclasses import replace as changed
-
-    from tests.test_explain_and_discover import view
-    web_view = changed(view(), allow=("192.0.2.0/24",), service="web")
-    lines, choice = explain_flow(web_view, "198.51.100.9", 40000, 4093)
-    assert choice is None
-    assert lines[2].startswith("source 198.51.100.9 is not in web's allow list (192.0.2.0/24)")
-    assert lines[-1] == "=> dropped by the filter (table inet maglev_bridge), source 198.51.100.9"
-    allowed, choice = explain_flow(web_view, "192.0.2.9", 40000, 4093)
-    assert choice is not None and not any("allow list" in line for line in allowed)

@@ -12,12 +12,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 from bridge.agent.backend import BackendReconciler
-from bridge.agent.director import DirectorReconciler
 from bridge.agent.http import serve
 from bridge.agent.reconcile import SKIPPED, director_pass
 from bridge.agent.shell import Agent
 from bridge.core.announce import Announcing
-from bridge.core.config import BgpConfig, Config
 from bridge.core.desired import compute_desired
 from bridge.core.live import LiveState
 from bridge.core.memory import Memory
@@ -27,38 +25,8 @@ from bridge.core.plan import plan
 from bridge.dataplane.shadow import ShadowKernel
 from bridge.files.maintenance import Maintenance, clear_maintenance, read_maintenance, write_maintenance
 from tests.catalog_builder import health_entry
-from tests.harness.consul_agent import free_port
-from tests.test_agent_passes import Catalog, web
-from tests.test_diff import CONFIG
-
-TABLE = 245
-
-
-class Flaky(ShadowKernel):
-    """A model kernel that refuses the operations `fails` picks."""
-
-    def __init__(self, fails: type | None = None) -> None:
-        super().__init__()
-        self.fails = fails
-
-    def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:
-        for result in super().apply(ops):
-            if self.fails is not None and isinstance(result.op, self.fails):
-                yield OpResult(result.op, "EIO")
-            else:
-                yield result
-
-
-def director_config(tmp_path) -> Config:
-    return replace(CONFIG, local_address="192.0.2.1", state_file=str(tmp_path / "state.json"), link_prefix="mgltest",
-                   http_bind=f"127.0.0.1:{free_port()}", bgp=BgpConfig(TABLE, str(tmp_path / "maintenance")))
-
-
-def director(tmp_path, source: Catalog, dataplane: ShadowKernel | None = None, **changes) -> Agent:
-    """A director agent on a model kernel; `changes` to its configuration."""
-    reconciler = DirectorReconciler(replace(director_config(tmp_path), **changes))
-    reconciler.dataplane = dataplane if dataplane is not None else ShadowKernel()
-    return Agent(reconciler, source)  # type: ignore[arg-type]
+from tests.harness.shadow_agent import TABLE, Catalog, Flaky, director, director_config, web
+from tests.harness.web import CONFIG
 
 
 def steps(outcome) -> list[str]:

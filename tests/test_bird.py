@@ -18,9 +18,7 @@ from pathlib import Path
 import pytest
 
 from bridge.inspect.bird import BfdSession, BirdError, Sessions, bfd_running, bfd_sessions, bgp_sessions, read_sessions
-from tests.test_agent_passes import Catalog, web
-from tests.test_announcements import director
-from tests.test_metrics import scrape
+from tests.harness.shadow_agent import Catalog, director, scrape, web
 
 GREETING = b"0001 BIRD 2.0.12 ready.\n"
 SHOW_PROTOCOLS = (

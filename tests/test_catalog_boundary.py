@@ -18,7 +18,7 @@ from bridge.core.model import Snapshot
 from bridge.core.printable import printable
 from bridge.inspect.text import desired_text, dumps
 from tests.catalog_builder import catalog, health_entry
-from tests.test_tags_and_desired import CONFIG
+from tests.harness.desired import CONFIG
 
 WEB = health_entry("web", "b1", "192.0.2.11", 80, ["maglev.vip=198.51.100.10:80"], create_index=5)
 POISON_TAGS = ["maglev.vip=198.51.100.20:80"]

@@ -10,49 +10,7 @@ import pytest
 from bridge.catalog.consul_format import snapshot_from_services
 from bridge.core.desired import DesiredBook, compute_desired
 from tests.catalog_builder import catalog, health_entry
-from tests.test_tags_and_desired import CONFIG
-
-VIPS = ["198.51.100.10:80", "198.51.100.11:80", "198.51.100.10:53/udp", "198.51.100.12:443"]
-BAD_TAGS = ["maglev.vip=198.51.100.300:80", "maglev.weight=x", "maglev.vip=10.0.0.1:80"]
-
-
-def random_instance(rng: random.Random, service: str, n: int) -> dict[str, object]:
-    tags = [f"maglev.vip={v}" for v in rng.sample(VIPS, rng.randint(0, 2))]
-    if rng.random() < 0.1:
-        tags.append(rng.choice(BAD_TAGS))
-    if rng.random() < 0.3:
-        tags.append(f"maglev.weight={rng.randint(0, 5)}")
-    backend = rng.choice([rng.randint(2, 12), 130])  # 192.0.2.130 lies outside the tunnel map
-    return health_entry(service, f"node-{backend}", f"192.0.2.{backend}", 8080, tags,
-                        status=rng.choice(["passing", "passing", "warning", "critical"]),
-                        create_index=rng.randint(1, 50), instance_id=f"{service}-{n}")
-
-
-def random_catalog(rng: random.Random, state: dict[str, list[dict[str, object]]]) -> None:
-    """One step of a history: add, edit or remove an instance, or drop a whole service."""
-    service = f"svc-{rng.randint(0, 5)}"
-    entries = state.setdefault(service, [])
-    roll = rng.random()
-    if roll < 0.45 or not entries:
-        entries.append(random_instance(rng, service, rng.randint(0, 99)))
-    elif roll < 0.8:
-        entries[rng.randrange(len(entries))] = random_instance(rng, service, rng.randint(0, 99))
-    elif roll < 0.95:
-        entries.pop(rng.randrange(len(entries)))
-    else:
-        state.pop(service)
-    for name in [n for n, e in state.items() if not e]:
-        state.pop(name)
-
-
-def unique_ids(state: dict[str, list[dict[str, object]]]) -> dict[str, list[dict[str, object]]]:
-    out = {}
-    for name, entries in state.items():
-        seen: dict[str, dict[str, object]] = {}
-        for entry in entries:
-            seen[entry["Service"]["ID"]] = entry  # type: ignore[index]
-        out[name] = list(seen.values())
-    return out
+from tests.harness.desired import CONFIG, random_catalog, unique_ids
 
 
 @pytest.mark.parametrize("seed", range(40))

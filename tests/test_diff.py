@@ -1,10 +1,8 @@
 from __future__ import annotations
 
-import ipaddress
 import random
 from dataclasses import replace
 
-from bridge.core.config import Config, TunnelMapping
 from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.memory import Memory
 from bridge.core.ops import (
@@ -20,21 +18,8 @@ from bridge.core.ops import (
     SetSysctl,
 )
 from bridge.core.plan import plan
-from tests.catalog_builder import health_entry
 from tests.harness.fake_kernel import FakeDirector
-
-CONFIG = Config(
-    vip_cidrs=(ipaddress.IPv4Network("198.51.100.0/24"),),
-    tunnel_map=(TunnelMapping(ipaddress.IPv4Network("192.0.2.0/24"), ipaddress.IPv4Network("203.0.113.0/24")),),
-    drain_timeout=30,
-)
-VIP = "maglev.vip=198.51.100.10:80"
-KEY = ServiceKey("198.51.100.10", 80, "tcp")
-
-
-def entry(n, *, status="passing", weight=1, index=None, vip=VIP):
-    return health_entry("web", f"b{n}", f"192.0.2.{n}", 80, [vip, f"maglev.weight={weight}"], status=status,
-                        create_index=index if index is not None else n)
+from tests.harness.web import CONFIG, KEY, entry, random_history
 
 
 def order(director):
@@ -126,31 +111,9 @@ def test_tagged_weight_zero_after_serving_needs_a_fresh_add_to_forget_its_slots(
                         AddDest(KEY, "203.0.113.11", 80, 0), AddDest(KEY, "203.0.113.12", 80, 1)]
 
 
-def _random_history(rng):
-    """A catalog history over 8 backends: adds, removals, re-registrations, weight changes, flaps."""
-    state = {}
-    index = 100
-    history = []
-    for _ in range(40):
-        n = rng.randrange(11, 19)
-        action = rng.choice(["add", "remove", "flap", "weight", "reregister"])
-        if action in ("add", "reregister") or n not in state:
-            index += 1
-            state[n] = {"index": index, "status": "passing", "weight": rng.choice([1, 1, 2, 3])}
-        elif action == "remove":
-            del state[n]
-        elif action == "flap":
-            state[n] = {**state[n], "status": rng.choice(["passing", "critical", "warning"])}
-        else:
-            state[n] = {**state[n], "weight": rng.choice([0, 1, 2, 5])}
-        history.append([entry(k, status=v["status"], weight=v["weight"], index=v["index"])
-                        for k, v in sorted(state.items())])
-    return history
-
-
 def test_directors_with_different_histories_converge_to_identical_lists_and_remembered_weights():
     for seed in range(30):
-        history = _random_history(random.Random(seed))
+        history = random_history(random.Random(seed))
         final = history[-1]
         watcher, restarted, late = FakeDirector(CONFIG), FakeDirector(CONFIG), FakeDirector(CONFIG)
         for t, entries in enumerate(history):
@@ -231,7 +194,7 @@ def test_the_memory_holds_exactly_what_the_kernel_remembers_for_its_real_servers
     for seed in range(30):
         rng = random.Random(seed)
         d = FakeDirector(CONFIG)
-        for t, entries in enumerate(_random_history(rng)):
+        for t, entries in enumerate(random_history(rng)):
             d.sync(entries, now=t, scope=rng.choice([None, frozenset({KEY})]))
             assert d.memory.last_weights == kernel_memory_at_weight_zero(d.kernel), (seed, t)
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import msgspec
 import pytest
@@ -8,7 +9,8 @@ import pytest
 from bridge.core.keys import ServiceKey
 from bridge.core.maglev import Dest
 from bridge.inspect.discover import Director, Discovery, discovery_text, read_report
-from bridge.inspect.explain import ExplainError, ServiceView, explain_flow, explain_shares, parse_client, parse_service
+from bridge.inspect.errors import ExplainError
+from bridge.inspect.explain import ServiceView, explain_flow, explain_shares, parse_client, parse_service
 
 
 def view(flags=("mh-fallback", "mh-port"), weights=(1, 1, 2)):
@@ -41,6 +43,16 @@ def test_without_mh_port_the_source_port_is_not_hashed():
     one, _ = explain_flow(view(flags=()), "203.0.113.11", 1, 4093)
     two, _ = explain_flow(view(flags=()), "203.0.113.11", 2, 4093)
     assert one[2:] == two[2:] and "not hashed" in one[1]
+
+
+def test_explain_says_a_source_outside_the_allow_list_is_filtered_before_maglev():
+    web_view = replace(view(), allow=("192.0.2.0/24",), service="web")
+    lines, choice = explain_flow(web_view, "198.51.100.9", 40000, 4093)
+    assert choice is None
+    assert lines[2].startswith("source 198.51.100.9 is not in web's allow list (192.0.2.0/24)")
+    assert lines[-1] == "=> dropped by the filter (table inet maglev_bridge), source 198.51.100.9"
+    allowed, choice = explain_flow(web_view, "192.0.2.9", 40000, 4093)
+    assert choice is not None and not any("allow list" in line for line in allowed)
 
 
 def test_shares_report_the_worst_gap_between_table_and_weight():

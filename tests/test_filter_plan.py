@@ -174,7 +174,7 @@ def test_a_table_nftables_cannot_list_is_an_apply_error_naming_the_table():
     """So `status` and `apply` say it in one line, and the agent's pass logs it without a traceback."""
     from bridge.dataplane.kernel import ApplyError, Kernel
     from bridge.dataplane.nft import FilterError
-    from tests.test_diff import CONFIG
+    from tests.harness.web import CONFIG
 
     class Refusing:
         def read(self) -> LiveFilter:
@@ -196,7 +196,7 @@ def test_closing_the_kernel_closes_every_socket_it_opened_nftables_included():
     import os
 
     from bridge.dataplane.kernel import Kernel
-    from tests.test_diff import CONFIG
+    from tests.harness.web import CONFIG
 
     before = len(os.listdir("/proc/self/fd"))
     kernel = Kernel(replace(CONFIG, role="director"))
@@ -212,7 +212,7 @@ def test_a_new_service_whose_allow_list_could_not_be_put_in_place_is_not_added()
     from bridge.agent.reconcile import UNFILTERED, director_pass
     from bridge.core.model import RealServer
     from bridge.core.ops import AddDest, FilterOp, Op, OpResult
-    from tests.test_diff import CONFIG
+    from tests.harness.web import CONFIG
 
     class NoFilter(ShadowKernel):
         def apply(self, ops: Iterable[Op]) -> Iterator[OpResult]:
@@ -244,7 +244,7 @@ def test_the_kernel_view_moves_its_table_by_each_transaction_and_lists_it_again_
 
     from bridge.core.ops import Announce, Op, OpResult
     from bridge.dataplane.view import KernelView
-    from tests.test_diff import CONFIG
+    from tests.harness.web import CONFIG
 
     table = LiveFilter(True, (LiveAllow(WEB, ("192.0.2.0/24",), 7, True, 3),))
 
@@ -288,7 +288,7 @@ def test_a_dry_run_shows_the_filter_changes_it_would_make_and_makes_none():
     """`apply --dry-run` is a pass that does not apply: its steps name the table and each list."""
     from bridge.agent.reconcile import director_pass
     from bridge.inspect.text import outcome_text
-    from tests.test_diff import CONFIG
+    from tests.harness.web import CONFIG
 
     kernel = ShadowKernel()
     outcome, _ = director_pass(state(vs(WEB, ("192.0.2.0/24",))), CONFIG, kernel, Memory(), apply=False, now=0.0)

@@ -3,7 +3,6 @@ tunnel attributes, the backend's receivers and the mixed-fleet flag of `status -
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import struct
 from dataclasses import replace
@@ -11,10 +10,9 @@ from dataclasses import replace
 import pytest
 
 from bridge.catalog.consul_format import snapshot_from_services
-from bridge.core.config import Config, ConfigError, TunnelMapping, parse_config
+from bridge.core.config import ConfigError, parse_config
 from bridge.core.desired import compute_desired
 from bridge.core.encap import DIRECT_ROUTING, Forwarding, mtu_problem
-from bridge.core.keys import ServiceKey
 from bridge.core.ops import AddDest, AddLink, AddRoute, DelDest, DelLink, DelRoute, SetDest
 from bridge.dataplane.backend import BackendLive, plan_backend, receivers
 from bridge.dataplane.ipvs_netlink import (
@@ -34,19 +32,7 @@ from bridge.dataplane.netlink_batch import parse_attrs
 from bridge.inspect.discover import Director, Discovery, discovery_text, read_report
 from tests.catalog_builder import catalog, health_entry
 from tests.harness.fake_kernel import FakeDirector
-
-VIPS = (ipaddress.IPv4Network("198.51.100.0/24"),)
-TUNNELS = (TunnelMapping(ipaddress.IPv4Network("192.0.2.0/24"), ipaddress.IPv4Network("203.0.113.0/24")),)
-FOU = Config(vip_cidrs=VIPS, tunnel_map=TUNNELS, drain_timeout=30)
-GUE = replace(FOU, encapsulation="gue")
-GUE_6080 = Forwarding("tunnel", "gue", 6080, "none")
-KEY = ServiceKey("198.51.100.10", 80, "tcp")
-
-
-def entry(n, *, status="passing"):
-    return health_entry("web", f"b{n}", f"192.0.2.{n}", 80, ["maglev.vip=198.51.100.10:80"], status=status,
-                        create_index=n)
-
+from tests.harness.web import CONFIG, GUE, GUE_6080, KEY, entry
 
 # ---- configuration ---------------------------------------------------------------------------------------
 
@@ -121,7 +107,7 @@ def test_moving_a_director_from_fou_to_gue_drains_the_old_real_servers_through_t
     """The old real servers (tunnel addresses, direct routing) keep their forwarding, links and routes at
     weight 0 until drain_timeout, so the connections on them go on; then they, their routes and links go.
     The new real server gets its weight before the old one goes to 0: never a moment without a weight."""
-    d = FakeDirector(FOU)
+    d = FakeDirector(CONFIG)
     d.sync([entry(11)], now=0)
     d.config = GUE
     p = d.sync([entry(11)], now=100)
@@ -146,7 +132,7 @@ def test_a_retired_encapsulations_real_servers_go_together_once_none_holds_a_con
     a virtual service are deleted, with their routes and links, in the first pass that finds none of them holding
     a connection entry, long before their deadline; an entry on any of them, even an inactive one (maybe a
     half-closed connection still receiving), keeps them all."""
-    d = FakeDirector(FOU)
+    d = FakeDirector(CONFIG)
     d.sync([entry(11), entry(12)], now=0)
     d.config = GUE
     d.sync([entry(11), entry(12)], now=100)
@@ -177,7 +163,7 @@ def test_retiring_an_encapsulation_leaves_the_directors_own_drains_to_their_dead
 def test_moving_back_from_gue_to_fou_drains_the_gue_real_servers_with_their_gue_forwarding():
     d = FakeDirector(GUE)
     d.sync([entry(11)], now=0)
-    d.config = FOU
+    d.config = CONFIG
     p = d.sync([entry(11)], now=1)
     assert SetDest(KEY, "192.0.2.11", 80, 0, GUE_6080) in p.ops and AddDest(KEY, "203.0.113.11", 80, 1) in p.ops
 
@@ -212,7 +198,7 @@ def live(ports):
 
 
 def test_backend_receivers_follow_the_encapsulation_or_receive_both_during_a_migration():
-    assert receivers(FOU) == (("fou", 5555),)
+    assert receivers(CONFIG) == (("fou", 5555),)
     assert receivers(GUE) == (("gue", 6080),)
     both = replace(GUE, receive=("fou", "gue"))
     ops = plan_backend([], live({}), receivers(both))
@@ -224,7 +210,7 @@ def test_a_port_that_receives_the_other_encapsulation_is_a_conflict_and_left_alo
     ops = plan_backend([], live({6080: "ipip"}), receivers(GUE))
     assert [(op.kind, op.target) for op in ops] == [
         ("conflict", "fou port 6080 receives ipip, not gue (gue needs its own port)")]
-    ops = plan_backend([], live({5555: "gue"}), receivers(FOU))
+    ops = plan_backend([], live({5555: "gue"}), receivers(CONFIG))
     assert ops[0].kind == "conflict" and "receives gue, not ipip" in ops[0].target
 
 

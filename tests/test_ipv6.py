@@ -20,7 +20,7 @@ from bridge.core.addr import canonical_ip, ip_value, split_host_port
 from bridge.core.allow import admits, collapse, for_family, parse_prefixes
 from bridge.core.config import ConfigError, parse_config
 from bridge.core.keys import DestKey, ServiceKey
-from tests.test_tags_and_desired import CONFIG, desired, web
+from tests.harness.desired import CONFIG, desired, web
 
 V6_CONFIG = replace(CONFIG, vip_cidrs=(*CONFIG.vip_cidrs, ipaddress.IPv6Network("2001:db8:10::/64")))
 VIP6 = "maglev.vip=[2001:db8:10::10]:80/tcp"
@@ -204,7 +204,8 @@ def test_explain_takes_an_ipv6_client_with_or_without_a_port(text, expected):
     ("2001:db8:4::1::80", V6_SERVICE, "expected <client-ip>[:<port>]"),
 ])
 def test_explain_refuses_a_client_that_cannot_reach_the_service(text, key, expected):
-    from bridge.inspect.explain import ExplainError, parse_client
+    from bridge.inspect.errors import ExplainError
+    from bridge.inspect.explain import parse_client
 
     with pytest.raises(ExplainError, match=re.escape(expected)):
         parse_client(text, key)

@@ -4,13 +4,9 @@ fingerprint `status` prints, drains, and bounded rejection reasons."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import aiohttp
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.catalog.consul import (
@@ -29,26 +25,15 @@ from bridge.core.ops import SetSysctl
 from bridge.dataplane.shadow import ShadowKernel
 from bridge.files.maintenance import Maintenance, write_maintenance
 from bridge.inspect.metrics import (
-    BACKEND_FAMILIES,
-    BACKEND_PREFIX,
     CONSUL_ERROR_KINDS,
-    DRAIN_DOC,
     backend_text,
     filter_metrics,
     rejection_reason,
 )
 from bridge.inspect.status import service_fingerprints
 from tests.catalog_builder import health_entry
-from tests.test_agent_passes import Catalog, shadow_agent, web
-from tests.test_announcements import Flaky, director
-
-
-def scrape(agent: Any) -> dict[str, list[tuple[dict[str, str], float]]]:
-    found: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(agent.metrics.exposition().decode()):
-        for sample in family.samples:
-            found.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return found
+from tests.harness.metrics_reference import reference_backend_families, reference_text
+from tests.harness.shadow_agent import Catalog, Flaky, director, scrape, shadow_agent, web
 
 
 def test_every_real_server_has_node_exporter_labels_weights_and_counters(tmp_path):
@@ -126,41 +111,6 @@ def test_consul_watch_errors_are_counted_by_a_fixed_set_of_kinds_429_its_own():
     kinds = [error_kind(e) for e in errors]
     assert kinds == ["429", "acl", "unreadable_name", "answer", "timeout", "unreachable", "format", "other"]
     assert set(kinds) <= set(CONSUL_ERROR_KINDS)
-
-
-def reference_backend_families(services: tuple[LiveService, ...], desired: DesiredState | None,
-                               deadlines: dict[str, float]) -> list[Metric]:
-    """The per-real-server families as prometheus_client builds them: what backend_text must equal (and what
-    bench/metrics_bench.py measures it against)."""
-    wanted = {(vs.key, rs.address, rs.port): rs.weight for vs in (desired.virtual_services if desired else ())
-              for rs in vs.real_servers}
-    labels = ["local_address", "local_port", "proto", "remote_address", "remote_port"]
-    families: list[Metric] = [
-        (CounterMetricFamily(BACKEND_PREFIX + suffix.removesuffix("_total"), doc, labels=labels) if kind == "counter"
-         else GaugeMetricFamily(BACKEND_PREFIX + suffix, doc, labels=labels)) for suffix, kind, doc in BACKEND_FAMILIES]
-    drain = GaugeMetricFamily(BACKEND_PREFIX + "drain_deadline_timestamp_seconds", DRAIN_DOC, labels=labels)
-    for service in services:
-        for rs in service.real_servers:
-            values = [service.vip, str(service.port), service.protocol, rs.address, str(rs.port)]
-            stats = rs.stats
-            row = (rs.active_conns, rs.inactive_conns, rs.weight, wanted.get((service.key, rs.address, rs.port), 0),
-                   stats.connections, stats.packets_in, stats.packets_out, stats.bytes_in, stats.bytes_out)
-            for family, value in zip(families, row, strict=True):
-                family.add_metric(values, value)
-            deadline = deadlines.get(DestKey(service.key, rs.address, rs.port))
-            if deadline is not None:
-                drain.add_metric(values, deadline)
-    return [*families[:4], drain, *families[4:]]
-
-
-def reference_text(families: list[Metric]) -> str:
-    class Families:
-        def collect(self) -> list[Metric]:
-            return families
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Families())  # type: ignore[arg-type]
-    return generate_latest(registry).decode()
 
 
 AWKWARD = st.text(alphabet=st.sampled_from('a1.:"\\\n{}=, \u00e9\u2603#'), max_size=8)

@@ -12,8 +12,7 @@ import pytest
 from bridge.catalog.consul_format import snapshot_from_services
 from bridge.core.desired import claims_of_node, compute_desired
 from bridge.core.node_book import NodeBook
-from tests.test_desired_book import random_catalog, unique_ids
-from tests.test_tags_and_desired import CONFIG
+from tests.harness.desired import CONFIG, random_catalog, unique_ids
 
 NODE = "node-3"
 BACKEND = replace(CONFIG, node_name=NODE)

@@ -19,9 +19,9 @@ from bridge.core.tags import TagParser
 from bridge.dataplane.backend import BackendLive
 from bridge.dataplane.shadow import ShadowKernel
 from tests.catalog_builder import catalog, health_entry
+from tests.harness.shadow_agent import Catalog, shadow_agent, web
 from tests.harness.wait import wait_until
-from tests.test_agent_passes import Catalog, shadow_agent, web
-from tests.test_diff import CONFIG
+from tests.harness.web import CONFIG
 
 
 class Boom(RuntimeError):

@@ -20,10 +20,9 @@ from bridge.inspect.status import service_fingerprints, standby_servers
 from bridge.inspect.text import desired_text, status_json, status_text
 from tests.catalog_builder import catalog
 from tests.harness.fake_kernel import FakeDirector
-from tests.test_diff import _random_history
-from tests.test_gue import FOU, GUE, GUE_6080, KEY, entry
+from tests.harness.web import CONFIG, GUE, GUE_6080, KEY, entry, random_history
 
-STANDBY = replace(FOU, standby_encapsulation="gue")
+STANDBY = replace(CONFIG, standby_encapsulation="gue")
 SWITCHED = replace(GUE, standby_encapsulation=None)
 
 
@@ -60,7 +59,7 @@ def test_every_backend_gets_a_standby_real_server_at_weight_0_in_front_of_the_di
     servers = [(r.address, r.weight, r.last_weight, r.standby) for r in desired.virtual_services[0].real_servers]
     assert servers == [("192.0.2.12", 0, 0, GUE_6080), ("192.0.2.11", 0, 0, GUE_6080),
                        ("203.0.113.12", 0, 1, None), ("203.0.113.11", 1, 1, None)]
-    plain = compute_desired(snapshot_from_services(catalog(entry(11), entry(12, status="critical"))), FOU,
+    plain = compute_desired(snapshot_from_services(catalog(entry(11), entry(12, status="critical"))), CONFIG,
                             "192.0.2.1")
     assert desired.tunnels == plain.tunnels, "a standby needs no link and no route"
     assert "-> 192.0.2.12:80  weight 0 standby via gue port 6080 (no slot)" in desired_text(desired)
@@ -69,7 +68,7 @@ def test_every_backend_gets_a_standby_real_server_at_weight_0_in_front_of_the_di
 # ---- the planner -------------------------------------------------------------------------------------------
 
 def test_the_key_adds_the_standby_real_servers_at_weight_0_and_the_table_stays_as_it_was():
-    d = FakeDirector(FOU)
+    d = FakeDirector(CONFIG)
     d.sync([entry(11), entry(12)])
     before = fingerprints(d)
     d.config = STANDBY
@@ -99,7 +98,7 @@ def test_a_standby_real_server_is_never_given_a_weight():
 
 def test_two_fou_directors_with_and_without_standby_real_servers_have_the_same_table():
     """So `status --discover` sees them agree: a fingerprint ignores real servers without slots."""
-    plain, standby = FakeDirector(FOU), FakeDirector(STANDBY)
+    plain, standby = FakeDirector(CONFIG), FakeDirector(STANDBY)
     for d in (plain, standby):
         d.sync([entry(11), entry(12), entry(13, status="critical")])
     assert fingerprints(plain) == fingerprints(standby)
@@ -142,12 +141,12 @@ def test_directors_with_different_histories_and_standby_real_servers_build_the_f
     end by another: the same table as a director without the key, and the switch deletes and re-adds nothing
     (the standby real servers are kept in their order among themselves); after the drain, the same list."""
     for seed in range(20):
-        history = _random_history(random.Random(seed))
+        history = random_history(random.Random(seed))
         final = history[-1]
-        watcher, late, plain = FakeDirector(STANDBY), FakeDirector(STANDBY), FakeDirector(FOU)
+        watcher, late, plain = FakeDirector(STANDBY), FakeDirector(STANDBY), FakeDirector(CONFIG)
         for t, entries in enumerate(history):
             watcher.sync(entries, now=t)
-        end = len(history) + FOU.drain_timeout + 1
+        end = len(history) + CONFIG.drain_timeout + 1
         for d in (watcher, late, plain):
             d.sync(final, now=end)
             d.sync(final, now=end + 1)
@@ -156,7 +155,7 @@ def test_directors_with_different_histories_and_standby_real_servers_build_the_f
         for d in (watcher, late):
             d.config = SWITCHED
             assert not [op for op in d.sync(final, now=end + 2).ops if isinstance(op, AddDest | DelDest)], seed
-            d.sync(final, now=end + 2 + FOU.drain_timeout)
+            d.sync(final, now=end + 2 + CONFIG.drain_timeout)
         assert watcher.kernel.table_state() == late.kernel.table_state(), seed
 
 

@@ -1,27 +1,11 @@
 from __future__ import annotations
 
-import ipaddress
-
 import pytest
 
 from bridge.catalog.consul_format import snapshot_from_services
-from bridge.core.config import Config, TunnelMapping
-from bridge.core.desired import claims_of_node, compute_desired
+from bridge.core.desired import claims_of_node
 from tests.catalog_builder import catalog, health_entry
-
-CONFIG = Config(
-    vip_cidrs=(ipaddress.IPv4Network("198.51.100.0/24"),),
-    tunnel_map=(TunnelMapping(ipaddress.IPv4Network("192.0.2.0/25"), ipaddress.IPv4Network("203.0.113.0/25")),),
-    node_name="backend-1",
-)
-
-
-def desired(*entries, config=CONFIG):
-    return compute_desired(snapshot_from_services(catalog(*entries)), config, "192.0.2.1")
-
-
-def web(node, n, tags, **kw):
-    return health_entry("web", node, f"192.0.2.{n}", 8080, tags, **kw)
+from tests.harness.desired import CONFIG, desired, web
 
 
 def test_vip_tag_defaults_port_to_instance_port_and_protocol_to_tcp():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from bridge.agent.trigger import Request, Trigger
-from tests.test_agent_passes import Catalog, shadow_agent, web
+from tests.harness.shadow_agent import Catalog, shadow_agent, web
 
 
 def taken_once(trigger: Trigger) -> Trigger:

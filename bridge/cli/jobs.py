@@ -3,6 +3,9 @@ system job (hcl/maglev-bridge.nomad.hcl), rendered, validated, planned, deployed
 
 Exit codes follow `nomad job plan`: 0 when all is well (plan: nothing would change), 1 when something
 would change or failed (plan, validate, deploy), 2 on an error (bad spec, Nomad unreachable or refusing).
+
+Nomad's client (python-nomad, requests) is imported where a command talks to Nomad, not with this module:
+every `maglev-bridge` command registers these on its parser, and `plan` or `status` should not pay for it.
 """
 
 from __future__ import annotations
@@ -13,15 +16,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge.core.config import Config, ConfigError, NomadConfig, load_config
 from bridge.nomad.artifact import artifact_variables
-from bridge.nomad.client import Job, NomadClient, NomadError
-from bridge.nomad.deploy import Follow, PassingAllocs, consul_passing, deploy_job, service_names
 from bridge.nomad.plan import has_changes, plan_lines
 from bridge.nomad.render import JobSource, agent_variables, job_sources
 from bridge.nomad.spec import SpecError, load_specs
+
+if TYPE_CHECKING:
+    from bridge.nomad.client import Job, NomadClient
+    from bridge.nomad.deploy import PassingAllocs
 
 EXIT_OK = 0
 EXIT_CHANGED = 1
@@ -38,6 +43,8 @@ class Context:
     clients: dict[str | None, NomadClient]
 
     def client(self, region: str | None) -> NomadClient:
+        from bridge.nomad.client import NomadClient
+
         if region not in self.clients:
             self.clients[region] = NomadClient(self.nomad, region)
         return self.clients[region]
@@ -52,6 +59,7 @@ class Context:
         if self.config.consul is None:
             return None
         from bridge.catalog.consul import make_client
+        from bridge.nomad.deploy import consul_passing
 
         return consul_passing(make_client(self.config.consul))
 
@@ -131,6 +139,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from bridge.nomad.client import NomadError
+    from bridge.nomad.deploy import Follow, deploy_job
+
     ctx = _context(args)
     passing = ctx.passing()
     failed = errors = 0
@@ -155,6 +166,8 @@ def _health(alloc: dict[str, Any], passing: set[str] | None) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from bridge.nomad.deploy import service_names
+
     ctx = _context(args, need_agent_hcl=False)
     probe = ctx.passing()
     for source in ctx.sources:
@@ -183,6 +196,8 @@ def _guarded(command: Any) -> Any:
     """Spec, configuration and Nomad errors end the command with one line and exit code 2."""
 
     def run(args: argparse.Namespace) -> int:
+        from bridge.nomad.client import NomadError
+
         try:
             code: int = command(args)
         except (SpecError, ConfigError, NomadError) as exc:

@@ -44,6 +44,7 @@ from bridge.core.ops import (
     StopSyncDaemon,
     Withdraw,
 )
+from bridge.dataplane.errors import ApplyError as ApplyError  # re-exported: the kernel's users catch it from here
 from bridge.dataplane.ipvs_netlink import (
     CMD_DEL_DEST,
     CMD_DEL_SERVICE,
@@ -75,10 +76,6 @@ TUNNEL_TTL = 64
 RTM_NEWROUTE, RTM_DELROUTE = 24, 25
 RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
 HOST_LENGTHS: dict[int, int] = {socket.AF_INET: 32, socket.AF_INET6: 128}
-
-
-class ApplyError(RuntimeError):
-    """A failed operation, named, with the kernel's reason."""
 
 
 def _flag_names(bits: int) -> tuple[str, ...]:

@@ -13,10 +13,7 @@ from bridge.core.addr import bracketed, canonical_ip, ip_value, split_host_port
 from bridge.core.allow import AllowList, admits, describe
 from bridge.core.keys import ServiceKey
 from bridge.core.maglev import Choice, Dest, MaglevTable, address_key, build_table, fingerprint, lookup, shares
-
-
-class ExplainError(ValueError):
-    """The question cannot be answered: names what is missing."""
+from bridge.inspect.errors import ExplainError
 
 
 @dataclass(frozen=True)

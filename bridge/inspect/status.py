@@ -17,7 +17,8 @@ from bridge.core.memory import last_weight
 from bridge.dataplane.kernel import ApplyError, Kernel, open_kernel
 from bridge.files.maintenance import maintenance_json, read_maintenance
 from bridge.files.store import load_state
-from bridge.inspect.explain import ExplainError, ServiceView
+from bridge.inspect.errors import ExplainError
+from bridge.inspect.explain import ServiceView
 from bridge.inspect.text import status_json
 
 

@@ -13,9 +13,8 @@ from bridge.core.config import BgpConfig, ConsulConfig
 from bridge.dataplane.shadow import ShadowKernel
 from bridge.files.maintenance import Maintenance, clear_maintenance, write_maintenance
 from tests.harness.consul_agent import ConsulAgent, free_port
+from tests.harness.shadow_agent import Catalog, director, web
 from tests.harness.wait import wait_until
-from tests.test_agent_passes import Catalog, web
-from tests.test_announcements import director
 
 pytestmark = pytest.mark.consul
 

@@ -32,8 +32,8 @@ from tests.consul.helpers import deregister, register
 from tests.harness.bird import HostBird, bgp_protocol
 from tests.harness.consul_agent import ConsulAgent, free_port
 from tests.harness.prometheus import Prometheus
+from tests.harness.shadow_agent import Catalog, shadow_agent, web
 from tests.harness.wait import wait_until
-from tests.test_agent_passes import Catalog, shadow_agent, web
 
 pytestmark = pytest.mark.consul
 ROOT = Path(__file__).resolve().parents[2]

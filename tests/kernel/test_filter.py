@@ -257,7 +257,7 @@ def test_a_running_agent_keeps_its_copy_of_the_table_as_a_listing_would_show_it(
     from bridge.core.ops import AddAllow, ChangeAllow, CreateFilter, DelAllow
     from bridge.dataplane.kernel import Kernel
     from bridge.dataplane.view import KernelView
-    from tests.test_diff import CONFIG
+    from tests.harness.web import CONFIG
 
     ns = netns("view")
     web, dns = ServiceKey(vip(1), 80, "tcp"), ServiceKey(vip(2), 53, "udp")
