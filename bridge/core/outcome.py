@@ -34,11 +34,13 @@ class PassOutcome:
         return tuple(s for s in self.steps if s.error)
 
     def report(self, now: float) -> dict[str, Any]:
+        """What the state file keeps of the pass (`status` shows it). The steps are written out by hand: `asdict`,
+        which copies recursively, cost 0.36 s of a 10,500-operation apply in the test VM."""
         return {
             "role": self.role,
             "at": now,
             "applied": self.applied,
-            "operations": [asdict(s) for s in self.steps],
+            "operations": [{"description": s.description, "error": s.error} for s in self.steps],
             "rejected": [asdict(r) for r in self.rejected],
             "draining": list(self.draining),
             "notes": list(self.notes),
