@@ -53,10 +53,9 @@ class _DestWeight:
     """A standby real server's (`standby_encapsulation`): said in the plan, not sent."""
 
     def describe(self) -> str:
-        via = "" if self.forwarding == DIRECT_ROUTING else f" via {self.forwarding.describe()}"
         note = " (standby)" if self.standby else ""
-        return (f"{self.verb} real server {bracketed(self.address)}:{self.port} weight {self.weight}{via}{note} "
-                f"in {self.key}")
+        return (f"{self.verb} real server {bracketed(self.address)}:{self.port} weight {self.weight}"
+                f"{self.forwarding.via}{note} in {self.key}")
 
 
 class AddDest(_DestWeight):
