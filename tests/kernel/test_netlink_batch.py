@@ -27,6 +27,9 @@ MISSING = ServiceKey("198.51.100.11", 80, "tcp")
 def test_a_failed_request_is_reported_at_its_place_in_any_batch_and_the_others_apply(
         netns: Callable[[str], Netns]) -> None:
     ns = netns("batch")
+    # IPVS refuses an IPv4 real server it has no route to (inet_addr_type)
+    ns.ip_batch(["link set lo up", "link add dummy0 type dummy", "link set dummy0 up",
+                 "route add 10.1.0.0/22 dev dummy0"])
     ops: list[Op] = [AddService(WEB, "mh", ())]
     again: set[int] = set()
     missing: set[int] = set()
