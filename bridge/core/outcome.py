@@ -6,13 +6,14 @@ operator tools print it (`bridge.inspect.text`) without importing the reconciler
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from bridge.core.model import DesiredState, Rejection
 
 
-@dataclass(frozen=True)
-class StepResult:
+class StepResult(NamedTuple):
+    """One step of a pass as it is printed and kept (a NamedTuple, for the same reason as OpResult)."""
+
     description: str
     error: str | None
 
