@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from bridge.core.announce import Announcing, announcing
 from bridge.core.config import Config
 from bridge.core.desired import compute_desired
+from bridge.core.gcpause import gc_paused
 from bridge.core.live import LiveState
 from bridge.core.memory import Memory, remember
 from bridge.core.model import DesiredState, Snapshot
@@ -175,15 +176,22 @@ def state_for_apply(config: Config, *, dry_run: bool) -> Stored:
 
 def apply_once(snapshot: Snapshot, config: Config, *, dry_run: bool) -> PassOutcome:
     """`maglev-bridge apply`: one full pass against the kernel, with the state file the agent uses. A dry run
-    on a kernel without IPVS plans against an empty IPVS table and says so."""
+    on a kernel without IPVS plans against an empty IPVS table and says so. The cyclic garbage collector is
+    paused for the pass (bridge/core/gcpause.py): its collections over the catalog's and the plan's objects
+    cost 0.3 s of a full apply of 500 VIPs x 20 backends in the test VM and found nothing to free."""
+    with gc_paused():
+        return _apply_once(snapshot, config, dry_run=dry_run)
+
+
+def _apply_once(snapshot: Snapshot, config: Config, *, dry_run: bool) -> PassOutcome:
     now = time.time()
     stored = state_for_apply(config, dry_run=dry_run)
     with open_kernel(config) as kernel:
         desired = compute_desired(snapshot, config, config.local_address or kernel.default_local_address())
         announce = announce_decision(desired, config, full_pass=True, gate_open=False)
         try:
-            outcome, memory = director_pass(desired, config, KernelView(kernel), stored.memory, apply=not dry_run,
-                                            now=now, announce=announce)
+            outcome, memory = director_pass(desired, config, KernelView(kernel, keep=False), stored.memory,
+                                            apply=not dry_run, now=now, announce=announce)
         except ApplyError as exc:
             if not dry_run:
                 raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from bridge.core.addr import ip_value
@@ -69,6 +70,12 @@ class Forwarding:
         if self.tunnel != "gue":
             return f"tunnel {self.tunnel}"
         return f"gue port {self.port}" + ("" if self.checksum == "none" else f" {self.checksum}")
+
+    @cached_property
+    def via(self) -> str:
+        """What an operation's description says of it: " via <describe()>", nothing for direct routing. Cached:
+        a full apply describes thousands of real servers, each with the director's one forwarding object."""
+        return "" if self == DIRECT_ROUTING else f" via {self.describe()}"
 
 
 DIRECT_ROUTING = Forwarding()

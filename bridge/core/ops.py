@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from bridge.core.addr import bracketed, host_prefix
 from bridge.core.encap import DIRECT_ROUTING, Forwarding
@@ -53,10 +53,9 @@ class _DestWeight:
     """A standby real server's (`standby_encapsulation`): said in the plan, not sent."""
 
     def describe(self) -> str:
-        via = "" if self.forwarding == DIRECT_ROUTING else f" via {self.forwarding.describe()}"
         note = " (standby)" if self.standby else ""
-        return (f"{self.verb} real server {bracketed(self.address)}:{self.port} weight {self.weight}{via}{note} "
-                f"in {self.key}")
+        return (f"{self.verb} real server {bracketed(self.address)}:{self.port} weight {self.weight}"
+                f"{self.forwarding.via}{note} in {self.key}")
 
 
 class AddDest(_DestWeight):
@@ -218,8 +217,10 @@ Op = (IpvsOp | AddLink | DelLink | AddRoute | DelRoute | SetSysctl | AnnounceOp 
       | FilterOp)
 
 
-@dataclass(frozen=True)
-class OpResult:
+class OpResult(NamedTuple):
+    """An operation carried out, with the kernel's reason when it failed (a NamedTuple: one per operation, and a
+    full apply of 500 VIPs x 20 backends has 10,500)."""
+
     op: Op
     error: str | None
 

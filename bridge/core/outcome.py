@@ -6,13 +6,14 @@ operator tools print it (`bridge.inspect.text`) without importing the reconciler
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from bridge.core.model import DesiredState, Rejection
 
 
-@dataclass(frozen=True)
-class StepResult:
+class StepResult(NamedTuple):
+    """One step of a pass as it is printed and kept (a NamedTuple, for the same reason as OpResult)."""
+
     description: str
     error: str | None
 
@@ -34,11 +35,13 @@ class PassOutcome:
         return tuple(s for s in self.steps if s.error)
 
     def report(self, now: float) -> dict[str, Any]:
+        """What the state file keeps of the pass (`status` shows it). The steps are written out by hand: `asdict`,
+        which copies recursively, cost 0.36 s of a 10,500-operation apply in the test VM."""
         return {
             "role": self.role,
             "at": now,
             "applied": self.applied,
-            "operations": [asdict(s) for s in self.steps],
+            "operations": [{"description": s.description, "error": s.error} for s in self.steps],
             "rejected": [asdict(r) for r in self.rejected],
             "draining": list(self.draining),
             "notes": list(self.notes),

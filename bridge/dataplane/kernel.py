@@ -13,6 +13,7 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -313,12 +314,15 @@ class Kernel:
         """Carry out every operation in order; a failure is reported and the rest still runs (the next
         pass retries whatever is still missing). Consecutive IPVS or route operations go in batches."""
         pending: list[Op] = []
+        pending_kind: str | None = None
         for op in ops:
-            if pending and _batch_kind(op) != _batch_kind(pending[0]):
+            kind = _batch_kind(op)
+            if pending and kind != pending_kind:
                 yield from self._flush(pending)
                 pending = []
-            if _batch_kind(op) is not None:
+            if kind is not None:
                 pending.append(op)
+                pending_kind = kind
                 continue
             try:
                 self.apply_one(op)
@@ -408,7 +412,9 @@ def _batch_kind(op: Op) -> str | None:
     return None
 
 
+@lru_cache(maxsize=4096)
 def _wire(key: ServiceKey) -> WireKey:
+    """Cached: an apply names each service again in the operation of each of its real servers."""
     return WireKey(key.vip, key.port, PROTOCOL_NUMBERS[key.protocol])
 
 

@@ -38,14 +38,18 @@ class KernelView:
     """The real kernel, with everything but the IPVS services (links, routes, announcements, sysctls, sync
     daemons) cached between passes."""
 
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, *, keep: bool = True) -> None:
+        """`keep=False` for a single pass (`apply`): nothing is kept, so nothing is read again after the pass
+        (a full apply of 500 VIPs read its 250 VIP routes back for nothing, 0.5 s in the test VM)."""
         self.kernel = kernel
+        self.keep = keep
         self._rest: LiveState | None = None
 
     def read(self, scope: Scope) -> LiveState:
         if scope is None or self._rest is None:
             state = self.kernel.read()
-            self._rest = replace(state, services=())
+            if self.keep:
+                self._rest = replace(state, services=())
             return state
         return replace(self._rest, services=self.kernel.read_services(scope))
 
