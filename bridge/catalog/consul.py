@@ -181,7 +181,7 @@ registration waited ~10 s (bench/consul_latency.py); a fixed rest after each swe
 a version before) made a registration that came after another wait seconds."""
 CACHE_SWEEP_RATE = 6000.0
 """The budget of the sweeps of the local agent's cache (CACHED), which cost the Consul servers nothing and the
-local agent about 55 us a probe: at most ~0.33 of a core of the local agent under sustained churn. Twice
+local agent 55-80 us a probe: at most ~0.33-0.48 of a core of the local agent under sustained churn. Twice
 SWEEP_RATE: a catalog that changes at the budgeted sweeps' own rate (bench/consul_latency.py) still gets one
 sweep of the cache for each change; with the same rate the cache's budget ran short exactly when the other
 one did, and registrations waited as before (p50 268 ms, p99 578 ms, against 118 / 391 ms with one sweep of
