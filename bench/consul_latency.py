@@ -11,9 +11,14 @@ the operations of a pass are exactly those the kernel would get. Measured:
     whose operations give that real server the expected weight (`set real server T weight 0 in VS` after
     its add, or the add alone with weight W). Changes are made one at a time. A side blocking query of
     the bench on the same service splits the time into "Consul notifies" and "agent pass + log".
-(a2) registration -> operation: a new instance of a tagged service on a node it had no instance on, until
-    the pass that adds its real server; (a3) deregistration -> drain: the same instance removed again, until
-    the pass that sets its weight to 0.
+(a2) registration -> operation: a new instance of a tagged service on a node it had no instance on, its
+    check already passing, until the pass that adds its real server (no feed names the service: a sweep
+    finds it; issue 13's goal); (a3) deregistration -> drain: the same instance removed again, until the
+    pass that sets its weight to 0.
+(a4) registration as Nomad makes it: the check has no initial status, so Consul starts it critical and the
+    critical-check feed names the service at once; timed from the write to the agent's pass for that
+    service (nothing to add yet), then, after a pause like a first check interval, from the check passing
+    to the pass that adds the real server. Reported apart from (a2), whose figure stays the goal's.
 (b) the agent's CPU while nothing changes (utime+stime from /proc/<pid>/stat), as % of one core.
 (c) the agent's TCP connections to Consul (its sockets in /proc), sampled through every phase, and what it
     reports in /status (consul.max_connections, default 8, whatever the number of services). Consul runs
@@ -26,10 +31,11 @@ changes. Prints figures, asserts nothing. Goals (issue 13): p99 < 50 ms for heal
 registrations; idle CPU < 0.5% of one core; at most 8 connections.
 
 Knobs (environment): BENCH_SERVICES (2000), BENCH_INSTANCES (5), BENCH_CHANGES (200), BENCH_ARRIVALS (40),
-BENCH_IDLE (1.1 x wait: every watch re-arms once inside the window, so the figure is the steady state),
+BENCH_NOMAD (20, the registrations of (a4)), BENCH_IDLE (1.1 x wait: every watch re-arms once inside the
+window, so the figure is the steady state),
 BENCH_LATENCY_BUDGET (200 s: phase (a) stops early, saying so), BENCH_WAIT (consul.wait, the agent's default),
 BENCH_RESYNC (resync_interval, 3600: no periodic pass during the measurements; its cost is reported),
-BENCH_ONLY=registrations (phases (a2) and (a3) alone, with the connections: no idle window, no health
+BENCH_ONLY=registrations (phases (a2), (a3) and (a4) alone, with the connections: no idle window, no health
 changes, no replay or py-spy; a few minutes instead of 8-14, for iterating on the sweep).
 The load average (1 minute) is sampled through the run and reported: the host is shared, and the sweep that
 finds registrations slows with CPU contention.
@@ -68,6 +74,7 @@ SERVICES = int(os.environ.get("BENCH_SERVICES", 2000))
 INSTANCES = int(os.environ.get("BENCH_INSTANCES", 5))
 CHANGES = int(os.environ.get("BENCH_CHANGES", 200))
 ARRIVALS = int(os.environ.get("BENCH_ARRIVALS", 40))
+NOMAD_ARRIVALS = int(os.environ.get("BENCH_NOMAD", 20))
 LATENCY_BUDGET = float(os.environ.get("BENCH_LATENCY_BUDGET", 200))
 WAIT = os.environ.get("BENCH_WAIT", ConsulConfig().wait)
 IDLE_SECONDS = float(os.environ.get("BENCH_IDLE", 1.1 * ConsulConfig(wait=WAIT).wait_seconds))
@@ -404,6 +411,24 @@ def make_change(client: Client, reader: LogReader, inst: Instance, kind: str) ->
     return Change(inst, kind, write_start, write_done, notified[0] if notified else None, found, seen)
 
 
+def time_taken_in(client: Client, reader: LogReader, inst: Instance) -> float | None:
+    """Registers `inst` with its check critical, as Consul starts a check registered without a status (as
+    Nomad does), and times it to the agent's first pass for its service (nothing to add: it does not serve
+    yet); None when no such pass came within CHANGE_TIMEOUT."""
+    reader.drain()
+    client.register(inst, "critical")
+    write_done = time.time()
+    deadline = write_done + CHANGE_TIMEOUT
+    while time.time() < deadline:
+        try:
+            block = reader.blocks.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if inst.service in block.reason and block.header_ts >= write_done - 0.002:
+            return block.header_ts - write_done
+    return None
+
+
 def wait_synced(http_port: int, reader: LogReader, proc: subprocess.Popen[str], timeout: float = 400) -> float:
     start = time.time()
     deadline = start + timeout
@@ -542,6 +567,22 @@ def main() -> None:
                 time.sleep(rng.uniform(0.2, 0.4))
             print(f"  {len(arrivals)} registrations and deregistrations", flush=True)
 
+            # (a4) registrations as Nomad makes them: critical first, then the check passes
+            nomad_seen: list[float] = []
+            nomad_passing: list[Change] = []
+            nomad_rng = random.Random(13)
+            for inst in nomad_rng.sample(instances, NOMAD_ARRIVALS):
+                arriving = newcomer(inst)
+                seen_after = time_taken_in(client, reader, arriving)
+                if seen_after is not None:
+                    nomad_seen.append(seen_after)
+                time.sleep(nomad_rng.uniform(0.5, 1.0))
+                nomad_passing.append(make_change(client, reader, arriving, "passing"))
+                time.sleep(nomad_rng.uniform(0.2, 0.4))
+                make_change(client, reader, arriving, "deregister")
+                time.sleep(nomad_rng.uniform(0.2, 0.4))
+            print(f"  {len(nomad_passing)} registrations as Nomad makes them", flush=True)
+
             # where the agent's time goes: py-spy on the real process during a few extra changes
             spy_text = "py-spy not found (pip install py-spy; or PYSPY=/path)"
             if py_spy:
@@ -557,7 +598,8 @@ def main() -> None:
             reader.drain()
             catalog_state = agent_status(http_port)["agent"]["catalog"]
             connections = {"sampled most": sockets.most, "idle": idle_sockets, "reported": catalog_state["connections"],
-                           "sweeps": catalog_state["sweeps"], "reads": catalog_state["reads"]}
+                           "sweeps": catalog_state["sweeps"], "reads": catalog_state["reads"],
+                           "cached sweeps": catalog_state.get("cached_sweeps", 0)}
         finally:
             sockets.stopped.set()
             proc.terminate()
@@ -573,6 +615,7 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
     report(changes, steps, profile_text, spy_text, rows, arrivals=arrivals, departures=departures,
+           nomad_seen=nomad_seen, nomad_passing=nomad_passing,
            connections=connections, threads=threads, reg=reg, sync_s=sync_s,
            startup_cpu=startup_cpu, idle_pct=idle_pct, idle_spy=idle_spy,
            idle_user=idle_user, idle_sys=idle_sys, idle_wall=idle_wall, idle_passes=idle_passes,
@@ -614,6 +657,7 @@ def report(changes: list[Change], steps: dict[str, float], profile_text: str, sp
     lat = [c.latency for c in changes if c.latency is not None]
     arrived = [c.latency for c in m["arrivals"] if c.latency is not None]
     departed = [c.latency for c in m["departures"] if c.latency is not None]
+    nomad_added = [c.latency for c in m["nomad_passing"] if c.latency is not None]
     notify = [c.notified - c.write_done for c in changes if c.notified is not None]
     after_notify = [c.block.target_ts - c.notified for c in changes
                     if c.block is not None and c.block.target_ts is not None and c.notified is not None]
@@ -656,6 +700,11 @@ def report(changes: list[Change], steps: dict[str, float], profile_text: str, sp
                                               f"not detected)"),
         ("(a3) deregistration -> drain p50/p99", f"{ms(departed, 50)} / {ms(departed, 99)}   "
                                                  f"({len(m['departures']) - len(departed)} not detected)"),
+        ("(a4) as Nomad: critical -> taken in", f"{ms(m['nomad_seen'], 50)} / {ms(m['nomad_seen'], 99)} p50/p99   "
+                                                 f"({len(m['nomad_passing']) - len(m['nomad_seen'])} of "
+                                                 f"{len(m['nomad_passing'])} not seen)"),
+        ("(a4) then check passing -> add", f"{ms(nomad_added, 50)} / {ms(nomad_added, 99)} p50/p99   "
+                                           f"({len(m['nomad_passing']) - len(nomad_added)} not detected)"),
         ("    consul write (PUT) p50", ms(writes, 50)),
         ("    consul notifies p50 / p99", f"{ms(notify, 50)} / {ms(notify, 99)}"),
         ("    notified -> op logged p50/p99", f"{ms(after_notify, 50)} / {ms(after_notify, 99)}"),
@@ -671,7 +720,8 @@ def report(changes: list[Change], steps: dict[str, float], profile_text: str, sp
         ("(c) connections to Consul", f"{m['connections']['sampled most']} at most (sampled), "
                                       f"{m['connections']['idle']} while idle; reported {m['connections']['reported']}"
                                       f"   (goal <= 8)"),
-        ("    sweeps / reads", f"{m['connections']['sweeps']} / {m['connections']['reads']} over the run"),
+        ("    sweeps / reads", f"{m['connections']['sweeps']} (and {m['connections']['cached sweeps']} of the "
+                             f"agent's cache) / {m['connections']['reads']} over the run"),
         ("agent threads", f"{m['threads']}"),
         ("(b) + periodic full re-sync", f"~{m['idle_pct'] + 100 * resync / DEFAULT_RESYNC:.2f}% with the default "
                                         f"resync_interval {DEFAULT_RESYNC:.0f} s (idle + replayed re-sync / interval;"

@@ -26,7 +26,10 @@ half of the remaining connections (bridge/catalog/consul_probe.py), and fetches 
 moved on the other half, where the failing-check fetches go too, as soon as their batch of probes is
 answered, not when the sweep ends. The services whose index moved most recently are probed first: a service
 in the middle of a change (a rolling deploy, a registration followed by its deregistration) is found in the
-first batch. Sweeps never overlap and send at most SWEEP_RATE probes a second over the long run;
+first batch. Sweeps never overlap and send at most SWEEP_RATE probes a second over the long run. Each of them
+comes after a sweep of the local agent's cache (`?cached`, CACHED), and another runs for each change a feed
+reports while the budgeted sweep waits for its budget: they find most changes sooner, without a read on the
+Consul servers, and the budgeted sweep still follows, so nothing rests on the cache being current.
 `max_connections` bounds feeds, probes and fetches together, idle keep-alive connections included. Each
 health answer is turned into `Instance` values once, when it arrives, and an answer that folds to the same
 instances keeps the very same objects, which lets the agent's DesiredBook see in a glance which services
@@ -51,7 +54,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -93,6 +96,11 @@ longer, never its index wrong). Consul picks instances by tag in its state store
 `filter=Node == ""` (go-bexpr, compiled for every request) cost the local agent 3.5x the CPU: 670 against
 190 ms for 2,000 probes, a sweep of 2,477 against 565 ms at load 9 on 2 cores."""
 READ_TIMEOUT = 30.0
+CACHED = ("cached", "")
+"""Asks the local Consul agent to answer from its cache (background refresh: one blocking query per entry to
+the servers, which wakes only when that service changes). Measured at 2,000 x 5 with a client agent joined
+to a server (docs/consul-watch.md): a sweep of 2,000 probes costs the local agent 110 ms of CPU and the
+server none, against 240 ms and 200 ms uncached; 2,000 entries cost nothing measurable while idle."""
 
 
 class ConsulAccessError(RuntimeError):
@@ -156,6 +164,11 @@ class TokenBucket:
         self.tokens -= cost
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
+    def spend(self, probes: int) -> None:
+        """A sweep's probes, paid once it ends; the bucket holds up to SWEEP_BURST sweeps of that size."""
+        self.capacity = SWEEP_BURST * probes
+        self.tokens -= probes
+
 
 SWEEP_RATE = 3000.0
 SWEEP_BURST = 2.0
@@ -166,6 +179,13 @@ CPU whatever the load on the host, so the budget counts probes. A first version 
 (a quarter of it): under CPU contention a sweep took seconds, and its rest four times as long, so a
 registration waited ~10 s (bench/consul_latency.py); a fixed rest after each sweep (four times its length, in
 a version before) made a registration that came after another wait seconds."""
+CACHE_SWEEP_RATE = 6000.0
+"""The budget of the sweeps of the local agent's cache (CACHED), which cost the Consul servers nothing and the
+local agent 55-80 us a probe: at most ~0.33-0.48 of a core of the local agent under sustained churn. Twice
+SWEEP_RATE: a catalog that changes at the budgeted sweeps' own rate (bench/consul_latency.py) still gets one
+sweep of the cache for each change; with the same rate the cache's budget ran short exactly when the other
+one did, and registrations waited as before (p50 268 ms, p99 578 ms, against 118 / 391 ms with one sweep of
+the cache at the start of each wait, at load 2.8-2.9)."""
 
 
 class ConsulAnswerError(RuntimeError):
@@ -385,6 +405,7 @@ class ConsulSource:
         """Connections a sweep probes on (pipelined); the rest of the pool fetches."""
         self.fetchers = pool - self.probers
         self._endpoint: Endpoint | None = None
+        self._cached_endpoint: Endpoint | None = None
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._client: consul.aio.Consul | None = None
@@ -409,10 +430,14 @@ class ConsulSource:
         self._background: set[asyncio.Task[None]] = set()
         self._slots: asyncio.Semaphore | None = None
         self._sweep_wanted: asyncio.Event | None = None
+        self._cache_wanted: asyncio.Event | None = None
         self._sweep_asked = 0
         self._sweep_covers = 0
+        self._cache_covers = 0
         """The highest index a feed had seen when it asked for a sweep, and that of the sweep under way or
-        last begun: a sweep begun after a feed saw an index finds every change up to it."""
+        last begun, budgeted or of the agent's cache: a sweep begun after a feed saw an index finds every
+        change up to it. A sweep of the cache is wanted only for an index past the last one's, so the two or
+        three feeds that wake for one edit start one, not three."""
         self._errors: dict[str, str] = {}
         self._error_counts: Counter[str] = Counter()
         self._on_change: OnChange = lambda reason: None
@@ -421,6 +446,7 @@ class ConsulSource:
         self._peak = 0
         self.changes = 0
         self.sweeps = 0
+        self.cached_sweeps = 0
         self.reads = 0
 
     # ---- feeds (all on the loop thread) ----------------------------------------------------------
@@ -442,10 +468,12 @@ class ConsulSource:
     async def _main(self) -> None:
         self._client = make_async_client(self.consul_config, FEEDS + self.fetchers)
         self._endpoint = probe_endpoint(self.consul_config, self._client)
+        self._cached_endpoint = replace(self._endpoint, params=(*self._endpoint.params, CACHED))
         self._slots = asyncio.Semaphore(self.fetchers)
         self._sweep_wanted = asyncio.Event()
+        self._cache_wanted = asyncio.Event()
         self._failing = {}
-        self._sweep_asked = self._sweep_covers = 0
+        self._sweep_asked = self._sweep_covers = self._cache_covers = 0
         feeds = (
             Watch("services", partial(self._get, "/v1/catalog/services", None), self._on_services, self._on_error,
                   self.wait_seconds),
@@ -507,13 +535,16 @@ class ConsulSource:
 
     def _want_sweep(self, index: int | None = None) -> None:
         """A sweep, unless one begun since a feed saw `index` covers it (the node list's index moves with
-        the service list's: one edit, one sweep). Without an index, always."""
-        assert self._sweep_wanted is not None
+        the service list's: one edit, one sweep). Without an index, always; the cache's sweep only for an
+        index no sweep of the cache has begun since."""
+        assert self._sweep_wanted is not None and self._cache_wanted is not None
         if index is not None:
             if 0 < index <= self._sweep_covers:
                 return
             self._sweep_asked = max(self._sweep_asked, index)
         self._sweep_wanted.set()
+        if self._sweep_asked > self._cache_covers:
+            self._cache_wanted.set()
 
     def _on_services(self, index: int, body: str) -> None:
         """Every answer starts a sweep, the re-arm after `wait` too: what a feed could not say is found
@@ -602,11 +633,10 @@ class ConsulSource:
         assert self._sweep_wanted is not None
         backoff = BACKOFF_START
         budget = TokenBucket(capacity=0.0, rate=SWEEP_RATE, tokens=0.0)  # probes, paid once a sweep ends
+        cache_budget = TokenBucket(capacity=0.0, rate=CACHE_SWEEP_RATE, tokens=0.0)
         while True:
             await self._sweep_wanted.wait()
-            pause = budget.delay(0.0)
-            if pause:
-                await asyncio.sleep(pause)
+            await self._sweep_cache_until(time.monotonic() + budget.delay(0.0), cache_budget)
             self._sweep_wanted.clear()
             self._sweep_covers = self._sweep_asked
             try:
@@ -623,12 +653,54 @@ class ConsulSource:
             with self._lock:
                 self._errors.pop("sweep", None)
             self.sweeps += 1
-            budget.capacity = SWEEP_BURST * probes
-            budget.tokens -= probes
+            budget.spend(probes)
 
-    async def _sweep(self) -> int:
+    async def _sweep_cache_until(self, until: float, budget: TokenBucket) -> None:
+        """Sweeps of the local agent's cache, which cost the Consul servers nothing and take about half as
+        long as the budgeted sweep: one at once, then one for each new index a feed reports until `until`
+        (monotonic), while the budgeted sweep waits for its budget. A service whose cached index moved past
+        the one taken in is fetched at once (the fetch itself is never cached). The cache may lag a change by
+        a moment, so these sweeps only add early fetches: the budgeted sweep that follows is what proves
+        nothing was missed. They have a budget of their own for the local agent's CPU (CACHE_SWEEP_RATE);
+        when it does not allow one before `until`, the budgeted sweep goes alone."""
+        assert self._cache_wanted is not None
+        while True:
+            rest = until - time.monotonic()
+            if self._cache_wanted.is_set():
+                pause = budget.delay(0.0)
+                if not pause or pause < rest:
+                    await asyncio.sleep(pause)
+                    budget.spend(await self._sweep_cache())
+                    continue
+                await asyncio.sleep(max(rest, 0.0))
+                return
+            if rest <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(rest):
+                    await self._cache_wanted.wait()
+
+    async def _sweep_cache(self) -> int:
+        """One sweep of the local agent's cache; the number of probes sent (0 when it failed: the budgeted
+        sweep follows and reports its own errors)."""
+        assert self._cache_wanted is not None
+        self._cache_wanted.clear()
+        self._cache_covers = self._sweep_asked
+        try:
+            probes = await self._sweep(cached=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("sweep of the agent's cache: %s", describe_error(exc))
+            return 0
+        self.cached_sweeps += 1
+        return probes
+
+    async def _sweep(self, cached: bool = False) -> int:
         """The index of every tagged service alone, probed on `probers` connections at once, and a fetch of
-        those that moved; services never taken in are fetched without a probe. The number of probes sent."""
+        those that moved; services never taken in are fetched without a probe. The number of probes sent.
+        `cached`: the probes ask the local agent's cache (CACHED), and only an index past the one
+        taken in counts as moved, since the cache may lag."""
         with self._lock:
             watched = sorted((self._tagged or set()) - self._unreadable)
             known = sorted((name for name in watched if name in self._indexes),
@@ -636,28 +708,30 @@ class ConsulSource:
             unknown = [name for name in watched if name not in self._indexes and name not in self._fetching]
         for name in unknown:
             self._spawn(self._refresh(name))
-        parts = await asyncio.gather(*(self._probe(known[n::self.probers]) for n in range(self.probers)))
-        if not all(parts):  # Consul closed a connection early: the rest at the next sweep
+        parts = await asyncio.gather(*(self._probe(known[n::self.probers], cached) for n in range(self.probers)))
+        if not all(parts) and not cached:  # Consul closed a connection early: the rest at the next sweep
             self._want_sweep()
         return len(known)
 
-    async def _probe(self, names: list[str]) -> bool:
+    async def _probe(self, names: list[str], cached: bool) -> bool:
         """Probes `names` on one pipelined connection and fetches those whose index moved as soon as their
         batch is answered, while the rest is probed; False when the connection ended before every answer was
         in."""
         if not names:
             return True
-        assert self._endpoint is not None
+        endpoint = self._cached_endpoint if cached else self._endpoint
+        assert endpoint is not None
         done = 0
         paths = [f"/v1/catalog/service/{name}" for name in names]
         with self._connection():
-            async with contextlib.aclosing(probe_indexes(self._endpoint, paths, READ_TIMEOUT)) as answers:
+            async with contextlib.aclosing(probe_indexes(endpoint, paths, READ_TIMEOUT)) as answers:
                 async for indexes in answers:  # closed at once, whatever ends the loop
                     batch, done = names[done:done + len(indexes)], done + len(indexes)
                     self.reads += len(indexes)
                     with self._lock:
                         moved = [name for name, index in zip(batch, indexes, strict=True)
-                                 if index != self._indexes.get(name)]
+                                 if (index > self._indexes.get(name, index) if cached
+                                     else index != self._indexes.get(name))]
                     for name in moved:
                         self._spawn(self._refresh(name))
         return done == len(names)
@@ -775,6 +849,7 @@ class ConsulSource:
                 "connections": {"limit": self.consul_config.max_connections, "in_use": self._in_use,
                                 "most": self._peak},
                 "sweeps": self.sweeps,
+                "cached_sweeps": self.cached_sweeps,
                 "reads": self.reads,
                 "error_counts": dict(self._error_counts),
                 "changes": self.changes,

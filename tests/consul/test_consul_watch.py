@@ -6,17 +6,19 @@ hide a change that no feed reported."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import json
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
 
+from bridge.catalog import consul as consul_watch
 from bridge.catalog.consul import ConsulSource
 from bridge.catalog.consul_format import parse_service
 from bridge.core.config import Config, ConfigError, ConsulConfig, parse_config
@@ -195,15 +197,24 @@ EDITS = ("add_service", "register", "deregister", "check", "node_check", "tag_ed
          "port_edit", "node_address_edit", "tag_removed")
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_every_kind_of_catalog_edit_in_random_order_reaches_the_snapshot(consul_agent, seed):
-    catalog = Catalog(consul_agent, random.Random(seed))
+@contextlib.contextmanager
+def watching(consul: ConsulAgent, seed: int) -> Iterator[tuple[Catalog, ConsulSource]]:
+    """Three tagged services, and a source with the least budget (6) that has taken them in."""
+    catalog = Catalog(consul, random.Random(seed))
     for _ in range(3):
         catalog.add_service()
-    source = source_for(consul_agent, max_connections=6)
+    source = source_for(consul, max_connections=6)
     source.start(lambda reason: None)
     try:
-        wait_until(lambda: agrees(source, consul_agent))
+        wait_until(lambda: agrees(source, consul))
+        yield catalog, source
+    finally:
+        source.stop()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_every_kind_of_catalog_edit_in_random_order_reaches_the_snapshot(consul_agent, seed):
+    with watching(consul_agent, seed) as (catalog, source):
         done: list[str] = []
         kinds = [*EDITS, *(catalog.rng.choice(EDITS) for _ in range(40))]
         catalog.rng.shuffle(kinds)
@@ -215,8 +226,27 @@ def test_every_kind_of_catalog_edit_in_random_order_reaches_the_snapshot(consul_
                 raise AssertionError(f"missed after: {done[-3:]}") from exc
         assert source.health()["connections"]["most"] <= 6
         assert source.health()["watches"] == 4
-    finally:
-        source.stop()
+
+
+def test_a_registration_no_feed_names_is_found_in_the_agents_cache_while_the_sweep_waits_for_its_budget(
+        consul_agent, monkeypatch):
+    """An instance registered with its check already passing moves only the service list's index: only a sweep
+    finds it. With a budget so small that, once every service has an index, at most one more budgeted sweep
+    can run in the next five minutes, three such registrations are each found: at least two by the sweeps of
+    the local agent's cache (`?cached`, no read on the servers) that run while the budgeted one waits."""
+    monkeypatch.setattr(consul_watch, "SWEEP_RATE", 0.01)
+    with watching(consul_agent, 3) as (catalog, source):
+        before = source.health()
+        for n in range(3):
+            existing = catalog.pick()
+            assert existing is not None
+            catalog.nodes[f"new{n}"] = f"192.0.2.{200 + n}"
+            catalog.put(Member(existing.service, f"new{n}", 8100 + n, [catalog.vip(existing.service)], None),
+                        with_check=True, status="passing")
+            wait_until(lambda: agrees(source, consul_agent), timeout=60, interval=0.05)
+        after = source.health()
+        assert after["sweeps"] <= before["sweeps"] + 1, after
+        assert after["cached_sweeps"] >= before["cached_sweeps"] + 2, after
 
 
 @pytest.mark.parametrize(("budget", "advice"), [(5, "set 6 or more"), (0, "set 6 or more"), (65, "set at most 64")])
