@@ -3,9 +3,13 @@ backends, timed against `ipvsadm -R` restoring the same IPVS rules in the same b
 (issue 12: `fou`, with a link and a route per backend, and `gue`, where IPVS encapsulates itself), with the
 director's link count after each, and one-instance changes counted in netlink operations. Then (issue:
 Consul) the running agent's passes on the same catalog against the real kernel: first full pass, full
-re-sync, and the small pass after one health change. The namespaces of the full applies are deleted only
-at the end: the kernel frees a deleted namespace's 10,500 IPVS rules after `ip netns del` returns, in a
-worker of its own, which would otherwise run during the next measurement.
+re-sync, and the small pass after one health change.
+
+Every namespace's IPVS rules are flushed (`ipvsadm -C`, which the kernel carries out before it answers) as soon
+as its measurement is over, before the namespace is deleted: IPVS keeps the services of every namespace in one
+hash table of 256 buckets, so services left in another namespace slow each lookup, and `ip netns del` alone
+frees them later, in a kernel worker, during the next measurement. So each side of a comparison runs with the
+same services elsewhere (the fou agent's 500 stay for the re-applies).
 
 Run: python -m tests.vm.boot -- .venv/bin/python bench/apply_bench.py   (or `make bench`)
 """
@@ -49,6 +53,12 @@ def netns(name: str) -> None:
     subprocess.run(["ip", "-n", name, "link", "add", "eth0", "type", "dummy"], check=True)
     subprocess.run(["ip", "-n", name, "addr", "add", "192.0.2.1/24", "dev", "eth0"], check=True)
     subprocess.run(["ip", "-n", name, "link", "set", "eth0", "up"], check=True)
+
+
+def flushed(name: str) -> None:
+    """The namespace's IPVS rules removed at once, then the namespace (see the module's docstring)."""
+    subprocess.run(["ip", "netns", "exec", name, "ipvsadm", "-C"], check=True)
+    subprocess.run(["ip", "netns", "del", name], check=True)
 
 
 @contextlib.contextmanager
@@ -122,6 +132,7 @@ def full_apply(work: Path, mode: str, catalog_path: Path) -> tuple[Path, float]:
     start = time.perf_counter()
     subprocess.run(["ip", "netns", "exec", tool_ns, "ipvsadm", "-R"], input=rules, text=True, check=True)
     c_tool = time.perf_counter() - start
+    flushed(tool_ns)
     full, ops = apply(agent_ns, config, catalog_path)
     ipvs_ops = sum(1 for op in ops if "service" in op or "real server" in op)
     print(f"{mode}: full apply from empty: {VIPS} VIPs x {BACKENDS} backends = {len(ops)} netlink operations "
@@ -141,15 +152,15 @@ def main() -> None:
     config, fou = full_apply(work, "fou", catalog_path)
     _, gue = full_apply(work, "gue", catalog_path)
     print(f"gue apply / fou apply: {gue / fou:.2f}x")
+    flushed("bench-agent-gue")
     noop, ops = apply("bench-agent-fou", config, catalog_path)
     print(f"re-apply unchanged: {len(ops)} operations, {noop:.2f} s (reading {VIPS} services back)")
     for label, change in (("one instance critical", {(7, 3): "critical"}), ("and back", {})):
         catalog_path.write_text(json.dumps(catalog(change)))
         elapsed, ops = apply("bench-agent-fou", config, catalog_path)
         print(f"{label}: {len(ops)} netlink operation(s) {ops} in {elapsed:.2f} s")
+    flushed("bench-agent-fou")
     agent_passes(config, services)
-    for ns in ("bench-agent-fou", "bench-ipvsadm-fou", "bench-agent-gue", "bench-ipvsadm-gue"):
-        subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def agent_passes(config_path: Path, services: dict[str, list[dict]]) -> None:
@@ -163,7 +174,7 @@ def agent_passes(config_path: Path, services: dict[str, list[dict]]) -> None:
         with entered(ns):
             config = replace(base, dataplane=mode, state_file=f"{base.state_file}.{mode}")
             rows[mode], _ = replay(config, copy.deepcopy(services))
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+        flushed(ns)
     print(f"agent passes (Agent.sync, in-process), {VIPS} VIPs x {BACKENDS} backends, median ms:"
           f"{'real kernel':>14}{'shadow':>10}")
     for label in rows["kernel"]:
