@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import NamedTuple
@@ -232,9 +232,17 @@ class IpvsNetlink:
         payload = _service_attrs(request) + (_dest_attrs(request) if request.dest else b"")
         return struct.pack("=BBH", request.cmd, 1, 0) + payload
 
-    def run(self, requests: Sequence[Request]) -> list[str | None]:
-        """Every request in order, in batches; the error (or None) of each."""
-        return self.batch.run([(self.family, 0, self._body(r)) for r in requests])
+    def run(self, requests: Iterable[Request]) -> list[str | None]:
+        """Every request in order, in batches; the error (or None) of each. Encoded as they are sent (the
+        batches are sent while the next are encoded: BatchSocket.run); a request that cannot be encoded gets
+        its error and is not sent, the others are."""
+        return self.batch.run(self._encoded(r) for r in requests)
+
+    def _encoded(self, request: Request) -> tuple[int, int, bytes] | str:
+        try:
+            return self.family, 0, self._body(request)
+        except (OSError, ValueError, struct.error) as exc:
+            return f"cannot encode {request}: {exc}"
 
     def services(self) -> list[ServiceRecord]:
         found = []

@@ -337,7 +337,7 @@ class Kernel:
             return
         try:
             if _batch_kind(ops[0]) == "ipvs":
-                errors = self.ipvs.run([_ipvs_request(op) for op in ops if isinstance(op, IpvsOp)])
+                errors = self.ipvs.run(_ipvs_request(op) for op in ops if isinstance(op, IpvsOp))
             elif _batch_kind(ops[0]) == "nft":
                 self.rule_handles = self.nft.transaction(op for op in ops if isinstance(op, FilterOp))
                 errors = [None] * len(ops)
