@@ -172,7 +172,8 @@ def test_any_history_of_lists_converges_in_one_plan_and_then_plans_nothing(histo
 
 def test_a_table_nftables_cannot_list_is_an_apply_error_naming_the_table():
     """So `status` and `apply` say it in one line, and the agent's pass logs it without a traceback."""
-    from bridge.dataplane.kernel import ApplyError, Kernel
+    from bridge.dataplane.errors import ApplyError
+    from bridge.dataplane.kernel import Kernel
     from bridge.dataplane.nft import FilterError
     from tests.harness.web import CONFIG
 

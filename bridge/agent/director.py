@@ -23,7 +23,8 @@ from bridge.core.live import LiveState
 from bridge.core.memory import Memory
 from bridge.core.model import DesiredState, Snapshot
 from bridge.core.outcome import PassOutcome
-from bridge.dataplane.kernel import ApplyError, Kernel
+from bridge.dataplane.errors import ApplyError
+from bridge.dataplane.kernel import Kernel
 from bridge.dataplane.shadow import ShadowKernel
 from bridge.dataplane.view import Dataplane, KernelView
 from bridge.files.maintenance import maintenance_json, read_maintenance

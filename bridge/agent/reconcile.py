@@ -29,7 +29,8 @@ from bridge.core.outcome import PassOutcome, StepResult
 from bridge.core.plan import plan
 from bridge.core.printable import printable
 from bridge.dataplane.backend import BackendKernel, plan_backend, receivers
-from bridge.dataplane.kernel import ApplyError, open_kernel
+from bridge.dataplane.errors import ApplyError
+from bridge.dataplane.kernel import open_kernel
 from bridge.dataplane.shadow import ShadowKernel
 from bridge.dataplane.view import Dataplane, KernelView
 from bridge.files.maintenance import read_maintenance

@@ -11,7 +11,7 @@ from typing import Any
 
 from bridge.core.model import DesiredState, Rejection
 from bridge.core.outcome import PassOutcome
-from bridge.dataplane.kernel import ApplyError
+from bridge.dataplane.errors import ApplyError
 from bridge.inspect.text import rejections_text
 
 log = logging.getLogger("maglev-bridge")

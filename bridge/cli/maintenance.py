@@ -20,7 +20,8 @@ from typing import Any
 
 from bridge.core.config import Config, ConfigError
 from bridge.core.ops import Withdraw
-from bridge.dataplane.kernel import ApplyError, open_kernel
+from bridge.dataplane.errors import ApplyError
+from bridge.dataplane.kernel import open_kernel
 from bridge.files.maintenance import Maintenance, clear_maintenance, read_maintenance, write_maintenance
 
 POLL_SECONDS = 0.2

@@ -45,7 +45,7 @@ from bridge.core.ops import (
     StopSyncDaemon,
     Withdraw,
 )
-from bridge.dataplane.errors import ApplyError as ApplyError  # re-exported: the kernel's users catch it from here
+from bridge.dataplane.errors import ApplyError
 from bridge.dataplane.ipvs_netlink import (
     CMD_DEL_DEST,
     CMD_DEL_SERVICE,

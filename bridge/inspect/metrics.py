@@ -42,7 +42,8 @@ from bridge.core.live import LiveFilter, LiveService, LiveState
 from bridge.core.memory import Draining, Memory
 from bridge.core.model import DesiredState, Rejection
 from bridge.core.tags import KEYS
-from bridge.dataplane.kernel import ApplyError, Kernel
+from bridge.dataplane.errors import ApplyError
+from bridge.dataplane.kernel import Kernel
 from bridge.dataplane.nft import FilterError
 from bridge.inspect.bird import BirdError, Sessions, read_sessions
 from bridge.inspect.status import service_fingerprints

@@ -14,7 +14,8 @@ from bridge.core.keys import DestKey, ServiceKey
 from bridge.core.live import LiveService, LiveState
 from bridge.core.maglev import Dest, build_table, fingerprint
 from bridge.core.memory import last_weight
-from bridge.dataplane.kernel import ApplyError, Kernel, open_kernel
+from bridge.dataplane.errors import ApplyError
+from bridge.dataplane.kernel import Kernel, open_kernel
 from bridge.files.maintenance import maintenance_json, read_maintenance
 from bridge.files.store import load_state
 from bridge.inspect.errors import ExplainError
